@@ -1,0 +1,40 @@
+"""convscope: see what a convolutional network sees.
+
+Flat public API::
+
+    import convscope as cs
+    model = cs.load_model("efficientnet_lite0")
+    x = cs.load_images([cs.sample_image("chelsea")], model)
+    maps = cs.gradcam(model, x, layer="head.act", target=cs.top_class)
+    cs.save_png(cs.grid(cs.overlay(model.preprocess.denormalize(x).clamp(0, 1), maps), nrow=1), "cam.png")
+"""
+
+from .core.device import resolve_device, tune_cpu_allocator
+from .core.images import Preprocess, load_image, load_images, sample_image, sample_images
+from .core.layers import LayerInfo, list_layers, named_layers, resolve_layer
+from .core.probe import preserved_state, probe
+from .core.render import apply_colormap, filter_grid, grid, overlay, save_png, to_display, to_pil
+from .core.report import HtmlReport
+from .core.targets import target_scores, top_class, top_k
+from .errors import (
+    ConvscopeError,
+    DataError,
+    ImageLoadError,
+    LayerNotFoundError,
+    ModelLoadError,
+    TargetError,
+)
+from .methods.cam import cam, gradcam, gradcam_pp
+from .models import get_classes, get_preprocess, imagenet_classes, list_models, load_model, load_weights
+from .models.predict import Prediction, predict
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConvscopeError", "DataError", "HtmlReport", "ImageLoadError", "LayerInfo", "LayerNotFoundError",
+    "ModelLoadError", "Prediction", "Preprocess", "TargetError", "apply_colormap", "cam", "filter_grid",
+    "get_classes", "get_preprocess", "gradcam", "gradcam_pp", "grid", "imagenet_classes", "list_layers",
+    "list_models", "load_image", "load_images", "load_model", "load_weights", "named_layers", "overlay",
+    "predict", "preserved_state", "probe", "resolve_device", "resolve_layer", "sample_image", "sample_images",
+    "save_png", "target_scores", "to_display", "to_pil", "top_class", "top_k", "tune_cpu_allocator",
+]

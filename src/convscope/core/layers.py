@@ -1,0 +1,106 @@
+"""Address layers by their ``named_modules()`` names (the names torchvision's feature extraction uses)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import LayerNotFoundError, closest
+
+
+def named_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every submodule by its dotted name, the root excluded."""
+    return {name: mod for name, mod in model.named_modules() if name}
+
+
+def resolve_layer(model: nn.Module, name: str | nn.Module) -> tuple[str, nn.Module]:
+    """``(name, module)`` for a layer given by name (or by module object).
+
+    Raises :class:`LayerNotFoundError` listing the closest valid names when the name is unknown.
+    """
+    layers = named_layers(model)
+    if isinstance(name, nn.Module):
+        for lname, mod in layers.items():
+            if mod is name:
+                return lname, mod
+        raise LayerNotFoundError("the module passed as a layer is not a submodule of this model; "
+                                 "pass one of model.named_modules() or its name")
+    if name in layers:
+        return name, layers[name]
+    hint = closest(name, layers)
+    listing = ", ".join(hint) if hint else ", ".join(list(layers)[:12]) + (", ..." if len(layers) > 12 else "")
+    raise LayerNotFoundError(
+        f"unknown layer {name!r}; closest valid names: {listing}. "
+        "Run `convscope layers MODEL` to list every layer."
+    )
+
+
+def resolve_layers(model: nn.Module, names: str | nn.Module | list) -> dict[str, nn.Module]:
+    """Resolve one name, a comma-separated string, or a list of names, keeping order."""
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    elif isinstance(names, nn.Module):
+        names = [names]
+    out: dict[str, nn.Module] = {}
+    for n in names:
+        lname, mod = resolve_layer(model, n)
+        out[lname] = mod
+    return out
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One row of :func:`list_layers`: name, module type, output shape (without batch), unit count."""
+
+    name: str
+    type: str
+    output_shape: tuple[int, ...] | None
+    units: int | None
+    calls: int
+    params: int
+
+
+def list_layers(model: nn.Module, sample: torch.Tensor | None = None, input_size: tuple[int, int] | None = None,
+                ) -> list[LayerInfo]:
+    """Name, type, output shape and unit count (channels) of every layer, from one forward pass.
+
+    ``sample`` is an input batch; without it a zero image of ``input_size`` (or the model's preprocess size,
+    or 224x224) is used. Layers that never ran (``calls == 0``) have no shape.
+    """
+    from .probe import probe  # local: probe imports this module
+
+    if sample is None:
+        sample = torch.zeros(1, 3, *default_input_size(model, input_size), device=model_device(model))
+    layers = named_layers(model)
+    with probe(model, list(layers), keep_all_calls=True) as p, torch.no_grad():
+        model(sample)
+    rows = []
+    for name, mod in layers.items():
+        outs = p.outputs(name)
+        shape = tuple(outs[-1].shape[1:]) if outs and isinstance(outs[-1], torch.Tensor) else None
+        units = shape[0] if shape else None
+        rows.append(LayerInfo(name, type(mod).__name__, shape, units, len(outs),
+                              sum(q.numel() for q in mod.parameters(recurse=False))))
+    return rows
+
+
+def default_input_size(model: nn.Module, input_size: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The input size to probe a model with: explicit, else its preprocess's, else 224x224."""
+    if input_size is not None:
+        return tuple(input_size)  # type: ignore[return-value]
+    pre = getattr(model, "preprocess", None)
+    size = getattr(pre, "input_size", None)
+    if size:
+        return tuple(size)  # type: ignore[return-value]
+    return (224, 224)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a parameterless model)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")

@@ -1,0 +1,38 @@
+"""Top-k predictions with class names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..core.probe import preserved_state
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One ranked class for one image."""
+
+    index: int
+    name: str
+    probability: float
+    logit: float
+
+
+def predict(model: nn.Module, x: torch.Tensor, k: int = 5, batch_size: int = 32) -> list[list[Prediction]]:
+    """The top-``k`` classes of each image (softmax probabilities and logits), model left as it came."""
+    classes = getattr(model, "classes", None)
+    rows: list[list[Prediction]] = []
+    with preserved_state(model), torch.no_grad():
+        for chunk in x.split(batch_size):
+            logits = model(chunk).reshape(len(chunk), -1)
+            probs = logits.softmax(1)
+            top = probs.topk(min(k, probs.shape[1]), dim=1)
+            for i in range(len(chunk)):
+                rows.append([
+                    Prediction(int(c), classes[int(c)] if classes is not None else f"class {int(c)}",
+                               float(p), float(logits[i, c]))
+                    for p, c in zip(top.values[i], top.indices[i])
+                ])
+    return rows
