@@ -83,9 +83,8 @@ def test_restores_when_hook_raises(demo):
     def bad(t: torch.Tensor) -> torch.Tensor:
         raise ValueError("edit failed")
 
-    with pytest.raises(ValueError, match="edit failed"):
-        with probe(demo, edit={"features.conv2": bad}):
-            demo(torch.randn(1, 3, 112, 112))
+    with pytest.raises(ValueError, match="edit failed"), probe(demo, edit={"features.conv2": bad}):
+        demo(torch.randn(1, 3, 112, 112))
     assert_untouched(demo, before)
 
 
@@ -242,9 +241,8 @@ def test_guided_differs_from_gradient_on_lite0(lite0):
 
 
 def test_unknown_layer_lists_closest(demo):
-    with pytest.raises(LayerNotFoundError) as info:
-        with probe(demo, "features.conv9"):
-            pass
+    with pytest.raises(LayerNotFoundError) as info, probe(demo, "features.conv9"):
+        pass
     msg = str(info.value)
     assert "features.conv9" in msg and "features.conv1" in msg and "convscope layers" in msg
 

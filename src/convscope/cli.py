@@ -29,7 +29,7 @@ def _model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
 
 
-def _load(args: argparse.Namespace):  # noqa: ANN202
+def _load(args: argparse.Namespace):
     from .core.device import tune_cpu_allocator
     from .models import load_model
 
@@ -44,7 +44,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     w = max(len(str(r["name"])) for r in rows)
     for r in rows:
         mark = "yes" if r["available"] else f"no  ({r['install']})"
-        print(f"{str(r['name']):<{w}}  {r['description']}  [available: {mark}]")
+        print(f"{r['name']!s:<{w}}  {r['description']}  [available: {mark}]")
     return 0
 
 
@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=5, help="how many classes (default 5)")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("report", help="HTML report: predictions, Grad-CAM overlays, unit views (default: bundled photos)")
+    p = sub.add_parser("report",
+                       help="HTML report: predictions, Grad-CAM overlays, unit views (default: bundled photos)")
     p.add_argument("images", nargs="*", help="image files or folders (default: the bundled photos)")
     _model_args(p)
     p.add_argument("--out", "-o", default="out", help="output folder (default out/)")

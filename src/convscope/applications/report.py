@@ -97,7 +97,8 @@ def build_report(model: nn.Module, paths: list[Path] | None = None, out: Path = 
                    out / "units.png")
     result.pngs.append(png)
     rep.image(png, caption=f"rows: the {len(units)} units of {layer} with the highest peak activation; "
-                           "columns: images; colour: the unit's activation, scaled by its peak over all images (so a dark "
+                           "columns: images; colour: the unit's activation, scaled by its peak over all images "
+                           "(so a dark "
                            "tile means the unit is silent on that image)")
     result.predictions = [[{"index": pr.index, "name": pr.name, "probability": pr.probability} for pr in row]
                           for row in preds]

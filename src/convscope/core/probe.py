@@ -143,7 +143,7 @@ class _ReLURuleMode(TorchFunctionMode):
         self._hardtanh = {F.hardtanh, F.relu6}
         self._hardtanh_ = {F.hardtanh_, torch._C._nn.hardtanh_} if hasattr(torch._C._nn, "hardtanh_") else {F.hardtanh_}
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in self._relu or func in self._relu_:
             inplace = func in self._relu_ or kwargs.get("inplace", False) or (len(args) > 1 and args[1] is True)

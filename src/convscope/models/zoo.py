@@ -160,7 +160,7 @@ def _read_checkpoint(path: Path) -> dict:
         raise ModelLoadError(f"weights file {str(path)!r} does not exist")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the file named
+    except Exception as exc:
         raise ModelLoadError(f"cannot read weights file {str(path)!r} ({type(exc).__name__}: {exc}); it must be a "
                              "state dict saved with torch.save (loaded with weights_only=True)") from exc
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
@@ -196,12 +196,12 @@ def _load_hub(spec: str, weights: str | Path | None) -> nn.Module:
         raise ModelLoadError(f"{spec!r} needs the {source} package, which is not installed: pip install {source}")
     try:
         lib = importlib.import_module(source)
-    except Exception as exc:  # noqa: BLE001 - e.g. a CUDA torchvision against a CPU torch
+    except Exception as exc:
         raise ModelLoadError(f"{source} is installed but cannot be imported ({type(exc).__name__}: {exc}); "
                              f"install a {source} build that matches torch {torch.__version__}") from exc
     try:
         model = lib.models.get_model(name) if source == "torchvision" else lib.create_model(name, pretrained=False)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise ModelLoadError(f"{source} has no model {name!r} ({exc})") from exc
     if weights is not None:
         load_weights(model, weights)
@@ -212,7 +212,8 @@ def _load_file(path: Path, weights: str | Path | None) -> nn.Module:
     if not path.is_file():
         raise ModelLoadError(f"model file {str(path)!r} does not exist")
     if not zipfile.is_zipfile(path):
-        raise ModelLoadError(f"{str(path)!r} is not a TorchScript archive")
+        raise ModelLoadError(f"{str(path)!r} is not a TorchScript archive; for a state dict pass its "
+                             "architecture as package.module:factory with --weights FILE")
     try:
         model = torch.jit.load(str(path), map_location="cpu")
     except RuntimeError as exc:

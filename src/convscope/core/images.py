@@ -1,0 +1,363 @@
+"""Load images robustly, preprocess them for a model, and map tensors back to pixels."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import struct
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from convscope.errors import ConvscopeError, ImageLoadError, closest
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "PHOTO_NAMES",
+    "TEXTURE_NAMES",
+    "Preprocess",
+    "load_image",
+    "load_images",
+    "sample_image",
+    "sample_images",
+]
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+)
+DEFAULT_MAX_PIXELS = 178_956_970  # 2x PIL's default warning limit
+
+PathLike = str | Path
+
+
+# --------------------------------------------------------------------------- Preprocess
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize (short side), centre-crop, convert to a float tensor and normalize per channel.
+
+    ``crop`` is an int (square) or ``(height, width)``; ``mean``/``std`` apply to RGB in [0, 1]:
+    ``x = (rgb - mean) / std``. Frozen, so it compares and hashes by value.
+    """
+
+    resize: int | None = None
+    crop: int | tuple[int, int] | None = None
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    def __post_init__(self) -> None:
+        if self.resize is not None and (not isinstance(self.resize, int) or self.resize < 1):
+            raise ConvscopeError(f"Preprocess(resize={self.resize!r}): use a positive int or None.")
+        crop = self.crop
+        if crop is not None:
+            pair = (crop, crop) if isinstance(crop, int) else tuple(crop)
+            if len(pair) != 2 or not all(isinstance(c, int) and c >= 1 for c in pair):
+                raise ConvscopeError(
+                    f"Preprocess(crop={crop!r}): use a positive int or a (height, width) pair of ints."
+                )
+            object.__setattr__(self, "crop", crop if isinstance(crop, int) else pair)
+        for name in ("mean", "std"):
+            vals = tuple(float(v) for v in getattr(self, name))
+            if len(vals) != 3:
+                raise ConvscopeError(f"Preprocess({name}={vals!r}): give three values, one per RGB channel.")
+            object.__setattr__(self, name, vals)
+        if any(s == 0 for s in self.std):
+            raise ConvscopeError(f"Preprocess(std={self.std!r}): std must be non-zero in every channel.")
+
+    @classmethod
+    def identity(cls) -> Preprocess:
+        """No resize or crop, mean 0, std 1: RGB in [0, 1] at the image's own size."""
+        return cls()
+
+    @property
+    def input_size(self) -> tuple[int, int] | None:
+        """``(height, width)`` of the output, or None when it depends on the image."""
+        if self.crop is None:
+            return None
+        return (self.crop, self.crop) if isinstance(self.crop, int) else self.crop
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        """PIL image -> normalized ``3 x H x W`` float32 tensor."""
+        img = img if img.mode == "RGB" else img.convert("RGB")
+        if self.resize is not None:
+            img = _resize_short_side(img, self.resize)
+        if self.crop is not None:
+            img = _center_crop(img, self.input_size)  # type: ignore[arg-type]
+        x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
+        return self.normalize(x)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """RGB in [0, 1] (``C x H x W`` or ``N x C x H x W``) -> model input space."""
+        mean, std = self._stats(x)
+        return (x - mean) / std
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Model input space -> RGB pixel space ([0, 1] for real images; not clamped)."""
+        mean, std = self._stats(x)
+        return x * std + mean
+
+    def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std shaped ``3 x 1 x 1`` on x's device and dtype."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise ConvscopeError("Preprocess expects a floating-point tensor; convert with x.float() / 255.")
+        if x.dim() not in (3, 4) or x.shape[-3] != 3:
+            raise ConvscopeError(
+                f"Preprocess expects a 3 x H x W or N x 3 x H x W tensor, got shape {tuple(x.shape)}."
+            )
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(3, 1, 1)
+        return mean, std
+
+
+def _resize_short_side(img: Image.Image, size: int) -> Image.Image:
+    """Resize so the shorter side equals ``size`` (bicubic, antialiased), keeping the aspect ratio."""
+    w, h = img.size
+    if min(w, h) == size:
+        return img
+    if w <= h:
+        new = (size, max(1, round(h * size / w)))
+    else:
+        new = (max(1, round(w * size / h)), size)
+    return img.resize(new, Image.Resampling.BICUBIC)
+
+
+def _center_crop(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Crop the centre ``(height, width)`` region."""
+    ch, cw = size
+    w, h = img.size
+    if cw > w or ch > h:
+        raise ConvscopeError(
+            f"Image of {w}x{h} (WxH) is smaller than the crop {cw}x{ch}; "
+            f"use Preprocess(resize={max(ch, cw)}, crop=...) so the image is resized first."
+        )
+    left, top = round((w - cw) / 2), round((h - ch) / 2)
+    return img.crop((left, top, left + cw, top + ch))
+
+
+# --------------------------------------------------------------------------- load_image
+
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _pil_limit_at_least(max_pixels: int) -> Iterator[None]:
+    """Let PIL open images up to ``max_pixels`` (our own check enforces the limit); restore after."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit is None or 2 * limit >= max_pixels:
+            yield
+            return
+        with _PIL_LIMIT_LOCK:
+            Image.MAX_IMAGE_PIXELS = max_pixels
+            try:
+                yield
+            finally:
+                Image.MAX_IMAGE_PIXELS = limit
+
+
+def _check_file(p: Path) -> None:
+    """Raise ImageLoadError for a missing path, a directory or an empty file."""
+    if not p.exists():
+        raise ImageLoadError(f"{p}: no such file; check the path (it is relative to {Path.cwd()}).")
+    if p.is_dir():
+        raise ImageLoadError(f"{p}: is a directory; pass an image file, or the folder to load_images().")
+    if p.stat().st_size == 0:
+        raise ImageLoadError(f"{p}: the file is empty (0 bytes); re-download or re-export it.")
+
+
+def load_image(path: PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Load an image file as an 8-bit RGB PIL image, EXIF orientation applied.
+
+    Reads JPEG, PNG, WebP, BMP, GIF (first frame) and TIFF. Transparency is composited on white,
+    16-bit images are scaled to 8 bits, grayscale and CMYK become RGB. Every failure (missing,
+    empty, not an image, corrupt, truncated, more than ``max_pixels`` pixels) raises
+    :class:`ImageLoadError` naming the file.
+    """
+    p = Path(path)
+    _check_file(p)
+    try:
+        with _pil_limit_at_least(max_pixels), Image.open(p) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ImageLoadError(
+                    f"{p}: {w}x{h} = {w * h} pixels is more than max_pixels={max_pixels} (a guard against "
+                    f"decompression bombs); if you trust the file, pass max_pixels={w * h} or more."
+                )
+            im.load()
+            return _to_rgb(ImageOps.exif_transpose(im))
+    except ImageLoadError:
+        raise
+    except UnidentifiedImageError as e:
+        raise ImageLoadError(
+            f"{p}: not an image file PIL can read; use JPEG, PNG, WebP, BMP, GIF or TIFF."
+        ) from e
+    except Image.DecompressionBombError as e:
+        raise ImageLoadError(
+            f"{p}: too many pixels ({e}); if you trust the file, pass a larger max_pixels."
+        ) from e
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
+        raise ImageLoadError(
+            f"{p}: the image is corrupt or truncated ({e}); re-download or re-export the file."
+        ) from e
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB (alpha over white, 16-bit scaled, CMYK converted)."""
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return Image.fromarray(_high_depth_to_uint8(np.asarray(im), mode)).convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        mode in ("P", "L", "RGB") and "transparency" in im.info
+    )
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def _high_depth_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
+    """Scale a 16-bit / 32-bit integer or float image to uint8 (65535 -> 255, not clipped)."""
+    a = a.astype(np.float64)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if mode.startswith("I;16") or (mode == "I" and lo >= 0 and hi <= 65535):
+        scaled = a / 257.0
+    elif mode == "F" and lo >= 0 and hi <= 1:
+        scaled = a * 255.0
+    else:  # values of unknown range: stretch min..max to 0..255
+        scaled = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- load_images
+
+ImageTransform = Callable[[Image.Image], torch.Tensor]
+
+
+def _expand_paths(paths: PathLike | Sequence[PathLike]) -> list[Path]:
+    """Paths, with each directory replaced by its sorted image files."""
+    items = [paths] if isinstance(paths, str | Path) else list(paths)
+    if not items:
+        raise ConvscopeError("load_images() got no paths; pass an image file, a list of files or a folder.")
+    out: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                exts = ", ".join(sorted(IMAGE_EXTENSIONS))
+                raise ImageLoadError(f"{p}: the folder holds no image files ({exts}); check the path.")
+            out.extend(found)
+        else:
+            out.append(p)
+    return out
+
+
+def _resolve_preprocess(obj: Any) -> ImageTransform:
+    """A Preprocess, a model's ``.preprocess``, a callable, or identity for None / a bare module."""
+    if obj is None or isinstance(obj, Preprocess):
+        return obj or Preprocess.identity()
+    pre = getattr(obj, "preprocess", None)
+    if pre is not None:
+        if not callable(pre):
+            raise ConvscopeError(f"{type(obj).__name__}.preprocess is not callable; set it to a Preprocess.")
+        return pre
+    if isinstance(obj, torch.nn.Module):
+        return Preprocess.identity()
+    if callable(obj):
+        return obj
+    raise ConvscopeError(
+        f"load_images() got {type(obj).__name__} as model_or_preprocess; pass a model, a Preprocess or None."
+    )
+
+
+def load_images(
+    paths: PathLike | Sequence[PathLike],
+    model_or_preprocess: Any = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> torch.Tensor:
+    """Load image files (or folders of them) into one ``N x C x H x W`` tensor.
+
+    Uses ``model.preprocess`` when given a model, the Preprocess when given one, else RGB in
+    [0, 1] at the images' own size (no silent ImageNet normalization).
+    """
+    pre = _resolve_preprocess(model_or_preprocess)
+    files = _expand_paths(paths)
+    tensors = [pre(load_image(f, max_pixels=max_pixels)) for f in files]
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(shapes) > 1:
+        sizes = ", ".join(f"{f.name}: {t.shape[-1]}x{t.shape[-2]}" for f, t in zip(files, tensors))
+        raise ConvscopeError(
+            f"The images have different sizes ({sizes}); pass a preprocess with a crop, "
+            f"e.g. load_images(paths, Preprocess(resize=224, crop=224))."
+        )
+    return torch.stack(tensors)
+
+
+# --------------------------------------------------------------------------- bundled samples
+
+_SKIMAGE_FILES = {
+    "astronaut": "astronaut.png",
+    "chelsea": "chelsea.png",
+    "coffee": "coffee.png",
+    "rocket": "rocket.jpg",
+    "motorcycle": "motorcycle_left.png",
+}
+_SKLEARN_FILES = {"china": "china.jpg", "flower": "flower.jpg"}
+_TEXTURE_FILES = {"brick": "brick.png", "grass": "grass.png", "gravel": "gravel.png"}
+# skimage's horse.png is a binary silhouette, not a photo, so it is not offered.
+
+PHOTO_NAMES: tuple[str, ...] = (*_SKIMAGE_FILES, *_SKLEARN_FILES)
+TEXTURE_NAMES: tuple[str, ...] = tuple(_TEXTURE_FILES)
+
+
+def _package_dir(name: str) -> Path | None:
+    """Install folder of a package, found without importing it (None when not installed)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def sample_images() -> dict[str, Path]:
+    """Sample photos and textures shipped with scikit-image / scikit-learn: name -> file path."""
+    sources = [
+        ("skimage", ("data",), _SKIMAGE_FILES),
+        ("sklearn", ("datasets", "images"), _SKLEARN_FILES),
+        ("skimage", ("data",), _TEXTURE_FILES),
+    ]
+    found: dict[str, Path] = {}
+    for package, sub, files in sources:
+        root = _package_dir(package)
+        if root is None:
+            continue
+        for name, fname in files.items():
+            f = root.joinpath(*sub, fname)
+            if f.is_file():
+                found[name] = f
+    return found
+
+
+def sample_image(name: str) -> Path:
+    """Path of one bundled sample image (see ``PHOTO_NAMES`` and ``TEXTURE_NAMES``)."""
+    valid = (*PHOTO_NAMES, *TEXTURE_NAMES)
+    if name not in valid:
+        near = closest(name, valid)
+        hint = f" Did you mean {', '.join(near)}?" if near else ""
+        raise ConvscopeError(f"Unknown sample image {name!r}; valid names: {', '.join(valid)}.{hint}")
+    found = sample_images()
+    if name not in found:
+        pkg = "scikit-learn" if name in _SKLEARN_FILES else "scikit-image"
+        raise ConvscopeError(f"Sample image {name!r} ships with {pkg}; install it: pip install {pkg}.")
+    return found[name]
