@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
 import textwrap
@@ -21,9 +22,6 @@ def _package_state(name: str) -> dict:
 
     path = next(Path(pkg.__file__).parent.glob("models/*.pth"))
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-import importlib
 
 
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
