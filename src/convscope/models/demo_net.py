@@ -1,6 +1,7 @@
 """``demo_net``: the project's own classic CaffeNet/ZFNet-style network (Krizhevsky et al. 2012; Zeiler & Fergus 2014).
 
 Five convolutions with ReLU, max pooling and local response normalization, then three fully connected layers.
+At 112x112: conv1 64x56x56 -> pool1 28x28 -> conv2 (stride 2) 128x14x14 -> conv3..5 at 14x14 -> pool5 128x7x7.
 Every operation is its own named module (``features.conv1`` ... ``features.pool5``, ``classifier.fc6`` ...
 ``classifier.fc8``), so the DeconvNet's exact classic path (conv / ReLU / max-pool / LRN / linear) applies.
 Trained on the synthetic concept dataset at 112x112 (``convscope train-demo``); about 2.6 M parameters.
@@ -26,10 +27,8 @@ class DemoNet(nn.Module):
             ("relu1", nn.ReLU()),
             ("pool1", nn.MaxPool2d(3, stride=2, padding=1)),
             ("norm1", nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0)),
-            ("conv2", nn.Conv2d(64, 128, 5, padding=2)),
+            ("conv2", nn.Conv2d(64, 128, 5, stride=2, padding=2)),  # ZFNet's strided conv2 (Zeiler & Fergus Fig. 3)
             ("relu2", nn.ReLU()),
-            ("pool2", nn.MaxPool2d(3, stride=2, padding=1)),
-            ("norm2", nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0)),
             ("conv3", nn.Conv2d(128, 192, 3, padding=1)),
             ("relu3", nn.ReLU()),
             ("conv4", nn.Conv2d(192, 192, 3, padding=1)),
