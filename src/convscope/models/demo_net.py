@@ -49,5 +49,15 @@ class DemoNet(nn.Module):
             ("fc8", nn.Linear(256, num_classes)),
         ]))
 
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """He initialization (He et al. 2015) for conv/fc layers, small output layer: trains without batch norm."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d | nn.Linear):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.classifier.fc8.weight, std=0.01)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.flatten(self.avgpool(self.features(x))))
