@@ -29,7 +29,37 @@ CASES = {
                     lambda m, x, L: cs.list_layers(m, sample=x[:, :1])),
     "probe_rules": (lambda m, x, L: _probe_rule(m, x, L),
                     lambda m, x, L: _probe_rule(m, x[:, :2], L)),
+    "saliency": (lambda m, x, L: cs.saliency(m, x, target=cs.top_k(2)),
+                 lambda m, x, L: cs.saliency(m, x, target=_boom)),
+    "gradient": (lambda m, x, L: cs.gradient(m, x, target=[[0, 1]]),
+                 lambda m, x, L: cs.gradient(m, x, target=10**6)),
+    "input_x_gradient": (lambda m, x, L: cs.input_x_gradient(m, x, target=0),
+                         lambda m, x, L: cs.input_x_gradient(m, x[:, :2], target=0)),
+    "smoothgrad": (lambda m, x, L: cs.smoothgrad(m, x, target=0, n=2, batch_size=1),
+                   lambda m, x, L: cs.smoothgrad(m, x, target=_fails_after(1), n=2)),
+    "guided_backprop": (lambda m, x, L: cs.guided_backprop(m, x, target=cs.top_k(2)),
+                        lambda m, x, L: cs.guided_backprop(m, x, target=_boom)),
+    "deconvnet_rule": (lambda m, x, L: cs.deconvnet_rule(m, x, target=1),
+                       lambda m, x, L: cs.deconvnet_rule(m, x, target=10**6)),
+    "guided_gradcam": (lambda m, x, L: cs.guided_gradcam(m, x, target=0, layer=L),
+                       lambda m, x, L: cs.guided_gradcam(m, x, target=0, layer=L + "x")),
+    "occlusion": (lambda m, x, L: cs.occlusion(m, x, target=0, window=x.shape[-1] // 2,
+                                               stride=x.shape[-1] // 2, layer=L),
+                  lambda m, x, L: cs.occlusion(m, x, target=_fails_after(1), window=x.shape[-1] // 2,
+                                               stride=x.shape[-1] // 2, batch_size=2, layer=L)),
 }
+
+
+def _fails_after(calls: int):
+    """A score target that works ``calls`` times, then raises (an error in the middle of a method's loop)."""
+    seen = []
+
+    def target(output: torch.Tensor) -> torch.Tensor:
+        seen.append(1)
+        if len(seen) > calls:
+            raise RuntimeError("target failed later")
+        return output[:, 0]
+    return target
 
 
 def _probe_rule(m, x, layer):

@@ -24,7 +24,10 @@ from .errors import (
     ModelLoadError,
     TargetError,
 )
+from .methods.backprop import deconvnet_rule, guided_backprop, guided_gradcam
 from .methods.cam import cam, gradcam, gradcam_pp
+from .methods.occlusion import OcclusionResult, occlusion
+from .methods.saliency import gradient, input_x_gradient, saliency, smoothgrad
 from .models import get_classes, get_preprocess, imagenet_classes, list_models, load_model, load_weights
 from .models.predict import Prediction, predict
 
@@ -37,4 +40,6 @@ __all__ = [
     "list_models", "load_image", "load_images", "load_model", "load_weights", "named_layers", "overlay",
     "predict", "preserved_state", "probe", "resolve_device", "resolve_layer", "sample_image", "sample_images",
     "save_png", "target_scores", "to_display", "to_pil", "top_class", "top_k", "tune_cpu_allocator",
+    "OcclusionResult", "deconvnet_rule", "gradient", "guided_backprop", "guided_gradcam", "input_x_gradient",
+    "occlusion", "saliency", "smoothgrad",
 ]

@@ -4,6 +4,7 @@
     convscope layers MODEL                     layer names, types, output shapes, unit counts
     convscope predict IMAGE... [--model M]     top-5 classes
     convscope report [IMAGE...] [--out DIR]    the main job: predictions, Grad-CAM, unit views as HTML
+    convscope explain IMAGE... --method M      saliency / guided / deconv / CAM / occlusion overlays + HTML
 """
 
 from __future__ import annotations
@@ -88,6 +89,150 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+EXPLAIN_METHODS = ("saliency", "smoothgrad", "guided", "deconv", "cam", "gradcam", "gradcam++", "guided-gradcam",
+                   "occlusion")
+_LAYER_METHODS = ("cam", "gradcam", "gradcam++", "guided-gradcam")
+_PER_CHANNEL = ("smoothgrad", "guided", "deconv", "guided-gradcam")  # signed N x K x C x H x W results
+_EXPLAIN_TITLES = {
+    "saliency": "gradient saliency, max_c |d score / d x| (Simonyan et al. 2014)",
+    "smoothgrad": "SmoothGrad: the gradient averaged over noisy copies (Smilkov et al. 2017)",
+    "guided": "guided backpropagation (Springenberg et al. 2015)",
+    "deconv": "DeconvNet backward rule (Zeiler & Fergus 2014)",
+    "cam": "CAM (Zhou et al. 2016)",
+    "gradcam": "Grad-CAM (Selvaraju et al. 2017)",
+    "gradcam++": "Grad-CAM++ (Chattopadhay et al. 2018)",
+    "guided-gradcam": "guided Grad-CAM (Selvaraju et al. 2017)",
+    "occlusion": "occlusion sensitivity: drop in the class score under a grey square (Zeiler & Fergus 2014)",
+}
+
+
+def _explain_targets(spec: str) -> int | list[int]:
+    """``--target``: 'top' / 'topN' -> N (the image's N best classes); an int or a comma list -> the indices."""
+    s = spec.strip().lower()
+    if s == "top":
+        return 1
+    if s.startswith("top") and s[3:].isdigit() and int(s[3:]) >= 1:
+        return int(s[3:])
+    try:
+        idx = [int(t) for t in s.split(",") if t.strip()]
+    except ValueError:
+        idx = []
+    if not idx:
+        raise ConvscopeError(f"--target {spec!r}: use a class index (281), a comma list (281,282), 'top' or 'top5'")
+    return idx
+
+
+def _signed_display(t, q: float = 0.99):
+    """Signed map -> [0, 1] with 0 at 0.5, scaled by a high percentile of |value| (a few spikes saturate)."""
+    scale = t.detach().float().abs().flatten().kthvalue(max(1, int(q * t.numel()))).values
+    return (t / (2 * scale.clamp_min(1e-12)) + 0.5).clamp(0, 1)
+
+
+def _explain_one(model, x, args, targets: list[int], layer: str, progress: bool | None):
+    """The method's result for one image: (maps K x [C x] H x W, extra (tile, label) pairs)."""
+    import torch
+
+    from . import methods as m
+
+    t = torch.tensor([targets], device=x.device)
+    extra = []
+    if args.method == "occlusion":
+        kw = {k: v for k, v in (("window", args.window), ("stride", args.stride)) if v is not None}
+        res = m.occlusion(model, x, t, layer=layer or None, progress=progress, **kw)
+        if res.strongest_unit is not None:  # Zeiler & Fergus Fig. 7 (b), as a drop: red where the unit looks
+            drop = res.unit_activation[:1, None, None, None] - res.strongest_unit[:1, None]
+            extra.append((drop, f"unit {int(res.unit[0])} of {layer}"))
+        return res.maps[0], extra
+    fn = {"saliency": m.saliency, "guided": m.guided_backprop, "deconv": m.deconvnet_rule}.get(args.method)
+    if fn is not None:
+        return fn(model, x, t)[0], extra
+    if args.method == "smoothgrad":
+        return m.smoothgrad(model, x, t, n=args.samples, seed=args.seed)[0], extra
+    cams = {"cam": m.cam, "gradcam": m.gradcam, "gradcam++": m.gradcam_pp, "guided-gradcam": m.guided_gradcam}
+    return cams[args.method](model, x, t, layer=layer)[0], extra
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .core.images import _expand_paths, load_images
+    from .core.layers import resolve_layer
+    from .core.render import grid, overlay, save_png, to_display
+    from .core.report import HtmlReport
+    from .methods.cam import default_cam_layer
+    from .models.predict import predict
+
+    model = _load(args)
+    device = next(model.parameters()).device
+    method = args.method
+    layer = resolve_layer(model, args.layer)[0] if args.layer else ""
+    if method in _LAYER_METHODS and not layer:
+        layer = default_cam_layer(model)
+    elif method not in _LAYER_METHODS and method != "occlusion":
+        layer = ""  # checked, but this method reads no layer
+    spec = _explain_targets(args.target)
+    files = _expand_paths(args.images)
+    out = Path(args.out)
+    pre = getattr(model, "preprocess", None)
+    classes = getattr(model, "classes", None)
+    signed = method in _PER_CHANNEL or method == "occlusion"
+    name = getattr(model, "zoo_name", type(model).__name__)
+    rep = HtmlReport(f"convscope explain: {method} on {name}")
+    if method == "occlusion":
+        legend = ("Colour (coolwarm, 0 is grey): red where hiding the region lowers the class score (the model relies "
+                  "on it), blue where hiding it raises the score." + (" The last tile is the same for the most active "
+                  f"feature map of {layer}: red where hiding the region lowers its activation." if layer else ""))
+    elif signed:
+        legend = ("Each class shows the signed result per colour channel as an RGB image (grey is 0), then its "
+                  "channel sum over the photo (coolwarm: red raises the class score, blue lowers it).")
+    else:
+        legend = "Colour: jet, from blue (low) to red (high), scaled per map."
+    rep.text(f"{_EXPLAIN_TITLES[method]}" + (f", at layer {layer!r}" if layer else "") + f"; target: {args.target}. "
+             + legend)
+    all_tiles, all_labels, ncol, stems = [], [], 1, set()
+    for path in tqdm(files, desc="explain", unit="image", disable=len(files) < 2):
+        x = load_images([path], model).to(device)
+        ranked = predict(model, x, k=max(5, spec if isinstance(spec, int) else 1))[0]
+        top = ranked[:5]
+        targets = [p.index for p in ranked[:spec]] if isinstance(spec, int) else spec
+        maps, extra = _explain_one(model, x, args, targets, layer, progress=None if len(files) == 1 else False)
+        pixels = (pre.denormalize(x) if pre is not None else x).clamp(0, 1).float().cpu()
+        maps = maps.detach().float().cpu()
+        tiles, labels = [pixels[0]], ["input"]
+        for k, c in enumerate(targets):
+            cls = (classes[c] if classes is not None and c < len(classes) else f"class {c}")[:24]
+            heat, alpha = maps[k], 0.5
+            if heat.dim() == 3:  # per channel: the signed image itself (as in the papers), then its channel sum
+                tiles.append(_signed_display(heat) if heat.shape[0] == 3 else to_display(heat.sum(0)[None]))
+                labels.append(f"{cls} ({method})")
+                heat, alpha = heat.sum(0), 0.75  # thin structures: let the map dominate the photo
+            shown = _signed_display(heat) if signed else to_display(heat[None, None], "percentile", 0.0, 99.5)[0, 0]
+            tiles.append(overlay(pixels, shown.reshape(1, 1, *shown.shape[-2:]), alpha=alpha,
+                                 cmap="coolwarm" if signed else "jet", normalize=False)[0])
+            labels.append(f"{c} {cls}")
+        for t, label in extra:
+            tiles.append(overlay(pixels, _signed_display(t.float().cpu()), alpha=0.5, cmap="coolwarm",
+                                 normalize=False)[0])
+            labels.append(label)
+        stem, i = path.stem, 1
+        while stem in stems:
+            i += 1
+            stem = f"{path.stem}_{i}"
+        stems.add(stem)
+        png = save_png(grid(tiles, nrow=len(tiles), cell_labels=labels), out / f"{stem}.{method}.png")
+        all_tiles += tiles
+        all_labels += labels
+        ncol = max(ncol, len(tiles))
+        rep.heading(stem, level=3)
+        rep.table([[r + 1, p.index, p.name, f"{p.probability:.3f}", f"{p.logit:.2f}"] for r, p in enumerate(top)],
+                  header=["rank", "class", "name", "probability", "logit"])
+        rep.image(png, caption=f"{path.name}: input, then {method} for classes {', '.join(map(str, targets))}")
+    grid_png = save_png(grid(all_tiles, nrow=ncol, cell_labels=all_labels), out / f"grid.{method}.png")
+    html = rep.write(out / f"explain.{method}.html")
+    print(f"wrote {html}, {grid_png} and {len(stems)} overlay PNGs in {out}/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used to render the CLI docs)."""
     parser = argparse.ArgumentParser(prog="convscope", description="See what a convolutional network sees.")
@@ -117,6 +262,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", default="", help="layer whose units are shown (default: a middle layer)")
     p.add_argument("--units", type=int, default=8, help="how many units to show (default 8)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("explain", help="attribution maps for images: saliency, guided backprop, CAMs, occlusion")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    _model_args(p)
+    p.add_argument("--method", default="gradcam", choices=EXPLAIN_METHODS, help="attribution method (default gradcam)")
+    p.add_argument("--layer", default="", help="conv layer for the CAM methods (default: the last feature map); for "
+                                               "occlusion, also show this layer's strongest unit")
+    p.add_argument("--target", default="top", help="class index, comma list (281,282), 'top' or 'topN' (default top)")
+    p.add_argument("--out", "-o", default="out/explain", help="output folder (default out/explain/)")
+    p.add_argument("--window", type=int, help="occlusion: square size in pixels (default 16)")
+    p.add_argument("--stride", type=int, help="occlusion: step in pixels (default 8)")
+    p.add_argument("--samples", type=int, default=50, help="smoothgrad: noisy copies (default 50)")
+    p.add_argument("--seed", type=int, default=0, help="smoothgrad: noise seed (default 0)")
+    p.set_defaults(func=cmd_explain)
     return parser
 
 

@@ -112,18 +112,20 @@ class _RuleReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, lo: float, hi: float | None, rule: str) -> torch.Tensor:  # type: ignore[override]
         ctx.rule, ctx.lo, ctx.hi = rule, lo, hi
+        y = x.clamp(min=lo, max=hi)
         if rule == "guided":
-            ctx.save_for_backward(x)
-        return x.clamp(min=lo, max=hi)
+            # the mask lo < x < hi equals lo < y < hi; saving y (not x) lets an in-place relu_ overwrite x
+            ctx.save_for_backward(y)
+        return y
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:  # type: ignore[override]
         g = grad.clamp(min=0)
         if ctx.rule == "guided":
-            (x,) = ctx.saved_tensors
-            mask = x > ctx.lo
+            (y,) = ctx.saved_tensors
+            mask = y > ctx.lo
             if ctx.hi is not None:
-                mask &= x < ctx.hi
+                mask &= y < ctx.hi
             g = g * mask
         return g, None, None, None
 

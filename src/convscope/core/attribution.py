@@ -1,0 +1,79 @@
+"""The one loop behind every input-gradient attribution: one forward pass, K vector-Jacobian products.
+
+Saliency, gradient x input and SmoothGrad (``methods/saliency.py``), guided backpropagation, the DeconvNet rule
+and guided Grad-CAM (``methods/backprop.py``) differ only in the probe configuration (which ReLU backward rule)
+and in what they do with the gradient afterwards, so the loop lives here once.
+
+Shape convention: gradients w.r.t. an ``N x C x H x W`` input are returned ``N x K x C x H x W`` (K targets per
+image, ``K = 1`` for a single class); for a non-image input ``N x D...`` they are ``N x K x D...``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import ConvscopeError
+from .probe import preserved_state, probe
+from .targets import Target, batched_grad, target_scores
+
+
+@dataclass(frozen=True)
+class InputGradient:
+    """Gradients of the target scores w.r.t. the input, with the scores and class indices they belong to.
+
+    ``grads``: ``N x K x (input shape)``; ``scores``: ``N x K`` (detached); ``indices``: ``N x K`` class indices,
+    or ``None`` when the target was a callable returning scores.
+    """
+
+    grads: torch.Tensor
+    scores: torch.Tensor
+    indices: torch.Tensor | None
+
+
+def check_input(x: torch.Tensor, what: str) -> None:
+    """A floating-point batch ``N x ...`` with at least one image, or a clear error."""
+    if not isinstance(x, torch.Tensor):
+        raise ConvscopeError(f"{what} expects a tensor N x C x H x W, got {type(x).__name__}; "
+                             "use cs.load_images(paths, model)")
+    if not x.is_floating_point() or x.dim() < 2 or x.shape[0] == 0:
+        raise ConvscopeError(f"{what} expects a non-empty floating-point batch N x C x H x W, got "
+                             f"{x.dtype} {tuple(x.shape)}; add a batch dimension with x[None], convert with .float()")
+
+
+def input_gradient(model: nn.Module, x: torch.Tensor, target: Target, relu_rule: str | None = None) -> InputGradient:
+    """d score_k / d x for each image and each of its K targets, under a probe configuration.
+
+    One forward pass of the whole batch, then the K vector-Jacobian products batched (``is_grads_batched``);
+    images are independent, so each gets its own gradient. ``relu_rule`` swaps the backward rule of every
+    ReLU / ReLU6 (``"guided"``, ``"deconvnet"``; see :func:`convscope.probe`). The model's parameters are frozen
+    for the pass (no weight gradients are computed or stored) and everything is restored afterwards. Works
+    inside ``torch.no_grad()`` too.
+    """
+    xx = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad(), probe(model, relu_rule=relu_rule):
+        out = model(xx)
+        scores, idx = target_scores(out, target)
+        (g,) = batched_grad(scores, [xx])  # K x N x ...
+    return InputGradient(g.movedim(0, 1), scores.detach(), idx)
+
+
+def pinned_target(model: nn.Module, x: torch.Tensor, target: Target) -> torch.Tensor | Callable:
+    """Fix a target to the class indices it names on the clean images (``N x K``), with one forward pass.
+
+    Methods that run the model on altered copies (noisy for SmoothGrad, occluded for occlusion) explain the class
+    chosen on the original image: ``top_class`` must not switch class from one noisy copy to the next. A callable
+    that returns scores (not indices) is returned unchanged and applied to the altered copies' outputs.
+    """
+    with torch.no_grad(), preserved_state(model):
+        out = model(x)
+    _, idx = target_scores(out, target)
+    return target if idx is None else idx
+
+
+def repeat_target(target: torch.Tensor | Callable, reps: int) -> torch.Tensor | Callable:
+    """Indices ``N x K`` for a batch of ``reps`` copies of the N images laid out copy-major (row ``r * N + i``)."""
+    return target.repeat(reps, 1) if isinstance(target, torch.Tensor) else target

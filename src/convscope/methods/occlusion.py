@@ -1,0 +1,190 @@
+"""Occlusion sensitivity (Zeiler & Fergus 2014, Sec. 4.2, Fig. 7).
+
+A grey square is slid over the image; at each position the occluded copy is classified and the target scores
+recorded. Where the score drops, the model relied on what the square hid. Zeiler & Fergus also record, at each
+position, the total activation of the one feature map of a chosen layer that responds most strongly on the
+unoccluded image (their Fig. 7 (b)), which shows what that unit sees.
+
+Batched over window positions: the occluded copies of all images are formed ``batch_size`` at a time and run in
+one forward pass each, and all K targets are read from the same outputs. Memory is bounded by ``batch_size``
+copies of one image (plus their activations at ``layer``).
+
+Window positions: top-left corners ``0, stride, 2 stride, ...`` along each axis while the window fits, plus one
+flush with the far edge when the strides do not reach it, so every pixel is covered at least once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..core.probe import probe
+from ..core.targets import Target, target_scores, top_class
+from ..errors import ConvscopeError, TargetError
+
+Fill = str | float | torch.Tensor
+
+
+@dataclass
+class OcclusionResult:
+    """What :func:`occlusion` measured. ``P_h x P_w`` is the grid of window positions.
+
+    Attributes:
+        maps: ``N x K x H x W``, the drop in each target score (clean minus occluded), averaged over all windows
+            covering each pixel (as Captum's ``Occlusion``). Positive: hiding this region lowers the score.
+        scores: ``N x K x P_h x P_w``, the target scores (logits) with the window at each position (Fig. 7 (d)
+            shows the same with probabilities).
+        clean_scores: ``N x K``, the target scores of the unoccluded images.
+        targets: ``N x K`` class indices explained, or ``None`` for a callable that returns scores.
+        predicted: ``N x P_h x P_w``, the top class with the window at each position (Fig. 7 (e)).
+        rows, cols: top-left pixel of each window row / column (``P_h`` and ``P_w`` ints).
+        window: ``(height, width)`` of the occluding square.
+        unit: ``N``, the feature map of ``layer`` most active on each unoccluded image (highest maximum), or None.
+        strongest_unit: ``N x P_h x P_w``, that feature map's activation summed over space with the window at each
+            position (Fig. 7 (b)); None without ``layer``.
+        unit_activation: ``N``, the same sum on the unoccluded image (the reference level of ``strongest_unit``).
+    """
+
+    maps: torch.Tensor
+    scores: torch.Tensor
+    clean_scores: torch.Tensor
+    targets: torch.Tensor | None
+    predicted: torch.Tensor
+    rows: list[int]
+    cols: list[int]
+    window: tuple[int, int]
+    layer: str | None = None
+    unit: torch.Tensor | None = None
+    strongest_unit: torch.Tensor | None = None
+    unit_activation: torch.Tensor | None = None
+
+
+def window_positions(size: int, window: int, stride: int) -> list[int]:
+    """Top-left corners along one axis: ``0, stride, ...`` while the window fits, plus one flush with the end."""
+    if window > size:
+        raise ConvscopeError(f"the occlusion window ({window} px) is larger than the image ({size} px); "
+                             "use a smaller window=")
+    pos = list(range(0, size - window + 1, stride))
+    if pos[-1] != size - window:
+        pos.append(size - window)
+    return pos
+
+
+def occlusion(model: nn.Module, x: torch.Tensor, target: Target = top_class, window: int | tuple[int, int] = 16,
+              stride: int | tuple[int, int] = 8, fill: Fill = 0.5, batch_size: int = 64, layer: str | None = None,
+              progress: bool | None = None) -> OcclusionResult:
+    """Occlusion sensitivity maps for a batch of images ``N x C x H x W`` (Zeiler & Fergus 2014, Sec. 4.2).
+
+    Args:
+        target: class index, one per image, ``N x K``, ``top_class``, ``top_k(k)`` or a callable on the output;
+            class indices are fixed on the unoccluded images (``top_class`` is the clean image's top class at every
+            window position). A callable returning scores is applied to each occluded copy's output.
+        window, stride: the occluding square and its step, in pixels (an int or ``(height, width)``).
+        fill: what the square is filled with. A float is a grey level in pixel space ([0, 1]; default 0.5, mid
+            grey), converted to the model's input space with ``model.preprocess`` when the model has one (a bare
+            module's input is taken as pixels). ``"mean"``: each image's own per-channel mean. A tensor is used
+            as given, in input space, broadcast to ``N x C x H x W`` (for example a blurred copy of ``x``).
+        batch_size: occluded copies per forward pass (bounds memory).
+        layer: also record the strongest feature map of this layer (``strongest_unit``, Fig. 7 (b)).
+        progress: show a progress bar (default: when there are more than 4 forward passes).
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point() or x.shape[0] == 0:
+        raise ConvscopeError(f"occlusion expects a float batch of images N x C x H x W, got "
+                             f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConvscopeError(f"occlusion(batch_size={batch_size!r}): use a positive int")
+    x = x.detach()
+    num, _, height, width = x.shape
+    wh, ww = _pair(window, "window")
+    sh, sw = _pair(stride, "stride")
+    rows, cols = window_positions(height, wh, sh), window_positions(width, ww, sw)
+    filled = _fill(model, x, fill)
+    # separable window masks: R[a, y] = 1 when row y is inside window row a; C[b, x] likewise
+    ys, xs = torch.arange(height, device=x.device), torch.arange(width, device=x.device)
+    r0, c0 = torch.tensor(rows, device=x.device), torch.tensor(cols, device=x.device)
+    row_in = (ys >= r0[:, None]) & (ys < r0[:, None] + wh)
+    col_in = (xs >= c0[:, None]) & (xs < c0[:, None] + ww)
+    n_pos = len(rows) * len(cols)
+    total = num * n_pos
+    chunks = range(0, total, batch_size)
+    show = progress if progress is not None else len(chunks) > 4
+
+    with torch.no_grad(), probe(model, layer, detach=True) as p:
+        out = model(x)
+        clean, idx = target_scores(out, target)
+        k = clean.shape[1]
+        unit = unit_act = None
+        if layer is not None:
+            act = _as_maps(p.activations[layer], layer)
+            unit = act.flatten(2).amax(2).argmax(1)  # N: the feature map with the strongest response
+            unit_act = act[torch.arange(num), unit].flatten(1).sum(1)
+        scores = torch.empty(total, k, dtype=clean.dtype, device=clean.device)
+        predicted = torch.empty(total, dtype=torch.long, device=x.device)
+        unit_sums = torch.empty(total, dtype=x.dtype, device=x.device) if layer is not None else None
+        for start in tqdm(chunks, desc="occlusion", unit="batch", disable=not show):
+            flat = torch.arange(start, min(start + batch_size, total), device=x.device)
+            img, pos = flat // n_pos, flat % n_pos  # row order: image-major, then window row, then window column
+            mask = (row_in[pos // len(cols)][:, :, None] & col_in[pos % len(cols)][:, None, :])[:, None]
+            occluded = torch.where(mask, filled[img], x[img])
+            o = model(occluded)
+            if idx is not None:
+                s = o.reshape(len(flat), -1).gather(1, idx[img])
+            else:
+                s, _ = target_scores(o, target)
+                if s.shape[1] != k:
+                    raise TargetError(f"the target callable returned {s.shape[1]} scores per image on occluded "
+                                      f"copies but {k} on the clean images; it must return the same number")
+            scores[flat] = s
+            predicted[flat] = o.reshape(len(flat), -1).argmax(1)
+            if unit_sums is not None and unit is not None:
+                a = _as_maps(p.activations[layer], layer)
+                unit_sums[flat] = a[torch.arange(len(flat), device=x.device), unit[img]].flatten(1).sum(1).to(x.dtype)
+
+    grid = (num, len(rows), len(cols))
+    scores_g = scores.reshape(*grid, k).permute(0, 3, 1, 2)  # N K Ph Pw
+    drop = clean[:, :, None, None] - scores_g
+    rf, cf = row_in.to(drop.dtype), col_in.to(drop.dtype)
+    counts = rf.sum(0)[:, None] * cf.sum(0)[None, :]  # windows covering each pixel (>= 1)
+    maps = torch.einsum("nkab,ay,bx->nkyx", drop, rf, cf) / counts
+    return OcclusionResult(
+        maps=maps, scores=scores_g, clean_scores=clean, targets=idx, predicted=predicted.reshape(grid),
+        rows=rows, cols=cols, window=(wh, ww), layer=layer, unit=unit,
+        strongest_unit=None if unit_sums is None else unit_sums.reshape(grid), unit_activation=unit_act)
+
+
+def _pair(v: int | tuple[int, int], name: str) -> tuple[int, int]:
+    pair = (v, v) if isinstance(v, int) else tuple(v)
+    if len(pair) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 1 for i in pair):
+        raise ConvscopeError(f"occlusion({name}={v!r}): use a positive int or a (height, width) pair of ints")
+    return pair  # type: ignore[return-value]
+
+
+def _fill(model: nn.Module, x: torch.Tensor, fill: Fill) -> torch.Tensor:
+    """The occluder's values, ``N x C x H x W`` (a broadcast view where possible), in the model's input space."""
+    if isinstance(fill, str):
+        if fill != "mean":
+            raise ConvscopeError(f"occlusion(fill={fill!r}): use 'mean', a grey level in [0, 1] or a tensor")
+        return x.mean(dim=(2, 3), keepdim=True).expand_as(x)
+    if isinstance(fill, torch.Tensor):
+        try:
+            return fill.to(device=x.device, dtype=x.dtype).expand_as(x)
+        except RuntimeError as e:
+            raise ConvscopeError(f"occlusion(fill=tensor of shape {tuple(fill.shape)}): it must broadcast to the "
+                                 f"images' shape {tuple(x.shape)}") from e
+    if isinstance(fill, bool) or not isinstance(fill, int | float):
+        raise ConvscopeError(f"occlusion(fill={fill!r}): use 'mean', a grey level in [0, 1] or a tensor")
+    grey = torch.full((1, x.shape[1], 1, 1), float(fill), dtype=x.dtype, device=x.device)
+    pre = getattr(model, "preprocess", None)
+    if pre is not None and hasattr(pre, "normalize"):
+        grey = pre.normalize(grey)
+    return grey.expand_as(x)
+
+
+def _as_maps(act: torch.Tensor, layer: str) -> torch.Tensor:
+    """A layer output as ``N x C x (spatial...)``; a plain ``N x C`` output counts as 1 x 1 maps."""
+    if not isinstance(act, torch.Tensor) or act.dim() < 2:
+        raise ConvscopeError(f"layer {layer!r} does not output an N x C (x H x W) tensor; pick a conv layer")
+    return act if act.dim() > 2 else act[:, :, None]
