@@ -47,3 +47,11 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
     assert "features.conv6" in err and "features.conv5" in err
     assert main(["layers", "efficientnet_lite9"]) == 2
     assert "efficientnet_lite0" in capsys.readouterr().err
+
+
+def test_data_synth_writes_broden_layout(tmp_path, capsys):
+    from convscope.data import BrodenDataset
+
+    assert main(["data", "synth", "--out", str(tmp_path / "s"), "--n", "6", "--workers", "1"]) == 0
+    ds = BrodenDataset(tmp_path / "s")
+    assert len(ds) == 6 and {"color", "object", "texture", "scene"} <= set(ds.categories)
