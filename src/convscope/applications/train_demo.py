@@ -31,9 +31,9 @@ class TrainConfig:
 
     n_train: int = 4000
     n_test: int = 1000
-    epochs: int = 10
+    epochs: int = 12
     batch_size: int = 32
-    lr: float = 5e-4
+    lr: float = 2e-4
     weight_decay: float = 1e-4
     warmup_epochs: float = 0.5
     dropout: float = 0.3

@@ -1,0 +1,62 @@
+"""The convscope methods the harness times. A new method is one ``register(...)`` call here.
+
+``fn(model, x, targets)`` runs the method once on a batch ``x`` and returns its maps (or anything);
+``targets.convscope`` is ``top_class`` or ``top_k(K)`` as a user would write it, ``targets.indices`` the same
+classes as an ``N x K`` tensor. ``work`` pairs it with the bare model doing the same work at the same batch:
+``F`` (forward only), ``F+B(input)`` (forward + gradient w.r.t. the input, frozen parameters) or ``F+B(all)``
+(forward + backward into every parameter). ``shapes`` default to 1 image, 32 images, 1 image x 32 targets.
+
+Example (a method added later)::
+
+    register("saliency", lambda m, x, t: cs.saliency(m, x, t.convscope), work=FB_INPUT)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import convscope as cs
+from harness import F_, FB_INPUT, SINGLE, Shape, Targets, many_shapes, register
+
+MANY = 32
+IMAGE_SHAPES = (SINGLE, Shape(f"{MANY} imgs", MANY, 1))
+
+# The layer CAMs explain, per model: the last feature map before global pooling.
+CAM_LAYER = {
+    "efficientnet_lite0": "head.act",  # 1280 x 7 x 7
+    "efficientnet_lite1": "head.act",
+    "efficientnet_lite2": "head.act",
+    "demo_net": "features.relu5",
+}
+
+
+def cam_layer(model: nn.Module) -> str:
+    return CAM_LAYER[getattr(model, "zoo_name", "")]
+
+
+register("gradcam", lambda m, x, t: cs.gradcam(m, x, t.convscope, layer=cam_layer(m)), work=FB_INPUT,
+         shapes=many_shapes(MANY), note="backward stops at the CAM layer")
+register("gradcam_pp", lambda m, x, t: cs.gradcam_pp(m, x, t.convscope, layer=cam_layer(m)), work=FB_INPUT,
+         shapes=many_shapes(MANY), note="backward stops at the CAM layer")
+register("cam", lambda m, x, t: cs.cam(m, x, t.convscope, layer=cam_layer(m)), work=F_,
+         shapes=many_shapes(MANY), note="no backward: classifier rows")
+register("predict (top-5)", lambda m, x, t: cs.predict(m, x, k=5), work=F_, shapes=IMAGE_SHAPES)
+
+
+def _capture_all(model: nn.Module, x: torch.Tensor, t: Targets) -> int:
+    with torch.no_grad(), cs.probe(model, list(cs.named_layers(model)), detach=True) as p:
+        model(x)
+    return len(p.activations)
+
+
+register("probe: capture every layer", _capture_all, work=F_, shapes=IMAGE_SHAPES,
+         note="no_grad, detach=True, all named modules")
+
+
+# Methods from the design that other modules will add; each is timed as soon as `convscope` exports it.
+if hasattr(cs, "saliency"):
+    register("saliency", lambda m, x, t: cs.saliency(m, x, t.convscope), work=FB_INPUT, shapes=many_shapes(MANY))
+if hasattr(cs, "guided_backprop"):
+    register("guided_backprop", lambda m, x, t: cs.guided_backprop(m, x, t.convscope), work=FB_INPUT,
+             shapes=many_shapes(MANY))
