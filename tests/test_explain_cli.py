@@ -42,7 +42,7 @@ def test_every_method_writes_overlays_grid_and_html(method, tmp_path):
     per_channel = method in ("smoothgrad", "guided", "deconv", "guided-gradcam")
     tiles = 1 + 2 * (2 if per_channel else 1) + (method == "occlusion")  # input, per target (raw,) overlay, unit
     im = Image.open(tmp_path / f"chelsea.{method}.png")
-    assert tiles * TILE < im.size[0] < tiles * (TILE + 40) and im.size[1] > TILE
+    assert im.size[0] > tiles * TILE and im.size[1] > TILE  # long labels widen cells, so only a lower bound
     assert Image.open(tmp_path / f"grid.{method}.png").size == im.size
     html = (tmp_path / f"explain.{method}.html").read_text()
     assert html.count("data:image/png;base64,") == 1 and html.count("<tr>") == 6

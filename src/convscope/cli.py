@@ -311,9 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-demo", help="train demo_net on synthetic scene labels; a checkpoint per epoch, resumable")
     p.add_argument("--out", "-o", default="runs/demo_net", help="checkpoint folder (default runs/demo_net)")
-    p.add_argument("--n-train", type=int, default=4000, help="training images (default 4000)")
+    p.add_argument("--n-train", type=int, default=6000, help="training images (default 6000)")
     p.add_argument("--n-test", type=int, default=1000, help="held-out test images (default 1000)")
-    p.add_argument("--epochs", type=int, default=10, help="epochs (default 10)")
+    p.add_argument("--epochs", type=int, default=14, help="epochs (default 14)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, order and dropout")
     p.add_argument("--workers", type=int, default=2, help="processes rendering the images")
     p.set_defaults(func=cmd_train_demo)

@@ -29,14 +29,14 @@ from ..models.demo_net import INPUT_SIZE, DemoNet
 class TrainConfig:
     """Everything that determines the trained weights."""
 
-    n_train: int = 4000
+    n_train: int = 6000
     n_test: int = 1000
-    epochs: int = 12
+    epochs: int = 14
     batch_size: int = 32
-    lr: float = 2e-4
+    lr: float = 3e-4
     weight_decay: float = 1e-4
     warmup_epochs: float = 0.5
-    dropout: float = 0.3
+    dropout: float = 0.1
     seed: int = 0
     data_seed: int = 0
     size: int = INPUT_SIZE
