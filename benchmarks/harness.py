@@ -142,6 +142,21 @@ def wait_for_quiet(max_wait_s: float, threshold: float = 0.3, window_s: float = 
             "quiet": seen is not None and seen < threshold}
 
 
+def speed_probe(reps: int = 15) -> float:
+    """Median seconds of a fixed 384x384 float32 matmul on the current threads: a yardstick for the machine's
+    own speed, to catch slowdowns that /proc/stat cannot see (a busy host under the VM, throttling)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(384, 384, generator=g), torch.randn(384, 384, generator=g)
+    for _ in range(3):
+        a @ b
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
 def synchronizer(device: torch.device) -> Callable[[], None]:
     if device.type == "cuda":
         return lambda: torch.cuda.synchronize(device)
@@ -592,5 +607,5 @@ __all__ = [
     "Targets", "Timing", "atomic_write", "baseline_fn", "baseline_state", "describe_machine", "fmt_ms",
     "fmt_ratio", "load_average", "machine_info", "many_shapes", "md_table", "measure", "measure_clean",
     "model_inputs",
-    "others_cpu", "pearson_per_map", "register", "synchronizer", "wait_for_quiet",
+    "others_cpu", "pearson_per_map", "register", "speed_probe", "synchronizer", "wait_for_quiet",
 ]

@@ -50,6 +50,7 @@ from harness import (  # noqa: E402
     measure_clean,
     model_inputs,
     pearson_per_map,
+    speed_probe,
     synchronizer,
     wait_for_quiet,
 )
@@ -167,6 +168,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
         log(f"== {name}")
         if args.wait_quiet > 0:
             quiet[name] = wait_for_quiet(args.wait_quiet, log=log)
+        probe_before = speed_probe()
         model = cs.load_model(name, device=device)
         size = tuple(model.preprocess.input_size)
         cache: dict[int, torch.Tensor] = {}
@@ -192,7 +194,10 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
         for c, row in zip(mine, rows):
             finish_row(c, row, bl, rows, mine)
         results.extend(rows)
-        models[name] = {"input_size": list(size), "quiet_before": quiet.get(name), **bl.to_json()}
+        probe_ms = [probe_before * 1e3, speed_probe() * 1e3]
+        log(f"  matmul speed probe before/after: {probe_ms[0]:.2f} / {probe_ms[1]:.2f} ms")
+        models[name] = {"input_size": list(size), "quiet_before": quiet.get(name), "speed_probe_ms": probe_ms,
+                        **bl.to_json()}
         del model, bl, cache, maps_cache
         gc.collect()
     machine["loadavg_end"] = load_average()
@@ -410,6 +415,11 @@ def noise_line(run: dict[str, Any]) -> str:
              f"baseline IQR median {statistics.median(iqr):.0%}, max {max(iqr):.0%}" if iqr else "",
              f"load average {m.get('loadavg_start', ['?'])[0]} → {(m.get('loadavg_end') or ['?'])[0]}",
              f"suite took {run['wall_s'] / 60:.1f} min"]
+    probes = [v for mm in run["models"].values() for v in mm.get("speed_probe_ms", [])]
+    if probes:
+        parts.append(f"a fixed matmul took {min(probes):.2f}–{max(probes):.2f} ms at the start and end of each "
+                     f"model's section (spread {max(probes) / min(probes) - 1:.0%}; a large spread means the machine "
+                     "itself was slower for a while)")
     if drift:
         parts.append(f"paired baselines measured before and after the cases differ by {statistics.median(drift):.0%} "
                      f"(median; max {max(drift):.0%})")
@@ -530,4 +540,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except cs.ConvscopeError as exc:  # e.g. --device cuda without a GPU, a zoo model whose weights are missing
+        log(f"error: {exc}")
+        sys.exit(2)

@@ -15,12 +15,14 @@ def named_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: mod for name, mod in model.named_modules() if name}
 
 
-def resolve_layer(model: nn.Module, name: str | nn.Module) -> tuple[str, nn.Module]:
+def resolve_layer(model: nn.Module, name: str | nn.Module,
+                  layers: dict[str, nn.Module] | None = None) -> tuple[str, nn.Module]:
     """``(name, module)`` for a layer given by name (or by module object).
 
     Raises :class:`LayerNotFoundError` listing the closest valid names when the name is unknown.
+    ``layers`` is ``named_layers(model)`` when the caller already has it.
     """
-    layers = named_layers(model)
+    layers = named_layers(model) if layers is None else layers
     if isinstance(name, nn.Module):
         for lname, mod in layers.items():
             if mod is name:
@@ -43,9 +45,10 @@ def resolve_layers(model: nn.Module, names: str | nn.Module | list) -> dict[str,
         names = [n.strip() for n in names.split(",") if n.strip()]
     elif isinstance(names, nn.Module):
         names = [names]
+    layers = named_layers(model)
     out: dict[str, nn.Module] = {}
     for n in names:
-        lname, mod = resolve_layer(model, n)
+        lname, mod = resolve_layer(model, n, layers)
         out[lname] = mod
     return out
 
