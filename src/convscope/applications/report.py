@@ -65,7 +65,7 @@ def build_report(model: nn.Module, paths: list[Path] | None = None, out: Path = 
 
     preds = predict(model, x, k=5)
     steps.update()
-    maps = torch.cat([gradcam(model, xi[None], top_k(top_classes), layer=cam_layer) for xi in x]).cpu()
+    maps = gradcam(model, x, top_k(top_classes), layer=cam_layer).cpu()  # one batched call: N x K x H x W
     steps.update()
     with torch.no_grad(), probe(model, layer, detach=True) as p:
         p.forward(model, x)
