@@ -105,3 +105,11 @@ def test_cam_errors(lite0):
         cs.gradcam(lite0, x, target=1000, layer="head.act")
     with pytest.raises(cs.LayerNotFoundError, match="head.act"):
         cs.gradcam(lite0, x, layer="head.actt")
+
+
+def test_gradcam_works_inside_no_grad(demo):
+    x = torch.randn(1, 3, 112, 112, generator=torch.Generator().manual_seed(0))
+    ref = cs.gradcam(demo, x, target=0, layer="features.relu5")
+    with torch.no_grad():
+        got = cs.gradcam(demo, x, target=0, layer="features.relu5")
+    torch.testing.assert_close(got, ref)

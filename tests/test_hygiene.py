@@ -47,6 +47,10 @@ CASES = {
                                                stride=x.shape[-1] // 2, layer=L),
                   lambda m, x, L: cs.occlusion(m, x, target=_fails_after(1), window=x.shape[-1] // 2,
                                                stride=x.shape[-1] // 2, batch_size=2, layer=L)),
+    "pgd": (lambda m, x, L: cs.pgd(m, x, eps=1 / 255, steps=2),
+            lambda m, x, L: cs.pgd(m, x, target=_fails_after(1), steps=2)),
+    "feature_change": (lambda m, x, L: cs.feature_change(m, x, x.flip(-1), L),
+                       lambda m, x, L: cs.feature_change(m, x, x[:, :2], L)),
 }
 
 

@@ -24,6 +24,7 @@ from .errors import (
     ModelLoadError,
     TargetError,
 )
+from .methods.adversarial import AdversarialResult, FeatureChange, feature_change, fgsm, pgd
 from .methods.backprop import deconvnet_rule, guided_backprop, guided_gradcam
 from .methods.cam import cam, gradcam, gradcam_pp
 from .methods.occlusion import OcclusionResult, occlusion
@@ -41,5 +42,5 @@ __all__ = [
     "predict", "preserved_state", "probe", "resolve_device", "resolve_layer", "sample_image", "sample_images",
     "save_png", "target_scores", "to_display", "to_pil", "top_class", "top_k", "tune_cpu_allocator",
     "OcclusionResult", "deconvnet_rule", "gradient", "guided_backprop", "guided_gradcam", "input_x_gradient",
-    "occlusion", "saliency", "smoothgrad",
+    "occlusion", "saliency", "smoothgrad", "AdversarialResult", "FeatureChange", "feature_change", "fgsm", "pgd",
 ]

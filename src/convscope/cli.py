@@ -7,6 +7,8 @@
     convscope data synth --out DIR             synthetic concept dataset (Broden layout)
     convscope train-demo --out DIR             train demo_net, a checkpoint per epoch
     convscope explain IMAGE... --method M      saliency / guided / deconv / CAM / occlusion overlays + HTML
+    convscope adversarial IMAGE... --eps 2/255 FGSM / PGD examples, and the units whose maps change most
+    convscope evaluate attribution             pointing game, mask IoU, deletion/insertion, randomization check
 """
 
 from __future__ import annotations
@@ -243,6 +245,59 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fraction(text: str) -> float:
+    """``--eps``: a number or a fraction such as ``8/255``."""
+    try:
+        num, _, den = text.partition("/")
+        value = float(num) / (float(den) if den else 1.0)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or a fraction like 8/255") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be > 0 (pixel units, RGB in [0, 1])")
+    return value
+
+
+def cmd_adversarial(args: argparse.Namespace) -> int:
+    from .applications.adversarial import run_adversarial
+    from .core.images import _expand_paths
+    from .core.targets import top_class
+
+    model = _load(args)
+    spec = _explain_targets(args.target) if args.target else None
+    if isinstance(spec, int) and spec != 1:
+        raise ConvscopeError(f"--target {args.target!r}: an attack takes one class per image (an index or 'top')")
+    files = _expand_paths(args.images)
+    if isinstance(spec, list) and len(spec) not in (1, len(files)):
+        raise ConvscopeError(f"--target: give one class for all images or one per image ({len(files)}), "
+                             f"got {len(spec)}")
+    target = spec if isinstance(spec, list) and len(spec) > 1 else (spec[0] if isinstance(spec, list) else None)
+    if args.targeted and target is None:
+        raise ConvscopeError("--targeted needs --target CLASS (the class to reach)")
+    run = run_adversarial(model, files, Path(args.out), eps=args.eps, attack=args.attack, norm=args.norm,
+                          steps=args.steps, target=top_class if target is None else target,
+                          targeted=args.targeted, layer=args.layer, n_units=args.units)
+    r = run.result
+    for path, ok, c0, c1, p1 in zip(files, r.success.tolist(), r.clean_class.tolist(), r.adv_class.tolist(),
+                                    r.adv_prob.tolist()):
+        names = getattr(model, "classes", None)
+        n0, n1 = (names[c0], names[c1]) if names else (str(c0), str(c1))
+        print(f"{path.name}: {n0} -> {n1} ({p1:.1%}){'' if ok else '  (attack failed)'}")
+    print(f"wrote {run.html}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .applications.evaluate import METHODS, evaluate_attribution
+
+    model = _load(args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(METHODS)
+    res = evaluate_attribution(model, Path(args.out), n=args.n, methods=methods, layer=args.layer,
+                               n_curve=args.n_curve, n_sanity=args.n_sanity, steps=args.steps)
+    print(res.markdown)
+    print(f"wrote {res.files[-1]}")
+    return 0
+
+
 def cmd_train_demo(args: argparse.Namespace) -> int:
     from .applications.train_demo import TrainConfig, train_demo
     from .core.device import tune_cpu_allocator
@@ -299,6 +354,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="smoothgrad: noise seed (default 0)")
     p.set_defaults(func=cmd_explain)
 
+    p = sub.add_parser("adversarial", help="adversarial examples (FGSM / PGD) and the feature maps they change")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    _model_args(p)
+    p.add_argument("--eps", type=_fraction, default=2 / 255, help="budget in pixel units, e.g. 8/255 (default 2/255)")
+    p.add_argument("--attack", choices=["fgsm", "pgd"], default="pgd", help="attack (default pgd)")
+    p.add_argument("--norm", choices=["linf", "l2"], default="linf", help="PGD ball (default linf)")
+    p.add_argument("--steps", type=int, default=10, help="PGD steps (default 10)")
+    p.add_argument("--target", default="", help="class to move away from (default: the top class), or with "
+                                                 "--targeted the class to reach; one index or one per image")
+    p.add_argument("--targeted", action="store_true", help="reach --target instead of leaving it")
+    p.add_argument("--layer", default="", help="layer whose feature maps are compared (default: a middle layer)")
+    p.add_argument("--units", type=int, default=6, help="most-changed units shown per image (default 6)")
+    p.add_argument("--out", "-o", default="out/adversarial", help="output folder (default out/adversarial/)")
+    p.set_defaults(func=cmd_adversarial)
+
+    p = sub.add_parser("evaluate", help="score methods against ground truth")
+    esub = p.add_subparsers(dest="what", required=True, metavar="WHAT")
+    q = esub.add_parser("attribution", help="pointing game, mask IoU, deletion/insertion AUC and the randomization "
+                                            "sanity check of every attribution method on held-out synthetic images")
+    q.add_argument("--model", "-m", default="demo_net", help="a model of the synthetic scene classes "
+                                                             "(default demo_net)")
+    q.add_argument("--weights", help="state-dict file, e.g. a train-demo checkpoint")
+    q.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
+    q.add_argument("--n", type=int, default=200, help="held-out images (default 200)")
+    q.add_argument("--methods", default="", help="comma list (default: all)")
+    q.add_argument("--layer", default="", help="layer for the CAM methods (default: the last feature map)")
+    q.add_argument("--n-curve", type=int, default=50, help="images for deletion/insertion (default 50)")
+    q.add_argument("--n-sanity", type=int, default=8, help="images for the randomization check (default 8)")
+    q.add_argument("--steps", type=int, default=32, help="deletion/insertion steps (default 32)")
+    q.add_argument("--out", "-o", default="out/evaluate", help="output folder (default out/evaluate/)")
+    q.set_defaults(func=cmd_evaluate)
+
     p = sub.add_parser("data", help="datasets: generate the synthetic concept dataset")
     data = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     q = data.add_parser("synth", help="generate synthetic images with color/object/texture masks (Broden layout)")
@@ -309,11 +396,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--workers", type=int, default=2, help="processes (default 2; output is identical)")
     q.set_defaults(func=cmd_data_synth)
 
+    from .applications.train_demo import TrainConfig
+    _TRAIN = TrainConfig()
     p = sub.add_parser("train-demo", help="train demo_net on synthetic scene labels; a checkpoint per epoch, resumable")
     p.add_argument("--out", "-o", default="runs/demo_net", help="checkpoint folder (default runs/demo_net)")
-    p.add_argument("--n-train", type=int, default=6000, help="training images (default 6000)")
-    p.add_argument("--n-test", type=int, default=1000, help="held-out test images (default 1000)")
-    p.add_argument("--epochs", type=int, default=14, help="epochs (default 14)")
+    p.add_argument("--n-train", type=int, default=_TRAIN.n_train, help=f"training images (default {_TRAIN.n_train})")
+    p.add_argument("--n-test", type=int, default=_TRAIN.n_test, help=f"held-out test images (default {_TRAIN.n_test})")
+    p.add_argument("--epochs", type=int, default=_TRAIN.epochs, help=f"epochs (default {_TRAIN.epochs})")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, order and dropout")
     p.add_argument("--workers", type=int, default=2, help="processes rendering the images")
     p.set_defaults(func=cmd_train_demo)

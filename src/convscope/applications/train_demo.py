@@ -1,10 +1,14 @@
 """Train ``demo_net`` on the synthetic concept dataset's scene labels, reproducibly, on 2 CPU cores.
 
 Images are rendered in memory from ``convscope.data.synthetic`` (deterministic per seed and index): training
-images are indices ``0 .. n_train-1``, test images the next ``n_test`` indices. AdamW with a linear warm-up
-and cosine decay, horizontal-flip augmentation. A checkpoint is written atomically after every epoch
-(``epoch_00.pt`` is the untrained network, for the training-evolution views of Zeiler & Fergus Fig. 4), and a
-run that is stopped resumes from its last checkpoint.
+images are indices ``0 .. n_train-1``, test images the next ``n_test`` indices.  The network trains with batch
+norm after each convolution (folded into the convolutions afterwards, see :func:`fold_batchnorm`), AdamW with a
+linear warm-up and cosine decay, label smoothing, and the 8 flips/rotations of the square as augmentation (the
+scene label, the dominant shape's class, does not depend on orientation).
+
+After every epoch ``epoch_XX.pt`` is written atomically with the folded, classic weights (``epoch_00.pt`` is the
+untrained network, for the training-evolution views of Zeiler & Fergus Fig. 4), and ``resume.pt`` with the full
+training state, so a run that is stopped resumes where it was and ends with the same bytes.
 """
 
 from __future__ import annotations
@@ -22,21 +26,22 @@ from tqdm.auto import tqdm
 
 from ..core.io import atomic_path, atomic_write_text
 from ..data.synthetic import SynthConfig, render_sample
-from ..models.demo_net import INPUT_SIZE, DemoNet
+from ..models.demo_net import INPUT_SIZE, DemoNet, fold_batchnorm
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that determines the trained weights."""
 
-    n_train: int = 6000
+    n_train: int = 12000
     n_test: int = 1000
-    epochs: int = 14
-    batch_size: int = 32
-    lr: float = 3e-4
-    weight_decay: float = 1e-4
+    epochs: int = 12
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.01
     warmup_epochs: float = 0.5
     dropout: float = 0.1
+    label_smoothing: float = 0.05
     seed: int = 0
     data_seed: int = 0
     size: int = INPUT_SIZE
@@ -94,7 +99,8 @@ def _save(path: Path, obj: dict) -> Path:
 
 
 def train_demo(out: Path, config: TrainConfig = TrainConfig(), workers: int = 2, progress: bool = True) -> TrainResult:
-    """Train demo_net; writes ``out/epoch_XX.pt``, ``out/demo_net.pt`` (weights + classes) and ``out/train.json``."""
+    """Train demo_net; writes ``out/epoch_XX.pt``, ``out/resume.pt``, ``out/demo_net.pt`` (folded weights + classes)
+    and ``out/train.json``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     classes = SynthConfig().shapes
@@ -103,8 +109,11 @@ def train_demo(out: Path, config: TrainConfig = TrainConfig(), workers: int = 2,
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        model = DemoNet(num_classes=len(classes), dropout=config.dropout)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        model = DemoNet(num_classes=len(classes), dropout=config.dropout, batch_norm=True)
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]  # no weight decay on biases and BN affine
+    rest = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=config.lr)
     steps = config.epochs * math.ceil(config.n_train / config.batch_size)
     warm = max(1, round(config.warmup_epochs * steps / config.epochs))
     sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then cosine decay
@@ -112,31 +121,42 @@ def train_demo(out: Path, config: TrainConfig = TrainConfig(), workers: int = 2,
     gen = torch.Generator().manual_seed(config.seed)
     history: list[dict] = []
     start = 1
-    last = _latest_checkpoint(out, config)
-    if last is not None:  # resume
-        ckpt = torch.load(last, map_location="cpu", weights_only=True)
-        model.load_state_dict(ckpt["state_dict"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        gen.set_state(ckpt["generator"])
-        history = json.loads(ckpt["history"])
-        start = int(ckpt["epoch"]) + 1
+    state = _resume_state(out, config)
+    if state is not None:
+        model.load_state_dict(state["state_dict"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        history = json.loads(state["history"])
+        start = int(state["epoch"]) + 1
     else:
-        _save(out / "epoch_00.pt", _checkpoint(model, opt, sched, gen, 0, history, classes, config))
+        _save_epoch(out, model, 0, history, classes, config)
 
     for epoch in range(start, config.epochs + 1):
         loss = _train_epoch(model, opt, sched, gen, x_train, y_train, epoch, config, progress)
         history.append({"epoch": epoch, "train_loss": loss, "test_accuracy": accuracy(model, x_test, y_test)})
-        _save(out / f"epoch_{epoch:02d}.pt", _checkpoint(model, opt, sched, gen, epoch, history, classes, config))
+        _save_epoch(out, model, epoch, history, classes, config)
+        _save(out / "resume.pt", {"state_dict": model.state_dict(), "optimizer": opt.state_dict(),
+                                  "scheduler": sched.state_dict(), "generator": gen.get_state(), "epoch": epoch,
+                                  "history": json.dumps(history), "config": json.dumps(asdict(config))})
 
-    model.eval()
-    test_acc = accuracy(model, x_test, y_test)
+    plain = fold_batchnorm(model.eval())
+    test_acc = accuracy(plain, x_test, y_test)
     weights = _save(out / "demo_net.pt", {
-        "state_dict": {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()},
+        "state_dict": {k: v.half() if v.is_floating_point() else v for k, v in plain.state_dict().items()},
         "classes": list(classes), "test_accuracy": test_acc, "config": json.dumps(asdict(config))})
     atomic_write_text(out / "train.json", json.dumps({"config": asdict(config), "history": history,
                                                      "test_accuracy": test_acc}, indent=1))
     return TrainResult(weights, sorted(out.glob("epoch_*.pt")), history, test_acc)
+
+
+def dihedral(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Apply one of the 8 symmetries of the square per image: bit 0 flips left-right, bit 1 flips up-down,
+    bit 2 transposes (``code`` is an int tensor of length N; images must be square)."""
+    m = code.view(-1, 1, 1, 1)
+    x = torch.where(m & 1 == 1, x.flip(-1), x)
+    x = torch.where(m & 2 == 2, x.flip(-2), x)
+    return torch.where(m & 4 == 4, x.transpose(-1, -2), x)
 
 
 def _train_epoch(model: DemoNet, opt, sched, gen: torch.Generator, x_train: torch.Tensor,  # noqa: ANN001
@@ -147,13 +167,14 @@ def _train_epoch(model: DemoNet, opt, sched, gen: torch.Generator, x_train: torc
         torch.manual_seed(config.seed * 100_003 + epoch)
         model.train()
         order = torch.randperm(config.n_train, generator=gen)
-        flips = torch.rand(config.n_train, generator=gen) < 0.5
+        codes = torch.randint(0, 8, (config.n_train,), generator=gen)
         total = 0.0
         bar = tqdm(order.split(config.batch_size), desc=f"epoch {epoch}/{config.epochs}", disable=not progress)
         for idx in bar:
-            xb = to_input(x_train[idx])
-            xb = torch.where(flips[idx].view(-1, 1, 1, 1), xb.flip(-1), xb)
-            loss = F.cross_entropy(model(xb), y_train[idx])
+            if len(idx) < 2:  # batch norm needs two samples; a last batch of one is skipped
+                continue
+            xb = dihedral(to_input(x_train[idx]), codes[idx])
+            loss = F.cross_entropy(model(xb), y_train[idx], label_smoothing=config.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -163,16 +184,19 @@ def _train_epoch(model: DemoNet, opt, sched, gen: torch.Generator, x_train: torc
     return total / config.n_train
 
 
-def _checkpoint(model, opt, sched, gen, epoch, history, classes, config) -> dict:  # noqa: ANN001
-    return {"state_dict": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "generator": gen.get_state(), "epoch": epoch, "history": json.dumps(history),
-            "classes": list(classes), "config": json.dumps(asdict(config))}
+def _save_epoch(out: Path, model: DemoNet, epoch: int, history: list[dict], classes, config) -> Path:  # noqa: ANN001
+    """``epoch_XX.pt``: the folded classic weights (loadable by ``DemoNet()``) with the history so far."""
+    plain = fold_batchnorm(model.eval())
+    return _save(out / f"epoch_{epoch:02d}.pt", {
+        "state_dict": plain.state_dict(), "epoch": epoch, "history": json.dumps(history),
+        "classes": list(classes), "config": json.dumps(asdict(config))})
 
 
-def _latest_checkpoint(out: Path, config: TrainConfig) -> Path | None:
-    """The newest checkpoint written with this same config (a different config starts over)."""
-    for path in sorted(out.glob("epoch_*.pt"), reverse=True):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if ckpt.get("config") == json.dumps(asdict(config)) and int(ckpt["epoch"]) > 0:
-            return path
-    return None
+def _resume_state(out: Path, config: TrainConfig) -> dict | None:
+    """The saved training state if ``resume.pt`` was written with this same config (a different config starts
+    over)."""
+    path = out / "resume.pt"
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state if state.get("config") == json.dumps(asdict(config)) else None

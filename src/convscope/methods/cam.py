@@ -42,7 +42,7 @@ def gradcam_pp_weights(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
 
 def _class_activation_map(model: nn.Module, x: torch.Tensor, target: Target, layer: str, weighting: Weighting,
                           relu: bool, upsample: bool) -> torch.Tensor:
-    with probe(model, layer) as p:
+    with torch.enable_grad(), probe(model, layer) as p:  # works inside torch.no_grad() too
         out = model(x)
         scores, _ = target_scores(out, target)
         acts = p.activations[layer]
@@ -94,14 +94,18 @@ def cam(model: nn.Module, x: torch.Tensor, target: Target = top_class, layer: st
 
 
 def default_cam_layer(model: nn.Module) -> str:
-    """The last module whose output is a 4-D feature map (found with one forward pass), e.g. ``head.act``."""
+    """The last module whose output is a 4-D feature map and that is not a pooling, dropout or identity layer
+    (found with one forward pass): the last convolutional block's output, as Grad-CAM uses (Selvaraju et al. 2017,
+    Sec. 3), e.g. ``head.act`` for EfficientNet, ``features.relu5`` for demo_net."""
     from ..core.layers import list_layers
 
     rows = [r for r in list_layers(model) if r.output_shape is not None and len(r.output_shape) == 3
             and r.output_shape[1] > 1]
     if not rows:
         raise ConvscopeError("this model has no layer with a spatial feature map; pass layer= explicitly")
-    return rows[-1].name
+    skip = ("Pool", "Dropout", "Identity", "Flatten")
+    kept = [r for r in rows if not any(k in r.type for k in skip)]
+    return (kept or rows)[-1].name
 
 
 def _layer(model: nn.Module, layer: str) -> str:
