@@ -19,7 +19,8 @@ from torch import nn
 import convscope as cs
 from harness import F_, FB_INPUT, SINGLE, Shape, Targets, many_shapes, register
 
-MANY = 32
+MANY = 32  # images in one call
+TARGETS = 64  # targets of one image in one call (issue 4: "64 targets of one image")
 IMAGE_SHAPES = (SINGLE, Shape(f"{MANY} imgs", MANY, 1))
 
 # The layer CAMs explain, per model: the last feature map before global pooling.
@@ -36,11 +37,11 @@ def cam_layer(model: nn.Module) -> str:
 
 
 register("gradcam", lambda m, x, t: cs.gradcam(m, x, t.convscope, layer=cam_layer(m)), work=FB_INPUT,
-         shapes=many_shapes(MANY), note="backward stops at the CAM layer")
+         shapes=many_shapes(MANY, TARGETS), note="backward stops at the CAM layer")
 register("gradcam_pp", lambda m, x, t: cs.gradcam_pp(m, x, t.convscope, layer=cam_layer(m)), work=FB_INPUT,
-         shapes=many_shapes(MANY), note="backward stops at the CAM layer")
+         shapes=many_shapes(MANY, TARGETS), note="backward stops at the CAM layer")
 register("cam", lambda m, x, t: cs.cam(m, x, t.convscope, layer=cam_layer(m)), work=F_,
-         shapes=many_shapes(MANY), note="no backward: classifier rows")
+         shapes=many_shapes(MANY, TARGETS), note="no backward: classifier rows")
 register("predict (top-5)", lambda m, x, t: cs.predict(m, x, k=5), work=F_, shapes=IMAGE_SHAPES)
 
 
@@ -56,7 +57,23 @@ register("probe: capture every layer", _capture_all, work=F_, shapes=IMAGE_SHAPE
 
 # Methods from the design that other modules will add; each is timed as soon as `convscope` exports it.
 if hasattr(cs, "saliency"):
-    register("saliency", lambda m, x, t: cs.saliency(m, x, t.convscope), work=FB_INPUT, shapes=many_shapes(MANY))
+    register("saliency", lambda m, x, t: cs.saliency(m, x, t.convscope), work=FB_INPUT, shapes=many_shapes(MANY, TARGETS))
 if hasattr(cs, "guided_backprop"):
     register("guided_backprop", lambda m, x, t: cs.guided_backprop(m, x, t.convscope), work=FB_INPUT,
-             shapes=many_shapes(MANY))
+             shapes=many_shapes(MANY, TARGETS))
+if hasattr(cs, "input_x_gradient"):
+    register("input_x_gradient", lambda m, x, t: cs.input_x_gradient(m, x, t.convscope), work=FB_INPUT,
+             shapes=many_shapes(MANY, TARGETS))
+    register("deconvnet_rule", lambda m, x, t: cs.deconvnet_rule(m, x, t.convscope), work=FB_INPUT,
+             shapes=many_shapes(MANY, TARGETS))
+    register("guided_gradcam", lambda m, x, t: cs.guided_gradcam(m, x, t.convscope, layer=cam_layer(m)),
+             work=FB_INPUT, shapes=many_shapes(MANY, TARGETS), note="two backward rules: 2 F+B is the floor")
+    register("smoothgrad (n=8)", lambda m, x, t: cs.smoothgrad(m, x, t.convscope, n=8), work=FB_INPUT,
+             shapes=IMAGE_SHAPES, per_call=8, unit="noisy copy", note="ratio per noisy copy")
+    register("occlusion 16/8", lambda m, x, t: cs.occlusion(m, x, t.convscope, window=32, stride=16, progress=False),
+             work=F_, shapes=IMAGE_SHAPES, per_call=13 * 13 + 1, unit="window",
+             note="224 px, window 32, stride 16: 169 occluded copies + the clean pass")
+if hasattr(cs, "pgd"):
+    register("pgd (per step)", lambda m, x, t: cs.pgd(m, x, eps=2 / 255, steps=4), work=FB_INPUT,
+             shapes=IMAGE_SHAPES, per_call=4, unit="step",
+             note="4 steps + target pinning + final clean/adversarial forward, per step")

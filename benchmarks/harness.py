@@ -484,9 +484,11 @@ REGISTRY: list[Case] = []
 SINGLE = Shape("1 img", 1, 1)
 
 
-def many_shapes(n: int = 32) -> tuple[Shape, ...]:
-    """The three standard shapes: one image, ``n`` images in one call, one image with ``n`` targets."""
-    return (SINGLE, Shape(f"{n} imgs", n, 1), Shape(f"1 img × {n} tgts", 1, n))
+def many_shapes(n: int = 32, targets: int | None = None) -> tuple[Shape, ...]:
+    """The three standard shapes: one image, ``n`` images in one call, one image with ``targets`` (default ``n``)
+    targets."""
+    t = n if targets is None else targets
+    return (SINGLE, Shape(f"{n} imgs", n, 1), Shape(f"1 img × {t} tgts", 1, t))
 
 
 def register(name: str, fn: CaseFn, *, work: str, models: Sequence[str] = ("efficientnet_lite0",),

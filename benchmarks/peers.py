@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cases import IMAGE_SHAPES, MANY, cam_layer
+from cases import IMAGE_SHAPES, MANY, TARGETS, cam_layer
 from harness import FB_ALL, FB_INPUT, SINGLE, Case, Shape, Targets, register
 
 SHIMS = Path(__file__).resolve().parent / "shims"
@@ -205,13 +205,13 @@ def lucent_render(model: nn.Module, x: torch.Tensor, t: Targets) -> None:
 def register_peers(registry: list[Case], status: dict[str, str]) -> None:
     """Add the cases of every importable peer to ``registry``."""
     many = (SINGLE, Shape(f"{MANY} imgs", MANY, 1))
-    multi = Shape(f"1 img × {MANY} tgts", 1, MANY)
+    multi = Shape(f"1 img × {TARGETS} tgts", 1, TARGETS)
     if runnable(status, "captum"):
         kw = {"tool": "captum", "models": [MODEL], "registry": registry}
         register("LayerGradCam + upsample", captum_lgc, work=FB_INPUT, shapes=many, agree_with="gradcam", **kw)
-        register("LayerGradCam + upsample, loop of 32 calls", captum_lgc_loop, work=FB_INPUT, shapes=[multi],
+        register(f"LayerGradCam + upsample, loop of {TARGETS} calls", captum_lgc_loop, work=FB_INPUT, shapes=[multi],
                  agree_with="gradcam", **kw)
-        register("LayerGradCam + upsample, image ×32 + target list", captum_lgc_expanded, work=FB_INPUT,
+        register(f"LayerGradCam + upsample, image ×{TARGETS} + target list", captum_lgc_expanded, work=FB_INPUT,
                  shapes=[multi], agree_with="gradcam", **kw)
         register("Saliency", captum_saliency, work=FB_INPUT, shapes=IMAGE_SHAPES, agree_with="saliency",
                  quick=False, **kw)
@@ -223,7 +223,7 @@ def register_peers(registry: list[Case], status: dict[str, str]) -> None:
                   "setup": _gradcam_setup(cls), "teardown": _gradcam_teardown,
                   "note": "backward into all parameters; cv2 upsample + min-max"}
             register(cls, gradcam_images, work=FB_INPUT, shapes=many, **kw)
-            register(f"{cls}, image ×32 + target list", gradcam_expanded, work=FB_INPUT, shapes=[multi], **kw)
+            register(f"{cls}, image ×{TARGETS} + target list", gradcam_expanded, work=FB_INPUT, shapes=[multi], **kw)
     if runnable(status, "torch-lucent"):
         register(f"render_vis {LUCENT_LAYER}:0, {LUCENT_STEPS} steps", lucent_render, work=FB_ALL,
                  shapes=[Shape(f"1 channel × {LUCENT_STEPS} steps", 1, 1)], per_call=LUCENT_STEPS, unit="step",
