@@ -51,6 +51,17 @@ CASES = {
             lambda m, x, L: cs.pgd(m, x, target=_fails_after(1), steps=2)),
     "feature_change": (lambda m, x, L: cs.feature_change(m, x, x.flip(-1), L),
                        lambda m, x, L: cs.feature_change(m, x, x[:, :2], L)),
+    "deconvnet": (lambda m, x, L: cs.deconvnet(m, x, L, units=[0, 1]),
+                  lambda m, x, L: cs.deconvnet(m, x, L, units=[10**6])),
+    "top_k_activations": (lambda m, x, L: cs.top_k_activations(m, x.repeat(3, 1, 1, 1), L, k=2, batch_size=2),
+                          lambda m, x, L: cs.top_k_activations(m, _failing_stream(x), L)),
+    "receptive_field": (lambda m, x, L: cs.receptive_field(m, L, (0, 0), tuple(x.shape[-2:])),
+                        lambda m, x, L: cs.receptive_field(m, L, (10**6, 0), tuple(x.shape[-2:]))),
+    "activation_maximization": (
+        lambda m, x, L: cs.activation_maximization(m, L, [0, 1], steps=2, size=32, progress=False),
+        lambda m, x, L: cs.activation_maximization(m, L, [0, 10**6], steps=2, size=32, progress=False)),
+    "fooling_image": (lambda m, x, L: cs.fooling_image(m, [0, 1], max_steps=2, size=32, progress=False),
+                      lambda m, x, L: cs.fooling_image(m, [10**6], max_steps=2, size=32, progress=False)),
 }
 
 
@@ -64,6 +75,12 @@ def _fails_after(calls: int):
             raise RuntimeError("target failed later")
         return output[:, 0]
     return target
+
+
+def _failing_stream(x: torch.Tensor):
+    """A stream of image batches that breaks after the first (an error in the middle of a streaming loop)."""
+    yield x
+    raise RuntimeError("stream failed")
 
 
 def _probe_rule(m, x, layer):

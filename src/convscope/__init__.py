@@ -27,8 +27,31 @@ from .errors import (
 from .methods.adversarial import AdversarialResult, FeatureChange, feature_change, fgsm, pgd
 from .methods.backprop import deconvnet_rule, guided_backprop, guided_gradcam
 from .methods.cam import cam, gradcam, gradcam_pp
+from .methods.deconvnet import deconvnet
+from .methods.filters import first_layer_filters
+from .methods.maximize import (
+    FoolingResult,
+    MaximizationResult,
+    Regularization,
+    activation_maximization,
+    channel,
+    fooling_image,
+    logit,
+    neuron,
+)
 from .methods.occlusion import OcclusionResult, occlusion
 from .methods.saliency import gradient, input_x_gradient, saliency, smoothgrad
+from .methods.topk import (
+    DeadUnits,
+    TopKActivations,
+    TopKPatches,
+    dead_units,
+    receptive_field,
+    receptive_fields,
+    render_top_k,
+    top_k_activations,
+    top_k_patches,
+)
 from .models import get_classes, get_preprocess, imagenet_classes, list_models, load_model, load_weights
 from .models.predict import Prediction, predict
 
@@ -43,4 +66,8 @@ __all__ = [
     "save_png", "target_scores", "to_display", "to_pil", "top_class", "top_k", "tune_cpu_allocator",
     "OcclusionResult", "deconvnet_rule", "gradient", "guided_backprop", "guided_gradcam", "input_x_gradient",
     "occlusion", "saliency", "smoothgrad", "AdversarialResult", "FeatureChange", "feature_change", "fgsm", "pgd",
+    "DeadUnits", "TopKActivations", "dead_units", "deconvnet", "first_layer_filters", "receptive_field",
+    "receptive_fields", "render_top_k", "top_k_activations", "TopKPatches", "top_k_patches",
+    "FoolingResult", "MaximizationResult", "Regularization", "activation_maximization", "channel",
+    "fooling_image", "logit", "neuron",
 ]

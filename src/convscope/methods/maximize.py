@@ -1,0 +1,501 @@
+"""Activation maximization: synthesize the images that most excite chosen units, many units in one batch.
+
+* Vanilla AM (Erhan et al. 2009; survey Eq. 7-8): ``x* = argmax_x a_i(x)`` by gradient ascent
+  ``x <- x + eta * d a_i / d x`` from noise (or a given start).
+* Regularized AM (survey Eq. 9: ``x* = argmax_x a_i(x) - R(x)``):
+  Simonyan et al. 2014 (Eq. 1): an L2 penalty ``S_c(I) - lambda ||I||^2`` on the class logit;
+  Yosinski et al. 2015 (Sec. 3): after each step, L2 decay ``x <- (1 - theta_decay) x``, a Gaussian blur of width
+  ``theta_b_width`` every ``theta_b_every`` steps, zeroing the pixels whose norm is below the ``theta_n_pct``
+  percentile, and those whose contribution ``|sum_c x ⊙ grad|`` is below the ``theta_c_pct`` percentile;
+  Olah et al. 2017: random jitter / scale (transformation robustness) and a decorrelated Fourier parametrization.
+* Fooling images (Nguyen et al. 2015, Sec. 3 "gradient ascent"; survey Sec. 7.1): ascend a class logit from noise
+  until the softmax probability reaches ``confidence``.
+
+Objectives are units: a conv channel's mean (:func:`channel`), one neuron (:func:`neuron`, the centre by default),
+a class logit (:func:`logit`; always the logit before the softmax, never the probability: maximizing the
+probability can be done by lowering the other classes, survey Sec. 3.2.1), and sums, differences and scalar
+multiples of them. ``units`` are a batch dimension: image i maximizes unit i, all in one forward/backward pass per
+step. Images are RGB in [0, 1]; the optimization runs in the model's input space (``model.preprocess``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.images import Preprocess
+from ..core.layers import default_input_size, model_device, resolve_layer
+from ..core.optim import (
+    OUTPUT,
+    Blur,
+    ClipContribution,
+    ClipNorm,
+    Decay,
+    Fourier,
+    Jitter,
+    L2Penalty,
+    Objective,
+    OptimResult,
+    ParamSpec,
+    Pixel,
+    RandomScale,
+    Regularizer,
+    Seed,
+    Transform,
+    make_generators,
+    make_param,
+    optimize_images,
+)
+from ..core.probe import probe
+from ..errors import ConvscopeError, TargetError
+
+Units = int | Sequence[int] | torch.Tensor
+
+# --------------------------------------------------------------------------- objectives
+
+
+def _unit_index(unit: Units) -> torch.Tensor:
+    t = torch.as_tensor(unit)
+    if t.is_floating_point() or t.dtype == torch.bool or t.dim() > 1:
+        raise TargetError(f"a unit is an int index or a list of them (one per image), not {unit!r}")
+    return t.long()
+
+
+def _pick(a: torch.Tensor, idx: torch.Tensor, layer: str) -> torch.Tensor:
+    """``a[i, idx_i]`` per image (``idx`` a scalar for all images or one index per image)."""
+    n, c = a.shape[0], a.shape[1]
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= c):
+        bad = int(idx.max()) if int(idx.max()) >= c else int(idx.min())
+        what = "classes" if layer == OUTPUT else "units"
+        where = "the model output" if layer == OUTPUT else f"layer {layer!r}"
+        raise TargetError(f"unit {bad} is out of range: {where} has {c} {what} (valid 0..{c - 1})")
+    if idx.dim() == 0:
+        return a[:, int(idx)]
+    if idx.shape[0] != n:
+        raise TargetError(f"{idx.shape[0]} units for a batch of {n} images; give one unit per image or one for all")
+    return a[torch.arange(n, device=a.device), idx.to(a.device)]
+
+
+def _label(kind: str, layer: str, unit: Units) -> str:
+    u = unit.tolist() if isinstance(unit, torch.Tensor) else unit
+    return f"{kind}({u})" if layer == OUTPUT else f"{kind}({layer!r}, {u})"
+
+
+def channel(layer: str, unit: Units) -> Objective:
+    """Mean activation of channel ``unit`` of a conv layer (its only value for a linear layer's ``N x C`` output).
+
+    ``unit`` may be a list with one index per image: image i then maximizes ``unit[i]``.
+    """
+    idx = _unit_index(unit)
+
+    def fn(acts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        a = _pick(acts[layer], idx, layer)
+        return a.flatten(1).mean(1) if a.dim() > 1 else a
+    return Objective(fn, [layer], _label("channel", layer, unit))
+
+
+def neuron(layer: str, unit: Units, y: int | None = None, x: int | None = None) -> Objective:
+    """One neuron: ``A[unit, y, x]`` of a conv layer (the centre ``(H // 2, W // 2)`` by default), or unit ``unit``
+    of a linear layer. ``unit`` may be one index per image."""
+    idx = _unit_index(unit)
+
+    def fn(acts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        a = _pick(acts[layer], idx, layer)
+        if a.dim() == 1:
+            if y is not None or x is not None:
+                raise TargetError(f"layer {layer!r} has no spatial dimensions; drop y/x for a linear layer's neuron")
+            return a
+        if a.dim() != 3:
+            raise TargetError(f"neuron() needs N x C or N x C x H x W activations; {layer!r} gives "
+                              f"{tuple(acts[layer].shape)}")
+        h, w = a.shape[-2:]
+        yy, xx = h // 2 if y is None else y, w // 2 if x is None else x
+        if not (0 <= yy < h and 0 <= xx < w):
+            raise TargetError(f"neuron position ({yy}, {xx}) is outside layer {layer!r}'s {h} x {w} map")
+        return a[:, yy, xx]
+    return Objective(fn, [layer], _label("neuron", layer, unit))
+
+
+def logit(cls: Units) -> Objective:
+    """The logit of class ``cls`` (the model output before any softmax; one class per image allowed)."""
+    idx = _unit_index(cls)
+
+    def fn(acts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        out = acts[OUTPUT]
+        return _pick(out.reshape(out.shape[0], -1), idx, OUTPUT)
+    return Objective(fn, [OUTPUT], _label("logit", OUTPUT, cls))
+
+
+def log_softmax(cls: Units) -> Objective:
+    """``log p_c = z_c - log sum_j exp z_j``: the log of the softmax probability of class ``cls``. Not for
+    visualizing a class (it also rewards lowering the other classes, survey Sec. 3.2.1); used for fooling images."""
+    idx = _unit_index(cls)
+
+    def fn(acts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        out = acts[OUTPUT]
+        return _pick(torch.log_softmax(out.reshape(out.shape[0], -1), 1), idx, OUTPUT)
+    return Objective(fn, [OUTPUT], _label("log_softmax", OUTPUT, cls))
+
+
+def per_image(objectives: Sequence[Objective]) -> Objective:
+    """Image i maximizes ``objectives[i]`` (each evaluated on its own image's activations)."""
+    objs = list(objectives)
+    if not objs or not all(isinstance(o, Objective) for o in objs):
+        raise ConvscopeError("per_image() needs a non-empty list of objectives (channel(), neuron(), logit(), ...)")
+
+    def fn(acts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        n = next(iter(acts.values())).shape[0]
+        if n != len(objs):
+            raise ConvscopeError(f"{len(objs)} objectives for {n} images")
+        return torch.cat([o({k: v[i:i + 1] for k, v in acts.items()}) for i, o in enumerate(objs)])
+    layers = [name for o in objs for name in o.layers]
+    return Objective(fn, layers, "[" + ", ".join(o.name for o in objs) + "]")
+
+
+# --------------------------------------------------------------------------- regularization presets
+
+
+@dataclass(frozen=True)
+class Regularization:
+    """Hyperparameters of regularized AM; 0 / empty switches a term off. Named as in the papers.
+
+    ``lambda_l2``: Simonyan et al.'s penalty ``lambda ||x - c||^2`` (``c`` the mean colour; sum over pixels, input
+    space). ``theta_decay``, ``blur_every`` / ``blur_sigma`` (theta_b_every / theta_b_width), ``theta_n_pct``,
+    ``theta_c_pct``: Yosinski et al.'s projections. ``jitter`` (pixels) and ``scales`` (zoom factors drawn each step):
+    transformation robustness (Mordvintsev et al. 2015; Olah et al. 2017).
+    """
+
+    lambda_l2: float = 0.0
+    theta_decay: float = 0.0
+    blur_every: int = 0
+    blur_sigma: float = 0.0
+    theta_n_pct: float = 0.0
+    theta_c_pct: float = 0.0
+    jitter: int = 0
+    scales: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        bad = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
+               if f.name != "scales" and not getattr(self, f.name) >= 0]
+        if not 0 <= self.theta_n_pct <= 100 or not 0 <= self.theta_c_pct <= 100:
+            bad.append("theta_n_pct / theta_c_pct must be percentiles in [0, 100]")
+        if not 0 <= self.theta_decay < 1:
+            bad.append(f"theta_decay={self.theta_decay} must be in [0, 1)")
+        if self.blur_every and not self.blur_sigma > 0:
+            bad.append("blur_every needs blur_sigma > 0")
+        if bad:
+            raise ConvscopeError(f"Regularization: {'; '.join(bad)}")
+        object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
+
+    def regularizers(self) -> list[Regularizer]:
+        """The penalty and projections, in Yosinski et al.'s order (decay, blur, norm clip, contribution clip)."""
+        out: list[Regularizer] = []
+        if self.lambda_l2:
+            out.append(L2Penalty(self.lambda_l2))
+        if self.theta_decay:
+            out.append(Decay(self.theta_decay))
+        if self.blur_every and self.blur_sigma:
+            out.append(Blur(self.blur_sigma, self.blur_every))
+        if self.theta_n_pct:
+            out.append(ClipNorm(self.theta_n_pct))
+        if self.theta_c_pct:
+            out.append(ClipContribution(self.theta_c_pct))
+        return out
+
+    def transforms(self) -> list[Transform]:
+        """Jitter first, then random scale."""
+        out: list[Transform] = []
+        if self.jitter:
+            out.append(Jitter(int(self.jitter)))
+        if self.scales:
+            out.append(RandomScale(self.scales))
+        return out
+
+
+PRESETS: dict[str, Regularization] = {
+    # vanilla AM (Erhan et al. 2009): gradient ascent only
+    "none": Regularization(),
+    # Simonyan et al. 2014: L2 penalty in the objective
+    "simonyan": Regularization(lambda_l2=1e-4),
+    # Yosinski et al. 2015: all four projections combined (blur width 1 every 4 steps as their third combination;
+    # decay and clip percentiles re-tuned for Adam, see DEFAULT_LR), plus jitter and a mild random scale
+    "yosinski": Regularization(theta_decay=0.05, blur_every=4, blur_sigma=1.0, theta_n_pct=20, theta_c_pct=20,
+                               jitter=4, scales=(0.95, 1.0, 1.05)),
+    # Olah et al. 2017 (Lucid's standard transforms, simplified): jitter + random scale, for the Fourier images
+    "olah": Regularization(jitter=8, scales=(0.9, 0.95, 1.0, 1.05, 1.1)),
+}
+DEFAULT_LR = {"pixel": 0.1, "rgb": 0.05, "fourier": 0.05}  # Adam step sizes (input space of the zoo models ~[-1, 1])
+
+
+def _regularization(regularize: str | Regularization | None, param: ParamSpec,
+                    overrides: dict[str, object]) -> Regularization:
+    if regularize is None:
+        regularize = "olah" if isinstance(param, Fourier) or param == "fourier" else "yosinski"
+    if isinstance(regularize, str):
+        if regularize not in PRESETS:
+            raise ConvscopeError(f"regularize={regularize!r}: use one of {', '.join(PRESETS)} or a Regularization(...)")
+        regularize = PRESETS[regularize]
+    if not isinstance(regularize, Regularization):
+        raise ConvscopeError("regularize must be a preset name or Regularization(...), not "
+                             f"{type(regularize).__name__}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return replace(regularize, **given) if given else regularize
+
+
+def _default_lr(param: ParamSpec) -> float:
+    if isinstance(param, Fourier):
+        return DEFAULT_LR["fourier"]
+    if isinstance(param, Pixel):
+        return DEFAULT_LR["pixel" if param.space == "input" else "rgb"]
+    return DEFAULT_LR.get(param, DEFAULT_LR["pixel"])
+
+
+def _split(extra: Sequence[Regularizer | Transform]) -> tuple[list[Regularizer], list[Transform]]:
+    regs, trans = [], []
+    for r in extra:
+        if isinstance(r, Transform):
+            trans.append(r)
+        elif isinstance(r, Regularizer):
+            regs.append(r)
+        else:
+            raise ConvscopeError(f"regularizers: expected Regularizer or Transform objects (Decay(0.01), Blur(1.0, 4), "
+                                 f"Jitter(4), ...), got {type(r).__name__}")
+    return regs, trans
+
+
+# --------------------------------------------------------------------------- activation maximization
+
+
+@dataclass(frozen=True)
+class MaximizationResult:
+    """Images that maximize each objective.
+
+    ``images``: RGB in [0, 1], ``N x 3 x H x W``, one per unit; ``x``: the same in the model's input space;
+    ``activations``: the objective value of each final image, ``N``; ``history``: the objective at each step,
+    ``steps x N``; ``layer`` / ``units`` (None when objectives were given); ``names``: a label per image.
+    """
+
+    images: torch.Tensor
+    x: torch.Tensor
+    activations: torch.Tensor
+    history: torch.Tensor
+    layer: str | None
+    units: list[int] | None
+    names: list[str]
+
+
+def _preprocess(model: nn.Module, preprocess: Preprocess | None) -> Preprocess:
+    pre = preprocess if preprocess is not None else getattr(model, "preprocess", None)
+    if pre is None:
+        return Preprocess.identity()
+    if not isinstance(pre, Preprocess):
+        raise ConvscopeError(f"{type(model).__name__}.preprocess is a {type(pre).__name__}; pass preprocess="
+                             "Preprocess(mean=..., std=...) so images can be mapped to and from pixels")
+    return pre
+
+
+def _size(model: nn.Module, size: int | tuple[int, int] | None, init: object) -> tuple[int, int]:
+    if isinstance(init, torch.Tensor):
+        return tuple(init.shape[-2:])  # type: ignore[return-value]
+    if size is None:
+        return default_input_size(model)
+    pair = (size, size) if isinstance(size, int) else tuple(size)
+    if len(pair) != 2 or not all(isinstance(s, int) and s >= 1 for s in pair):
+        raise ConvscopeError(f"size={size!r}: use an int or an (height, width) pair of positive ints")
+    return pair  # type: ignore[return-value]
+
+
+def _all_units(model: nn.Module, layer: str | None, size: tuple[int, int]) -> list[int]:
+    name = None if layer is None else resolve_layer(model, layer)[0]
+    x = torch.zeros(1, 3, *size, dtype=_float_dtype(model), device=model_device(model))
+    with torch.no_grad(), probe(model, [] if name is None else name, stop_after=name, detach=True) as p:
+        out = p.forward(model, x)
+        a = out if name is None else p.activations[name]
+    return list(range(a.shape[1]))
+
+
+def _unit_list(units: Units) -> list[int]:
+    if isinstance(units, bool):
+        raise TargetError("units must be ints, not a bool")
+    if isinstance(units, int):
+        return [units]
+    lst = units.tolist() if isinstance(units, torch.Tensor) else list(units)
+    if not lst or not all(isinstance(u, int) and not isinstance(u, bool) for u in lst):
+        raise TargetError(f"units must be a non-empty list of ints, got {units!r}")
+    return lst
+
+
+def _objective_for(layer: str | None, units: list[int], kind: str) -> Objective:
+    if layer is None:
+        return logit(units)
+    if kind == "channel":
+        return channel(layer, units)
+    if kind == "neuron":
+        return neuron(layer, units)
+    raise ConvscopeError(f"kind={kind!r}: use 'channel' (the channel's mean) or 'neuron' (its centre neuron)")
+
+
+def activation_maximization(
+    model: nn.Module, layer: str | None = None, units: Units | None = None, *,
+    objective: Objective | Sequence[Objective] | None = None, kind: str = "channel",
+    steps: int = 256, lr: float | None = None, optimizer: str = "adam",
+    regularize: str | Regularization | None = None, regularizers: Sequence[Regularizer | Transform] = (),
+    lambda_l2: float | None = None, theta_decay: float | None = None, blur_every: int | None = None,
+    blur_sigma: float | None = None, theta_n_pct: float | None = None, theta_c_pct: float | None = None,
+    jitter: int | None = None, scales: Sequence[float] | None = None,
+    parametrization: ParamSpec = "pixel", init: str | torch.Tensor = "noise", size: int | tuple[int, int] | None = None,
+    seed: Seed = 0, batch_size: int = 64, progress: bool | None = None, preprocess: Preprocess | None = None,
+) -> MaximizationResult:
+    """Synthesize one image per unit that maximizes it (Erhan et al. 2009; regularized per Simonyan et al. 2014,
+    Yosinski et al. 2015 or Olah et al. 2017). All units of a batch are optimized together.
+
+    Args:
+        layer: a layer name (``convscope layers MODEL``), or None for the class logits (then ``units`` are classes).
+        units: unit (channel) indices, one image each; default every unit of the layer.
+        objective: instead of layer/units, an :class:`Objective` (one image) or a list (one image each), e.g.
+            ``channel("blocks.10", 3) - 0.5 * channel("blocks.10", 7)``.
+        kind: ``"channel"`` (mean over the map) or ``"neuron"`` (the centre neuron) for conv layers.
+        steps, lr, optimizer: ``"adam"`` or ``"sgd"`` (plain gradient ascent ``x <- x + lr * grad``, survey Eq. 8);
+            ``lr`` defaults to 0.1 for ``"pixel"``, 0.05 for ``"rgb"`` and ``"fourier"``.
+        regularize: a preset, ``"yosinski"`` (default for pixels), ``"olah"`` (default for ``"fourier"``),
+            ``"simonyan"`` or ``"none"`` (vanilla AM); or a :class:`Regularization`. The keyword hyperparameters
+            (``lambda_l2``, ``theta_decay``, ``blur_every``, ``blur_sigma``, ``theta_n_pct``, ``theta_c_pct``,
+            ``jitter``, ``scales``) override single terms of it; ``regularizers`` adds your own objects.
+        parametrization: ``"pixel"`` (model input space), ``"rgb"`` (RGB through the preprocess), ``"fourier"``
+            (Olah et al.'s decorrelated 1/f spectrum), or ``Pixel(...)`` / ``Fourier(decay_power=, decorrelate=)``.
+        init: ``"noise"`` (the mean colour plus N(0, 10/255) noise, Yosinski et al.'s start), ``"mean"`` (the mean
+            colour) or a tensor in the model's input space (``3 x H x W`` or one per image).
+        size: image size (default the model's preprocess size, else 224).
+        seed: image i draws its start and transforms from a generator seeded ``seed + i`` (so a batch equals its
+            units run one at a time with those seeds); or one seed per image.
+        batch_size: at most this many images are optimized jointly (more units run in successive batches; the
+            results do not depend on it).
+    """
+    pre = _preprocess(model, preprocess)
+    hw = _size(model, size, init)
+    reg = _regularization(regularize, parametrization, dict(
+        lambda_l2=lambda_l2, theta_decay=theta_decay, blur_every=blur_every, blur_sigma=blur_sigma,
+        theta_n_pct=theta_n_pct, theta_c_pct=theta_c_pct, jitter=jitter,
+        scales=tuple(scales) if scales is not None else None))
+    extra_regs, extra_trans = _split(regularizers)
+    lr = _default_lr(parametrization) if lr is None else lr
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConvscopeError(f"batch_size={batch_size!r}: use a positive int")
+    if objective is not None:
+        objs = [objective] if isinstance(objective, Objective) else list(objective)
+        if not objs or not all(isinstance(o, Objective) for o in objs):
+            raise ConvscopeError("objective must be an Objective or a list of them (channel(), neuron(), logit())")
+        unit_list, name = None, None
+        names = [o.name for o in objs]
+        chunks = [(start, per_image(objs[start:start + batch_size]) if len(objs) > 1 else objs[0],
+                   min(batch_size, len(objs) - start)) for start in range(0, len(objs), batch_size)]
+    else:
+        name = None if layer is None else resolve_layer(model, layer)[0]
+        unit_list = _all_units(model, name, hw) if units is None else _unit_list(units)
+        names = [_label(kind if name is not None else "logit", name or OUTPUT, u) for u in unit_list]
+        chunks = [(start, _objective_for(name, unit_list[start:start + batch_size], kind),
+                   len(unit_list[start:start + batch_size])) for start in range(0, len(unit_list), batch_size)]
+    results = [_optimize(model, obj, n, start, pre, hw, parametrization, init, seed, steps, lr, optimizer,
+                         reg.regularizers() + extra_regs, reg.transforms() + extra_trans, progress, "maximize")
+               for start, obj, n in chunks]
+    return MaximizationResult(
+        images=torch.cat([r.images for r in results]), x=torch.cat([r.x for r in results]),
+        activations=torch.cat([r.values for r in results]), history=torch.cat([r.history for r in results], 1),
+        layer=name, units=unit_list, names=names)
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter or buffer (float32 for none): images match it."""
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+def _optimize(model: nn.Module, obj: Objective, n: int, start: int, pre: Preprocess, hw: tuple[int, int],
+              parametrization: ParamSpec, init: str | torch.Tensor, seed: Seed, steps: int, lr: float, optimizer: str,
+              regs: list[Regularizer], trans: list[Transform], progress: bool | None, desc: str,
+              stop: Callable[[Mapping[str, torch.Tensor]], torch.Tensor] | None = None) -> OptimResult:
+    if isinstance(seed, int) and not isinstance(seed, bool) or isinstance(seed, torch.Generator):
+        gens = make_generators(seed, n, offset=start)
+    else:
+        seeds = list(seed)  # type: ignore[arg-type]
+        gens = make_generators(seeds[start:start + n], n)
+    if isinstance(init, torch.Tensor) and init.dim() == 4 and init.shape[0] > 1:
+        init = init[start:start + n]
+    like = torch.zeros((), dtype=_float_dtype(model), device=model_device(model))
+    param = make_param(parametrization, init, n, hw, pre, gens, like)
+    return optimize_images(model, obj, param, steps=steps, lr=lr, optimizer=optimizer, transforms=trans,
+                           regularizers=regs, generators=gens, stop=stop, progress=progress, desc=desc)
+
+
+# --------------------------------------------------------------------------- fooling images
+
+
+@dataclass(frozen=True)
+class FoolingResult:
+    """Fooling images (Nguyen et al. 2015): unrecognizable images classified with high confidence.
+
+    ``images``: RGB in [0, 1]; ``x``: the same in the model's input space; ``target``: the class of each image;
+    ``probabilities``: the softmax probability of the target reached; ``predicted``: the top class; ``steps``: the
+    gradient steps each image took until ``probabilities >= confidence`` (``-1``: not reached in ``max_steps``);
+    ``success``: reached; ``history``: the score ascended (logit or log-probability) at each step, ``steps x N``.
+    """
+
+    images: torch.Tensor
+    x: torch.Tensor
+    target: torch.Tensor
+    probabilities: torch.Tensor
+    predicted: torch.Tensor
+    steps: torch.Tensor
+    success: torch.Tensor
+    confidence: float
+    history: torch.Tensor
+
+
+def fooling_image(
+    model: nn.Module, target: Units, confidence: float = 0.9999, max_steps: int = 500, *, lr: float | None = None,
+    optimizer: str = "adam", regularize: str | Regularization = "none",
+    regularizers: Sequence[Regularizer | Transform] = (), parametrization: ParamSpec = "pixel",
+    init: str | torch.Tensor = "noise", size: int | tuple[int, int] | None = None, seed: Seed = 0,
+    score: str = "logit", progress: bool | None = None, preprocess: Preprocess | None = None,
+) -> FoolingResult:
+    """Gradient ascent on the logit of each ``target`` class from noise until its softmax probability reaches
+    ``confidence`` (Nguyen et al. 2015, Sec. 3; survey Sec. 7.1). One image per target, all in one batch; an image
+    stops changing once it is confident enough. The probability is checked on the image itself before each step.
+
+    ``score="logit"`` ascends the class logit (as activation maximization does). Raising one logit can raise a rival
+    class's logit faster, so some classes never reach the confidence that way; ``score="log_softmax"`` ascends
+    ``log p_c = z_c - log sum_j exp z_j`` instead (the direction of Nguyen et al.'s softmax-output gradient), which
+    also pushes the rivals down.
+    """
+    if not 0 < confidence < 1:
+        raise ConvscopeError(f"confidence={confidence!r}: a softmax probability in (0, 1), e.g. 0.9999")
+    if score not in ("logit", "log_softmax"):
+        raise ConvscopeError(f"score={score!r}: use 'logit' or 'log_softmax'")
+    targets = _unit_list(target)
+    pre = _preprocess(model, preprocess)
+    hw = _size(model, size, init)
+    reg = _regularization(regularize, parametrization, {})
+    extra_regs, extra_trans = _split(regularizers)
+    lr = _default_lr(parametrization) if lr is None else lr
+    tgt = torch.tensor(targets)
+
+    def reached(acts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        out = acts[OUTPUT]
+        return F.softmax(out.reshape(out.shape[0], -1).float(), 1)[torch.arange(len(targets)), tgt.to(out.device)] \
+            >= confidence
+
+    obj = logit(targets) if score == "logit" else log_softmax(targets)
+    res = _optimize(model, obj, len(targets), 0, pre, hw, parametrization, init, seed, max_steps, lr,
+                    optimizer, reg.regularizers() + extra_regs, reg.transforms() + extra_trans, progress, "fooling",
+                    stop=reached)
+    probs = F.softmax(res.output.reshape(len(targets), -1).float(), 1)  # type: ignore[union-attr]
+    p_target = probs[torch.arange(len(targets)), tgt.to(probs.device)]
+    return FoolingResult(images=res.images, x=res.x, target=tgt, probabilities=p_target.cpu(),
+                         predicted=probs.argmax(1).cpu(), steps=res.steps, success=res.steps >= 0,
+                         confidence=float(confidence), history=res.history)

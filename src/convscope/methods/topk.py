@@ -1,0 +1,422 @@
+"""The strongest activations of every unit over a dataset, their receptive fields, and dead units.
+
+Zeiler & Fergus 2014 (Sec. 4, Fig. 2) show, for each unit, the 9 strongest activations over the dataset: the image
+patches under each activation's receptive field beside the DeconvNet projection of that activation.
+
+:func:`top_k_activations` streams over the dataset: one forward pass per batch captures all chosen layers at once
+(stopping after the deepest); for every unit the strongest position of its feature map in each image (value and
+``(y, x)``) is a candidate, and a running merge (``torch.topk`` over the kept k and the batch's candidates) keeps
+the k best. Memory is ``k x units`` per layer, whatever the dataset size. The same pass gives the dataset maximum
+of every unit, hence the dead units (never above a tolerance): :meth:`TopKActivations.dead_units`,
+:func:`dead_units`.
+
+:func:`receptive_field` maps a unit location to its input-pixel box: from the chain of convolution / pooling
+kernels, strides, paddings and dilations for sequential networks (``[a, b] -> [a s - p, b s - p + d (k - 1)]`` per
+layer, going down), or from the gradient's support for any network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..core.layers import resolve_layers
+from ..core.probe import probe
+from ..core.render import grid, to_display
+from ..errors import ConvscopeError, DataError
+from .deconvnet import Chain, build_chain, deconvnet, spatial_max, trace_calls
+
+Images = torch.Tensor | Iterable[torch.Tensor] | Iterable[tuple[torch.Tensor, Sequence[int] | torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class DeadUnits:
+    """Units of ``layer`` whose activation never exceeded ``tol`` over the dataset.
+
+    ``units``: their indices; ``max_activation``: every unit's dataset maximum (``C``); ``fraction``: dead / all.
+    """
+
+    layer: str
+    units: torch.Tensor
+    max_activation: torch.Tensor
+    tol: float
+
+    @property
+    def fraction(self) -> float:
+        return len(self.units) / max(1, len(self.max_activation))
+
+
+@dataclass(frozen=True)
+class TopKActivations:
+    """The k strongest activations of every unit of ``layer`` over a dataset, strongest first.
+
+    Attributes:
+        values: ``units x k``, each unit's spatial maximum in the image (its activation at ``locations``).
+        image_ids: ``units x k``, the image each value comes from (its position in the stream, or the ids given).
+        locations: ``units x k x 2``, ``(y, x)`` of the maximum in the layer's feature map (``(0, 0)`` for a linear
+            layer).
+        shape: the layer's output shape without the batch dimension.
+        images_seen: how many images were scanned (``k`` is at most this).
+    """
+
+    layer: str
+    values: torch.Tensor
+    image_ids: torch.Tensor
+    locations: torch.Tensor
+    shape: tuple[int, ...]
+    images_seen: int
+
+    def dead_units(self, tol: float = 0.0) -> DeadUnits:
+        """The units whose dataset maximum (``values[:, 0]``) is ``<= tol``."""
+        top = self.values[:, 0]
+        return DeadUnits(self.layer, torch.nonzero(top <= tol).flatten(), top, float(tol))
+
+
+class _RunningTopK:
+    """Keeps, per unit, the k largest candidates seen so far (values, image ids, locations)."""
+
+    def __init__(self, layer: str, k: int) -> None:
+        self.layer, self.k = layer, k
+        self.values: torch.Tensor | None = None
+        self.ids = self.locs = torch.empty(0)
+        self.shape: tuple[int, ...] = ()
+        self.seen = 0
+
+    def update(self, act: torch.Tensor, ids: torch.Tensor) -> None:
+        if not isinstance(act, torch.Tensor) or act.dim() not in (2, 4):
+            raise ConvscopeError(f"layer {self.layer!r} outputs {tuple(getattr(act, 'shape', ()))}; top-k needs a "
+                                 "convolutional (N x C x H x W) or linear (N x C) layer")
+        n, c = act.shape[:2]
+        vals, flat = spatial_max(act)  # N x C
+        width = act.shape[-1] if act.dim() == 4 else 1
+        locs = torch.stack([flat // width, flat % width], dim=-1)  # N x C x 2
+        cand_v, cand_i, cand_l = vals.T, ids.to(act.device).expand(c, n), locs.transpose(0, 1)
+        if self.values is None:
+            self.shape = tuple(act.shape[1:])
+        else:
+            if tuple(act.shape[1:]) != self.shape:
+                raise DataError(f"layer {self.layer!r} output changed shape from {self.shape} to "
+                                f"{tuple(act.shape[1:])}; give images of one size (resize them in preprocessing)")
+            cand_v = torch.cat([self.values, cand_v], 1)
+            cand_i = torch.cat([self.ids, cand_i], 1)
+            cand_l = torch.cat([self.locs, cand_l], 1)
+        top = cand_v.topk(min(self.k, cand_v.shape[1]), dim=1)
+        self.values = top.values
+        self.ids = cand_i.gather(1, top.indices)
+        self.locs = cand_l.gather(1, top.indices[..., None].expand(-1, -1, 2))
+        self.seen += n
+
+    def result(self) -> TopKActivations:
+        assert self.values is not None
+        return TopKActivations(self.layer, self.values, self.ids, self.locs, self.shape, self.seen)
+
+
+def _batches(images: Images, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(batch N x C x H x W, image ids N)`` from a tensor, or from an iterable of batches / ``(batch, ids)``."""
+    if isinstance(images, torch.Tensor):
+        if images.dim() != 4 or not images.is_floating_point():
+            raise ConvscopeError(f"expected a float tensor of images N x C x H x W, got {images.dtype} "
+                                 f"{tuple(images.shape)}; use cs.load_images(paths, model)")
+        for s in range(0, len(images), batch_size):
+            chunk = images[s:s + batch_size]
+            yield chunk, torch.arange(s, s + len(chunk))
+        return
+    offset = 0
+    for item in images:
+        ids = None
+        if isinstance(item, tuple | list) and len(item) == 2 and isinstance(item[0], torch.Tensor):
+            item, ids = item
+        if not isinstance(item, torch.Tensor) or item.dim() not in (3, 4) or not item.is_floating_point():
+            raise ConvscopeError("each item of the image stream must be a float tensor N x C x H x W (or C x H x W), "
+                                 f"or a (tensor, image ids) pair; got {type(item).__name__} "
+                                 f"{tuple(getattr(item, 'shape', ()))}")
+        item = item if item.dim() == 4 else item[None]
+        if ids is None:
+            ids_t = torch.arange(offset, offset + len(item))
+        else:
+            try:
+                ids_t = torch.as_tensor(ids)
+            except (TypeError, ValueError, RuntimeError):
+                ids_t = torch.empty(0)
+            if ids_t.is_floating_point() or ids_t.dim() != 1 or len(ids_t) != len(item):
+                raise ConvscopeError(f"image ids must be {len(item)} integers for a batch of {len(item)} images, got "
+                                     f"{ids!r}; use integer positions and keep your own list of names")
+            ids_t = ids_t.long()
+        offset += len(item)
+        yield item, ids_t
+
+
+def stream_layers(model: nn.Module, images: Images, layers: str | Sequence[str], batch_size: int = 32,
+                  progress: bool | None = None) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """For every batch: ``(image ids, {layer: detached output})``, one forward pass per batch (no gradients),
+    stopping after the deepest of ``layers``. The model is restored when the stream ends or fails."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConvscopeError(f"batch_size={batch_size!r}: use a positive int")
+    names = list(resolve_layers(model, layers))
+    total = math.ceil(len(images) / batch_size) if isinstance(images, torch.Tensor) else None
+    show = progress if progress is not None else (total or 0) > 4
+    with contextlib.ExitStack() as stack:
+        p = None
+        for x, ids in tqdm(_batches(images, batch_size), total=total, desc="top-k", unit="batch", disable=not show):
+            if p is None:
+                calls, _, _ = trace_calls(model, x[:1], names)  # which chosen layer runs last
+                ran = [n for n, _ in calls]
+                missing = [n for n in names if n not in ran]
+                if missing:
+                    raise ConvscopeError(f"layer {missing[0]!r} never ran in the forward pass; pick a layer that "
+                                         "computes the output (`convscope layers MODEL` lists them)")
+                deepest = max(names, key=ran.index)
+                stack.enter_context(torch.no_grad())
+                p = stack.enter_context(probe(model, names, stop_after=deepest, detach=True))
+            p.forward(model, x)
+            acts = p.activations
+            p.clear()
+            yield ids, {n: acts[n] for n in names}
+
+
+def top_k_activations(model: nn.Module, images: Images, layers: str | Sequence[str], k: int = 9,
+                      batch_size: int = 32, progress: bool | None = None) -> dict[str, TopKActivations]:
+    """The ``k`` strongest activations of every unit of each layer over a dataset (Zeiler & Fergus 2014, Fig. 2).
+
+    Args:
+        images: a tensor ``N x C x H x W`` (ids are positions), or an iterable of batches, each a tensor or a
+            ``(tensor, integer ids)`` pair (a DataLoader of ``(images, labels)`` would read labels as ids:
+            map it to images first).
+        layers: one name, a comma-separated string or a list.
+        k: activations kept per unit (fewer when the dataset has fewer images).
+        batch_size: images per forward pass for a tensor input (an iterable's own batches are used as given).
+        progress: show a progress bar (default: for more than 4 batches of a tensor).
+
+    Returns ``{layer: TopKActivations}``; each unit's value is its spatial maximum in an image, so one image
+    counts at most once per unit.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConvscopeError(f"top_k_activations(k={k!r}): use a positive int")
+    names = list(resolve_layers(model, layers))
+    state = {n: _RunningTopK(n, k) for n in names}
+    for ids, acts in stream_layers(model, images, names, batch_size, progress):
+        for n in names:
+            state[n].update(acts[n], ids)
+    if any(s.values is None for s in state.values()):
+        raise ConvscopeError("top_k_activations got no images; pass a non-empty tensor or iterable of batches")
+    return {n: s.result() for n, s in state.items()}
+
+
+def dead_units(model: nn.Module, images: Images, layers: str | Sequence[str], tol: float = 0.0,
+               batch_size: int = 32, progress: bool | None = None) -> dict[str, DeadUnits]:
+    """Units whose activation is never above ``tol`` at any position of any image, per layer.
+
+    The same streaming pass as :func:`top_k_activations` (with ``k=1``, the dataset maximum); from a top-k result
+    already computed use ``result.dead_units(tol)``.
+    """
+    found = top_k_activations(model, images, layers, k=1, batch_size=batch_size, progress=progress)
+    return {n: r.dead_units(tol) for n, r in found.items()}
+
+
+# --------------------------------------------------------------------------- receptive fields
+
+
+def _input_channels(model: nn.Module) -> int:
+    for m in model.modules():
+        if isinstance(getattr(m, "in_channels", None), int):
+            return m.in_channels
+    return 3
+
+
+def _analytic_boxes(chain: Chain, locations: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Boxes from the kernels, strides, paddings and dilations of the chain (going down: ``[a, b] -> [a s - p,
+    b s - p + d (k - 1)]``), clipped to the image."""
+    lo, hi = locations.clone(), locations.clone()  # L x 2: (y, x), inclusive bounds
+    for step in reversed(chain.steps):
+        m = step.module
+        if step.kind in ("conv", "pool"):
+            k = torch.tensor(_pair(m.kernel_size))
+            s, p, d = torch.tensor(_pair(m.stride)), torch.tensor(_pair(m.padding)), torch.tensor(_pair(m.dilation))
+            lo, hi = lo * s - p, hi * s - p + d * (k - 1)
+        elif step.kind == "linear" or isinstance(m, nn.Flatten):  # a fully connected unit sees the whole image
+            lo = torch.zeros_like(lo)
+            hi = torch.full_like(hi, 10**9)
+    top = torch.tensor(size) - 1
+    lo, hi = lo.clamp(min=0).minimum(top), hi.clamp(min=0).minimum(top)
+    return torch.cat([lo, hi + 1], dim=1)
+
+
+def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _gradient_boxes(model: nn.Module, layer: str, locations: torch.Tensor, x: torch.Tensor,
+                    batch_size: int) -> torch.Tensor:
+    """Bounding boxes of the gradient's support: for each location, the input pixels that change the layer's
+    output there (unioned over the random images ``x``, random channel weights)."""
+    m, (h, w) = len(x), x.shape[-2:]
+    boxes = torch.empty(len(locations), 4, dtype=torch.long)
+    per = max(1, batch_size // m)
+    gen = torch.Generator().manual_seed(0)
+    with torch.enable_grad(), probe(model, layer, stop_after=layer) as p:
+        for l0 in range(0, len(locations), per):
+            locs = locations[l0:l0 + per]
+            xx = x.repeat(len(locs), 1, 1, 1).clone().requires_grad_(True)
+            p.forward(model, xx)
+            act = p.activations[layer]
+            sig = torch.zeros_like(act)
+            rows = torch.arange(len(xx), device=act.device)
+            loc = locs.repeat_interleave(m, dim=0)
+            weights = torch.randn(len(xx), act.shape[1], generator=gen).to(act)
+            if act.dim() == 4:
+                sig[rows, :, loc[:, 0], loc[:, 1]] = weights
+            else:
+                sig[:] = weights
+            (g,) = torch.autograd.grad(act, xx, grad_outputs=sig, allow_unused=True)
+            p.clear()
+            support = torch.zeros(len(xx), h, w, dtype=torch.bool) if g is None else (g != 0).any(1).cpu()
+            support = support.view(len(locs), m, h, w).any(1)
+            for j, s in enumerate(support):
+                ys, xs = s.any(1).nonzero().flatten(), s.any(0).nonzero().flatten()
+                if len(ys) == 0:  # nothing reaches the input (dead unit): the whole image
+                    boxes[l0 + j] = torch.tensor([0, 0, h, w])
+                else:
+                    boxes[l0 + j] = torch.tensor([ys[0], xs[0], ys[-1] + 1, xs[-1] + 1])
+    return boxes
+
+
+def receptive_fields(model: nn.Module, layer: str, locations: torch.Tensor | Sequence[Sequence[int]],
+                     input_size: tuple[int, int], method: str = "auto", batch_size: int = 32) -> torch.Tensor:
+    """Input-pixel boxes ``L x 4`` = ``(top, left, bottom, right)``, half-open, of unit locations ``L x 2`` (y, x).
+
+    ``method="analytic"``: from the chain of conv / pool kernels, strides, paddings and dilations (sequential
+    networks: the explicit DeconvNet chain); ``"gradient"``: the bounding box of the gradient's support, unioned
+    over 4 random images (any network; it can be smaller than the theoretical field where units are inactive on
+    all of them, and it is the whole image for globally pooled or attention layers); ``"auto"``: analytic where
+    possible. Boxes are clipped to the image.
+    """
+    if method not in ("auto", "analytic", "gradient"):
+        raise ConvscopeError(f"receptive_field(method={method!r}): use 'auto', 'analytic' or 'gradient'")
+    layer = list(resolve_layers(model, layer))[0]
+    size = _pair(input_size)
+    locs = torch.as_tensor(locations, dtype=torch.long).reshape(-1, 2).cpu()
+    dev = next((t.device for t in model.parameters()), torch.device("cpu"))
+    dtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, _input_channels(model), *size, generator=gen).to(dev, dtype)  # replayed by build_chain
+    chain = build_chain(model, x, layer) if method != "gradient" else "method='gradient' was asked for"
+    if isinstance(chain, str) and method == "analytic":
+        raise ConvscopeError(f"receptive_field(method='analytic'): {chain}; use method='gradient' (or 'auto')")
+    _, _, acts = trace_calls(model, x, [layer], stop_after=layer)
+    shape = tuple(acts[layer].shape[2:]) if acts[layer].dim() == 4 else (1, 1)
+    if len(locs) and ((locs < 0).any() or (locs >= torch.tensor(shape)).any()):
+        raise ConvscopeError(f"location outside layer {layer!r}'s {shape[0]} x {shape[1]} map; "
+                             f"give (y, x) with 0 <= y < {shape[0]}, 0 <= x < {shape[1]}")
+    if isinstance(chain, Chain):
+        return _analytic_boxes(chain, locs, size)
+    if not len(locs):
+        return torch.empty(0, 4, dtype=torch.long)
+    distinct, back = torch.unique(locs, dim=0, return_inverse=True)  # top-k locations repeat: one pass each
+    rand = torch.randn(4, x.shape[1], *size, generator=gen).to(dev, dtype)
+    return _gradient_boxes(model, layer, distinct.to(dev), rand, batch_size)[back]
+
+
+def receptive_field(model: nn.Module, layer: str, location: tuple[int, int], input_size: tuple[int, int],
+                    method: str = "auto") -> tuple[int, int, int, int]:
+    """The input-pixel box ``(top, left, bottom, right)`` (half-open) of the unit at ``location`` = ``(y, x)`` of
+    ``layer``'s feature map, for inputs of ``input_size`` = ``(height, width)``. See :func:`receptive_fields`."""
+    box = receptive_fields(model, layer, [list(location)], input_size, method)[0]
+    return tuple(int(v) for v in box)  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+@dataclass(frozen=True)
+class TopKPatches:
+    """What :func:`render_top_k` shows, per unit (outer list) and rank (inner list), strongest first.
+
+    ``boxes``: ``U x k x 4`` receptive fields ``(top, left, bottom, right)``; ``patches``: the image crops in pixels
+    ([0, 1]); ``projections``: the DeconvNet projections (signed, model input space) cropped to the same boxes, or
+    None.
+    """
+
+    units: list[int]
+    boxes: torch.Tensor
+    patches: list[list[torch.Tensor]]
+    projections: list[list[torch.Tensor]] | None
+
+
+def top_k_patches(model: nn.Module, images: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
+                  result: TopKActivations, units: Sequence[int] | None = None, projections: bool = True,
+                  denormalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  batch_size: int = 32) -> TopKPatches:
+    """The receptive-field crops of each unit's top-k activations and (``projections``) the DeconvNet projections
+    of those same activations (``deconvnet(mode="max")``: the spatial maximum is the top-k location).
+
+    ``images`` is the dataset the result was computed on (a tensor indexed by image id) or a function from an id
+    tensor to the images ``n x C x H x W``; ``denormalize`` maps model inputs to pixels in [0, 1] (default:
+    ``model.preprocess.denormalize`` when there is one).
+    """
+    n_units = result.values.shape[0]
+    units = list(range(n_units)) if units is None else [int(u) for u in units]
+    if not units or min(units) < 0 or max(units) >= n_units:
+        raise ConvscopeError(f"render_top_k(units=...): give units in 0..{n_units - 1}")
+    k = result.values.shape[1]
+    ids = result.image_ids[units].reshape(-1).cpu()  # (U k)
+    locs = result.locations[units].reshape(-1, 2).cpu()
+    x = images(ids) if callable(images) and not isinstance(images, torch.Tensor) else images[ids]
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or len(x) != len(ids):
+        raise ConvscopeError("render_top_k(images=...): give the dataset tensor indexed by image id, or a function "
+                             "from an id tensor to an n x C x H x W tensor")
+    if denormalize is None:
+        pre = getattr(model, "preprocess", None)
+        denormalize = pre.denormalize if hasattr(pre, "denormalize") else (lambda t: t)
+    boxes = receptive_fields(model, result.layer, locs, tuple(x.shape[-2:]), batch_size=batch_size)
+    pixels = denormalize(x.detach()).clamp(0, 1)
+    proj = None
+    if projections:
+        unit_rows = torch.tensor(units).repeat_interleave(k)[:, None]
+        proj = deconvnet(model, x, result.layer, unit_rows, mode="max", batch_size=batch_size)[:, 0]
+    crops: list[list[torch.Tensor]] = []
+    pcrops: list[list[torch.Tensor]] = []
+    for j in range(len(units)):
+        crops.append([])
+        pcrops.append([])
+        for r in range(j * k, (j + 1) * k):
+            t, left, b, right = (int(v) for v in boxes[r])
+            crops[j].append(pixels[r, :, t:b, left:right])
+            if proj is not None:
+                pcrops[j].append(proj[r, :, t:b, left:right])
+    return TopKPatches(units, boxes.view(len(units), k, 4), crops, pcrops if proj is not None else None)
+
+
+def render_top_k(model: nn.Module, images: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
+                 result: TopKActivations, units: Sequence[int] | None = None, projections: bool = True,
+                 denormalize: Callable[[torch.Tensor], torch.Tensor] | None = None, display: str = "signed",
+                 scale: int | None = None, batch_size: int = 32) -> Image.Image:
+    """Zeiler & Fergus Fig. 2: per unit (one grid row), the DeconvNet projections of its k strongest activations
+    beside the image patches under their receptive fields, both cropped to the field (see :func:`top_k_patches`).
+
+    ``display`` scales each projection for display (``to_display`` mode: ``"signed"`` or ``"percentile"``);
+    ``scale`` enlarges crops (default: so that the largest is about 64 pixels).
+    """
+    found = top_k_patches(model, images, result, units, projections, denormalize, batch_size)
+    if scale is None:
+        side = int((found.boxes[..., 2:] - found.boxes[..., :2]).max())
+        scale = max(1, 64 // max(1, side))
+    nrow = math.ceil(math.sqrt(result.values.shape[1]))
+    blocks = []
+    for j in range(len(found.units)):
+        if found.projections is not None:
+            shown = [to_display(p[None], display)[0] for p in found.projections[j]]  # type: ignore[arg-type]
+            blocks.append(grid(shown, nrow=nrow, padding=1, scale=scale))
+        blocks.append(grid(found.patches[j], nrow=nrow, padding=1, scale=scale))
+    cols = ["deconvnet", "patches"] if projections else ["patches"]
+    return grid(blocks, nrow=len(cols), padding=4, row_labels=[f"unit {u}" for u in found.units], col_labels=cols)
+
+
+__all__ = ["DeadUnits", "TopKActivations", "TopKPatches", "dead_units", "receptive_field", "receptive_fields",
+           "render_top_k", "stream_layers", "top_k_activations", "top_k_patches"]
