@@ -9,6 +9,9 @@
     convscope explain IMAGE... --method M      saliency / guided / deconv / CAM / occlusion overlays + HTML
     convscope adversarial IMAGE... --eps 2/255 FGSM / PGD examples, and the units whose maps change most
     convscope evaluate attribution             pointing game, mask IoU, deletion/insertion, randomization check
+    convscope deconv MODEL --layer L           DeconvNet projections of each unit's top-9 activations + patches
+    convscope filters MODEL                    first-layer filters and the dead units of every conv/ReLU layer
+    convscope evolution CKPT_DIR --layer L     a unit's strongest projection at every training checkpoint
 """
 
 from __future__ import annotations
@@ -310,6 +313,57 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _units(args: argparse.Namespace) -> list[int] | None:
+    from .applications.deconv import parse_units
+
+    return parse_units(args.units) if args.units else None
+
+
+def _check_positive(value: int, flag: str) -> int:
+    if value < 1:
+        raise ConvscopeError(f"{flag} {value}: give a positive number")
+    return value
+
+
+def cmd_deconv(args: argparse.Namespace) -> int:
+    from .applications.deconv import deconv_report
+
+    units = _units(args)
+    _check_positive(args.n_units, "--n-units")
+    model = _load(args)
+    run = deconv_report(model, args.images or None, args.layer, units=units, k=_check_positive(args.top, "--top"),
+                        out=Path(args.out), n_units=args.n_units, mode=args.mode, synthetic=args.synthetic,
+                        display=args.display)
+    print(f"units {','.join(map(str, run.units))} of {run.layer} over {run.result.images_seen} images; "
+          f"wrote {run.png}, {run.html} and {run.json}")
+    return 0
+
+
+def cmd_filters(args: argparse.Namespace) -> int:
+    from .applications.deconv import filters_report
+
+    model = _load(args)
+    run = filters_report(model, Path(args.out), images=args.images or None, synthetic=args.synthetic)
+    relu = [r for r in run.rows if r["relu"]]
+    print(f"first-layer filters of {run.layer}; dead units at ReLU layers: {sum(len(r['dead']) for r in relu)} of "
+          f"{sum(r['units'] for r in relu)}; wrote {run.png} and {run.html}")
+    return 0
+
+
+def cmd_evolution(args: argparse.Namespace) -> int:
+    from .applications.deconv import evolution
+    from .core.device import tune_cpu_allocator
+
+    units = _units(args)
+    _check_positive(args.n_units, "--n-units")
+    tune_cpu_allocator()
+    run = evolution(args.checkpoints, args.layer, units=units, images=args.images or None,
+                    k=_check_positive(args.top, "--top"), out=Path(args.out), architecture=args.model,
+                    n_units=args.n_units, synthetic=args.synthetic, device=args.device)
+    print(f"units {','.join(map(str, run.units))} of {run.layer} over {len(run.labels)} checkpoints; wrote {run.png}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used to render the CLI docs)."""
     parser = argparse.ArgumentParser(prog="convscope", description="See what a convolutional network sees.")
@@ -385,6 +439,49 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--steps", type=int, default=32, help="deletion/insertion steps (default 32)")
     q.add_argument("--out", "-o", default="out/evaluate", help="output folder (default out/evaluate/)")
     q.set_defaults(func=cmd_evaluate)
+
+    units_help = "units: a range 0-15, a list 1,5,9 or both (default: the {} strongest, by top-1 activation)"
+    p = sub.add_parser("deconv", help="DeconvNet projections of each unit's strongest activations beside the image "
+                                      "patches (Zeiler & Fergus Fig. 2)")
+    _model_args(p, positional=True)
+    p.add_argument("--layer", "-l", required=True, help="layer name (`convscope layers MODEL` lists them)")
+    p.add_argument("--units", "-u", default="", help=units_help.format("--n-units"))
+    p.add_argument("--n-units", type=int, default=16, help="how many units without --units (default 16)")
+    p.add_argument("--images", nargs="+", default=[], metavar="PATH",
+                   help="image files or folders (default: the bundled photos; synthetic images for demo_net)")
+    p.add_argument("--synthetic", type=int, metavar="N", help="scan N held-out synthetic images (default for demo_net: "
+                                                               "500)")
+    p.add_argument("--top", "-k", type=int, default=9, help="activations shown per unit (default 9)")
+    p.add_argument("--mode", choices=["max", "map"], default="max",
+                   help="max: project each activation alone, cropped (default); map: the whole feature map")
+    p.add_argument("--display", choices=["percentile", "signed"], default="percentile",
+                   help="projection contrast: percentile (0.5-99.5th, default) or signed (0 grey, by the max)")
+    p.add_argument("--out", "-o", default="out/deconv", help="output folder (default out/deconv/)")
+    p.set_defaults(func=cmd_deconv)
+
+    p = sub.add_parser("filters", help="first-layer filters and the dead units of every conv/ReLU layer")
+    _model_args(p, positional=True)
+    p.add_argument("--images", nargs="+", default=[], metavar="PATH",
+                   help="images for the dead-unit scan (default: bundled photos; synthetic images for demo_net)")
+    p.add_argument("--synthetic", type=int, metavar="N", help="scan N held-out synthetic images instead")
+    p.add_argument("--out", "-o", default="out/filters", help="output folder (default out/filters/)")
+    p.set_defaults(func=cmd_filters)
+
+    p = sub.add_parser("evolution", help="how units' strongest projections change over training checkpoints "
+                                         "(Zeiler & Fergus Fig. 4)")
+    p.add_argument("checkpoints", nargs="+", help="a folder of epoch_XX.pt (from train-demo) or checkpoint files")
+    p.add_argument("--model", "-m", default="demo_net", help="the architecture the checkpoints fit (default demo_net)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
+    p.add_argument("--layer", "-l", required=True, help="layer name (`convscope layers MODEL` lists them)")
+    p.add_argument("--units", "-u", default="", help=units_help.format("--n-units") + " of the last checkpoint")
+    p.add_argument("--n-units", type=int, default=8, help="how many units without --units (default 8)")
+    p.add_argument("--images", nargs="+", default=[], metavar="PATH", help="image files or folders (default: "
+                                                                           "synthetic images for demo_net)")
+    p.add_argument("--synthetic", type=int, metavar="N", help="scan N held-out synthetic images (default for demo_net: "
+                                                               "500)")
+    p.add_argument("--top", "-k", type=int, default=1, help="projections per unit and checkpoint (default 1)")
+    p.add_argument("--out", "-o", default="out/evolution", help="output folder (default out/evolution/)")
+    p.set_defaults(func=cmd_evolution)
 
     p = sub.add_parser("data", help="datasets: generate the synthetic concept dataset")
     data = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
