@@ -57,7 +57,8 @@ register("probe: capture every layer", _capture_all, work=F_, shapes=IMAGE_SHAPE
 
 # Methods from the design that other modules will add; each is timed as soon as `convscope` exports it.
 if hasattr(cs, "saliency"):
-    register("saliency", lambda m, x, t: cs.saliency(m, x, t.convscope), work=FB_INPUT, shapes=many_shapes(MANY, TARGETS))
+    register("saliency", lambda m, x, t: cs.saliency(m, x, t.convscope), work=FB_INPUT,
+             shapes=many_shapes(MANY, TARGETS))
 if hasattr(cs, "guided_backprop"):
     register("guided_backprop", lambda m, x, t: cs.guided_backprop(m, x, t.convscope), work=FB_INPUT,
              shapes=many_shapes(MANY, TARGETS))
@@ -77,3 +78,20 @@ if hasattr(cs, "pgd"):
     register("pgd (per step)", lambda m, x, t: cs.pgd(m, x, eps=2 / 255, steps=4), work=FB_INPUT,
              shapes=IMAGE_SHAPES, per_call=4, unit="step",
              note="4 steps + target pinning + final clean/adversarial forward, per step")
+if hasattr(cs, "deconvnet"):
+    UNITS = Shape("1 img × 64 units", 1, 64)
+
+    def _conv_layers(model: nn.Module) -> list[str]:
+        return [n for n, mod in cs.named_layers(model).items() if isinstance(mod, nn.Conv2d)]
+
+    register("deconvnet: 64 units of blocks.10", lambda m, x, t: cs.deconvnet(m, x, "blocks.10", list(range(64)),
+                                                                               batch_size=64),
+             work=FB_INPUT, shapes=[UNITS], unit="unit", note="autograd path (no max pooling in EfficientNet)")
+    register("deconvnet: 64 units of features.relu5", lambda m, x, t: cs.deconvnet(m, x, "features.relu5",
+                                                                                   list(range(64)), batch_size=64),
+             work=FB_INPUT, models=["demo_net"], shapes=[UNITS], unit="unit",
+             note="explicit Zeiler-Fergus path: switches, rectification, transposed filters")
+    register("top_k_activations: every conv layer, k=9",
+             lambda m, x, t: cs.top_k_activations(m, x, _conv_layers(m), k=9, progress=False),
+             work=F_, models=["efficientnet_lite0", "demo_net"], shapes=IMAGE_SHAPES,
+             note="one streaming pass, all conv layers at once")
