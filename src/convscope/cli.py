@@ -12,6 +12,9 @@
     convscope deconv MODEL --layer L           DeconvNet projections of each unit's top-9 activations + patches
     convscope filters MODEL                    first-layer filters and the dead units of every conv/ReLU layer
     convscope evolution CKPT_DIR --layer L     a unit's strongest projection at every training checkpoint
+    convscope invert IMAGE... --layers a,b     reconstructions from each layer (regularized or UpconvNet)
+    convscope upconv train MODEL --layer L     train an UpconvNet decoder from a layer to pixels
+    convscope style CONTENT STYLE              Gatys et al. style transfer
 """
 
 from __future__ import annotations
@@ -301,6 +304,48 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_invert(args: argparse.Namespace) -> int:
+    from .applications.invert_report import run_invert
+    from .core.images import _expand_paths
+
+    model = _load(args)
+    layers = [n.strip() for n in args.layers.split(",") if n.strip()]
+    if args.method == "regularized" and not layers:
+        raise ConvscopeError("--layers needs at least one layer name (see `convscope layers MODEL`)")
+    run = run_invert(model, _expand_paths(args.images), layers, Path(args.out), method=args.method,
+                     decoders=[Path(d) for d in args.decoder] if args.decoder else None, steps=args.steps,
+                     seed=args.seed)
+    for r in run.rows:
+        print(f"{r['layer']:<24} {Path(r['image']).name:<20} error {r['error']:.3f}  PSNR {r['psnr_db']:.1f} dB")
+    print(f"wrote {run.picture}")
+    return 0
+
+
+def cmd_upconv_train(args: argparse.Namespace) -> int:
+    from .applications.deconv import default_images
+    from .methods.upconv import train_upconv
+
+    model = _load(args)
+    images = default_images(model, args.images or None, args.synthetic)
+    dec = train_upconv(model, args.layer, lambda: images.batches(args.batch_size), epochs=args.epochs,
+                       batch_size=args.batch_size, width=args.width, upsample=args.upsample, seed=args.seed,
+                       out=args.out)
+    print(f"trained an UpconvNet for {dec.layer}; wrote {args.out} (use: convscope invert IMAGE --method upconv "
+          f"--decoder {args.out})")
+    return 0
+
+
+def cmd_style(args: argparse.Namespace) -> int:
+    from .applications.invert_report import run_style
+
+    model = _load(args)
+    styles = [n.strip() for n in args.style_layers.split(",") if n.strip()] or None
+    png = run_style(model, Path(args.content), Path(args.style), Path(args.out), content_layer=args.content_layer
+                    or None, style_layers=styles, beta=args.beta, steps=args.steps, seed=args.seed)
+    print(f"wrote {png}")
+    return 0
+
+
 def cmd_train_demo(args: argparse.Namespace) -> int:
     from .applications.train_demo import TrainConfig, train_demo
     from .core.device import tune_cpu_allocator
@@ -482,6 +527,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", "-k", type=int, default=1, help="projections per unit and checkpoint (default 1)")
     p.add_argument("--out", "-o", default="out/evolution", help="output folder (default out/evolution/)")
     p.set_defaults(func=cmd_evolution)
+
+    p = sub.add_parser("invert", help="reconstruct images from layers (Mahendran & Vedaldi; UpconvNet)")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    _model_args(p)
+    p.add_argument("--layers", default="", help="comma-separated layers, one output row each")
+    p.add_argument("--method", choices=["regularized", "upconv"], default="regularized",
+                   help="regularized inversion (default) or trained UpconvNet decoders")
+    p.add_argument("--decoder", action="append", help="UpconvNet file (repeat: one per layer) for --method upconv")
+    p.add_argument("--steps", type=int, default=200, help="optimization steps (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default 0)")
+    p.add_argument("--out", "-o", default="out/invert", help="output folder (default out/invert/)")
+    p.set_defaults(func=cmd_invert)
+
+    p = sub.add_parser("upconv", help="UpconvNet decoders (Dosovitskiy & Brox)")
+    usub = p.add_subparsers(dest="what", required=True, metavar="WHAT")
+    q = usub.add_parser("train", help="train a decoder from a layer's features to the image")
+    _model_args(q, positional=True)
+    q.add_argument("--layer", required=True, help="layer whose features are decoded")
+    q.add_argument("--images", nargs="*", help="image files or folders (default: bundled photos; demo_net: synthetic)")
+    q.add_argument("--synthetic", type=int, help="train on N held-out synthetic images")
+    q.add_argument("--epochs", type=int, default=10, help="epochs (default 10)")
+    q.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+    q.add_argument("--width", type=int, default=16, help="channels of the last decoder stage (default 16)")
+    q.add_argument("--upsample", choices=["unpool", "transposed"], default="unpool",
+                   help="2x upsampling: unpool (top-left of 2x2) + conv, or a transposed conv")
+    q.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    q.add_argument("--out", "-o", default="out/upconv.pt", help="decoder file (default out/upconv.pt)")
+    q.set_defaults(func=cmd_upconv_train)
+
+    p = sub.add_parser("style", help="style transfer (Gatys et al.): content of one image, style of another")
+    p.add_argument("content", help="content image")
+    p.add_argument("style", help="style image")
+    _model_args(p)
+    p.add_argument("--content-layer", default="", help="content layer (default: per model)")
+    p.add_argument("--style-layers", default="", help="comma-separated style layers (default: per model)")
+    p.add_argument("--beta", type=float, help="style weight (alpha = 1; default: per model)")
+    p.add_argument("--steps", type=int, default=300, help="optimization steps (default 300)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--out", "-o", default="out/style", help="output folder (default out/style/)")
+    p.set_defaults(func=cmd_style)
 
     p = sub.add_parser("data", help="datasets: generate the synthetic concept dataset")
     data = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")

@@ -17,9 +17,12 @@ Pieces, each replaceable:
   mapped through the model's ``preprocess``; or the decorrelated Fourier parametrization of Olah et al. 2017
   ("Feature Visualization", Distill, section "Preconditioning and Parameterization"): 1/f-scaled spectrum, optional
   colour decorrelation, sigmoid to RGB.
+  Or the image made by a frozen generator from a learnable code (:class:`GeneratorImage` / :class:`GeneratorParam`,
+  DGN-AM, Nguyen et al. 2016; survey Eq. 10), with :class:`CodePenalty` as the L2 prior on the code.
 * **Transforms** (:class:`Jitter`, :class:`RandomScale`): differentiable random shifts / zooms applied before each
   forward pass (Mordvintsev et al. 2015; Olah et al. 2017, "Transformation robustness").
-* **Regularizers**: penalties added to the loss (:class:`L2Penalty`, Simonyan et al. 2014 Eq. 1) or projections
+* **Regularizers**: penalties added to the loss (:class:`L2Penalty`, Simonyan et al. 2014 Eq. 1; :class:`AlphaNorm`
+  and :class:`TotalVariation`, Mahendran & Vedaldi 2015 Eq. 3-4) or projections
   applied to the image after each step (:class:`Decay`, :class:`Blur`, :class:`ClipNorm`,
   :class:`ClipContribution`, Yosinski et al. 2015 Sec. 3; survey Eq. 9).
 
@@ -42,7 +45,7 @@ from tqdm.auto import tqdm
 from ..errors import ConvscopeError
 from .imageops import gaussian_blur
 from .images import Preprocess
-from .probe import Probe, StopForward, probe
+from .probe import Probe, StopForward, preserved_state, probe
 
 OUTPUT = "@output"  # the layer name objectives use for the model's output (class logits)
 OPTIMIZERS = ("adam", "sgd")
@@ -279,14 +282,116 @@ class Fourier:
         return FourierImage(spec.to(like.device), size, pre, self.decay_power, self.decorrelate)
 
 
+GENERATOR_OUTPUTS = ("rgb", "input")
+CODE_NOISE_STD = 1.0  # init="noise" for codes: N(0, 1) per entry
+
+
+class GeneratorImage(ImageParam):
+    """Images made by a frozen generator from learnable codes: ``x = G(h)`` (Nguyen et al. 2016, "Synthesizing the
+    preferred inputs for neurons via deep generator networks"; survey Eq. 10). Only the codes ``h`` (``N x
+    code_shape``) are optimized.
+
+    ``output="rgb"``: ``G`` outputs RGB in [0, 1], mapped through the model's ``preprocess``; ``"input"``: ``G``
+    outputs the model's input space directly (e.g. a decoder trained on preprocessed images). The output is clipped
+    to the valid pixel box, as Nguyen et al. clip the generated image. ``code_range=(lo, hi)`` clips the codes after
+    each step (their bound on the code, e.g. ``(0, max)`` for codes that are ReLU features).
+
+    The generator is never registered as a submodule (its parameters are not the optimizer's), and every call runs
+    it under :func:`~convscope.core.probe.preserved_state`: eval mode, parameters frozen, restored right after; no
+    hooks. Gradients reach the codes only.
+    """
+
+    def __init__(self, generator: nn.Module, code: torch.Tensor, pre: Preprocess, output: str = "rgb",
+                 code_range: tuple[float, float] | None = None) -> None:
+        if output not in GENERATOR_OUTPUTS:
+            raise ConvscopeError(f"generator output={output!r}: use 'rgb' (G gives RGB in [0, 1]) or 'input' (G "
+                                 "gives the model's input space)")
+        if not isinstance(generator, nn.Module):
+            raise ConvscopeError(f"generator must be an nn.Module mapping codes to images, not "
+                                 f"{type(generator).__name__}; load one with torch.load or cs.load_model")
+        if not isinstance(code, torch.Tensor) or not code.is_floating_point() or code.dim() < 2:
+            raise ConvscopeError("codes must be a float tensor N x code_shape")
+        super().__init__(pre, code)
+        object.__setattr__(self, "generator", generator)  # not a submodule: its parameters are not optimized
+        self.output = output
+        self.code_range = None if code_range is None else (float(code_range[0]), float(code_range[1]))
+        if self.code_range is not None and not self.code_range[0] < self.code_range[1]:
+            raise ConvscopeError(f"code_range={code_range!r}: give (low, high) with low < high")
+        zero, one = torch.zeros_like(self.centre_rgb), torch.ones_like(self.centre_rgb)
+        lo, hi = pre.normalize(zero), pre.normalize(one)
+        self.register_buffer("lo", torch.minimum(lo, hi), persistent=False)
+        self.register_buffer("hi", torch.maximum(lo, hi), persistent=False)
+        self.code = nn.Parameter(code.detach().clone())
+        self.clamp_()
+
+    def generate(self) -> torch.Tensor:
+        """``G(h)`` as the generator returns it (checked: ``N x 3 x H x W`` floats)."""
+        with preserved_state(self.generator):
+            out = self.generator(self.code)
+        if not isinstance(out, torch.Tensor) or out.dim() != 4 or out.shape[:2] != (self.code.shape[0], 3):
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ConvscopeError(f"the generator must map codes {tuple(self.code.shape)} to images "
+                                 f"{self.code.shape[0]} x 3 x H x W; it returned {shape}")
+        return out
+
+    def forward(self) -> torch.Tensor:
+        g = self.generate()
+        if self.output == "rgb":
+            return self.pre.normalize(g.clamp(0, 1))
+        return torch.maximum(torch.minimum(g, self.hi), self.lo)
+
+    def clamp_(self) -> None:
+        if self.code_range is not None:
+            with torch.no_grad():
+                self.code.clamp_(*self.code_range)
+
+
+@dataclass(frozen=True, eq=False)
+class GeneratorParam:
+    """Spec of :class:`GeneratorImage`: images ``G(h)`` from codes of shape ``code_shape`` (without the batch).
+
+    ``init``: ``"zeros"`` (also ``"mean"``), ``"noise"`` (N(0, 1) per entry, one draw per image from its own
+    generator) or a code tensor (``code_shape`` for all images, or ``N x code_shape``), e.g. the features of a real
+    image at the layer an UpconvNet decoder inverts.
+    """
+
+    generator: nn.Module
+    code_shape: tuple[int, ...]
+    output: str = "rgb"
+    code_range: tuple[float, float] | None = None
+
+    def build(self, init: str | torch.Tensor, n: int, size: tuple[int, int], pre: Preprocess,
+              generators: Generators, like: torch.Tensor) -> GeneratorImage:
+        shape = tuple(int(s) for s in self.code_shape)
+        if isinstance(init, torch.Tensor):
+            code = init.to(like) if init.is_floating_point() else init
+            if tuple(code.shape) == shape:
+                code = code.unsqueeze(0).expand(n, *shape)
+            if not code.is_floating_point() or tuple(code.shape) not in ((n, *shape), (1, *shape)):
+                raise ConvscopeError(f"code init of shape {tuple(init.shape)}: give {shape} or {n} x {shape} floats "
+                                     "(the generator's code shape)")
+            code = code.expand(n, *shape)
+        elif init in ("zeros", "mean"):
+            code = torch.zeros(n, *shape, dtype=like.dtype, device=like.device)
+        elif init == "noise":
+            code = torch.stack([CODE_NOISE_STD * torch.randn(*shape, generator=g, dtype=like.dtype)
+                                for g in generators]).to(like.device)
+        else:
+            raise ConvscopeError(f"code init={init!r}: use 'zeros', 'noise' or a tensor of codes {shape}")
+        return GeneratorImage(self.generator, code, pre, self.output, self.code_range)
+
+
 PARAMETRIZATIONS = {"pixel": Pixel("input"), "rgb": Pixel("rgb"), "fourier": Fourier()}
-ParamSpec = str | Pixel | Fourier
+ParamSpec = str | Pixel | Fourier | GeneratorParam
 
 
 def make_param(spec: ParamSpec, init: str | torch.Tensor, n: int, size: tuple[int, int], pre: Preprocess,
                generators: Generators, like: torch.Tensor) -> ImageParam:
     """Build the parametrization of ``n`` images of ``size`` started at ``init`` ("noise", "mean" or a tensor in
-    the model's input space, ``N x 3 x H x W`` or ``3 x H x W``)."""
+    the model's input space, ``N x 3 x H x W`` or ``3 x H x W``); for a :class:`GeneratorParam`, ``init`` is the
+    codes' start ("zeros", "noise" or a code tensor) and ``size`` is the generator's business."""
+    if isinstance(spec, GeneratorParam):
+        return spec.build(init, n, size, pre, generators, like)
     if isinstance(spec, str):
         if spec not in PARAMETRIZATIONS:
             raise ConvscopeError(f"parametrization={spec!r}: use one of {', '.join(PARAMETRIZATIONS)}, or "
@@ -439,6 +544,55 @@ class L2Penalty(Regularizer):
         return self.lambda_l2 * delta.pow(2).flatten(1).sum(1)
 
 
+def alpha_norm(x: torch.Tensor, alpha: float = 6.0) -> torch.Tensor:
+    """``||x||_alpha^alpha = sum_{c,i,j} |x_cij|^alpha`` per image, ``N`` (Mahendran & Vedaldi 2015, Eq. 3; survey
+    Eq. 14)."""
+    return x.abs().pow(alpha).flatten(1).sum(1)
+
+
+def total_variation(x: torch.Tensor, beta: float = 2.0, eps: float = 1e-12) -> torch.Tensor:
+    """``TV_beta(x) = sum_{c,i,j} ((x_{c,i,j+1} - x_cij)^2 + (x_{c,i+1,j} - x_cij)^2)^(beta/2)`` per image, ``N``,
+    over ``i < H-1, j < W-1`` (Mahendran & Vedaldi 2015, Eq. 4; survey Eq. 15). For ``beta < 2`` the squared
+    gradient is clamped at ``eps`` so the gradient stays finite on flat regions."""
+    dx = x[..., :-1, 1:] - x[..., :-1, :-1]
+    dy = x[..., 1:, :-1] - x[..., :-1, :-1]
+    s = dx * dx + dy * dy
+    if beta == 2:
+        return s.flatten(1).sum(1)
+    return s.clamp_min(eps).pow(beta / 2).flatten(1).sum(1)
+
+
+@dataclass(frozen=True)
+class AlphaNorm(Regularizer):
+    """``lambda_alpha * ||x / B||_alpha^alpha / (H W)`` per image (Mahendran & Vedaldi 2015, Eq. 3 with the
+    normalization of their Sec. 3.3): ``B`` is a typical pixel magnitude (in the units of ``x - c``, the deviation
+    from the centre image), so ``lambda_alpha`` is dimensionless and transfers between models and image sizes. A
+    large ``alpha`` (6) mostly penalizes the pixels that leave the typical range."""
+
+    lambda_alpha: float
+    alpha: float = 6.0
+    B: float = 1.0
+
+    def penalty(self, delta: torch.Tensor) -> torch.Tensor:
+        h, w = delta.shape[-2:]
+        return self.lambda_alpha * alpha_norm(delta / self.B, self.alpha) / (h * w)
+
+
+@dataclass(frozen=True)
+class TotalVariation(Regularizer):
+    """``lambda_tv * TV_beta(x / V) / (H W)`` per image (Mahendran & Vedaldi 2015, Eq. 4 with the normalization of
+    their Sec. 3.3): ``V`` is a typical difference between neighbouring pixels (the paper's ``V = B / 6.5``), so
+    ``lambda_tv`` is dimensionless. ``beta = 2`` smooths; ``beta = 1`` (classic TV) allows sharp edges."""
+
+    lambda_tv: float
+    beta: float = 2.0
+    V: float = 1.0
+
+    def penalty(self, delta: torch.Tensor) -> torch.Tensor:
+        h, w = delta.shape[-2:]
+        return self.lambda_tv * total_variation(delta / self.V, self.beta) / (h * w)
+
+
 @dataclass(frozen=True)
 class Decay(Regularizer):
     """``x <- (1 - theta_decay) x`` after each step (Yosinski et al. 2015)."""
@@ -483,6 +637,24 @@ class ClipContribution(Regularizer):
 
     def project(self, delta: torch.Tensor, grad: torch.Tensor, step: int) -> torch.Tensor:
         return clip_small_contribution(delta, grad, self.theta_c_pct)
+
+
+class CodePenalty(Regularizer):
+    """``lambda_code * ||h_i||^2`` per image on the codes of a :class:`GeneratorImage`: the L2 prior on the code of
+    DGN-AM (Nguyen et al. 2016; survey Eq. 10, ``h* = argmax_h a_i(G(h)) - lambda ||h||``, squared here). It reads
+    the codes of ``param``, not the image it is given."""
+
+    def __init__(self, param: GeneratorImage, lambda_code: float) -> None:
+        if not isinstance(param, GeneratorImage):
+            raise ConvscopeError("CodePenalty needs the GeneratorImage whose codes it penalizes")
+        if not lambda_code >= 0:
+            raise ConvscopeError(f"lambda_code={lambda_code!r}: use a weight >= 0")
+        self.param, self.lambda_code = param, float(lambda_code)
+
+    def penalty(self, delta: torch.Tensor) -> torch.Tensor | None:
+        if not self.lambda_code:
+            return None
+        return self.lambda_code * self.param.code.pow(2).flatten(1).sum(1)
 
 
 # --------------------------------------------------------------------------- the loop

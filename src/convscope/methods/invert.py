@@ -1,0 +1,300 @@
+"""Regularized network inversion: which image does a layer's code describe? (Mahendran & Vedaldi 2015; survey
+Sec. 5.2.1, Eq. 13-15).
+
+    x* = argmin_x  ||Phi(x) - Phi(x0)||^2 / ||Phi(x0)||^2  +  lambda_alpha R_alpha(x)  +  lambda_tv R_TV(x)
+
+with ``R_alpha(x) = ||x / B||_alpha^alpha / (H W)`` (alpha = 6) and ``R_TV(x) = TV_beta(x / V) / (H W)`` (beta = 2),
+``x`` the deviation from the mean image, ``B`` a typical pixel magnitude and ``V = B / 6.5`` a typical difference
+between neighbouring pixels (the paper's normalization, Sec. 3.3, so the lambdas are dimensionless and transfer
+between models: ``B = 80`` on the 0..255 scale, converted here to the model's input units). The reconstruction
+starts from noise and is jittered by a few pixels each step (the paper's IJCV version; Olah et al. 2017's
+transformation robustness).
+
+Everything runs on the shared image-optimization loop of :mod:`convscope.core.optim` (the data term is an
+:class:`~convscope.core.optim.Objective`, the two priors are :class:`~convscope.core.optim.AlphaNorm` and
+:class:`~convscope.core.optim.TotalVariation`). N images x L layers are one optimization batch of ``L * N`` rows,
+row ``l * N + i`` reconstructing image ``i`` from layer ``l``: one forward pass per step, stopped after the deepest
+layer. Row ``(l, i)`` draws its noise and jitter from a generator seeded ``seed + i``, so a batch of layers gives
+the same pictures as inverting each layer alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..core.images import Preprocess
+from ..core.layers import named_layers, resolve_layers
+from ..core.optim import (
+    AlphaNorm,
+    Jitter,
+    Objective,
+    Regularizer,
+    TotalVariation,
+    make_generators,
+    make_param,
+    optimize_images,
+)
+from ..core.probe import probe
+from ..errors import ConvscopeError
+from .maximize import _float_dtype, _preprocess
+
+B_PIXELS = 80 / 255  # Mahendran & Vedaldi's typical pixel magnitude B = 80 (0..255 scale), as RGB in [0, 1]
+V_RATIO = 6.5  # V = B / 6.5: typical difference between neighbouring pixels
+DEFAULT_LR = 0.05  # Adam step in the model's input units (~[-1, 1] for the zoo models)
+
+
+# --------------------------------------------------------------------------- objectives
+
+
+def feature_match(layer: str, target: torch.Tensor, normalize: bool = True) -> Objective:
+    """``-||Phi_l(x) - Phi0||^2 / ||Phi0||^2`` per image (survey Eq. 13; unnormalized with ``normalize=False``):
+    the data term of inversion, and the content loss of style transfer, as an objective to ascend."""
+    t = target.detach()
+    denom = t.pow(2).flatten(1).sum(1).clamp_min(1e-12) if normalize else None
+
+    def fn(acts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        a = acts[layer]
+        if a.shape != t.shape:
+            raise ConvscopeError(f"feature_match({layer!r}): the activations are {tuple(a.shape)} but the target is "
+                                 f"{tuple(t.shape)}; give one target per image, at the same image size")
+        d = (a - t.to(a)).pow(2).flatten(1).sum(1)
+        return -(d / denom.to(d)) if denom is not None else -d
+    return Objective(fn, [layer], f"feature_match({layer!r})")
+
+
+def per_rows(objectives: Sequence[Objective], counts: Sequence[int]) -> Objective:
+    """Stack row blocks: the first ``counts[0]`` images are scored by ``objectives[0]``, the next ``counts[1]`` by
+    ``objectives[1]``, ... (each sees only its own rows of every activation)."""
+    if len(objectives) != len(counts) or not objectives:
+        raise ConvscopeError("per_rows() needs one row count per objective")
+    bounds = [0]
+    for c in counts:
+        bounds.append(bounds[-1] + int(c))
+
+    def fn(acts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([o({k: v[a:b] for k, v in acts.items()}) for o, a, b in zip(objectives, bounds, bounds[1:])])
+    layers = [name for o in objectives for name in o.layers]
+    return Objective(fn, layers, "rows[" + ", ".join(o.name for o in objectives) + "]")
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+@dataclass(frozen=True)
+class InversionDefaults:
+    """Hyperparameters chosen from a layer's relative depth ``d`` (0: first module, 1: the output)."""
+
+    lambda_alpha: float
+    lambda_tv: float
+    jitter: int
+
+
+def default_hyperparameters(depth: float, size: int = 224) -> InversionDefaults:
+    """Shallow layers keep most of the image (weak priors, no jitter); deep layers need a strong TV prior and some
+    jitter to give a natural-looking pre-image (Mahendran & Vedaldi 2015 raise lambda_TV with depth too). Tuned on
+    demo_net (112 px) and efficientnet_lite0 (224 px); ``jitter`` scales with the image size."""
+    d = min(max(float(depth), 0.0), 1.0)
+    lambda_tv = 10 ** (-2.0 + 2.0 * d)  # 0.01 at the input .. 1 at the output
+    jitter = 0 if d < 0.15 else max(1, round((1 + 3 * d) * size / 224))
+    return InversionDefaults(lambda_alpha=1e-3, lambda_tv=lambda_tv, jitter=jitter)
+
+
+def layer_depths(model: nn.Module, layers: Sequence[str], x: torch.Tensor) -> dict[str, float]:
+    """Relative depth of each layer in ``(0, 1]``: its position among the module calls of one forward pass of
+    ``x[:1]`` (leaf modules and the layers themselves), divided by their number."""
+    mods = named_layers(model)
+    watch = [n for n, m in mods.items() if next(m.children(), None) is None or n in layers]
+    order: list[str] = []
+
+    def rec(name: str):
+        def f(t: torch.Tensor) -> torch.Tensor:
+            order.append(name)
+            return t
+        return f
+
+    with torch.no_grad(), probe(model, watch, edit={n: rec(n) for n in watch}, detach=True) as p:
+        p.forward(model, x[:1])
+    out = {}
+    for name in layers:
+        if name not in order:
+            raise ConvscopeError(f"layer {name!r} did not run in the forward pass; pick a layer from "
+                                 "`convscope layers MODEL` that the model's forward() calls")
+        out[name] = (order.index(name) + 1) / len(order)
+    return out
+
+
+# --------------------------------------------------------------------------- inversion
+
+
+@dataclass(frozen=True)
+class InversionResult:
+    """Reconstructions of images from a layer's code.
+
+    ``images``: RGB in [0, 1], ``R x 3 x H x W`` with ``R = L * N`` rows, row ``l * N + i`` reconstructing image
+    ``i`` from layer ``layers[l * N + i]``; ``x``: the same in the model's input space; ``error``: the normalized
+    feature reconstruction error ``||Phi(x*) - Phi0||^2 / ||Phi0||^2`` of each row (against the target features
+    used, perturbed ones included); ``layers``: the layer of each row; ``image_index``: the input image of each row;
+    ``history``: the normalized error at each step (``steps x R``, on the jittered image), None for one-pass methods.
+    """
+
+    images: torch.Tensor
+    x: torch.Tensor
+    error: torch.Tensor
+    layers: list[str]
+    image_index: torch.Tensor
+    history: torch.Tensor | None = None
+
+    def for_layer(self, layer: str) -> torch.Tensor:
+        """The ``N x 3 x H x W`` reconstructions from ``layer``."""
+        rows = [i for i, name in enumerate(self.layers) if name == layer]
+        if not rows:
+            raise ConvscopeError(f"no reconstruction from layer {layer!r}; the result holds {sorted(set(self.layers))}")
+        return self.images[rows]
+
+
+def _check_images(x: torch.Tensor, what: str) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3 or not x.is_floating_point():
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ConvscopeError(f"{what}: x must be N x 3 x H x W floats in the model's input space (e.g. from "
+                             f"cs.load_images(paths, model)), got {shape}")
+
+
+def layer_features(model: nn.Module, x: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Detached outputs of ``layers`` for ``x`` (one forward pass under the probe, stopped after the deepest)."""
+    from ..core.optim import last_layer
+
+    names = list(layers)
+    stop = last_layer(model, names, x[:1]) if len(names) > 1 else names[0]
+    with torch.no_grad(), probe(model, names, stop_after=stop, detach=True) as p:
+        p.forward(model, x)
+        acts = p.activations
+    missing = [n for n in names if n not in acts]
+    if missing:
+        raise ConvscopeError(f"layer(s) {', '.join(map(repr, missing))} did not run in the forward pass; pick a "
+                             "layer from `convscope layers MODEL` that the model's forward() calls")
+    return {n: acts[n] for n in names}
+
+
+def invert(
+    model: nn.Module, x: torch.Tensor, layers: str | Sequence[str], *, steps: int = 200,
+    lambda_alpha: float | None = None, lambda_tv: float | None = None, alpha: float = 6.0, beta: float = 2.0,
+    jitter: int | None = None, lr: float | None = None, B: float = B_PIXELS, V: float | None = None,
+    target_features: Mapping[str, torch.Tensor] | None = None, init: str | torch.Tensor = "noise",
+    seed: int | Sequence[int] = 0, progress: bool | None = None, preprocess: Preprocess | None = None,
+) -> InversionResult:
+    """Reconstruct each image of ``x`` from each layer's code by regularized inversion (Mahendran & Vedaldi 2015,
+    survey Eq. 13-15); all ``len(layers) * N`` reconstructions in one optimization batch.
+
+    Args:
+        x: ``N x 3 x H x W`` images in the model's input space (``cs.load_images(paths, model)``).
+        layers: a layer name, a comma-separated string or a list (``convscope layers MODEL``).
+        steps: Adam steps (``lr``: in the model's input units, default 0.05).
+        lambda_alpha, lambda_tv: weights of the normalized alpha-norm and TV_beta priors; None picks them from the
+            layer's depth (:func:`default_hyperparameters`; deeper layers get a stronger TV prior). A single value
+            applies to every layer.
+        alpha, beta: the exponents (6 and 2 as in the paper).
+        jitter: random shift in pixels each step (None: by depth, 0 for the first layers).
+        B, V: typical pixel magnitude and neighbour difference as RGB in [0, 1] (default ``80/255`` and ``B/6.5``),
+            converted to the model's input units with its preprocess std.
+        target_features: ``{layer: N x ...}`` features to invert instead of the layer's features of ``x`` (e.g.
+            perturbed ones, :mod:`convscope.methods.perturb`); ``x`` then only gives the image size.
+        init: ``"noise"`` (mean colour + noise, the paper's start), ``"mean"``, or images in the input space.
+        seed: row ``(l, i)`` uses the generator seeded ``seed + i`` (same pictures batched or layer by layer), or
+            ``seed[i]`` for a list of N seeds.
+    """
+    _check_images(x, "invert")
+    names = list(resolve_layers(model, layers))
+    if not names:
+        raise ConvscopeError("invert: give at least one layer, e.g. layers='features.relu3'")
+    if not isinstance(steps, int) or steps < 0:
+        raise ConvscopeError(f"steps={steps!r}: use an int >= 0")
+    for name, v in (("alpha", alpha), ("beta", beta), ("B", B)):
+        if not v > 0:
+            raise ConvscopeError(f"invert: {name}={v!r} must be > 0 (the paper uses alpha=6, beta=2, B=80/255)")
+    pre = _preprocess(model, preprocess)
+    dtype = _float_dtype(model)
+    x = x.detach().to(dtype)
+    n = x.shape[0]
+    if target_features is None:
+        targets = layer_features(model, x, names)
+    else:
+        unknown = [k for k in names if k not in target_features]
+        if unknown:
+            raise ConvscopeError(f"target_features has no entry for layer(s) {unknown}; give {{layer: N x ...}} for "
+                                 "every layer inverted")
+        targets = {k: target_features[k].detach().to(x.device, dtype) for k in names}
+        bad = [k for k in names if targets[k].shape[0] != n]
+        if bad:
+            raise ConvscopeError(f"target_features[{bad[0]!r}] has {targets[bad[0]].shape[0]} rows for {n} images")
+    depths = layer_depths(model, names, x) if None in (lambda_alpha, lambda_tv, jitter) else {}
+    size = int(max(x.shape[-2:]))
+    std = sum(abs(s) for s in pre.std) / 3
+    b_in = B / std
+    v_in = (V if V is not None else B / V_RATIO) / std
+    hyper = {k: default_hyperparameters(depths[k], size) if depths else None for k in names}
+
+    def pick(k: str, given: float | int | None, field: str) -> float:
+        return given if given is not None else getattr(hyper[k], field)
+
+    # rows of one layer share its hyperparameters; each block of rows gets its own priors
+    blocks = []
+    for k in names:
+        la, lt = pick(k, lambda_alpha, "lambda_alpha"), pick(k, lambda_tv, "lambda_tv")
+        regs = [r for r in (AlphaNorm(la, alpha, b_in) if la else None, TotalVariation(lt, beta, v_in) if lt else None)
+                if r is not None]
+        blocks.append((k, regs, int(pick(k, jitter, "jitter"))))
+    rows = len(names) * n
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        seeds = [seed + i for i in range(n)]
+    else:
+        seeds = list(seed)
+        if len(seeds) != n or not all(isinstance(s, int) for s in seeds):
+            raise ConvscopeError(f"seed: give an int or {n} ints (one per image), got {seed!r}")
+    gens = make_generators([s for _ in names for s in seeds], rows)
+    like = torch.zeros((), dtype=dtype, device=x.device)
+    if isinstance(init, torch.Tensor) and init.dim() == 4 and init.shape[0] == n and len(names) > 1:
+        init = init.repeat(len(names), 1, 1, 1)
+    param = make_param("pixel", init, rows, tuple(x.shape[-2:]), pre, gens, like)
+    objective = per_rows([feature_match(k, targets[k]) for k in names], [n] * len(names))
+    amplitudes = [j for *_, j in blocks]
+    transforms = [_RowJitter(amplitudes, n)] if any(amplitudes) else []
+    res = optimize_images(model, objective, param, steps=steps, lr=lr if lr is not None else DEFAULT_LR,
+                          transforms=transforms, regularizers=[_BlockPenalty([regs for _, regs, _ in blocks], n)],
+                          generators=gens, progress=progress, desc="invert")
+    err = -res.values.cpu()  # the data term alone, on the final (unjittered) images
+    return InversionResult(images=res.images, x=res.x, error=err, layers=[k for k in names for _ in range(n)],
+                           image_index=torch.arange(n).repeat(len(names)), history=-res.history.cpu())
+
+
+@dataclass(frozen=True)
+class _BlockPenalty(Regularizer):
+    """Block ``b`` of ``n`` rows (one layer) gets the penalties ``regs[b]``."""
+
+    regs: Sequence[Sequence[Regularizer]]
+    n: int
+
+    def penalty(self, delta: torch.Tensor) -> torch.Tensor:
+        n = self.n
+        out = [sum((r.penalty(delta[b * n:(b + 1) * n]) for r in regs), torch.zeros(n, dtype=delta.dtype,
+                                                                                        device=delta.device))
+               for b, regs in enumerate(self.regs)]
+        return torch.cat(out)
+
+
+class _RowJitter(Jitter):
+    """Jitter with one amplitude per block of ``n`` rows (layers of different depth jitter differently)."""
+
+    def __init__(self, amplitudes: Sequence[int], n: int) -> None:
+        super().__init__(max(amplitudes))
+        self.amplitudes, self.n = [int(a) for a in amplitudes], n
+        self.parts = nn.ModuleList(Jitter(a) for a in self.amplitudes)
+
+    def forward(self, x: torch.Tensor, generators) -> torch.Tensor:
+        if len(set(self.amplitudes)) == 1:
+            return self.parts[0](x, generators)
+        n = self.n
+        return torch.cat([j(x[i * n:(i + 1) * n], generators[i * n:(i + 1) * n]) for i, j in enumerate(self.parts)])
