@@ -95,3 +95,12 @@ if hasattr(cs, "deconvnet"):
              lambda m, x, t: cs.top_k_activations(m, x, _conv_layers(m), k=9, progress=False),
              work=F_, models=["efficientnet_lite0", "demo_net"], shapes=IMAGE_SHAPES,
              note="one streaming pass, all conv layers at once")
+if hasattr(cs, "activation_maximization"):
+    AM_UNITS = Shape("64 units, 128 px", 1, 64)  # maps = 64: paired with F+B(input) at batch 64
+    register("activation_maximization 64 units 128px, per step",
+             lambda m, x, t: cs.activation_maximization(m, "blocks.10", list(range(64)), steps=8, size=128,
+                                                        progress=False).images,
+             work=FB_INPUT, shapes=[AM_UNITS], per_call=8, unit="step",
+             note="64 channels of blocks.10, yosinski preset, 8 Adam steps at 128 px in one batch of 64; the paired "
+                  "F+B(input) b64 runs the whole net at 224 px (baselines are native-size only), so x paired is lower "
+                  "than a pixel-matched ratio by about (224/128)^2 = 3.1, and lower again for stopping at blocks.10")

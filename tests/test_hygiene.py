@@ -62,7 +62,37 @@ CASES = {
         lambda m, x, L: cs.activation_maximization(m, L, [0, 10**6], steps=2, size=32, progress=False)),
     "fooling_image": (lambda m, x, L: cs.fooling_image(m, [0, 1], max_steps=2, size=32, progress=False),
                       lambda m, x, L: cs.fooling_image(m, [10**6], max_steps=2, size=32, progress=False)),
+    "multifaceted": (lambda m, x, L: cs.multifaceted(m, L, [0, 1], _three(x), facets=2, top=3, steps=1,
+                                                     progress=False),
+                     lambda m, x, L: cs.multifaceted(m, L, [0, 10**6], _three(x), facets=2, top=3, steps=1,
+                                                     progress=False)),
+    "invert": (lambda m, x, L: cs.invert(m, x[..., :64, :64], [_first_relu(m), L], steps=2, progress=False),
+               lambda m, x, L: cs.invert(m, x[..., :64, :64], L, steps=2, target_features={L: torch.zeros(1, 5)},
+                                         progress=False)),
+    "style_transfer": (lambda m, x, L: cs.style_transfer(m, x[..., :64, :64], x[..., :48, :48], L, [L], steps=2,
+                                                         progress=False),
+                       lambda m, x, L: cs.style_transfer(m, x[..., :64, :64], x, L, [L], steps=2,
+                                                         init=x[..., :32, :32], progress=False)),
+    "dgn_am": (lambda m, x, L: cs.dgn_am(m, _tiny_generator(), L, [0, 1], code_shape=(4,), steps=2, progress=False),
+               lambda m, x, L: cs.dgn_am(m, _tiny_generator(), L, [0, 10**6], code_shape=(4,), steps=2,
+                                         progress=False)),
 }
+
+
+def _first_relu(m: torch.nn.Module) -> str:
+    return "features.relu1" if "features.relu1" in dict(m.named_modules()) else "stem.act"
+
+
+def _three(x: torch.Tensor) -> torch.Tensor:
+    """Three distinct 64 x 64 images from one (for clustering; small, so the test stays fast)."""
+    x = x[..., :64, :64]
+    return torch.cat([x, x.flip(-1), x.flip(-2)])
+
+
+def _tiny_generator() -> torch.nn.Module:
+    """Codes of 4 numbers -> 3 x 32 x 32 images in (0, 1)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 3 * 32 * 32), torch.nn.Sigmoid(), torch.nn.Unflatten(1, (3, 32, 32)))
 
 
 def _fails_after(calls: int):

@@ -9,6 +9,7 @@ Flat public API::
     cs.save_png(cs.grid(cs.overlay(model.preprocess.denormalize(x).clamp(0, 1), maps), nrow=1), "cam.png")
 """
 
+from .applications.style import StyleResult, gram, style_transfer
 from .core.device import resolve_device, tune_cpu_allocator
 from .core.images import Preprocess, load_image, load_images, sample_image, sample_images
 from .core.layers import LayerInfo, list_layers, named_layers, resolve_layer
@@ -28,18 +29,27 @@ from .methods.adversarial import AdversarialResult, FeatureChange, feature_chang
 from .methods.backprop import deconvnet_rule, guided_backprop, guided_gradcam
 from .methods.cam import cam, gradcam, gradcam_pp
 from .methods.deconvnet import deconvnet
+from .methods.dissect import Comparison, DissectConfig, LayerDissection, UnitLabel, compare, dissect
 from .methods.filters import first_layer_filters
+from .methods.invert import InversionResult, invert
 from .methods.maximize import (
     FoolingResult,
+    GeneratorResult,
     MaximizationResult,
+    MultifacetedResult,
     Regularization,
     activation_maximization,
     channel,
+    dgn_am,
+    encode,
     fooling_image,
     logit,
+    multifaceted,
     neuron,
 )
+from .methods.net2vec import ConceptVector, Net2VecConfig, Net2VecResult, net2vec
 from .methods.occlusion import OcclusionResult, occlusion
+from .methods.perturb import PerturbationStudy, perturbation_study
 from .methods.saliency import gradient, input_x_gradient, saliency, smoothgrad
 from .methods.topk import (
     DeadUnits,
@@ -52,6 +62,7 @@ from .methods.topk import (
     top_k_activations,
     top_k_patches,
 )
+from .methods.upconv import UpconvNet, load_upconv, reconstruct, train_upconv
 from .models import get_classes, get_preprocess, imagenet_classes, list_models, load_model, load_weights
 from .models.predict import Prediction, predict
 
@@ -70,4 +81,9 @@ __all__ = [
     "receptive_fields", "render_top_k", "top_k_activations", "TopKPatches", "top_k_patches",
     "FoolingResult", "MaximizationResult", "Regularization", "activation_maximization", "channel",
     "fooling_image", "logit", "neuron",
+    "GeneratorResult", "MultifacetedResult", "dgn_am", "encode", "multifaceted",
+    "InversionResult", "PerturbationStudy", "StyleResult", "UpconvNet", "gram", "invert", "load_upconv",
+    "perturbation_study", "reconstruct", "style_transfer", "train_upconv",
+    "Comparison", "DissectConfig", "LayerDissection", "UnitLabel", "compare", "dissect",
+    "ConceptVector", "Net2VecConfig", "Net2VecResult", "net2vec",
 ]

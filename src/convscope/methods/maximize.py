@@ -10,6 +10,10 @@
   Olah et al. 2017: random jitter / scale (transformation robustness) and a decorrelated Fourier parametrization.
 * Fooling images (Nguyen et al. 2015, Sec. 3 "gradient ascent"; survey Sec. 7.1): ascend a class logit from noise
   until the softmax probability reaches ``confidence``.
+* Multifaceted AM (Nguyen, Yosinski & Clune 2016): cluster a unit's top real images into facets and start one
+  optimization from each facet's mean image (:func:`multifaceted`).
+* DGN-AM (Nguyen et al. 2016; survey Eq. 10): optimize the code ``h`` of a frozen generator ``G`` so the unit fires
+  on ``G(h)``, with an L2 prior on ``h`` (:func:`dgn_am`; ``core.optim.GeneratorParam``).
 
 Objectives are units: a conv channel's mean (:func:`channel`), one neuron (:func:`neuron`, the centre by default),
 a class logit (:func:`logit`; always the logit before the softmax, never the probability: maximizing the
@@ -499,3 +503,298 @@ def fooling_image(
     return FoolingResult(images=res.images, x=res.x, target=tgt, probabilities=p_target.cpu(),
                          predicted=probs.argmax(1).cpu(), steps=res.steps, success=res.steps >= 0,
                          confidence=float(confidence), history=res.history)
+
+
+# --------------------------------------------------------------------------- multifaceted feature visualization
+
+
+def kmeans(x: torch.Tensor, k: int, seed: int = 0, n_init: int = 10, iters: int = 100,
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-means (Lloyd's algorithm, k-means++ starts, the best of ``n_init`` by inertia) on the rows of ``x`` (``n x
+    d``). Returns ``(labels n, centres k x d)``; every cluster is non-empty. Deterministic for a ``seed``."""
+    x = x.detach().double().cpu()
+    n = x.shape[0]
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConvscopeError(f"kmeans(k={k!r}): use a positive int")
+    if torch.unique(x, dim=0).shape[0] < k:
+        raise ConvscopeError(f"{k} clusters need at least {k} distinct points, got {n}; ask for fewer facets or give "
+                             "more images (a larger top)")
+    gen = torch.Generator().manual_seed(int(seed))
+    best: tuple[float, torch.Tensor, torch.Tensor] | None = None
+    for _ in range(max(1, n_init)):
+        centres = x[torch.randint(n, (1,), generator=gen)]
+        for _ in range(1, k):  # k-means++: next centre drawn with probability ~ squared distance to the nearest
+            d2 = torch.cdist(x, centres).min(1).values.pow(2)
+            centres = torch.cat([centres, x[torch.multinomial(d2 / d2.sum(), 1, generator=gen)]])
+        labels = torch.full((n,), -1, dtype=torch.long)
+        for _ in range(iters):
+            new = torch.cdist(x, centres).argmin(1)
+            for j in range(k):  # an emptied cluster takes the point farthest from its centre
+                if not (new == j).any():
+                    far = torch.cdist(x, centres).gather(1, new[:, None]).squeeze(1).argmax()
+                    new[far] = j
+            if torch.equal(new, labels):
+                break
+            labels = new
+            centres = torch.stack([x[labels == j].mean(0) for j in range(k)])
+        inertia = float((x - centres[labels]).pow(2).sum())
+        if best is None or inertia < best[0] - 1e-12:
+            best = (inertia, labels, centres)
+    assert best is not None
+    return best[1], best[2].to(torch.float32)
+
+
+def _pca(x: torch.Tensor, dims: int) -> torch.Tensor:
+    """Rows of ``x`` projected on their first ``dims`` principal components (centred, not whitened)."""
+    x = x.double() - x.double().mean(0, keepdim=True)
+    if dims >= min(x.shape):
+        return x
+    _, _, v = torch.linalg.svd(x, full_matrices=False)
+    return x @ v[:dims].T
+
+
+def encode(model: nn.Module, layer: str, x: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """The output of ``layer`` for images ``x`` (no gradients, detached): e.g. the code of a real image for an
+    UpconvNet decoder trained from that layer, to start :func:`dgn_am` from."""
+    from .topk import stream_layers
+
+    name = resolve_layer(model, layer)[0]
+    return torch.cat([acts[name] for _, acts in stream_layers(model, x, [name], batch_size, progress=False)])
+
+
+@dataclass(frozen=True)
+class MultifacetedResult:
+    """Multifaceted feature visualization (Nguyen, Yosinski & Clune 2016): one image per unit and facet.
+
+    ``images``: RGB in [0, 1], ``U x F x 3 x H x W``; ``x``: the same in the model's input space; ``activations``:
+    the objective of each final image, ``U x F``; ``starts``: the cluster mean images they started from, RGB,
+    ``U x F x 3 x H x W``; ``members[u][f]``: the image ids (positions in the dataset) of facet f of unit u,
+    strongest first; ``top_ids`` / ``top_values``: each unit's top images and their activations (spatial maximum),
+    ``U x top``; ``labels``: the facet of each top image, ``U x top``; ``history``: ``steps x (U F)`` (unit-major).
+    Facets are ordered by size, largest first.
+    """
+
+    images: torch.Tensor
+    x: torch.Tensor
+    activations: torch.Tensor
+    starts: torch.Tensor
+    members: list[list[list[int]]]
+    top_ids: torch.Tensor
+    top_values: torch.Tensor
+    labels: torch.Tensor
+    history: torch.Tensor
+    layer: str
+    units: list[int]
+    embed_layer: str
+
+
+def _gather(images: object, ids: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The images with ``ids`` (sorted, unique), from a tensor or by iterating a re-iterable stream again."""
+    from .topk import _batches
+
+    if isinstance(images, torch.Tensor):
+        return images[ids.to(images.device)]
+    wanted = {int(i): j for j, i in enumerate(ids.tolist())}
+    out: list[torch.Tensor | None] = [None] * len(wanted)
+    for batch, bid in _batches(images, batch_size):  # type: ignore[arg-type]
+        for r, i in enumerate(bid.tolist()):
+            if i in wanted and out[wanted[i]] is None:
+                out[wanted[i]] = batch[r]
+    if any(t is None for t in out):
+        raise ConvscopeError("the image stream gave different images the second time; pass a tensor or a stream that "
+                             "yields the same batches each time it is iterated")
+    return torch.stack(out)  # type: ignore[arg-type]
+
+
+def multifaceted(
+    model: nn.Module, layer: str, units: Units, images: torch.Tensor | Sequence[torch.Tensor] | object,
+    facets: int = 4, *, top: int = 50, embed_layer: str | None = None, pca_dims: int = 50, kind: str = "channel",
+    steps: int = 256, regularize: str | Regularization | None = None, seed: Seed = 0, batch_size: int = 32,
+    progress: bool | None = None, **am_kwargs: object,
+) -> MultifacetedResult:
+    """Multifaceted feature visualization (Nguyen, Yosinski & Clune 2016, "Multifaceted feature visualization:
+    uncovering the different types of features learned by each neuron"): a unit responds to several kinds of inputs
+    (facets); visualize each from its own start.
+
+    1. The ``top`` images of ``images`` that most excite each unit (:func:`~convscope.methods.topk.top_k_activations`,
+       the spatial maximum).
+    2. Embed them: the output of ``embed_layer`` (default ``layer`` itself, all its channels), averaged over space,
+       L2-normalized, reduced to ``pca_dims`` principal components. The paper clusters fc7 codes embedded by t-SNE;
+       PCA + k-means is the deterministic stand-in (give a late layer as ``embed_layer`` to cluster by semantics).
+    3. k-means (:func:`kmeans`, seeded) into ``facets`` clusters per unit.
+    4. Activation maximization of the unit from each cluster's mean image (as the paper initializes each facet),
+       all facets of all units in ONE batch (unit-major). ``am_kwargs`` go to
+       :func:`activation_maximization` (``lr``, ``regularizers``, ``lambda_l2``, ``jitter``, ...).
+
+    ``images``: a tensor ``N x C x H x W`` in the model's input space, or a re-iterable stream of batches (a list,
+    a DataLoader of images; it is read twice: once for the top-k, once for the chosen images).
+    """
+    name = resolve_layer(model, layer)[0]
+    unit_list = _unit_list(units)
+    if isinstance(facets, bool) or not isinstance(facets, int) or facets < 1:
+        raise ConvscopeError(f"facets={facets!r}: use a positive int")
+    if isinstance(top, bool) or not isinstance(top, int) or top < facets:
+        raise ConvscopeError(f"top={top!r}: use an int >= facets ({facets}); the paper clusters a unit's top images")
+    if isinstance(pca_dims, bool) or not isinstance(pca_dims, int) or pca_dims < 1:
+        raise ConvscopeError(f"pca_dims={pca_dims!r}: use a positive int")
+    if not isinstance(images, torch.Tensor) and iter(images) is images:  # type: ignore[call-overload]
+        raise ConvscopeError("multifaceted() reads the images twice: pass a tensor or a re-iterable stream (a list of "
+                             "batches, a DataLoader), not a one-shot generator")
+    bad = set(am_kwargs) & {"init", "size", "units", "objective", "batch_size", "layer"}
+    if bad:
+        raise ConvscopeError(f"multifaceted() sets {', '.join(sorted(bad))} itself; drop them")
+    from .topk import stream_layers, top_k_activations
+
+    found = top_k_activations(model, images, name, k=top, batch_size=batch_size, progress=progress)[name]
+    n_units = found.values.shape[0]
+    for u in unit_list:
+        if not 0 <= u < n_units:
+            raise TargetError(f"unit {u} is out of range: layer {name!r} has {n_units} units (valid 0..{n_units - 1})")
+    top_ids = found.image_ids[unit_list].cpu()
+    top_values = found.values[unit_list].cpu()
+    needed = torch.unique(top_ids)
+    chosen = _gather(images, needed, batch_size)
+    emb_name = name if embed_layer is None else resolve_layer(model, embed_layer)[0]
+    codes = []
+    for _, acts in stream_layers(model, chosen, [emb_name], batch_size, progress=False):
+        a = acts[emb_name]
+        codes.append((a.flatten(2).mean(2) if a.dim() > 2 else a.flatten(1)).double().cpu())
+    emb = F.normalize(torch.cat(codes), dim=1)
+    pos = {int(i): j for j, i in enumerate(needed.tolist())}
+    starts, members, labels_all = [], [], []
+    for r, u in enumerate(unit_list):
+        rows = torch.tensor([pos[int(i)] for i in top_ids[r]])
+        labels, _ = kmeans(_pca(emb[rows], pca_dims), facets, seed=(seed if isinstance(seed, int) else 0) + u)
+        sizes = torch.bincount(labels, minlength=facets)
+        order = sorted(range(facets), key=lambda f: (-int(sizes[f]), int((labels == f).nonzero()[0])))
+        relabel = torch.empty(facets, dtype=torch.long)
+        relabel[torch.tensor(order)] = torch.arange(facets)
+        labels = relabel[labels]
+        labels_all.append(labels)
+        members.append([[int(top_ids[r, j]) for j in (labels == f).nonzero().flatten()] for f in range(facets)])
+        imgs = chosen[rows.to(chosen.device)]
+        starts.append(torch.stack([imgs[(labels == f).to(imgs.device)].mean(0) for f in range(facets)]))
+    init = torch.cat(starts)  # (U F) x C x H x W, unit-major
+    res = activation_maximization(model, name, [u for u in unit_list for _ in range(facets)], kind=kind,
+                                  init=init, steps=steps, regularize=regularize, seed=seed, batch_size=len(init),
+                                  progress=progress, **am_kwargs)  # type: ignore[arg-type]
+    pre = _preprocess(model, am_kwargs.get("preprocess"))  # type: ignore[arg-type]
+    u_n, shape = len(unit_list), tuple(init.shape[1:])
+    return MultifacetedResult(
+        images=res.images.view(u_n, facets, *res.images.shape[1:]), x=res.x.view(u_n, facets, *shape),
+        activations=res.activations.view(u_n, facets),
+        starts=pre.denormalize(init.detach()).clamp(0, 1).view(u_n, facets, *shape).cpu(), members=members,
+        top_ids=top_ids, top_values=top_values, labels=torch.stack(labels_all), history=res.history, layer=name,
+        units=unit_list, embed_layer=emb_name)
+
+
+# --------------------------------------------------------------------------- DGN-AM
+
+
+@dataclass(frozen=True)
+class GeneratorResult:
+    """DGN-AM (Nguyen et al. 2016): the images ``G(h*)`` whose codes ``h*`` maximize each unit.
+
+    ``images``: RGB in [0, 1], one per unit; ``x``: the same in the model's input space; ``codes``: ``h*``,
+    ``N x code_shape``; ``activations``: each unit's value on its final image (without the code penalty);
+    ``history``: the same at each step, ``steps x N``; ``layer`` / ``units`` / ``names`` as
+    :class:`MaximizationResult`.
+    """
+
+    images: torch.Tensor
+    x: torch.Tensor
+    codes: torch.Tensor
+    activations: torch.Tensor
+    history: torch.Tensor
+    layer: str | None
+    units: list[int] | None
+    names: list[str]
+
+
+def dgn_am(
+    model: nn.Module, generator: nn.Module, layer: str | None = None, units: Units | None = None, *,
+    objective: Objective | Sequence[Objective] | None = None, kind: str = "channel",
+    code_init: str | torch.Tensor = "zeros", code_shape: Sequence[int] | None = None, lambda_code: float = 1e-3,
+    output: str = "rgb", code_range: tuple[float, float] | None = None, steps: int = 200, lr: float = 0.05,
+    optimizer: str = "adam", regularizers: Sequence[Regularizer | Transform] = (), seed: Seed = 0,
+    batch_size: int = 64, progress: bool | None = None, preprocess: Preprocess | None = None,
+) -> GeneratorResult:
+    """Activation maximization through a deep generator network, DGN-AM (Nguyen et al. 2016, "Synthesizing the
+    preferred inputs for neurons in neural networks via deep generator networks"; survey Eq. 10):
+    ``h* = argmax_h a_i(G(h)) - lambda_code ||h||^2``, ``x* = G(h*)``. Only the codes move; the image prior is the
+    generator (e.g. an UpconvNet decoder trained to invert a layer). All units of a batch are optimized together.
+
+    Args:
+        generator: any ``nn.Module`` from codes ``N x code_shape`` to images ``N x 3 x H x W``; left untouched (run
+            in eval mode with frozen parameters, restored after each call; no hooks; no gradient into it).
+        layer, units, objective, kind: as :func:`activation_maximization` (``layer=None``: class logits).
+        code_init: ``"zeros"``, ``"noise"`` (N(0, 1), seeded per image) or codes ``1 x code_shape`` / ``N x
+            code_shape`` (e.g. ``encode(model, decoder_layer, x)`` of a real or mean image).
+        code_shape: the code's shape without the batch; default ``generator.code_shape`` or ``code_init.shape[1:]``.
+        lambda_code: weight of the L2 prior on the code (its scale depends on the code's: 1e-3 suits codes of
+            order 1 with thousands of entries).
+        output: ``"rgb"`` (G gives RGB in [0, 1], mapped through the model's preprocess) or ``"input"`` (G gives the
+            model's input space); clipped to the valid pixel box either way, as Nguyen et al. clip the image.
+        code_range: ``(low, high)`` clip of the codes after each step (e.g. ``(0, max)`` for ReLU features).
+        regularizers: extra transforms (``Jitter(4)``) or penalties on the image; projections are refused.
+    """
+    from ..core.optim import CodePenalty, GeneratorParam
+
+    pre = _preprocess(model, preprocess)
+    if not isinstance(generator, nn.Module):
+        raise ConvscopeError(f"generator must be an nn.Module mapping codes to images, not {type(generator).__name__}")
+    if not lambda_code >= 0:
+        raise ConvscopeError(f"lambda_code={lambda_code!r}: use a weight >= 0")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConvscopeError(f"batch_size={batch_size!r}: use a positive int")
+    if code_shape is None:
+        if isinstance(code_init, torch.Tensor):
+            if code_init.dim() < 2:
+                raise ConvscopeError("code_init: give codes batch-first, 1 x code_shape or N x code_shape")
+            code_shape = tuple(code_init.shape[1:])
+        elif getattr(generator, "code_shape", None) is not None:
+            code_shape = tuple(generator.code_shape)  # type: ignore[arg-type]
+        else:
+            raise ConvscopeError("code_shape: give the generator's code shape (without the batch), e.g. "
+                                 "code_shape=(112, 8, 8), or a code tensor as code_init")
+    spec = GeneratorParam(generator, tuple(int(s) for s in code_shape), output, code_range)
+    extra_regs, extra_trans = _split(regularizers)
+    like = torch.zeros((), dtype=_float_dtype(model), device=model_device(model))
+    if objective is not None:
+        objs = [objective] if isinstance(objective, Objective) else list(objective)
+        if not objs or not all(isinstance(o, Objective) for o in objs):
+            raise ConvscopeError("objective must be an Objective or a list of them (channel(), neuron(), logit())")
+        unit_list, name, names = None, None, [o.name for o in objs]
+        chunks = [(s, per_image(objs[s:s + batch_size]) if len(objs) > 1 else objs[0], min(batch_size, len(objs) - s))
+                  for s in range(0, len(objs), batch_size)]
+    else:
+        name = None if layer is None else resolve_layer(model, layer)[0]
+        if units is None:
+            probe_code = spec.build("zeros", 1, (1, 1), pre, make_generators(0, 1), like)
+            with torch.no_grad():
+                hw = tuple(probe_code().shape[-2:])
+            unit_list = _all_units(model, name, hw)  # type: ignore[arg-type]
+        else:
+            unit_list = _unit_list(units)
+        names = [_label(kind if name is not None else "logit", name or OUTPUT, u) for u in unit_list]
+        chunks = [(s, _objective_for(name, unit_list[s:s + batch_size], kind), len(unit_list[s:s + batch_size]))
+                  for s in range(0, len(unit_list), batch_size)]
+    results, codes = [], []
+    for start, obj, n in chunks:
+        if isinstance(seed, int) and not isinstance(seed, bool) or isinstance(seed, torch.Generator):
+            gens = make_generators(seed, n, offset=start)
+        else:
+            gens = make_generators(list(seed)[start:start + n], n)  # type: ignore[arg-type]
+        init = code_init
+        if isinstance(init, torch.Tensor) and init.dim() == len(spec.code_shape) + 1 and init.shape[0] > 1:
+            init = init[start:start + n]
+        param = make_param(spec, init, n, (1, 1), pre, gens, like)
+        res = optimize_images(model, obj, param, steps=steps, lr=lr, optimizer=optimizer, transforms=extra_trans,
+                              regularizers=[CodePenalty(param, lambda_code), *extra_regs], generators=gens,
+                              progress=progress, desc="dgn-am")
+        results.append(res)
+        codes.append(param.code.detach().clone())  # type: ignore[union-attr]
+    return GeneratorResult(
+        images=torch.cat([r.images for r in results]), x=torch.cat([r.x for r in results]), codes=torch.cat(codes),
+        activations=torch.cat([r.values for r in results]), history=torch.cat([r.history for r in results], 1),
+        layer=name, units=unit_list, names=names)

@@ -1,0 +1,213 @@
+"""Network Dissection as files: an HTML page per layer, bar charts, and every IoU as CSV / JSON.
+
+For each layer (Bau et al. 2017 Fig. 2; survey Fig. 16 and Fig. 17 left):
+
+* ``dissect_<layer>.html`` (self-contained): the per-category chart of unique detectors, then one entry per unit
+  (detectors first, by IoU): label, category, IoU, threshold, and its strongest images with the region where
+  the unit's upsampled map exceeds ``T_f`` highlighted (the rest dimmed, the region outlined);
+* ``dissect_<layer>.csv``: one row per unit (unit, label, category, iou, threshold, detector);
+  ``iou_<layer>.csv``: the full units x concepts IoU matrix;
+* ``dissect.json``: every layer's rows, summary and IoU matrix; ``dissect_summary.png``: the chart of all layers.
+
+Charts are drawn with PIL (:func:`category_chart`, :func:`comparison_chart`); every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch import nn
+
+from ..core.io import atomic_write_text
+from ..core.render import _font, _text_size, grid, save_png
+from ..core.report import HtmlReport
+from ..data.broden import BrodenDataset
+from ..errors import ConvscopeError
+from ..methods.dissect import Comparison, LayerDissection, _below, _normalizer
+from ..methods.topk import stream_layers
+
+__all__ = ["DissectReport", "category_chart", "comparison_chart", "dissect_report", "unit_images"]
+
+CATEGORY_COLORS = {"color": (214, 96, 77), "object": (67, 147, 195), "part": (146, 197, 222),
+                   "scene": (90, 174, 97), "texture": (153, 112, 171), "material": (224, 176, 60)}
+_FALLBACK = [(120, 120, 120), (191, 129, 45), (53, 151, 143), (197, 27, 125)]
+
+
+def _color(cat: str, cats: Sequence[str]) -> tuple[int, int, int]:
+    return CATEGORY_COLORS.get(cat, _FALLBACK[list(cats).index(cat) % len(_FALLBACK)] if cat in cats else (0, 0, 0))
+
+
+def _bars(groups: Sequence[tuple[str, Mapping[str, int]]], cats: Sequence[str], title: str) -> Image.Image:
+    """Grouped bar chart: one group per (name, {category: count}), one bar per category."""
+    font, small = _font(14), _font(11)
+    bar, gap, pad_l, pad_b, pad_t, h = 14, 18, 40, 70, 46, 180
+    vmax = max([1] + [int(v) for _, d in groups for v in d.values()])
+    width = pad_l + len(groups) * (len(cats) * bar + gap) + gap + 10
+    legend_w = sum(_text_size(small, c)[0] + 30 for c in cats)
+    width = max(width, legend_w + 20, _text_size(font, title)[0] + 20)
+    img = Image.new("RGB", (width, pad_t + h + pad_b), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    d.text((10, 6), title, fill=(0, 0, 0), font=font)
+    x = 10
+    for c in cats:  # legend
+        d.rectangle([x, 28, x + 10, 38], fill=_color(c, cats))
+        d.text((x + 14, 26), c, fill=(0, 0, 0), font=small)
+        x += _text_size(small, c)[0] + 30
+    y0 = pad_t + h
+    for t in range(0, vmax + 1, max(1, vmax // 4)):
+        y = y0 - h * t / vmax
+        d.line([pad_l - 4, y, width - 10, y], fill=(225, 225, 225))
+        d.text((6, y - 7), str(t), fill=(80, 80, 80), font=small)
+    d.line([pad_l, y0, width - 10, y0], fill=(0, 0, 0))
+    x = pad_l + gap
+    for name, counts in groups:
+        for c in cats:
+            v = int(counts.get(c, 0))
+            if v:
+                d.rectangle([x, y0 - h * v / vmax, x + bar - 2, y0], fill=_color(c, cats))
+                tw = _text_size(small, str(v))[0]
+                d.text((x + (bar - 2 - tw) / 2, y0 - h * v / vmax - 13), str(v), fill=(0, 0, 0), font=small)
+            x += bar
+        label = name if len(name) <= 18 else "..." + name[-15:]
+        tw = _text_size(small, label)[0]
+        d.text((x - len(cats) * bar / 2 - tw / 2, y0 + 6), label, fill=(0, 0, 0), font=small)
+        x += gap
+    return img
+
+
+def category_chart(results: Mapping[str, LayerDissection], title: str = "unique detectors per category"
+                   ) -> Image.Image:
+    """Unique detectors per category for each layer (survey Fig. 17 left), as a PIL bar chart."""
+    if not results:
+        raise ConvscopeError("category_chart() got no layers; pass the dict dissect() returns")
+    cats: list[str] = []
+    for d in results.values():
+        cats += [c for c in d.categories if c not in cats]
+    return _bars([(layer, d.summary()) for layer, d in results.items()], cats, title)
+
+
+def comparison_chart(comparison: Comparison, title: str = "unique detectors per category") -> Image.Image:
+    """:func:`~convscope.methods.dissect.compare` drawn as grouped bars, one group per (condition, layer)."""
+    multi = len(comparison.layers) > 1
+    groups = [(f"{r['condition']} {r['layer']}" if multi else str(r["condition"]),
+               {c: r[c] for c in comparison.categories}) for r in comparison.rows]
+    return _bars(groups, comparison.categories, title)
+
+
+def _load(dataset: BrodenDataset, ids: Sequence[int]) -> torch.Tensor:
+    return torch.from_numpy(np.stack([dataset.load_image(int(i)) for i in ids])).permute(0, 3, 1, 2).float() / 255
+
+
+def unit_images(model: nn.Module, dataset: BrodenDataset, result: LayerDissection, units: Sequence[int],
+                top: int = 4, batch_size: int = 16, size: int | None = 96) -> dict[int, list[Image.Image]]:
+    """Each unit's ``top`` strongest images with its thresholded region highlighted (Bau et al. Fig. 2): the
+    unit's map upsampled bilinearly to the image, ``> T_f`` kept bright and outlined, the rest dimmed."""
+    pairs = [(u, int(i)) for u in units for i in result.top_images[u][:top].tolist()]
+    ids = sorted({i for _, i in pairs})
+    if not ids:
+        return {u: [] for u in units}
+    pixels = _load(dataset, ids)
+    norm = _normalizer(model)
+    acts = torch.cat([a[result.layer].cpu() for _, a in stream_layers(
+        model, norm(pixels).to(next((p.device for p in model.parameters()), torch.device("cpu"))),
+        [result.layer], batch_size, progress=False)])
+    if acts.dim() == 2:
+        acts = acts[:, :, None, None]
+    pos = {i: j for j, i in enumerate(ids)}
+    thr = _below(result.thresholds.double()).float()
+    out: dict[int, list[Image.Image]] = {u: [] for u in units}
+    for u, i in pairs:
+        img = pixels[pos[i]]
+        a = F.interpolate(acts[pos[i]:pos[i] + 1, u:u + 1].float(), size=img.shape[-2:], mode="bilinear",
+                          align_corners=False)[0, 0]
+        mask = a > thr[u]
+        edge = mask & ~(F.max_pool2d((~mask).float()[None, None], 3, 1, 1)[0, 0] == 0)
+        shown = img * (0.3 + 0.7 * mask.float())
+        shown[:, edge] = torch.tensor([1.0, 0.85, 0.0])[:, None]
+        pil = Image.fromarray((shown.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
+        if size and pil.width != size:
+            pil = pil.resize((size, round(pil.height * size / pil.width)), Image.Resampling.BILINEAR)
+        out[u].append(pil)
+    return out
+
+
+def _slug(layer: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", layer)
+
+
+def _csv(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class DissectReport:
+    """What :func:`dissect_report` wrote."""
+
+    html: list[Path]
+    csv: list[Path]
+    json: Path
+    chart: Path
+
+
+def dissect_report(model: nn.Module, dataset: BrodenDataset, results: Mapping[str, LayerDissection],
+                   out: str | os.PathLike[str], units: Sequence[int] | None = None, top: int = 4,
+                   max_units: int | None = None, title: str = "Network Dissection") -> DissectReport:
+    """Write the HTML pages, CSV / JSON files and charts of a :func:`~convscope.methods.dissect.dissect` result.
+
+    ``units`` limits the units shown (default: all, detectors first by IoU, at most ``max_units``); CSV and JSON
+    always hold every unit and every IoU.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    chart = save_png(category_chart(results), out / "dissect_summary.png")
+    pages, csvs = [], []
+    payload: dict[str, object] = {"layers": {}}
+    for layer, d in results.items():
+        slug = _slug(layer)
+        rows = d.table()
+        csvs.append(out / f"dissect_{slug}.csv")
+        atomic_write_text(csvs[-1], _csv(list(rows[0]) if rows else ["unit"], [list(r.values()) for r in rows]))
+        csvs.append(out / f"iou_{slug}.csv")
+        atomic_write_text(csvs[-1], _csv(["unit", *d.concepts],
+                                         [[u, *[f"{v:.6g}" for v in d.iou[u].tolist()]] for u in range(len(d.rows))]))
+        payload["layers"][layer] = {  # type: ignore[index]
+            "units": rows, "summary": d.summary(), "detector_counts": d.detector_counts(),
+            "concepts": d.concepts, "concept_categories": d.concept_categories, "images": d.images,
+            "quantile": d.quantile, "iou_threshold": d.iou_threshold, "iou": [r.tolist() for r in d.iou]}
+
+        order = sorted(range(len(d.rows)), key=lambda u: (not d.rows[u].detector, -d.rows[u].iou))
+        shown = [u for u in order if units is None or u in set(units)][:max_units]
+        pics = unit_images(model, dataset, d, shown, top=top)
+        rep = HtmlReport(f"{title}: {layer}")
+        rep.text(f"{len(d.detectors())} of {len(d.rows)} units are detectors (IoU > {d.iou_threshold}) over "
+                 f"{d.images} images; thresholds at the top {d.quantile:g} of each unit's activations. "
+                 "Images: the unit's strongest, with the region above its threshold highlighted.")
+        rep.image(category_chart({layer: d}, f"{layer}: unique detectors per category"))
+        rep.table([[k, v, d.detector_counts()[k]] for k, v in d.summary().items()],
+                  header=["category", "unique detectors", "detector units"])
+        for u in shown:
+            r = d.rows[u]
+            tag = "" if r.detector else " (not a detector)"
+            caption = f"unit {u}: {r.label} ({r.category}) IoU {r.iou:.3f}, T {r.threshold:.3g}{tag}"
+            if pics[u]:
+                rep.image(grid(pics[u], nrow=len(pics[u]), padding=2), caption=caption)
+            else:
+                rep.text(caption)
+        pages.append(rep.write(out / f"dissect_{slug}.html"))
+    js = atomic_write_text(out / "dissect.json", json.dumps(payload))
+    return DissectReport(pages, csvs, js, chart)

@@ -1,0 +1,298 @@
+"""Activation maximization, measured: pictures of what units and classes want, and how strongly they get it.
+
+:func:`maximize_report` runs :func:`~convscope.methods.maximize.activation_maximization` for a set of units per
+layer (and class logits), under one or more regularization presets, and measures for every unit:
+
+* the objective reached (the channel's mean activation; the logit for a class) against the unit's highest value of
+  the same objective over a dataset of real images (``ratio`` > 1: the synthetic image beats every real one), and the
+  same for the strongest single position (spatial maximum; Zeiler & Fergus's top-1 value);
+* for a class: the softmax probability the model gives the target class, and the probability other models give it
+  (transfer, e.g. ``efficientnet_lite1`` / ``efficientnet_lite2``; the image resized to each model's input size; the
+  model itself sees the image at the size it was optimized at):
+  do the features found generalize, or are they the model's private adversarial patterns (Nguyen et al. 2015)?
+
+Writes, atomically: ``am_<layer>.png`` per layer (rows = presets, columns = units, captions = ratio or
+probability), ``am_overview.png`` (rows = layers, the last preset), ``maximize.html`` and ``maximize.json``.
+Defaults: the bundled sample photos and textures for ImageNet models, 500 held-out synthetic images
+(``render_sample(100000 + i, 112, 0)``) for ``demo_net``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.images import Preprocess, sample_images
+from ..core.io import atomic_write_text
+from ..core.layers import resolve_layer
+from ..core.probe import probe
+from ..core.render import grid, save_png
+from ..core.report import HtmlReport
+from ..errors import ConvscopeError
+from ..methods.maximize import PRESETS, activation_maximization
+from ..models.zoo import get_classes, load_model
+from .deconv import ImageSet, default_images, file_images, synthetic_images
+
+LOGITS = "logits"  # the layer name that stands for the class logits (the model output)
+
+
+@dataclass(frozen=True)
+class MaximizeRun:
+    """What :func:`maximize_report` wrote: ``rows`` (one dict per layer, preset and unit), ``summary`` (one per layer
+    and preset), the grid PNGs, the HTML page and the JSON file."""
+
+    rows: list[dict]
+    summary: list[dict]
+    pngs: list[Path]
+    html: Path
+    json: Path
+
+
+def _dataset(model: nn.Module, images: ImageSet | torch.Tensor | Sequence[str | Path] | None,
+             synthetic: int | None) -> ImageSet:
+    if images is not None or synthetic is not None or getattr(model, "zoo_name", "") == "demo_net":
+        if images is None and synthetic is None:
+            return synthetic_images(model, progress=False)
+        return default_images(model, images, synthetic, progress=False)
+    files = list(sample_images().values())
+    if not files:
+        raise ConvscopeError("no bundled sample images found (they come with scikit-image / scikit-learn); pass "
+                             "images=DIR")
+    return file_images(files, model)
+
+
+def _dataset_stats(model: nn.Module, data: ImageSet, layers: list[str], batch_size: int) -> dict[str, dict]:
+    """Per layer: the dataset maximum of every unit's channel mean and of its spatial maximum (and, for
+    :data:`LOGITS`, of every logit and softmax probability)."""
+    names = [n for n in layers if n != LOGITS]
+    stats: dict[str, dict] = {}
+
+    def fold(key: str, what: str, v: torch.Tensor) -> None:
+        d = stats.setdefault(key, {})
+        v = v.detach().float().cpu().amax(0)
+        d[what] = v if what not in d else torch.maximum(d[what], v)
+
+    with torch.no_grad(), probe(model, names, detach=True,
+                                stop_after=None if LOGITS in layers else _deepest(model, names, data)) as p:
+        for x in data.batches(batch_size):
+            p.clear()
+            out = p.forward(model, x)
+            for n in names:
+                a = p.activations[n]
+                fold(n, "mean", a.flatten(2).mean(2) if a.dim() > 2 else a)
+                fold(n, "max", a.flatten(2).amax(2) if a.dim() > 2 else a)
+            if LOGITS in layers:
+                logits = out.reshape(out.shape[0], -1)  # type: ignore[union-attr]
+                fold(LOGITS, "mean", logits)
+                fold(LOGITS, "max", logits)
+                fold(LOGITS, "prob", F.softmax(logits.float(), 1))
+    return stats
+
+
+def _deepest(model: nn.Module, names: list[str], data: ImageSet) -> str | None:
+    from ..core.optim import last_layer
+
+    return last_layer(model, names, data.load([0])) if names else None
+
+
+def _probabilities(model: nn.Module, rgb: torch.Tensor, classes: list[int], resize: bool = True,
+                   ) -> tuple[list[float], list[int]]:
+    """Softmax probability of each image's target class and the top-1 class, ``rgb`` (N x 3 x H x W in [0, 1])
+    resized to the model's input size (``resize``; else as it is) and normalized by its preprocess."""
+    pre = getattr(model, "preprocess", None)
+    pre = pre if isinstance(pre, Preprocess) else Preprocess.identity()
+    x = rgb
+    if resize and pre.input_size is not None and tuple(x.shape[-2:]) != tuple(pre.input_size):
+        x = F.interpolate(x, size=pre.input_size, mode="bilinear", align_corners=False, antialias=True)
+    dev = next((t.device for t in model.parameters()), torch.device("cpu"))
+    with torch.no_grad(), probe(model):
+        p = F.softmax(model(pre.normalize(x).to(dev)).float().reshape(len(x), -1), 1).cpu()
+    return p[torch.arange(len(x)), torch.tensor(classes)].tolist(), p.argmax(1).tolist()
+
+
+def _strongest(stats: dict, n: int) -> list[int]:
+    return stats["mean"].topk(min(n, len(stats["mean"]))).indices.tolist()
+
+
+def _short(name: str, width: int = 12) -> str:
+    name = name.split(",")[0]
+    return name if len(name) <= width else name[:width - 1] + "."
+
+
+def maximize_report(
+    model: nn.Module, layers: Sequence[str], *, units: int | Sequence[int] = 16, classes: Sequence[int] | None = None,
+    presets: Sequence[str] = ("none", "yosinski"), steps: int = 200, size: int | None = None,
+    images: ImageSet | torch.Tensor | Sequence[str | Path] | None = None, synthetic: int | None = None,
+    transfer: Sequence[str | nn.Module] = (), out: str | Path = Path("out/maximize"), seed: int = 0,
+    batch_size: int = 32, progress: bool | None = None, cell: int | None = None,
+) -> MaximizeRun:
+    """Activation maximization for ``units`` of each of ``layers`` (``"logits"``: the classes ``classes``) under
+    each preset, measured against the dataset (see the module docstring).
+
+    Args:
+        layers: layer names (``convscope layers MODEL``) and/or ``"logits"``.
+        units: per layer, the ``units`` units with the highest dataset maximum of their channel mean (alive units)
+            when an int, else these indices for every layer.
+        classes: the classes for ``"logits"`` (default: the first ``units`` classes).
+        presets: regularization presets (``none``, ``simonyan``, ``yosinski``, ``olah``; ``olah`` runs in the Fourier
+            parametrization).
+        steps, size, seed: of the optimization (size default: the model's input size).
+        images / synthetic: the dataset (default: bundled photos + textures; ``demo_net``: 500 synthetic images).
+        transfer: zoo names or models that also classify the class images (a model without ``zoo_name`` is
+            reported as ``transfer<i>``).
+        cell: pixels per picture in the grids (default: the image size, at most 128).
+    """
+    layers = list(layers)
+    if not layers:
+        raise ConvscopeError("layers: give at least one layer name or 'logits'")
+    for p in presets:
+        if p not in PRESETS:
+            raise ConvscopeError(f"preset {p!r}: use one of {', '.join(PRESETS)}")
+    names = [n if n == LOGITS else resolve_layer(model, n)[0] for n in layers]
+    out = Path(out)
+    model_name = getattr(model, "zoo_name", type(model).__name__)
+    data = _dataset(model, images, synthetic)
+    stats = _dataset_stats(model, data, names, batch_size)
+    transfer_models = [(t, load_model(t)) if isinstance(t, str) else (getattr(t, "zoo_name", None) or f"transfer{i}", t)
+                       for i, t in enumerate(transfer)]
+    class_names = get_classes(model)
+    rows: list[dict] = []
+    pictures: dict[tuple[str, str], tuple[torch.Tensor, list[str], list[str]]] = {}
+    for layer in names:
+        if layer == LOGITS:
+            n_cls = len(stats[LOGITS]["mean"])
+            unit_list = list(classes) if classes is not None else list(range(min(n_cls, units if isinstance(units, int)
+                                                                                   else len(units))))
+        else:
+            unit_list = _strongest(stats[layer], units) if isinstance(units, int) else [int(u) for u in units]
+        for preset in presets:
+            res = activation_maximization(
+                model, None if layer == LOGITS else layer, unit_list, steps=steps, size=size, seed=seed,
+                regularize=preset, parametrization="fourier" if preset == "olah" else "pixel", progress=progress)
+            with torch.no_grad(), probe(model, [] if layer == LOGITS else [layer], detach=True,
+                                        stop_after=None if layer == LOGITS else layer) as p:
+                final = p.forward(model, res.x)
+                a = final if layer == LOGITS else p.activations[layer]
+            a = a.reshape(a.shape[0], a.shape[1], -1).float().cpu()  # type: ignore[union-attr]
+            idx = torch.arange(len(unit_list))
+            spatial = a[idx, torch.tensor(unit_list)].amax(1)
+            captions, labels = [], []
+            probs: dict[str, tuple[list[float], list[int]]] = {}
+            if layer == LOGITS:
+                probs[model_name] = _probabilities(model, res.images, unit_list, resize=False)  # as optimized
+                for tname, tm in transfer_models:
+                    probs[tname] = _probabilities(tm, res.images, unit_list)
+            for i, u in enumerate(unit_list):
+                ds_mean = float(stats[layer]["mean"][u])
+                ds_max = float(stats[layer]["max"][u])
+                value = float(res.activations[i])
+                row = {"model": model_name, "layer": layer, "preset": preset, "unit": u, "value": value,
+                       "dataset_max": ds_mean, "ratio": value / ds_mean if ds_mean > 0 else None,
+                       "spatial_max": float(spatial[i]), "dataset_spatial_max": ds_max,
+                       "spatial_ratio": float(spatial[i]) / ds_max if ds_max > 0 else None}
+                if layer == LOGITS:
+                    row["class"] = class_names[u] if class_names and u < len(class_names) else str(u)
+                    row["dataset_max_prob"] = float(stats[LOGITS]["prob"][u])
+                    for tname, (pv, top1) in probs.items():
+                        row[f"p[{tname}]"] = pv[i]
+                        row[f"top1[{tname}]"] = top1[i]
+                    captions.append(f"p={probs[model_name][0][i]:.2f}")
+                    labels.append(_short(row["class"]))
+                else:
+                    captions.append(f"{row['ratio']:.1f}x" if row["ratio"] is not None else "dead")
+                    labels.append(f"unit {u}")
+                rows.append(row)
+            pictures[(layer, preset)] = (res.images, captions, labels)
+    summary = _summary(rows, names, presets, [model_name, *[t for t, _ in transfer_models]])
+    pngs = _write_grids(pictures, names, presets, out, cell)
+    html = _write_html(out, model_name, data, names, presets, steps, pngs, summary, rows, size or "model's")
+    json_path = atomic_write_text(out / "maximize.json", json.dumps({
+        "model": model_name, "layers": names, "presets": list(presets), "steps": steps,
+        "size": size, "seed": seed, "dataset": data.source, "transfer": [t for t, _ in transfer_models],
+        "hyperparameters": {p: PRESETS[p].__dict__ for p in presets},
+        "summary": summary, "rows": rows}, indent=1, default=list))
+    return MaximizeRun(rows, summary, pngs, html, json_path)
+
+
+def _summary(rows: list[dict], layers: list[str], presets: Sequence[str], prob_models: list[str]) -> list[dict]:
+    out = []
+    for layer in layers:
+        for preset in presets:
+            rs = [r for r in rows if r["layer"] == layer and r["preset"] == preset]
+            ratios = [r["ratio"] for r in rs if r["ratio"] is not None]
+            sratios = [r["spatial_ratio"] for r in rs if r["spatial_ratio"] is not None]
+            s = {"layer": layer, "preset": preset, "units": len(rs),
+                 "median_ratio": statistics.median(ratios) if ratios else None,
+                 "min_ratio": min(ratios) if ratios else None,
+                 "beats_dataset": sum(r > 1 for r in ratios),
+                 "median_spatial_ratio": statistics.median(sratios) if sratios else None}
+            if layer == LOGITS:
+                for m in prob_models:
+                    ps = [r[f"p[{m}]"] for r in rs]
+                    s[f"mean p[{m}]"] = sum(ps) / len(ps)
+                    s[f"top1 hits[{m}]"] = sum(r[f"top1[{m}]"] == r["unit"] for r in rs)
+            out.append(s)
+    return out
+
+
+def _fname(layer: str) -> str:
+    return "am_" + layer.replace(".", "_").replace("/", "_") + ".png"
+
+
+def _write_grids(pictures: dict, layers: list[str], presets: Sequence[str], out: Path, cell: int | None) -> list[Path]:
+    pngs = []
+
+    def fit(images: torch.Tensor) -> torch.Tensor:
+        side = cell or min(128, images.shape[-1])
+        if images.shape[-1] == side:
+            return images
+        return F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+
+    for layer in layers:
+        cells, captions = [], []
+        labels: list[str] = []
+        for preset in presets:
+            imgs, caps, labels = pictures[(layer, preset)]
+            cells += list(fit(imgs).clamp(0, 1))
+            captions += caps
+        img = grid(cells, nrow=len(labels), padding=2, row_labels=list(presets), col_labels=labels,
+                   cell_labels=captions)
+        pngs.append(save_png(img, out / _fname(layer)))
+    last = presets[-1]
+    n = min(len(pictures[(layer, last)][2]) for layer in layers)
+    cells = [c for layer in layers for c in fit(pictures[(layer, last)][0][:n]).clamp(0, 1)]
+    caps = [c for layer in layers for c in pictures[(layer, last)][2][:n]]
+    img = grid(cells, nrow=n, padding=2, row_labels=layers, cell_labels=caps)
+    pngs.append(save_png(img, out / "am_overview.png"))
+    return pngs
+
+
+def _write_html(out: Path, model_name: str, data: ImageSet, layers: list[str], presets: Sequence[str], steps: int,
+                pngs: list[Path], summary: list[dict], rows: list[dict], size: object) -> Path:
+    rep = HtmlReport(f"Activation maximization: {model_name}")
+    rep.text(f"{steps} steps, size {size}, presets {', '.join(presets)}. Dataset for the comparison: {data.source}. "
+             "ratio = the unit's channel-mean activation on its synthetic image / its highest channel mean over the "
+             "dataset; spatial ratio the same for the strongest single position. Captions: ratio per unit, softmax "
+             "probability of the target class per class.")
+    rep.heading("Summary")
+    keys = list(dict.fromkeys(k for s in summary for k in s))
+    rep.table([[s.get(k, "") if s.get(k) is not None else "" for k in keys] for s in summary], header=keys)
+    for layer, png in zip(layers, pngs):
+        rep.heading(f"{layer}", 3)
+        rep.image(png, caption=f"rows: {', '.join(presets)}")
+    rep.heading("Overview", 3)
+    rep.image(pngs[-1], caption=f"preset {presets[-1]}, rows = layers")
+    rep.heading("Every unit")
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    rep.table([[r.get(k, "") if r.get(k) is not None else "" for k in keys] for r in rows], header=keys)
+    return rep.write(out / "maximize.html")
+
+
+__all__ = ["LOGITS", "MaximizeRun", "maximize_report"]

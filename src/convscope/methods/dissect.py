@@ -1,0 +1,686 @@
+"""Network Dissection: label every unit of a layer with the concept its top activations segment best.
+
+Bau, Zhou, Khosla, Oliva & Torralba, "Network Dissection: Quantifying Interpretability of Deep Visual
+Representations", CVPR 2017; the survey's Sec. 6.2.1, Eq. 18-19.  As in NetDissect-Lite's pipeline
+(extract -> quantile -> tally -> report) the work is split in stages, each a plain function of tensors, with the
+configuration passed explicitly in a frozen :class:`DissectConfig`:
+
+1. **quantile** (:func:`unit_thresholds`, Eq. 18): the threshold ``T_f`` of every unit ``f`` with
+   ``P(a_f > T_f) = quantile`` over all spatial positions of all images, at the layer's own resolution.  The
+   result is *exact*: per unit only the ``k = n - floor((n - 1)(1 - quantile))`` largest values are kept (``n`` =
+   images x positions), a running ``topk`` merge per batch, and ``T_f`` is interpolated from them exactly as
+   ``numpy.quantile(a_f, 1 - quantile)`` (``method="linear"``, NumPy's default, the one NetDissect-Lite's
+   ``np.percentile`` uses).  Memory: ``units x k x 4`` bytes per layer, i.e. about ``quantile`` of the
+   layer's activations over the whole dataset (``DissectConfig.max_buffer_mb`` caps it, with an error naming
+   the fix).  For 1000 images of 56 x 56 positions that is 15 681 floats per unit.
+2. **tally** (:func:`tally_batch`, Eq. 19): each unit's map is upsampled bilinearly to the label resolution and
+   thresholded, ``M_f = S_f > T_f``; for all units and all concepts at once we accumulate the intersections
+   ``|M_f & L_c|``, the activated pixels ``|M_f|`` and the concept pixels ``|L_c|``.  Intersections are a
+   ``bincount`` over the activated pixels only (``unit * (C + 1) + concept of the pixel``, for every label layer),
+   so the cost is the thresholding plus a few per cent of the pixels, whatever the number of concepts; image-level
+   labels (Broden's scenes) are whole-image masks and count through one ``units x images @ images x concepts``
+   product.
+3. **IoU**: ``IoU_{f,c} = sum |M_f & L_c| / sum |M_f | L_c|``.  As in the authors' released code, the sums for a
+   concept run over the images that carry annotations of that concept's category: ``|M_f|`` is only counted on
+   images that have some label of that category (an image without texture labels says nothing about texture
+   detectors).  NetDissect-Lite's ``tally_units_cat`` is slightly narrower: it counts an image's activated
+   pixels for a category only when they overlap some label of that category in that image.  A unit is a
+   *detector* of its best concept when ``IoU > iou_threshold`` (0.04).
+
+Scale: memory is bounded by the batch (plus the exact quantile buffers); images load in DataLoader workers while
+the model runs; progress bars; with ``out=`` the pass-1 buffers / thresholds and the pass-2 partial counts are
+written atomically every ``checkpoint_every`` batches, and a rerun with the same model, data and configuration picks
+up where it stopped (a different configuration in the same folder is refused).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..core.io import atomic_write_bytes, atomic_write_text
+from ..core.layers import model_device, resolve_layers
+from ..data.broden import BrodenDataset, broden_collate
+from ..errors import ConvscopeError, DataError
+from .topk import TopKActivations, _RunningTopK, stream_layers
+
+__all__ = [
+    "ConceptSpace",
+    "DissectConfig",
+    "LayerDissection",
+    "UnitLabel",
+    "Comparison",
+    "compare",
+    "concept_space",
+    "dissect",
+    "iou_from_counts",
+    "tally_batch",
+    "unit_thresholds",
+]
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class DissectConfig:
+    """Settings of :func:`dissect` (NetDissect-Lite's ``settings.py``, passed explicitly).
+
+    Attributes:
+        quantile: ``P(a_f > T_f)``, the top fraction of each unit's activations that forms its mask (Eq. 18).
+        iou_threshold: a unit detects its best concept when ``IoU > iou_threshold``.
+        batch_size: images per forward pass.
+        seg_size: label maps are resized (nearest) to this (int or ``(h, w)``); None keeps the dataset's.
+        image_size: when ``dataset`` is a path, images are resized to this; None: the model's preprocess size.
+        categories: the concept categories to score (None: all in the dataset).
+        split: when ``dataset`` is a path, only rows of this split (None: all).
+        top_images: images kept per unit (largest spatial maximum) for reports.
+        workers: DataLoader worker processes (0 loads in the main process).
+        checkpoint_every: batches between atomic saves into ``out``.
+        max_buffer_mb: cap on the exact quantile buffers of one layer (MiB).
+    """
+
+    quantile: float = 0.005
+    iou_threshold: float = 0.04
+    batch_size: int = 16
+    seg_size: int | tuple[int, int] | None = None
+    image_size: int | tuple[int, int] | None = None
+    categories: tuple[str, ...] | None = None
+    split: str | None = None
+    top_images: int = 8
+    workers: int = 1
+    checkpoint_every: int = 20
+    max_buffer_mb: float = 4096.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < float(self.quantile) < 1.0:
+            raise ConvscopeError(f"DissectConfig(quantile={self.quantile!r}): use a fraction in (0, 1), e.g. 0.005")
+        if not 0.0 <= float(self.iou_threshold) < 1.0:
+            raise ConvscopeError(f"DissectConfig(iou_threshold={self.iou_threshold!r}): use a value in [0, 1), "
+                                 "e.g. 0.04")
+        for name in ("batch_size", "top_images", "checkpoint_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConvscopeError(f"DissectConfig({name}={v!r}): use a positive int")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
+            raise ConvscopeError(f"DissectConfig(workers={self.workers!r}): use an int >= 0")
+        if self.categories is not None:
+            object.__setattr__(self, "categories", tuple(self.categories))
+        for name in ("seg_size", "image_size"):
+            v = getattr(self, name)
+            if v is not None:
+                pair = (v, v) if isinstance(v, int) else tuple(v)
+                if len(pair) != 2 or not all(isinstance(s, int) and s > 0 for s in pair):
+                    raise ConvscopeError(f"DissectConfig({name}={v!r}): use a positive int or an (h, w) pair")
+                object.__setattr__(self, name, pair)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings that change results (a resumed run must match them)."""
+        d = asdict(self)
+        for k in ("workers", "checkpoint_every", "max_buffer_mb"):
+            d.pop(k)
+        return json.loads(json.dumps(d))
+
+
+# --------------------------------------------------------------------------- concepts
+
+
+@dataclass(frozen=True)
+class ConceptSpace:
+    """The concepts scored: one column per label number of the chosen categories.
+
+    ``numbers[c]``, ``names[c]``, ``category[c]`` (primary category of the concept); ``lut`` maps a label number to
+    its column (``C`` = none); ``labelcat`` is ``C x K`` (concept c belongs to category k); ``categories`` are the
+    K chosen categories, ``pixel_categories`` / ``image_categories`` their kinds in the dataset.
+    """
+
+    numbers: list[int]
+    names: list[str]
+    category: list[str]
+    categories: list[str]
+    pixel_categories: list[str]
+    image_categories: list[str]
+    lut: torch.Tensor
+    labelcat: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.numbers)
+
+
+def concept_space(dataset: BrodenDataset, categories: Sequence[str] | None = None) -> ConceptSpace:
+    """The concept columns of ``dataset`` for ``categories`` (default: all its categories)."""
+    cats = list(dataset.categories if categories is None else categories)
+    unknown = [c for c in cats if c not in dataset.categories]
+    if unknown:
+        raise DataError(f"categories {unknown} are not loaded from {dataset.root} (it has "
+                        f"{', '.join(dataset.categories)}); pick from those")
+    numbers = sorted({n for c in cats for n in dataset.category_labels[c]})
+    if not numbers:
+        raise DataError(f"categories {cats} of {dataset.root} list no labels; pick categories with labels")
+    lut = torch.full((len(dataset.labels),), len(numbers), dtype=torch.int64)
+    lut[torch.tensor(numbers)] = torch.arange(len(numbers))
+    labelcat = torch.zeros(len(numbers), len(cats), dtype=torch.bool)
+    for k, c in enumerate(cats):
+        labelcat[lut[torch.tensor(dataset.category_labels[c])], k] = True
+    primary = []
+    for j, n in enumerate(numbers):
+        lab = dataset.labels[n]
+        primary.append(lab.category if lab.category in cats and labelcat[j, cats.index(lab.category)]
+                       else cats[int(labelcat[j].nonzero()[0])])
+    return ConceptSpace(numbers, [dataset.labels[n].name for n in numbers], primary, cats,
+                        [c for c in cats if c in dataset.pixel_categories],
+                        [c for c in cats if c in dataset.image_categories], lut, labelcat)
+
+
+@dataclass(frozen=True)
+class BatchLabels:
+    """A batch's concept annotations: ``cols`` ``N x L x P`` concept column of each pixel in each label layer
+    (``C`` = none; a concept repeated at one pixel in two layers counts once), ``image_level`` ``N x C`` whole-image
+    concepts, ``annotated`` ``N x C`` (the image has labels of the concept's category), ``truth`` ``C`` concept
+    pixels, ``size`` the label resolution."""
+
+    cols: torch.Tensor
+    image_level: torch.Tensor
+    annotated: torch.Tensor
+    truth: torch.Tensor
+    size: tuple[int, int]
+
+
+def batch_labels(batch: Mapping[str, Any], space: ConceptSpace, size: tuple[int, int] | None = None) -> BatchLabels:
+    """Concept annotations of one :func:`~convscope.data.broden.broden_collate` batch, for :func:`tally_batch`."""
+    n = len(batch["index"])
+    c = len(space)
+    segs = [batch["seg"][cat] for cat in space.pixel_categories if cat in batch["seg"]]
+    if size is None:
+        if not segs:
+            raise DataError("the batch has no pixel-level labels, so the label resolution is unknown; "
+                            "set DissectConfig(seg_size=...)")
+        size = tuple(segs[0].shape[-2:])  # type: ignore[assignment]
+    h, w = size  # type: ignore[misc]
+    has_cat = torch.zeros(n, len(space.categories), dtype=torch.bool)
+    layers = []
+    for k, cat in enumerate(space.categories):
+        if cat in space.pixel_categories and cat in batch["seg"]:
+            s = batch["seg"][cat]
+            if tuple(s.shape[-2:]) != (h, w):
+                raise DataError(f"{cat} label maps are {tuple(s.shape[-2:])}, others {(h, w)}; open the dataset "
+                                "with seg_size= (or set DissectConfig(seg_size=...))")
+            has_cat[:, k] = (s != 0).flatten(1).any(1)
+            layers.append(s)
+        elif cat in space.image_categories:
+            has_cat[:, k] = torch.tensor([bool(v) for v in batch["labels_image_level"][cat]], dtype=torch.bool)
+    labels = torch.cat(layers, 1) if layers else torch.zeros(n, 0, h, w, dtype=torch.int64)
+    cols = space.lut[labels.clamp(0, len(space.lut) - 1)].flatten(2)  # N x L x P
+    for i in range(1, cols.shape[1]):  # a concept in two layers of one pixel is one pixel of that concept
+        for j in range(i):
+            dup = cols[:, i] == cols[:, j]
+            cols[:, i][dup] = c
+    image_level = torch.zeros(n, c, dtype=torch.float64)
+    for cat in space.image_categories:
+        for r, nums in enumerate(batch["labels_image_level"][cat]):
+            for num in nums:
+                col = int(space.lut[num]) if 0 <= num < len(space.lut) else c
+                if col < c:
+                    image_level[r, col] = 1.0
+    annotated = (has_cat.double() @ space.labelcat.double().T) > 0
+    truth = torch.bincount(cols.flatten(), minlength=c + 1)[:c].double() + h * w * image_level.sum(0)
+    return BatchLabels(cols, image_level, annotated, truth, (h, w))
+
+
+# --------------------------------------------------------------------------- pass 1: quantile thresholds
+
+
+class _TopBuffer:
+    """Per unit, the ``k`` largest of ``n`` values, enough for the exact upper ``quantile`` (see module doc)."""
+
+    def __init__(self, n: int, quantile: float, units: int, max_mb: float, layer: str) -> None:
+        self.n, self.q = n, float(quantile)
+        self.lo = math.floor((n - 1) * (1.0 - self.q))  # numpy's virtual index, integer part
+        self.k = n - self.lo
+        mb = units * self.k * 4 / 2**20
+        if mb > max_mb:
+            raise ConvscopeError(
+                f"layer {layer!r}: the exact quantile needs {mb:.0f} MiB ({units} units x {self.k} values); raise "
+                f"DissectConfig(max_buffer_mb=...) above that, or dissect fewer images or a smaller seg/image size")
+        self.values: torch.Tensor | None = None
+
+    def update(self, act: torch.Tensor) -> None:
+        v = act.detach().float().transpose(0, 1).reshape(act.shape[1], -1)
+        if self.values is not None:
+            v = torch.cat([self.values, v], 1)
+        self.values = v.topk(min(self.k, v.shape[1]), dim=1).values
+
+    def thresholds(self) -> torch.Tensor:
+        """``numpy.quantile(a_f, 1 - quantile)`` (linear interpolation) per unit, float64."""
+        assert self.values is not None
+        b = self.values.double()
+        pos = (self.n - 1) * (1.0 - self.q)
+        frac = pos - self.lo
+        x_lo = b[:, self.n - 1 - self.lo]  # ascending index lo is descending index n-1-lo = k-1
+        if self.lo + 1 > self.n - 1:
+            return x_lo
+        x_hi = b[:, self.n - 2 - self.lo]
+        return x_lo + frac * (x_hi - x_lo)
+
+
+def _below(t: torch.Tensor) -> torch.Tensor:
+    """The largest float32 values ``<= t`` (float64): for float32 ``a``, ``a > t`` iff ``a > _below(t)``."""
+    t32 = t.float()
+    over = t32.double() > t
+    return torch.where(over, torch.nextafter(t32, torch.tensor(-math.inf)), t32)
+
+
+# --------------------------------------------------------------------------- pass 2: tally
+
+
+def tally_batch(act: torch.Tensor, thresholds: torch.Tensor, labels: BatchLabels
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eq. 19 counts of one batch for all units and concepts: ``(intersection U x C, activated U x C, masks)``.
+
+    ``act`` is the layer's output ``N x U x h x w`` (or ``N x U``); it is upsampled bilinearly to the label size and
+    thresholded (``> thresholds``, float32-exact). ``activated[f, c]`` counts ``|M_f|`` on the images annotated for
+    ``c``'s category. Also returns the masks ``N x U x H x W`` (bool).
+    """
+    if act.dim() == 2:
+        act = act[:, :, None, None]
+    if act.dim() != 4:
+        raise ConvscopeError(f"dissection needs a convolutional (N x C x H x W) or linear layer, got shape "
+                             f"{tuple(act.shape)}")
+    act = act.detach().float()
+    if tuple(act.shape[-2:]) != labels.size:
+        act = F.interpolate(act, size=labels.size, mode="bilinear", align_corners=False)
+    t = _below(thresholds.to(torch.float64)).float().to(act.device)
+    masks = act > t[None, :, None, None]
+    n, u = masks.shape[:2]
+    c = labels.image_level.shape[1]
+    flat = masks.flatten(2)
+    counts = flat.sum(2).double().cpu()  # N x U
+    inter = counts.T @ labels.image_level  # image-level concepts: the whole image is the mask
+    if labels.cols.shape[1]:
+        nz = flat.nonzero().cpu()  # K x 3: (image, unit, pixel)
+        cols = labels.cols[nz[:, 0], :, nz[:, 2]]  # K x L
+        keys = (nz[:, 1:2] * (c + 1) + cols).flatten()
+        inter = inter + torch.bincount(keys, minlength=u * (c + 1)).view(u, c + 1)[:, :c].double()
+    activated = counts.T @ labels.annotated.double()
+    return inter, activated, masks
+
+
+def iou_from_counts(inter: torch.Tensor, activated: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """``IoU = I / (|M| + |L| - I)`` (0 where both are empty), ``U x C`` float64."""
+    union = activated + truth[None, :] - inter
+    return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(inter))
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class UnitLabel:
+    """One unit's dissection: its best concept ``label`` (of ``category``), that ``iou``, the unit's ``threshold``
+    ``T_f`` and whether it is a detector (``iou > iou_threshold``)."""
+
+    unit: int
+    label: str
+    category: str
+    iou: float
+    threshold: float
+    detector: bool
+
+
+@dataclass(frozen=True)
+class LayerDissection:
+    """Network Dissection of one layer.
+
+    ``rows``: one :class:`UnitLabel` per unit; ``iou``: the full ``units x concepts`` matrix; ``concepts``,
+    ``concept_numbers``, ``concept_categories`` name its columns; ``intersection``, ``activated`` (``|M_f|`` on
+    images annotated for the concept's category) and ``truth`` (``|L_c|``) are the counts behind it;
+    ``top_images`` / ``top_values``: each unit's strongest images (dataset indices) by spatial maximum.
+    """
+
+    layer: str
+    rows: list[UnitLabel]
+    iou: torch.Tensor
+    concepts: list[str]
+    concept_numbers: list[int]
+    concept_categories: list[str]
+    categories: list[str]
+    thresholds: torch.Tensor
+    intersection: torch.Tensor
+    activated: torch.Tensor
+    truth: torch.Tensor
+    top_images: torch.Tensor
+    top_values: torch.Tensor
+    images: int
+    quantile: float
+    iou_threshold: float
+    seg_size: tuple[int, int] = (0, 0)
+    shape: tuple[int, ...] = field(default=())
+
+    def detectors(self) -> list[UnitLabel]:
+        """The detector units (``iou > iou_threshold``), best IoU first."""
+        return sorted((r for r in self.rows if r.detector), key=lambda r: -r.iou)
+
+    def summary(self) -> dict[str, int]:
+        """Unique detectors per category: distinct concepts detected by at least one unit (Bau et al. Fig. 5;
+        survey Fig. 17 left)."""
+        out = {c: 0 for c in self.categories}
+        for cat, _ in {(r.category, r.label) for r in self.rows if r.detector}:
+            out[cat] += 1
+        return out
+
+    def detector_counts(self) -> dict[str, int]:
+        """Detector units per category (a concept detected by three units counts three times)."""
+        out = {c: 0 for c in self.categories}
+        for r in self.rows:
+            if r.detector:
+                out[r.category] += 1
+        return out
+
+    def table(self) -> list[dict[str, Any]]:
+        """One dict per unit (unit, label, category, iou, threshold, detector), for CSV/JSON."""
+        return [asdict(r) for r in self.rows]
+
+
+def _layer_result(layer: str, space: ConceptSpace, thresholds: torch.Tensor, inter: torch.Tensor,
+                  activated: torch.Tensor, truth: torch.Tensor, top: TopKActivations, config: DissectConfig,
+                  seg_size: tuple[int, int]) -> LayerDissection:
+    iou = iou_from_counts(inter, activated, truth)
+    best = iou.argmax(1) if iou.shape[1] else torch.zeros(iou.shape[0], dtype=torch.long)
+    rows = []
+    for u in range(iou.shape[0]):
+        c = int(best[u])
+        v = float(iou[u, c])
+        rows.append(UnitLabel(u, space.names[c], space.category[c], v, float(thresholds[u]),
+                              v > config.iou_threshold))
+    return LayerDissection(layer, rows, iou, list(space.names), list(space.numbers), list(space.category),
+                           list(space.categories), thresholds, inter, activated, truth, top.image_ids, top.values,
+                           top.images_seen, float(config.quantile), float(config.iou_threshold), seg_size,
+                           tuple(top.shape))
+
+
+# --------------------------------------------------------------------------- streaming and resuming
+
+
+def open_dataset(dataset: BrodenDataset | str | os.PathLike[str], model: nn.Module | None,
+                 config: DissectConfig) -> BrodenDataset:
+    """``dataset`` as a :class:`BrodenDataset` with ``config.seg_size`` (a copy when it must change)."""
+    if isinstance(dataset, str | os.PathLike):
+        size = config.image_size
+        if size is None and model is not None:
+            size = getattr(getattr(model, "preprocess", None), "input_size", None)
+        return BrodenDataset(dataset, categories=config.categories, split=config.split, size=size,
+                             seg_size=config.seg_size)
+    if not isinstance(dataset, BrodenDataset):
+        raise DataError(f"dissect(dataset=...) needs a BrodenDataset or a Broden folder path, got "
+                        f"{type(dataset).__name__}; generate one with convscope.data.synthetic.generate(out)")
+    if config.seg_size is not None and dataset.seg_size != config.seg_size:
+        dataset = copy.copy(dataset)
+        dataset.seg_size = config.seg_size
+    return dataset
+
+
+def _normalizer(model: nn.Module) -> Any:
+    pre = getattr(model, "preprocess", None)
+    return pre.normalize if callable(getattr(pre, "normalize", None)) else (lambda x: x)
+
+
+def stream_dataset(model: nn.Module, dataset: BrodenDataset, layers: Sequence[str], batch_size: int, workers: int,
+                   start_batch: int = 0, desc: str = "dissect", progress: bool = True
+                   ) -> Iterator[tuple[dict[str, Any], dict[str, torch.Tensor]]]:
+    """``(collated batch, {layer: activations})`` per batch from ``start_batch`` on, images loaded by
+    ``workers`` DataLoader processes while the model runs (through :func:`~convscope.methods.topk.stream_layers`);
+    images are mapped to the model's input space with ``model.preprocess.normalize`` when it has one."""
+    from torch.utils.data import DataLoader, Subset
+
+    total = math.ceil(len(dataset) / batch_size)
+    first = start_batch * batch_size
+    if first >= len(dataset):
+        return
+    loader = DataLoader(Subset(dataset, range(first, len(dataset))), batch_size=batch_size, shuffle=False,
+                        num_workers=workers, collate_fn=broden_collate, persistent_workers=False)
+    norm, dev = _normalizer(model), model_device(model)
+    held: dict[str, Any] = {}
+
+    def images() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for b in tqdm(loader, total=total, initial=start_batch, desc=desc, unit="batch", disable=not progress):
+            held["batch"] = b
+            yield norm(b["images"]).to(dev), b["index"]
+
+    for _, acts in stream_layers(model, images(), list(layers), batch_size, progress=False):
+        yield held["batch"], acts
+
+
+def _model_hash(model: nn.Module) -> str:
+    h = hashlib.sha1()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                 if v.numel() else b"")
+    return h.hexdigest()
+
+
+class _Store:
+    """The resumable state of a run in ``out``: ``dissect_meta.json`` plus ``pass1.pt`` / ``pass2.pt``."""
+
+    def __init__(self, out: str | os.PathLike[str], meta: dict[str, Any]) -> None:
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / "dissect_meta.json"
+        if path.is_file():
+            old = json.loads(path.read_text())
+            if old != meta:
+                diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
+                raise ConvscopeError(f"{self.out} holds a dissection with a different {', '.join(diff)}; pass another "
+                                     "out folder, or delete this one to start over")
+        else:
+            atomic_write_text(path, json.dumps(meta, indent=1))
+
+    def load(self, name: str) -> dict[str, Any] | None:
+        path = self.out / f"{name}.pt"
+        if not path.is_file():
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - a damaged state file: say which, and how to recover
+            raise ConvscopeError(f"{path} cannot be read ({type(exc).__name__}: {exc}); delete it to recompute "
+                                 "that pass") from None
+
+    def save(self, name: str, state: dict[str, Any]) -> None:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        atomic_write_bytes(self.out / f"{name}.pt", buf.getvalue())
+
+
+def _restore_top(layer: str, k: int, s: Mapping[str, Any]) -> _RunningTopK:
+    t = _RunningTopK(layer, k)
+    t.values, t.ids, t.locs = s["values"], s["ids"], s["locs"]
+    t.shape, t.seen = tuple(int(v) for v in s["shape"]), int(s["seen"])
+    return t
+
+
+def _pass_thresholds(model: nn.Module, ds: BrodenDataset, names: list[str], config: DissectConfig,
+                     store: _Store | None, show: bool) -> tuple[dict[str, torch.Tensor], dict[str, TopKActivations]]:
+    state = store.load("pass1") if store else None
+    if state and state.get("done"):
+        tops = {n: _restore_top(n, config.top_images, state["top"][n]).result() for n in names}
+        return dict(state["thresholds"]), tops
+    start = int(state["batches"]) if state else 0
+    bufs: dict[str, _TopBuffer] = {}
+    tops: dict[str, _RunningTopK] = {n: _RunningTopK(n, config.top_images) for n in names}
+    if state:
+        for n in names:
+            tops[n] = _restore_top(n, config.top_images, state["top"][n])
+            b = state["buffers"][n]
+            bufs[n] = _TopBuffer(int(state["n"][n]), config.quantile, b.shape[0], config.max_buffer_mb, n)
+            bufs[n].values = b
+    batches = start
+
+    def snapshot(done: bool) -> dict[str, Any]:
+        s: dict[str, Any] = {
+            "batches": batches, "done": done, "n": {n: bufs[n].n for n in names},
+            "buffers": {n: bufs[n].values for n in names},
+            "top": {n: {"values": t.values, "ids": t.ids, "locs": t.locs, "shape": list(t.shape), "seen": t.seen}
+                    for n, t in tops.items()},
+        }
+        if done:
+            s["thresholds"] = {n: bufs[n].thresholds() for n in names}
+        return s
+
+    for batch, acts in stream_dataset(model, ds, names, config.batch_size, config.workers, start,
+                                      "dissect 1/2 thresholds", show):
+        for n in names:
+            a = acts[n]
+            if a.dim() == 2:
+                a = a[:, :, None, None]
+            if n not in bufs:
+                bufs[n] = _TopBuffer(len(ds) * a.shape[2] * a.shape[3], config.quantile, a.shape[1],
+                                     config.max_buffer_mb, n)
+            bufs[n].update(a)
+            tops[n].update(acts[n], batch["index"])
+        batches += 1
+        if store and batches % config.checkpoint_every == 0:
+            store.save("pass1", snapshot(False))
+    if not bufs or any(b.values is None for b in bufs.values()):
+        raise DataError(f"{ds.root} yielded no images; check the dataset (and its split)")
+    final = snapshot(True)
+    if store:
+        store.save("pass1", final)
+    return dict(final["thresholds"]), {n: t.result() for n, t in tops.items()}
+
+
+def unit_thresholds(model: nn.Module, dataset: BrodenDataset | str | os.PathLike[str], layers: str | Sequence[str],
+                    config: DissectConfig = DissectConfig(), progress: bool | None = None) -> dict[str, torch.Tensor]:
+    """Pass 1 alone: every unit's exact ``T_f`` with ``P(a_f > T_f) = config.quantile`` (Bau et al. 2017, Eq. 18),
+    equal to ``numpy.quantile(a_f, 1 - quantile)`` over all positions of all images (linear interpolation)."""
+    ds = open_dataset(dataset, model, config)
+    names = list(resolve_layers(model, layers))
+    show = progress if progress is not None else len(ds) > 4 * config.batch_size
+    return _pass_thresholds(model, ds, names, config, None, show)[0]
+
+
+def dissect(model: nn.Module, dataset: BrodenDataset | str | os.PathLike[str], layers: str | Sequence[str],
+            config: DissectConfig = DissectConfig(), out: str | os.PathLike[str] | None = None,
+            progress: bool | None = None) -> dict[str, LayerDissection]:
+    """Network Dissection (Bau et al. 2017; survey Sec. 6.2.1, Eq. 18-19) of every unit of ``layers`` at once.
+
+    Args:
+        model: any ``nn.Module`` (left untouched: hooks through :func:`~convscope.core.probe.probe`).
+        dataset: a :class:`~convscope.data.broden.BrodenDataset` (e.g. the synthetic one written by
+            :func:`convscope.data.synthetic.generate`, or a real Broden download) or its folder.  Images in
+            ``[0, 1]`` go through ``model.preprocess.normalize`` when the model has one.
+        layers: names from ``model.named_modules()`` (a list or comma-separated string).
+        config: :class:`DissectConfig` (``quantile=0.005``, ``iou_threshold=0.04``, ...).
+        out: a folder for resumable state (thresholds and partial counts, saved atomically); a rerun continues.
+        progress: progress bars (default: for more than 4 batches).
+
+    Returns ``{layer: LayerDissection}`` with one row per unit (unit, label, category, iou, threshold) and the
+    full IoU matrix units x concepts.
+    """
+    if not isinstance(config, DissectConfig):
+        raise ConvscopeError(f"dissect(config=...) takes a DissectConfig, got {type(config).__name__}")
+    ds = open_dataset(dataset, model, config)
+    names = list(resolve_layers(model, layers))
+    space = concept_space(ds, config.categories)
+    show = progress if progress is not None else len(ds) > 4 * config.batch_size
+    store = None
+    if out is not None:
+        meta = {"config": config.fingerprint(), "layers": names, "model": _model_hash(model),
+                "dataset": {"root": str(Path(ds.root).resolve()), "images": len(ds), "split": ds.split,
+                            "size": list(ds.size) if ds.size else None,
+                            "seg_size": list(ds.seg_size) if ds.seg_size else None}}
+        store = _Store(out, meta)
+    thresholds, tops = _pass_thresholds(model, ds, names, config, store, show)
+
+    state = store.load("pass2") if store else None
+    start = int(state["batches"]) if state else 0
+    c = len(space)
+    inter = dict(state["inter"]) if state else {}
+    activated = dict(state["activated"]) if state else {}
+    truth = state["truth"] if state else torch.zeros(c, dtype=torch.float64)
+    seg_size = tuple(state["seg_size"]) if state and state.get("seg_size") else None
+    batches = start
+
+    def snapshot(done: bool) -> dict[str, Any]:
+        return {"batches": batches, "done": done, "inter": inter, "activated": activated, "truth": truth,
+                "seg_size": list(seg_size) if seg_size else None}
+
+    if not (state and state.get("done")):
+        size = ds.seg_size
+        for batch, acts in stream_dataset(model, ds, names, config.batch_size, config.workers, start,
+                                          "dissect 2/2 IoU", show):
+            labels = batch_labels(batch, space, size)
+            seg_size = labels.size
+            truth = truth + labels.truth
+            for n in names:
+                i, a, _ = tally_batch(acts[n], thresholds[n], labels)
+                inter[n] = inter[n] + i if n in inter else i
+                activated[n] = activated[n] + a if n in activated else a
+            batches += 1
+            if store and batches % config.checkpoint_every == 0:
+                store.save("pass2", snapshot(False))
+        if store:
+            store.save("pass2", snapshot(True))
+    return {n: _layer_result(n, space, thresholds[n], inter[n], activated[n], truth, tops[n], config,
+                             seg_size or (0, 0)) for n in names}
+
+
+# --------------------------------------------------------------------------- comparing conditions
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Detectors per category side by side (survey Sec. 6.3.2): ``rows`` one dict per (condition, layer) with
+    ``condition``, ``layer``, per category the unique detectors, ``total`` unique detectors, ``detector_units`` and
+    ``units``."""
+
+    conditions: list[str]
+    layers: list[str]
+    categories: list[str]
+    rows: list[dict[str, Any]]
+
+    def text(self) -> str:
+        """A plain-text table."""
+        head = ["condition", "layer", *self.categories, "total", "detector_units", "units"]
+        lines = [head] + [[str(r[h]) for h in head] for r in self.rows]
+        widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+        return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)) for line in lines)
+
+
+def compare(results_by_name: Mapping[str, Mapping[str, LayerDissection]]) -> Comparison:
+    """Unique detectors per category for several conditions (e.g. checkpoints, training regimes) side by side.
+
+    ``results_by_name`` maps a condition name to a :func:`dissect` result; rows follow the given order.
+    """
+    if not results_by_name:
+        raise ConvscopeError("compare() got no results; pass {name: dissect(...)} for at least one condition")
+    cats: list[str] = []
+    layers: list[str] = []
+    rows = []
+    for name, res in results_by_name.items():
+        for layer, d in res.items():
+            if not isinstance(d, LayerDissection):
+                raise ConvscopeError(f"compare(): {name!r} / {layer!r} is a {type(d).__name__}, not a LayerDissection;"
+                                     " pass the dicts dissect() returns")
+            cats += [c for c in d.categories if c not in cats]
+            layers += [layer] if layer not in layers else []
+    for name, res in results_by_name.items():
+        for layer, d in res.items():
+            s = d.summary()
+            row: dict[str, Any] = {"condition": name, "layer": layer}
+            row.update({c: s.get(c, 0) for c in cats})
+            row.update(total=sum(s.values()), detector_units=len(d.detectors()), units=len(d.rows))
+            rows.append(row)
+    return Comparison(list(results_by_name), layers, cats, rows)
