@@ -104,3 +104,21 @@ if hasattr(cs, "activation_maximization"):
              note="64 channels of blocks.10, yosinski preset, 8 Adam steps at 128 px in one batch of 64; the paired "
                   "F+B(input) b64 runs the whole net at 224 px (baselines are native-size only), so x paired is lower "
                   "than a pixel-matched ratio by about (224/128)^2 = 3.1, and lower again for stopping at blocks.10")
+if hasattr(cs, "invert"):
+    register("invert (regularized) blocks.10, per step",
+             lambda m, x, t: cs.invert(m, x, ["blocks.10"], steps=4, progress=False).images,
+             work=FB_INPUT, shapes=IMAGE_SHAPES, per_call=4, unit="step",
+             note="alpha-norm + TV + jitter, Adam; the forward stops at blocks.10 (the paired F+B runs the whole net)")
+
+    def _upconv_reconstruct(model: nn.Module, x: torch.Tensor, t: Targets) -> torch.Tensor:
+        from convscope.methods.upconv import UpconvNet
+
+        with torch.no_grad(), cs.probe(model, "blocks.10", stop_after="blocks.10", detach=True) as p:
+            p.forward(model, x[:1])
+            shape = tuple(p.activations["blocks.10"].shape[1:])
+        dec = UpconvNet(shape, tuple(x.shape[-2:]), layer="blocks.10").eval()  # untrained: same cost as trained
+        return cs.reconstruct(model, dec, x, error=False).images
+
+    register("UpconvNet reconstruction from blocks.10", _upconv_reconstruct, work=F_, shapes=IMAGE_SHAPES,
+             note="encoder forward to blocks.10 + one decoder pass (an untrained decoder of the same shape; "
+                  "regularized inversion needs ~200 steps of the row above)")
