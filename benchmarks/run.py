@@ -135,7 +135,9 @@ def select_cases(args: argparse.Namespace, registry: list[Case]) -> list[Case]:
 def case_targets(model: torch.nn.Module, x: torch.Tensor, k: int) -> Targets:
     with torch.no_grad(), cs.preserved_state(model):
         out = model(x)
-    return Targets(out.reshape(out.shape[0], -1).topk(k, dim=1).indices)
+    flat = out.reshape(out.shape[0], -1)
+    idx = flat.topk(min(k, flat.shape[1]), dim=1).indices  # a case with more "targets" than classes (units) wraps
+    return Targets(idx.repeat(1, -(-k // idx.shape[1]))[:, :k])
 
 
 def run_suite(args: argparse.Namespace) -> dict[str, Any]:
