@@ -12,6 +12,7 @@
     convscope deconv MODEL --layer L           DeconvNet projections of each unit's top-9 activations + patches
     convscope filters MODEL                    first-layer filters and the dead units of every conv/ReLU layer
     convscope evolution CKPT_DIR --layer L     a unit's strongest projection at every training checkpoint
+    convscope maximize MODEL --layer L --units 0-15   activation maximization (+ --facets, --generator)
     convscope invert IMAGE... --layers a,b     reconstructions from each layer (regularized or UpconvNet)
     convscope upconv train MODEL --layer L     train an UpconvNet decoder from a layer to pixels
     convscope style CONTENT STYLE              Gatys et al. style transfer
@@ -304,6 +305,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_maximize(args: argparse.Namespace) -> int:
+    from .applications.deconv import default_images, parse_units
+    from .applications.maximize_report import run_maximize
+    from .core.layers import resolve_layer
+
+    model = _load(args)
+    layer = None if args.layer in ("logits", "output") else resolve_layer(model, args.layer)[0]
+    units = parse_units(args.units)
+    images = default_images(model, args.images or None, args.synthetic) if args.facets else None
+    run = run_maximize(model, layer, units, Path(args.out), steps=args.steps, regularize=args.regularize,
+                       kind=args.kind, size=args.size, seed=args.seed, parametrization=args.parametrization,
+                       facets=args.facets, images=images, top=args.top, generator=args.generator,
+                       code_init=args.code_init, lambda_code=args.lambda_code)
+    print(f"objective reached: median {sorted(run.activations)[len(run.activations) // 2]:.3g} over "
+          f"{len(run.activations)} images; wrote {run.grid} and {len(run.pictures)} PNGs in {run.grid.parent}/units/")
+    return 0
+
+
 def cmd_invert(args: argparse.Namespace) -> int:
     from .applications.invert_report import run_invert
     from .core.images import _expand_paths
@@ -527,6 +546,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", "-k", type=int, default=1, help="projections per unit and checkpoint (default 1)")
     p.add_argument("--out", "-o", default="out/evolution", help="output folder (default out/evolution/)")
     p.set_defaults(func=cmd_evolution)
+
+    p = sub.add_parser("maximize", help="activation maximization: an image per unit, optimized in one batch")
+    _model_args(p, positional=True)
+    p.add_argument("--layer", required=True, help="layer, or 'logits' for class units (pre-softmax)")
+    p.add_argument("--units", required=True, help="units or classes: 0-63, 1,5,9 or a mix")
+    p.add_argument("--kind", choices=["channel", "neuron"], default="channel",
+                   help="a channel's mean (default) or its centre neuron")
+    p.add_argument("--regularize", choices=["yosinski", "simonyan", "olah", "none"],
+                   help="regularizer preset (default: yosinski for pixels, olah for fourier)")
+    p.add_argument("--parametrization", choices=["pixel", "rgb", "fourier"], default="pixel",
+                   help="image parametrization (default pixel; fourier = decorrelated, Olah et al.)")
+    p.add_argument("--steps", type=int, default=256, help="optimization steps (default 256)")
+    p.add_argument("--size", type=int, help="image side in pixels (default: the model's input size)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--facets", type=int, default=0, help="multifaceted AM: facets per unit from clustered top images")
+    p.add_argument("--top", type=int, default=50, help="--facets: top images clustered per unit (default 50)")
+    p.add_argument("--images", nargs="*", help="--facets: image files or folders (default: bundled / synthetic)")
+    p.add_argument("--synthetic", type=int, help="--facets: N held-out synthetic images")
+    p.add_argument("--generator", help="DGN-AM: an UpconvNet file (convscope upconv train) or a TorchScript generator")
+    p.add_argument("--code-init", default="zeros", help="DGN-AM start code: zeros, noise or a PHOTO to encode")
+    p.add_argument("--lambda-code", type=float, default=1e-3, help="DGN-AM: L2 weight on the code (default 1e-3)")
+    p.add_argument("--out", "-o", default="out/maximize", help="output folder (default out/maximize/)")
+    p.set_defaults(func=cmd_maximize)
 
     p = sub.add_parser("invert", help="reconstruct images from layers (Mahendran & Vedaldi; UpconvNet)")
     p.add_argument("images", nargs="+", help="image files or folders")

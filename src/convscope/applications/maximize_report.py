@@ -132,7 +132,7 @@ def maximize_report(
     images: ImageSet | torch.Tensor | Sequence[str | Path] | None = None, synthetic: int | None = None,
     transfer: Sequence[str | nn.Module] = (), out: str | Path = Path("out/maximize"), seed: int = 0,
     batch_size: int = 32, progress: bool | None = None, cell: int | None = None,
-) -> MaximizeRun:
+) -> MaximizeCommand:
     """Activation maximization for ``units`` of each of ``layers`` (``"logits"``: the classes ``classes``) under
     each preset, measured against the dataset (see the module docstring).
 
@@ -296,3 +296,93 @@ def _write_html(out: Path, model_name: str, data: ImageSet, layers: list[str], p
 
 
 __all__ = ["LOGITS", "MaximizeRun", "maximize_report"]
+
+
+@dataclass(frozen=True)
+class MaximizeCommand:
+    """``convscope maximize``: the grid and per-unit PNGs written, and the final objective values."""
+
+    grid: Path
+    pictures: list[Path]
+    activations: list[float]
+
+
+def load_generator(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, str, str | None]:
+    """A DGN-AM generator from a file: an UpconvNet checkpoint (``train_upconv``; loaded with ``weights_only``)
+    or a TorchScript archive. Returns ``(generator, output space, layer it decodes or None)``."""
+    from ..errors import ModelLoadError
+    from ..methods.upconv import load_upconv
+
+    p = Path(path)
+    if not p.is_file():
+        raise ModelLoadError(f"generator file {str(p)!r} does not exist; train one with `convscope upconv train "
+                             "MODEL --layer L --out FILE`")
+    try:
+        dec = load_upconv(p, device=device)
+        return dec, "input", dec.layer
+    except ModelLoadError:
+        pass
+    try:
+        return torch.jit.load(str(p), map_location=device), "rgb", None
+    except Exception as exc:  # noqa: BLE001 - any failure means "not TorchScript either"
+        raise ModelLoadError(f"{str(p)!r} is neither an UpconvNet checkpoint nor a TorchScript generator "
+                             f"({type(exc).__name__}); a TorchScript generator maps codes to RGB in [0, 1]") from None
+
+
+def run_maximize(model: nn.Module, layer: str | None, units: list[int], out: Path, *, steps: int = 256,
+                 regularize: str | None = None, kind: str = "channel", size: int | None = None, seed: int = 0,
+                 parametrization: str = "pixel", facets: int = 0, images: object = None, top: int = 50,
+                 generator: str | Path | None = None, code_init: str | Path = "zeros", lambda_code: float = 1e-3,
+                 progress: bool = True) -> MaximizeCommand:
+    """Activation maximization for ``units`` of ``layer`` (``None``: class logits), plain, multifaceted
+    (``facets > 0``, needs ``images``: an ImageSet from ``applications.deconv.default_images``) or through a
+    generator (DGN-AM). Writes ``maximize_<layer>.png`` (labelled grid), ``units/<layer>_<unit>[_f<k>].png`` and
+    ``maximize.json``."""
+    from ..core.images import load_images
+    from ..methods.maximize import activation_maximization, dgn_am, encode, multifaceted
+
+    out = Path(out)
+    tag = (layer or "logits").replace("/", "_")
+    classes = getattr(model, "classes", None)
+
+    def name(u: int) -> str:
+        if layer is None and classes is not None and u < len(classes):
+            return f"{u} {classes[u]}"[:20]
+        return f"unit {u}"
+
+    if facets:
+        data = images.load(range(len(images)))  # type: ignore[union-attr]
+        res = multifaceted(model, layer, units, data, facets=facets, top=top, kind=kind, steps=steps,
+                           regularize=regularize, seed=seed, progress=progress)
+        tiles = [t for u in range(len(units)) for t in [*res.starts[u], *res.images[u]]]
+        cells = [f"{lab}" for _ in units for lab in [*[f"start {f}" for f in range(facets)],
+                                                     *[f"facet {f}" for f in range(facets)]]]
+        picture = grid(tiles, nrow=2 * facets, row_labels=[name(u) for u in units], cell_labels=cells)
+        per_unit = [(f"{tag}_{u}_f{f}", res.images[i, f]) for i, u in enumerate(units) for f in range(facets)]
+        acts = res.activations.flatten().tolist()
+    elif generator is not None:
+        gen, space, gen_layer = load_generator(generator, next(model.parameters()).device)
+        init: str | torch.Tensor = str(code_init)
+        if init not in ("zeros", "noise"):
+            if gen_layer is None:
+                raise ConvscopeError("--code-init PHOTO needs an UpconvNet generator (it encodes the photo with "
+                                     "the layer the decoder inverts); use zeros or noise for this generator")
+            photo = encode(model, gen_layer, load_images([init], model))
+            init = photo.expand(len(units), *photo.shape[1:]).clone()
+        res = dgn_am(model, gen, layer, units, kind=kind, code_init=init, lambda_code=lambda_code, output=space,
+                     steps=steps, seed=seed, progress=progress)
+        picture = grid(list(res.images), nrow=min(8, len(units)), cell_labels=[name(u) for u in units])
+        per_unit = [(f"{tag}_{u}", res.images[i]) for i, u in enumerate(units)]
+        acts = res.activations.tolist()
+    else:
+        res = activation_maximization(model, layer, units, steps=steps, regularize=regularize, kind=kind, size=size,
+                                      seed=seed, parametrization=parametrization, progress=progress)
+        picture = grid(list(res.images), nrow=min(8, len(units)), cell_labels=[name(u) for u in units])
+        per_unit = [(f"{tag}_{u}", res.images[i]) for i, u in enumerate(units)]
+        acts = res.activations.tolist()
+    png = save_png(picture, out / f"maximize_{tag}.png")
+    pictures = [save_png(img.float().cpu(), out / "units" / f"{stem}.png") for stem, img in per_unit]
+    atomic_write_text(out / "maximize.json", json.dumps({
+        "layer": layer, "units": units, "kind": kind, "steps": steps, "regularize": regularize, "facets": facets,
+        "generator": str(generator) if generator else None, "activations": acts}, indent=1))
+    return MaximizeCommand(png, pictures, acts)
