@@ -55,6 +55,7 @@ def test_combination_beats_either_half_unit(synth):
     single = r.single_iou[:, r.concepts.index("red")]
     assert red.iou_com > 0.85 and red.iou_com > float(single.max()) + 0.2  # union of both halves vs one half
     assert red.units_needed == 2  # one half alone stays below 90 % of the combination
+    assert 0 < red.iou_all < 0.2  # red is a small share of the colour-annotated pixels
     w = r.weights[r.concepts.index("red")]
     assert w[0] > 0 and w[1] > 0 and w[:2].min() > w[2:].abs().max()
     assert r.iou_by_units.shape == (2, 4) and torch.isclose(r.iou_by_units[:, -1], r.iou_com).all()

@@ -48,10 +48,13 @@ def _color(cat: str, cats: Sequence[str]) -> tuple[int, int, int]:
     return CATEGORY_COLORS.get(cat, _FALLBACK[list(cats).index(cat) % len(_FALLBACK)] if cat in cats else (0, 0, 0))
 
 
-def _bars(groups: Sequence[tuple[str, Mapping[str, int]]], cats: Sequence[str], title: str) -> Image.Image:
-    """Grouped bar chart: one group per (name, {category: count}), one bar per category."""
+def _bars(groups: Sequence[tuple[str, Mapping[str, int]]], cats: Sequence[str], title: str,
+          sections: Sequence[tuple[str, int]] = ()) -> Image.Image:
+    """Grouped bar chart: one group per (name, {category: count}), one bar per category; ``sections`` label runs
+    of consecutive groups (name, number of groups) on a second line."""
     font, small = _font(14), _font(11)
-    bar, gap, pad_l, pad_b, pad_t, h = 14, 18, 40, 70, 46, 180
+    bar, gap, pad_l, pad_t, h = 14, 18, 40, 58, 180
+    pad_b = 48 if sections else 28
     vmax = max([1] + [int(v) for _, d in groups for v in d.values()])
     width = pad_l + len(groups) * (len(cats) * bar + gap) + gap + 10
     legend_w = sum(_text_size(small, c)[0] + 30 for c in cats)
@@ -83,6 +86,13 @@ def _bars(groups: Sequence[tuple[str, Mapping[str, int]]], cats: Sequence[str], 
         tw = _text_size(small, label)[0]
         d.text((x - len(cats) * bar / 2 - tw / 2, y0 + 6), label, fill=(0, 0, 0), font=small)
         x += gap
+    x = pad_l + gap
+    for name, count in sections:
+        span = count * (len(cats) * bar + gap) - gap
+        d.line([x, y0 + 24, x + span, y0 + 24], fill=(120, 120, 120))
+        tw = _text_size(small, name)[0]
+        d.text((x + span / 2 - tw / 2, y0 + 28), name, fill=(0, 0, 0), font=small)
+        x += span + gap
     return img
 
 
@@ -99,10 +109,17 @@ def category_chart(results: Mapping[str, LayerDissection], title: str = "unique 
 
 def comparison_chart(comparison: Comparison, title: str = "unique detectors per category") -> Image.Image:
     """:func:`~convscope.methods.dissect.compare` drawn as grouped bars, one group per (condition, layer)."""
-    multi = len(comparison.layers) > 1
-    groups = [(f"{r['condition']} {r['layer']}" if multi else str(r["condition"]),
-               {c: r[c] for c in comparison.categories}) for r in comparison.rows]
-    return _bars(groups, comparison.categories, title)
+    if len(comparison.layers) == 1:
+        groups = [(str(r["condition"]), {c: r[c] for c in comparison.categories}) for r in comparison.rows]
+        return _bars(groups, comparison.categories, title)
+    groups = [(str(r["layer"]).rsplit(".", 1)[-1], {c: r[c] for c in comparison.categories}) for r in comparison.rows]
+    sections: list[tuple[str, int]] = []
+    for r in comparison.rows:
+        if sections and sections[-1][0] == r["condition"]:
+            sections[-1] = (sections[-1][0], sections[-1][1] + 1)
+        else:
+            sections.append((str(r["condition"]), 1))
+    return _bars(groups, comparison.categories, title, sections)
 
 
 def _load(dataset: BrodenDataset, ids: Sequence[int]) -> torch.Tensor:

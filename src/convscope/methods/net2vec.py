@@ -109,7 +109,9 @@ class Net2VecConfig:
 @dataclass(frozen=True)
 class ConceptVector:
     """One concept's Net2Vec result: held-out ``iou_com`` of the learned combination, the best single unit and its
-    held-out IoU, and ``units_needed`` (see the module doc)."""
+    held-out IoU, ``units_needed`` (see the module doc), and ``iou_all``: the held-out IoU of the trivial mask that
+    marks every annotated pixel (the concept's share of them; a combination near it has learned little, which
+    happens for whole-image concepts such as scenes under the class-balanced loss)."""
 
     concept: str
     category: str
@@ -117,6 +119,7 @@ class ConceptVector:
     best_unit: int
     best_unit_iou: float
     units_needed: int
+    iou_all: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -348,6 +351,6 @@ def net2vec(model: nn.Module, dataset: BrodenDataset | str | os.PathLike[str], l
         reach = (iou_k[j] >= config.coverage * iou_com[j]).nonzero().flatten()
         need = int(reach[0]) + 1 if iou_com[j] > 0 and len(reach) else 0
         rows.append(ConceptVector(space.names[col], space.category[col], float(iou_com[j]), int(best_unit[j]),
-                                  float(best_iou[j]), need))
+                                  float(best_iou[j]), need, float(pos[1, col] / tot[1, col].clamp(min=1))))
     return Net2VecResult(layer, [space.names[i] for i in chosen], [space.category[i] for i in chosen], w, b,
                          iou_com, single, iou_k, thresholds, rows, losses, len(train_idx), len(val_idx))
