@@ -13,6 +13,7 @@
     convscope filters MODEL                    first-layer filters and the dead units of every conv/ReLU layer
     convscope evolution CKPT_DIR --layer L     a unit's strongest projection at every training checkpoint
     convscope maximize MODEL --layer L --units 0-15   activation maximization (+ --facets, --generator)
+    convscope dissect MODEL --layers a,b       Network Dissection on the synthetic set or a Broden folder
     convscope invert IMAGE... --layers a,b     reconstructions from each layer (regularized or UpconvNet)
     convscope upconv train MODEL --layer L     train an UpconvNet decoder from a layer to pixels
     convscope style CONTENT STYLE              Gatys et al. style transfer
@@ -323,6 +324,35 @@ def cmd_maximize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dissect(args: argparse.Namespace) -> int:
+    from .applications.dissect_report import dissect_report
+    from .core.layers import resolve_layers
+    from .data.broden import BrodenDataset
+    from .methods.dissect import DissectConfig, compare, dissect
+
+    model = _load(args)
+    layers = list(resolve_layers(model, args.layers))
+    if not layers:
+        raise ConvscopeError("--layers needs at least one layer name (see `convscope layers MODEL`)")
+    out = Path(args.out)
+    if args.dataset == "synthetic":
+        from .data.synthetic import generate
+
+        path = out / "broden"
+        if not (path / "index.csv").exists():  # generated once; a rerun (resume) reuses it
+            generate(path, n=args.n, size=args.size, seed=args.seed, workers=2)
+    else:
+        path = Path(args.dataset)
+    cats = tuple(c.strip() for c in args.categories.split(",") if c.strip()) or None
+    config = DissectConfig(quantile=args.quantile, iou_threshold=args.iou_threshold, batch_size=args.batch_size,
+                           categories=cats)
+    results = dissect(model, path, layers, config, out=out / "state")
+    rep = dissect_report(model, BrodenDataset(path), results, out, top=args.top, max_units=args.max_units)
+    print(compare({getattr(model, "zoo_name", "model"): results}).text())
+    print(f"wrote {', '.join(str(h) for h in rep.html)}")
+    return 0
+
+
 def cmd_invert(args: argparse.Namespace) -> int:
     from .applications.invert_report import run_invert
     from .core.images import _expand_paths
@@ -569,6 +599,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda-code", type=float, default=1e-3, help="DGN-AM: L2 weight on the code (default 1e-3)")
     p.add_argument("--out", "-o", default="out/maximize", help="output folder (default out/maximize/)")
     p.set_defaults(func=cmd_maximize)
+
+    p = sub.add_parser("dissect", help="Network Dissection (Bau et al.): label units with concepts by IoU")
+    _model_args(p, positional=True)
+    p.add_argument("--layers", required=True, help="comma-separated conv layers")
+    p.add_argument("--dataset", default="synthetic", help="'synthetic' (generated into OUT/broden) or a Broden folder")
+    p.add_argument("--n", type=int, default=1000, help="synthetic: images (default 1000)")
+    p.add_argument("--size", type=int, default=112, help="synthetic: image side (default 112)")
+    p.add_argument("--seed", type=int, default=1, help="synthetic: seed (default 1; demo_net trained on seed 0)")
+    p.add_argument("--quantile", type=float, default=0.005, help="top fraction of activations per unit (default "
+                                                                  "0.005, Bau et al.)")
+    p.add_argument("--iou-threshold", type=float, default=0.04, help="detector threshold (default 0.04)")
+    p.add_argument("--categories", default="", help="comma-separated categories (default: all)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
+    p.add_argument("--top", type=int, default=4, help="top images shown per unit (default 4)")
+    p.add_argument("--max-units", type=int, help="units per layer page (default: all)")
+    p.add_argument("--out", "-o", default="out/dissect", help="output folder; a rerun resumes (default out/dissect/)")
+    p.set_defaults(func=cmd_dissect)
 
     p = sub.add_parser("invert", help="reconstruct images from layers (Mahendran & Vedaldi; UpconvNet)")
     p.add_argument("images", nargs="+", help="image files or folders")
