@@ -20,3 +20,13 @@ def demo():
     from convscope.models import load_model
 
     return load_model("demo_net", device="cpu")
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for tests of tiny models: thread-pool overhead dominates them, and on a busy 2-core machine
+    two threads made a lite0 forward 100x slower. Restores the thread count afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -5,17 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from convscope.cli import main
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def test_dissect_synthetic_and_rerun(tmp_path, capsys):

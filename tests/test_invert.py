@@ -16,13 +16,7 @@ from convscope.methods.perturb import binarize, drop_least, dropout, perturbatio
 
 from .helpers import assert_untouched, snapshot
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def _orthogonal_net() -> nn.Sequential:

@@ -12,13 +12,7 @@ import convscope as cs
 from convscope.applications.invert_report import psnr
 from convscope.cli import main
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def test_psnr_by_hand():

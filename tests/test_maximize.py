@@ -41,14 +41,7 @@ from convscope.methods.maximize import (
 
 from .helpers import assert_untouched, snapshot
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread avoids the thread-pool overhead that dominates them on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def _conv_unit(k: int = 5, seed: int = 0) -> nn.Conv2d:

@@ -6,19 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from PIL import Image
 
 import convscope as cs
 from convscope.cli import main
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def _run(tmp_path, *extra):

@@ -18,13 +18,7 @@ from convscope.methods.maximize import dgn_am, encode, kmeans, multifaceted
 
 from .helpers import assert_untouched, hook_count, snapshot
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 # --------------------------------------------------------------------------- facets

@@ -74,6 +74,16 @@ def pinned_target(model: nn.Module, x: torch.Tensor, target: Target) -> torch.Te
     return target if idx is None else idx
 
 
+def pinned_class(model: nn.Module, x: torch.Tensor, target: Target, what: str) -> torch.Tensor:
+    """One class index per image (``N``), fixed on the clean images, for methods that follow a single class
+    (attacks, deletion / insertion); several targets or a score callable give a clear error naming ``what``."""
+    idx = pinned_target(model, x, target)
+    if not isinstance(idx, torch.Tensor) or idx.shape[1] != 1:
+        raise ConvscopeError(f"{what} needs one class per image as its target (an int, a list of N ints or "
+                             "top_class), not several or a score function")
+    return idx[:, 0]
+
+
 def repeat_target(target: torch.Tensor | Callable, reps: int) -> torch.Tensor | Callable:
     """Indices ``N x K`` for a batch of ``reps`` copies of the N images laid out copy-major (row ``r * N + i``)."""
     return target.repeat(reps, 1) if isinstance(target, torch.Tensor) else target

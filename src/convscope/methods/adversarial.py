@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.attribution import check_input, input_gradient, pinned_target
+from ..core.attribution import check_input, input_gradient, pinned_class
 from ..core.images import Preprocess
 from ..core.layers import resolve_layer
 from ..core.probe import preserved_state, probe
@@ -89,11 +89,7 @@ def pgd(model: nn.Module, x: torch.Tensor, target: Target = top_class, eps: floa
     pre = preprocess if preprocess is not None else getattr(model, "preprocess", None) or Preprocess.identity()
     alpha = 2.5 * eps / steps if alpha is None else alpha
     x = x.detach()
-    label = pinned_target(model, x, target)
-    if not isinstance(label, torch.Tensor) or label.shape[1] != 1:
-        raise ConvscopeError("an attack needs one class per image as its target (an int, a list of N ints or "
-                             "top_class), not several or a score function")
-    label = label[:, 0]
+    label = pinned_class(model, x, target, "an attack")
     pixels = pre.denormalize(x).clamp(0, 1)
     _, std = pre._stats(x)
     sign = -1.0 if targeted else 1.0

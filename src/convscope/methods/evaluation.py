@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.attribution import check_input, pinned_target
+from ..core.attribution import check_input, pinned_class
 from ..core.imageops import gaussian_blur, spearman
 from ..core.layers import resolve_layer
 from ..core.probe import preserved_state
@@ -76,11 +76,7 @@ def deletion_insertion(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, ta
     if m.shape[-2:] != x.shape[-2:]:
         m = F.interpolate(m[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     x = x.detach()
-    idx = pinned_target(model, x, target)
-    if not isinstance(idx, torch.Tensor) or idx.shape[1] != 1:
-        raise ConvscopeError("deletion_insertion scores one class per image: give an int, a list of N ints or "
-                             "top_class")
-    idx = idx[:, 0]
+    idx = pinned_class(model, x, target, "deletion_insertion")
     n, hw = x.shape[0], x.shape[-1] * x.shape[-2]
     ranks = pixel_ranks(m).to(x.device)
     base_del = torch.as_tensor(deletion_baseline, dtype=x.dtype, device=x.device).expand_as(x)
