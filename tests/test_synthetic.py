@@ -227,3 +227,17 @@ def test_bad_config_raises_data_error(kwargs, match):
 def test_bad_generate_arguments(tmp_path, kwargs):
     with pytest.raises(DataError):
         generate(tmp_path / "x", **{"n": 2, "progress": False, **kwargs})
+
+
+def test_render_arrays_equals_render_sample_in_any_number_of_processes():
+    from convscope.data.synthetic import SynthConfig, render_arrays, render_sample
+
+    one = render_arrays(5, 6, size=48, seed=3, workers=1, progress=False, masks=True)
+    two = render_arrays(5, 6, size=48, seed=3, workers=2, progress=False, masks=True)
+    for a, b in zip(one, two):
+        assert np.array_equal(a, b)
+    for i in range(6):
+        s = render_sample(5 + i, size=48, seed=3)
+        assert np.array_equal(one.images[i], s.image) and np.array_equal(one.target_masks[i], s.target_mask)
+        assert one.scenes[i] == SynthConfig().scene_class(s.scene)
+    assert render_arrays(0, 2, size=48, progress=False).target_masks is None

@@ -11,7 +11,7 @@
   ``evolution_<layer>.png`` and ``evolution.json``.
 
 The dataset is an :class:`ImageSet`: image files (loaded a batch at a time), held-out synthetic images (rendered
-once, kept as uint8, from index :data:`SYNTHETIC_START` on, never used by ``train-demo``) or a tensor. Defaults:
+once, kept as uint8, from index ``HELD_OUT_START`` on, never used by ``train-demo``) or a tensor. Defaults:
 the bundled photos for ImageNet models, 500 synthetic images for ``demo_net``. Every file is written atomically.
 """
 
@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -36,13 +35,13 @@ from ..core.io import atomic_write_text
 from ..core.layers import resolve_layer
 from ..core.render import grid, save_png, to_display, to_pil
 from ..core.report import HtmlReport
+from ..data.synthetic import HELD_OUT_START, render_arrays
 from ..errors import ConvscopeError
 from ..methods.deconvnet import deconvnet, trace_calls
 from ..methods.filters import first_conv, first_layer_filters
 from ..methods.topk import TopKActivations, dead_units, render_top_k, top_k_activations, top_k_patches
 from ..models.zoo import load_model, load_weights
 
-SYNTHETIC_START = 100_000  # held-out synthetic indices (train-demo uses 0 .. n_train + n_test)
 DEFAULT_SYNTHETIC = 500
 TEXTURES = ("brick", "grass", "gravel")
 
@@ -92,21 +91,18 @@ def file_images(paths: Sequence[str | Path], model: nn.Module) -> ImageSet:
     return ImageSet([str(f) for f in files], load, f"{len(files)} image files")
 
 
-def synthetic_images(model: nn.Module, n: int = DEFAULT_SYNTHETIC, seed: int = 0, start: int = SYNTHETIC_START,
+def synthetic_images(model: nn.Module, n: int = DEFAULT_SYNTHETIC, seed: int = 0, start: int = HELD_OUT_START,
                      progress: bool = True) -> ImageSet:
     """``n`` held-out synthetic scenes (``convscope.data.synthetic``), at the model's input size, in its input
     space (its ``preprocess``; RGB in [0, 1] without one)."""
-    from ..data.synthetic import render_sample
-
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConvscopeError(f"--synthetic {n!r}: give a positive number of images")
     pre = getattr(model, "preprocess", None)
     size = pre.input_size if isinstance(pre, Preprocess) and pre.input_size else (112, 112)
     if size[0] != size[1]:
         raise ConvscopeError(f"synthetic images are square; the model's input is {size[0]} x {size[1]}")
-    items = [render_sample(start + i, size=size[0], seed=seed).image
-             for i in tqdm(range(n), desc="render", unit="image", disable=not progress or n < 50)]
-    pixels = torch.from_numpy(np.stack(items)).permute(0, 3, 1, 2).contiguous()  # uint8, 3 bytes a pixel
+    arrays = render_arrays(start, n, size[0], seed, workers=2, progress=progress)
+    pixels = torch.from_numpy(arrays.images).permute(0, 3, 1, 2).contiguous()  # uint8, 3 bytes a pixel
     norm = pre.normalize if isinstance(pre, Preprocess) else (lambda t: t)
     dev = _device(model)
 

@@ -24,7 +24,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -33,15 +32,13 @@ from ..core.io import atomic_write_text
 from ..core.render import grid, overlay, save_png, to_display
 from ..core.report import HtmlReport
 from ..data.groundtruth import mask_iou, pointing_game
-from ..data.synthetic import SynthConfig, render_sample
+from ..data.synthetic import HELD_OUT_START, SynthConfig, render_arrays
 from ..errors import ConvscopeError
 from ..methods.backprop import deconvnet_rule, guided_backprop, guided_gradcam
 from ..methods.cam import default_cam_layer, gradcam, gradcam_pp
 from ..methods.evaluation import deletion_insertion, model_randomization
 from ..methods.occlusion import occlusion
 from ..methods.saliency import input_x_gradient, saliency, smoothgrad
-
-EVAL_START = 100_000  # synthetic indices from here on are never used for training (train-demo uses 0 .. 13 000)
 
 MapFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, str], torch.Tensor]  # (model, x, labels, layer) -> N H W
 
@@ -83,15 +80,12 @@ class Evaluation:
     files: list[Path]
 
 
-def synthetic_eval_set(n: int, size: int, seed: int = 0, start: int = EVAL_START
+def synthetic_eval_set(n: int, size: int, seed: int = 0, start: int = HELD_OUT_START, workers: int = 2
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``n`` held-out synthetic images (uint8 ``N x 3 x H x W``), their scene classes and dominant-object masks."""
-    cfg = SynthConfig()
-    items = [render_sample(start + i, size=size, seed=seed) for i in range(n)]
-    images = torch.from_numpy(np.stack([s.image for s in items])).permute(0, 3, 1, 2).contiguous()
-    labels = torch.tensor([cfg.scene_class(s.scene) for s in items])
-    masks = torch.from_numpy(np.stack([s.target_mask for s in items]))
-    return images, labels, masks
+    arrays = render_arrays(start, n, size, seed, workers=workers, masks=True)
+    images = torch.from_numpy(arrays.images).permute(0, 3, 1, 2).contiguous()
+    return images, torch.from_numpy(arrays.scenes), torch.from_numpy(arrays.target_masks)
 
 
 def evaluate_attribution(model: nn.Module, out: Path, n: int = 200, methods: list[str] | None = None,

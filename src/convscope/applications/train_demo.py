@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import json
 import math
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..core.io import atomic_path, atomic_write_text
-from ..data.synthetic import SynthConfig, render_sample
+from ..data.synthetic import SynthConfig, render_arrays
 from ..models.demo_net import INPUT_SIZE, DemoNet, fold_batchnorm
 
 
@@ -57,23 +55,11 @@ class TrainResult:
     test_accuracy: float
 
 
-def _render(args: tuple[int, int, int]) -> tuple[np.ndarray, int]:
-    index, size, seed = args
-    s = render_sample(index, size=size, seed=seed)
-    return s.image, SynthConfig().scene_class(s.scene)
-
-
 def render_split(start: int, n: int, size: int, seed: int, workers: int = 2,
                  progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Synthetic images ``start .. start+n-1`` as ``uint8 N x 3 x H x W`` and their scene classes."""
-    jobs = [(i, size, seed) for i in range(start, start + n)]
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            items = list(tqdm(pool.map(_render, jobs, chunksize=64), total=n, desc="render", disable=not progress))
-    else:
-        items = [_render(j) for j in tqdm(jobs, desc="render", disable=not progress)]
-    images = torch.from_numpy(np.stack([im for im, _ in items])).permute(0, 3, 1, 2).contiguous()
-    return images, torch.tensor([c for _, c in items], dtype=torch.long)
+    arrays = render_arrays(start, n, size, seed, workers=workers, progress=progress)
+    return torch.from_numpy(arrays.images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(arrays.scenes)
 
 
 def to_input(images: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from convscope.data.broden import TARGET_FILE, BrodenDataset
 from convscope.errors import DataError
 
-__all__ = ["mask_iou", "pointing_game", "target_mask", "target_masks"]
+__all__ = ["mask_iou", "pixel_ranks", "pointing_game", "target_mask", "target_masks"]
 
 
 def target_mask(dataset: BrodenDataset, index: int) -> np.ndarray:
@@ -93,6 +93,17 @@ def pointing_game(maps: torch.Tensor, masks: torch.Tensor, tolerance_px: float =
     return (masks & (d2 <= float(tolerance_px) ** 2)).flatten(1).any(dim=1)
 
 
+def pixel_ranks(maps: torch.Tensor) -> torch.Tensor:
+    """Rank of each pixel of each map (0 = highest value), ties in raster order (a stable sort): same shape as
+    ``maps`` (``N x ...``), int64. Shared by mask IoU and the deletion / insertion curves."""
+    n = maps.shape[0]
+    flat = maps.reshape(n, -1)
+    order = torch.sort(flat, dim=1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(flat.shape[1], device=maps.device).expand_as(order))
+    return ranks.view(maps.shape)
+
+
 def mask_iou(maps: torch.Tensor, masks: torch.Tensor, quantile: float | None = None) -> torch.Tensor:
     """IoU (float N) of each map's top region with its mask.
 
@@ -110,11 +121,7 @@ def mask_iou(maps: torch.Tensor, masks: torch.Tensor, quantile: float | None = N
         if not 0.0 < float(quantile) <= 1.0:
             raise DataError(f"quantile must lie in (0, 1], got {quantile}")
         k = torch.full((n,), max(1, round(float(quantile) * hw)), dtype=torch.int64, device=maps.device)
-    # rank pixels by value (stable sort keeps raster order among ties), keep the first k
-    order = torch.sort(flat, dim=1, descending=True, stable=True).indices
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(hw, device=maps.device).expand(n, hw))
-    top = ranks < k.view(n, 1)
+    top = pixel_ranks(flat) < k.view(n, 1)
     m = masks.reshape(n, -1)
     inter = (top & m).sum(dim=1).to(torch.float32)
     union = (top | m).sum(dim=1).to(torch.float32)

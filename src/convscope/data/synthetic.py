@@ -49,7 +49,11 @@ from convscope.data.broden import (
 )
 from convscope.errors import DataError, closest
 
-__all__ = ["SHAPES", "SynthConfig", "SynthSample", "generate", "photo_paths", "render_sample"]
+__all__ = ["HELD_OUT_START", "SHAPES", "SynthArrays", "SynthConfig", "SynthSample", "generate", "photo_paths",
+           "render_arrays", "render_sample"]
+
+# Indices from here on are never used for training: ``convscope train-demo`` renders 0 .. n_train + n_test.
+HELD_OUT_START = 100_000
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "ring", "hexagon", "crescent")
 
@@ -567,6 +571,38 @@ def _run(job: functools.partial, n: int, workers: int) -> Iterator[tuple[BrodenR
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as ex:
         yield from ex.map(job, range(n), chunksize=max(1, min(32, n // (8 * workers))))
+
+
+class SynthArrays(NamedTuple):
+    """Images ``start .. start+n-1`` in memory: ``images`` uint8 ``N x H x W x 3``, ``scenes`` the scene class
+    indices (positions in ``SynthConfig.shapes``), ``target_masks`` bool ``N x H x W`` (or None when not asked)."""
+
+    images: np.ndarray
+    scenes: np.ndarray
+    target_masks: np.ndarray | None
+
+
+def _arrays_one(i: int, start: int, size: int, seed: int, cfg: SynthConfig,
+                masks: bool) -> tuple[np.ndarray, int, np.ndarray | None]:
+    s = _render(start + i, size, seed, cfg)[0]
+    return s.image, cfg.scene_class(s.scene), s.target_mask if masks else None
+
+
+def render_arrays(start: int, n: int, size: int = 112, seed: int = 0, workers: int = 1, progress: bool = True,
+                  masks: bool = False, config: SynthConfig | None = None) -> SynthArrays:
+    """Render images ``start .. start+n-1`` into arrays (no files), in ``workers`` processes with identical
+    output; for training (``train-demo``) and for held-out evaluation sets (from :data:`HELD_OUT_START`)."""
+    cfg = config or SynthConfig()
+    _check_args(size, seed, start)
+    if not isinstance(n, int | np.integer) or n < 1:
+        raise DataError(f"n must be a positive int, got {n!r}")
+    job = functools.partial(_arrays_one, start=int(start), size=int(size), seed=int(seed), cfg=cfg, masks=masks)
+    from tqdm.auto import tqdm
+
+    items = list(tqdm(_run(job, int(n), int(workers)), total=n, desc="render", unit="img",
+                      disable=not progress or n < 50))
+    return SynthArrays(np.stack([im for im, _, _ in items]), np.array([c for _, c, _ in items], dtype=np.int64),
+                       np.stack([m for _, _, m in items]) if masks else None)
 
 
 def generate(

@@ -31,6 +31,7 @@ from ..core.imageops import gaussian_blur, spearman
 from ..core.layers import resolve_layer
 from ..core.probe import preserved_state
 from ..core.targets import Target, top_class
+from ..data.groundtruth import pixel_ranks
 from ..errors import ConvscopeError
 
 
@@ -44,16 +45,6 @@ class DeletionInsertion:
     deletion_auc: torch.Tensor
     insertion_auc: torch.Tensor
     target: torch.Tensor
-
-
-def pixel_ranks(maps: torch.Tensor) -> torch.Tensor:
-    """Rank of each pixel (0 = most salient), ties in raster order: ``N x H x W`` int64."""
-    n = maps.shape[0]
-    flat = maps.reshape(n, -1)
-    order = torch.sort(flat, dim=1, descending=True, stable=True).indices
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(flat.shape[1], device=maps.device).expand_as(order))
-    return ranks.view(maps.shape)
 
 
 def deletion_insertion(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, target: Target = top_class,
