@@ -42,6 +42,11 @@ def _model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
 
 
+def _names(text: str) -> list[str]:
+    """A comma-separated option (``a, b,c``) as a list of non-empty, stripped names."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def _load(args: argparse.Namespace):
     from .core.device import tune_cpu_allocator
     from .models import load_model
@@ -298,7 +303,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .applications.evaluate import METHODS, evaluate_attribution
 
     model = _load(args)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(METHODS)
+    methods = _names(args.methods) or list(METHODS)
     res = evaluate_attribution(model, Path(args.out), n=args.n, methods=methods, layer=args.layer,
                                n_curve=args.n_curve, n_sanity=args.n_sanity, steps=args.steps)
     print(res.markdown)
@@ -343,7 +348,7 @@ def cmd_dissect(args: argparse.Namespace) -> int:
             generate(path, n=args.n, size=args.size, seed=args.seed, workers=2)
     else:
         path = Path(args.dataset)
-    cats = tuple(c.strip() for c in args.categories.split(",") if c.strip()) or None
+    cats = tuple(_names(args.categories)) or None
     config = DissectConfig(quantile=args.quantile, iou_threshold=args.iou_threshold, batch_size=args.batch_size,
                            categories=cats)
     results = dissect(model, path, layers, config, out=out / "state")
@@ -358,7 +363,7 @@ def cmd_invert(args: argparse.Namespace) -> int:
     from .core.images import _expand_paths
 
     model = _load(args)
-    layers = [n.strip() for n in args.layers.split(",") if n.strip()]
+    layers = _names(args.layers)
     if args.method == "regularized" and not layers:
         raise ConvscopeError("--layers needs at least one layer name (see `convscope layers MODEL`)")
     run = run_invert(model, _expand_paths(args.images), layers, Path(args.out), method=args.method,
@@ -388,7 +393,7 @@ def cmd_style(args: argparse.Namespace) -> int:
     from .applications.invert_report import run_style
 
     model = _load(args)
-    styles = [n.strip() for n in args.style_layers.split(",") if n.strip()] or None
+    styles = _names(args.style_layers) or None
     png = run_style(model, Path(args.content), Path(args.style), Path(args.out), content_layer=args.content_layer
                     or None, style_layers=styles, beta=args.beta, steps=args.steps, seed=args.seed)
     print(f"wrote {png}")
