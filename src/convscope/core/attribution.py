@@ -61,23 +61,27 @@ def input_gradient(model: nn.Module, x: torch.Tensor, target: Target, relu_rule:
     return InputGradient(g.movedim(0, 1), scores.detach(), idx)
 
 
-def pinned_target(model: nn.Module, x: torch.Tensor, target: Target) -> torch.Tensor | Callable:
+def pinned_target(model: nn.Module, x: torch.Tensor, target: Target,
+                  output: torch.Tensor | None = None) -> torch.Tensor | Callable:
     """Fix a target to the class indices it names on the clean images (``N x K``), with one forward pass.
 
     Methods that run the model on altered copies (noisy for SmoothGrad, occluded for occlusion) explain the class
     chosen on the original image: ``top_class`` must not switch class from one noisy copy to the next. A callable
     that returns scores (not indices) is returned unchanged and applied to the altered copies' outputs.
+    ``output``: the model's output on ``x`` when the caller already has it (no forward pass then).
     """
-    with torch.no_grad(), preserved_state(model):
-        out = model(x)
-    _, idx = target_scores(out, target)
+    if output is None:
+        with torch.no_grad(), preserved_state(model):
+            output = model(x)
+    _, idx = target_scores(output, target)
     return target if idx is None else idx
 
 
-def pinned_class(model: nn.Module, x: torch.Tensor, target: Target, what: str) -> torch.Tensor:
+def pinned_class(model: nn.Module, x: torch.Tensor, target: Target, what: str,
+                 output: torch.Tensor | None = None) -> torch.Tensor:
     """One class index per image (``N``), fixed on the clean images, for methods that follow a single class
     (attacks, deletion / insertion); several targets or a score callable give a clear error naming ``what``."""
-    idx = pinned_target(model, x, target)
+    idx = pinned_target(model, x, target, output)
     if not isinstance(idx, torch.Tensor) or idx.shape[1] != 1:
         raise ConvscopeError(f"{what} needs one class per image as its target (an int, a list of N ints or "
                              "top_class), not several or a score function")

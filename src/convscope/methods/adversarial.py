@@ -89,7 +89,9 @@ def pgd(model: nn.Module, x: torch.Tensor, target: Target = top_class, eps: floa
     pre = preprocess if preprocess is not None else getattr(model, "preprocess", None) or Preprocess.identity()
     alpha = 2.5 * eps / steps if alpha is None else alpha
     x = x.detach()
-    label = pinned_class(model, x, target, "an attack")
+    with torch.no_grad(), preserved_state(model):
+        out_clean = model(x)  # one clean pass: the label to attack and the clean probabilities
+    label = pinned_class(model, x, target, "an attack", out_clean)
     pixels = pre.denormalize(x).clamp(0, 1)
     _, std = pre._stats(x)
     sign = -1.0 if targeted else 1.0
@@ -118,7 +120,8 @@ def pgd(model: nn.Module, x: torch.Tensor, target: Target = top_class, eps: floa
         delta = (pixels + delta).clamp(0, 1) - pixels
     x_adv = pre.normalize(pixels + delta)
     with torch.no_grad(), preserved_state(model):
-        p_clean, p_adv = F.softmax(model(x), 1), F.softmax(model(x_adv), 1)
+        p_adv = F.softmax(model(x_adv), 1)
+    p_clean = F.softmax(out_clean, 1)
     adv_class = p_adv.argmax(1)
     _mark(first, adv_class, label, targeted, steps)
     success = adv_class == label if targeted else adv_class != label
