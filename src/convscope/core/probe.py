@@ -46,6 +46,8 @@ class Probe:
         self.names = list(names)
         self._calls: dict[str, list[Any]] = {n: [] for n in self.names}
         self._keep_all = keep_all_calls
+        self.stop_after: str | None = None
+        self.called: list[str] = []  # layer names in the order their outputs arrived (since the last clear)
 
     @property
     def activations(self) -> dict[str, torch.Tensor]:
@@ -60,8 +62,10 @@ class Probe:
         """Forget the recorded outputs (to reuse the probe for another forward pass)."""
         for c in self._calls.values():
             c.clear()
+        self.called.clear()
 
     def _record(self, name: str, out: Any) -> None:
+        self.called.append(name)
         if self._keep_all:
             self._calls[name].append(out)
         else:
@@ -198,7 +202,7 @@ def preserved_state(model: nn.Module, eval_mode: bool = True, freeze: bool = Tru
 def probe(model: nn.Module, layers: str | Sequence[str] | None = None, *, edit: dict[str, EditFn] | None = None,
           grad_edit: dict[str, EditFn] | None = None, relu_rule: str | None = None,
           stop_after: str | None = None, eval_mode: bool = True, freeze: bool = True, detach: bool = False,
-          keep_all_calls: bool = False) -> Iterator[Probe]:
+          keep_all_calls: bool = False, reduce: Callable[[str, torch.Tensor], Any] | None = None) -> Iterator[Probe]:
     """Capture/edit the outputs of named layers for the forward passes run inside the block.
 
     Args:
@@ -212,6 +216,12 @@ def probe(model: nn.Module, layers: str | Sequence[str] | None = None, *, edit: 
         eval_mode, freeze: put the model in eval mode / set ``requires_grad=False`` on its parameters.
         detach: record detached outputs (no graph kept: cheaper for pure feature extraction).
         keep_all_calls: keep every call of a module that runs several times (shared modules).
+        reduce: ``fn(layer, output) -> value``: record ``value`` (computed on the detached output inside the hook)
+            instead of the output itself, so a large activation is not kept alive after the next layer has
+            consumed it (its buffer is reused at once) and is read while a later in-place op has not changed it.
+
+    ``Probe.stop_after`` may be changed between forward passes (for example once the first pass has shown which
+    layer runs last).
     """
     edit, grad_edit = dict(edit or {}), dict(grad_edit or {})
     wanted = [] if layers is None else ([layers] if isinstance(layers, str) else list(layers))
@@ -220,6 +230,7 @@ def probe(model: nn.Module, layers: str | Sequence[str] | None = None, *, edit: 
     if relu_rule is not None and relu_rule not in RELU_RULES:
         raise ValueError(f"relu_rule must be one of {RELU_RULES} or None, not {relu_rule!r}")
     p = Probe(list(resolved), keep_all_calls)
+    p.stop_after = stop_after
     handles = []
 
     def make_hook(name: str) -> Callable:
@@ -235,6 +246,8 @@ def probe(model: nn.Module, layers: str | Sequence[str] | None = None, *, edit: 
                     # here, so gradients at this layer exist and the backward pass stops at it
                     new = new.detach().requires_grad_(True)
                 recorded = new.detach() if detach else new
+                if reduce is not None:
+                    recorded = reduce(name, new.detach())
                 if not detach and new.requires_grad:
                     # downstream gets a copy: a later in-place op (functional relu_) cannot rewrite the
                     # recorded value, and gradients w.r.t. the recorded tensor flow through the copy
@@ -242,7 +255,7 @@ def probe(model: nn.Module, layers: str | Sequence[str] | None = None, *, edit: 
             else:
                 recorded = new
             p._record(name, recorded)
-            if name == stop_after:
+            if name == p.stop_after:
                 raise StopForward
             return new if new is not output else None
         return hook

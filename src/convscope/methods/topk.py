@@ -89,21 +89,31 @@ class _RunningTopK:
         self.shape: tuple[int, ...] = ()
         self.seen = 0
 
-    def update(self, act: torch.Tensor, ids: torch.Tensor) -> None:
+    @staticmethod
+    def candidates(layer: str, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+        """One image's candidate per unit: its spatial maximum (``N x C``), the ``(y, x)`` of it (``N x C x 2``)
+        and the layer's output shape. Cheap to keep: this is what the forward hook records."""
         if not isinstance(act, torch.Tensor) or act.dim() not in (2, 4):
-            raise ConvscopeError(f"layer {self.layer!r} outputs {tuple(getattr(act, 'shape', ()))}; top-k needs a "
+            raise ConvscopeError(f"layer {layer!r} outputs {tuple(getattr(act, 'shape', ()))}; top-k needs a "
                                  "convolutional (N x C x H x W) or linear (N x C) layer")
-        n, c = act.shape[:2]
         vals, flat = spatial_max(act)  # N x C
         width = act.shape[-1] if act.dim() == 4 else 1
-        locs = torch.stack([flat // width, flat % width], dim=-1)  # N x C x 2
-        cand_v, cand_i, cand_l = vals.T, ids.to(act.device).expand(c, n), locs.transpose(0, 1)
+        return vals, torch.stack([flat // width, flat % width], dim=-1), tuple(act.shape[1:])
+
+    def update(self, act: torch.Tensor, ids: torch.Tensor) -> None:
+        """Merge a batch of activations ``N x C (x H x W)`` of the images ``ids``."""
+        self.merge(*self.candidates(self.layer, act), ids)
+
+    def merge(self, vals: torch.Tensor, locs: torch.Tensor, shape: tuple[int, ...], ids: torch.Tensor) -> None:
+        """Merge candidates from :meth:`candidates` of the images ``ids``."""
+        n, c = vals.shape
+        cand_v, cand_i, cand_l = vals.T, ids.to(vals.device).expand(c, n), locs.transpose(0, 1)
         if self.values is None:
-            self.shape = tuple(act.shape[1:])
+            self.shape = shape
         else:
-            if tuple(act.shape[1:]) != self.shape:
+            if shape != self.shape:
                 raise DataError(f"layer {self.layer!r} output changed shape from {self.shape} to "
-                                f"{tuple(act.shape[1:])}; give images of one size (resize them in preprocessing)")
+                                f"{shape}; give images of one size (resize them in preprocessing)")
             cand_v = torch.cat([self.values, cand_v], 1)
             cand_i = torch.cat([self.ids, cand_i], 1)
             cand_l = torch.cat([self.locs, cand_l], 1)
@@ -154,9 +164,13 @@ def _batches(images: Images, batch_size: int) -> Iterator[tuple[torch.Tensor, to
 
 
 def stream_layers(model: nn.Module, images: Images, layers: str | Sequence[str], batch_size: int = 32,
-                  progress: bool | None = None) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+                  progress: bool | None = None, reduce: Callable[[str, torch.Tensor], object] | None = None,
+                  desc: str = "top-k") -> Iterator[tuple[torch.Tensor, dict[str, object]]]:
     """For every batch: ``(image ids, {layer: detached output})``, one forward pass per batch (no gradients),
-    stopping after the deepest of ``layers``. The model is restored when the stream ends or fails."""
+    stopping after the deepest of ``layers`` (known from the first pass, which runs the whole model). With
+    ``reduce``, ``{layer: reduce(layer, output)}`` instead, computed inside the forward hook so each full
+    activation is freed as soon as the next layer has consumed it. The model is restored when the stream ends or
+    fails."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConvscopeError(f"batch_size={batch_size!r}: use a positive int")
     names = list(resolve_layers(model, layers))
@@ -164,18 +178,18 @@ def stream_layers(model: nn.Module, images: Images, layers: str | Sequence[str],
     show = progress if progress is not None else (total or 0) > 4
     with contextlib.ExitStack() as stack:
         p = None
-        for x, ids in tqdm(_batches(images, batch_size), total=total, desc="top-k", unit="batch", disable=not show):
+        for x, ids in tqdm(_batches(images, batch_size), total=total, desc=desc, unit="batch", disable=not show):
             if p is None:
-                calls, _, _ = trace_calls(model, x[:1], names)  # which chosen layer runs last
-                ran = [n for n, _ in calls]
+                stack.enter_context(torch.no_grad())
+                p = stack.enter_context(probe(model, names, detach=True, reduce=reduce))
+            p.forward(model, x)
+            if p.stop_after is None:
+                ran = list(dict.fromkeys(p.called))
                 missing = [n for n in names if n not in ran]
                 if missing:
                     raise ConvscopeError(f"layer {missing[0]!r} never ran in the forward pass; pick a layer that "
                                          "computes the output (`convscope layers MODEL` lists them)")
-                deepest = max(names, key=ran.index)
-                stack.enter_context(torch.no_grad())
-                p = stack.enter_context(probe(model, names, stop_after=deepest, detach=True))
-            p.forward(model, x)
+                p.stop_after = max(names, key=ran.index)  # later passes end after the deepest chosen layer
             acts = p.activations
             p.clear()
             yield ids, {n: acts[n] for n in names}
@@ -201,9 +215,9 @@ def top_k_activations(model: nn.Module, images: Images, layers: str | Sequence[s
         raise ConvscopeError(f"top_k_activations(k={k!r}): use a positive int")
     names = list(resolve_layers(model, layers))
     state = {n: _RunningTopK(n, k) for n in names}
-    for ids, acts in stream_layers(model, images, names, batch_size, progress):
+    for ids, cands in stream_layers(model, images, names, batch_size, progress, reduce=_RunningTopK.candidates):
         for n in names:
-            state[n].update(acts[n], ids)
+            state[n].merge(*cands[n], ids)
     if any(s.values is None for s in state.values()):
         raise ConvscopeError("top_k_activations got no images; pass a non-empty tensor or iterable of batches")
     return {n: s.result() for n, s in state.items()}
