@@ -260,6 +260,13 @@ class _TopBuffer:
     def update(self, act: torch.Tensor) -> None:
         v = act.detach().float().transpose(0, 1).reshape(act.shape[1], -1)
         if self.values is not None:
+            if self.values.shape[1] == self.k:
+                # a value not above the current k-th largest can never enter the final k: keep only the batch's
+                # top m, m = the most any unit has above its k-th (usually a small fraction of the batch)
+                m = int(torch.count_nonzero(v > self.values[:, -1:], dim=1).max())
+                if m == 0:
+                    return
+                v = v.topk(min(m, v.shape[1]), dim=1).values
             v = torch.cat([self.values, v], 1)
         self.values = v.topk(min(self.k, v.shape[1]), dim=1).values
 
@@ -288,11 +295,16 @@ def _below(t: torch.Tensor) -> torch.Tensor:
 
 def tally_batch(act: torch.Tensor, thresholds: torch.Tensor, labels: BatchLabels
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Eq. 19 counts of one batch for all units and concepts: ``(intersection U x C, activated U x C, masks)``.
+    """Eq. 19 counts of one batch for all units and concepts: ``(intersection U x C, activated U x C, sizes N x U)``.
 
     ``act`` is the layer's output ``N x U x h x w`` (or ``N x U``); it is upsampled bilinearly to the label size and
     thresholded (``> thresholds``, float32-exact). ``activated[f, c]`` counts ``|M_f|`` on the images annotated for
-    ``c``'s category. Also returns the masks ``N x U x H x W`` (bool).
+    ``c``'s category; ``sizes[i, f]`` is ``|M_f|`` in image ``i``.
+
+    Sparse, and exactly equal to thresholding the whole upsampled batch: a bilinearly upsampled pixel is a convex
+    combination of its source activations, so it can exceed ``T_f`` only where the map's maximum does; only those
+    (image, unit) maps (a few per cent at ``quantile = 0.005``) are upsampled, thresholded and counted, each through
+    the same ``F.interpolate`` call, so the result does not depend on which maps were picked.
     """
     if act.dim() == 2:
         act = act[:, :, None, None]
@@ -300,22 +312,26 @@ def tally_batch(act: torch.Tensor, thresholds: torch.Tensor, labels: BatchLabels
         raise ConvscopeError(f"dissection needs a convolutional (N x C x H x W) or linear layer, got shape "
                              f"{tuple(act.shape)}")
     act = act.detach().float()
-    if tuple(act.shape[-2:]) != labels.size:
-        act = F.interpolate(act, size=labels.size, mode="bilinear", align_corners=False)
-    t = _below(thresholds.to(torch.float64)).float().to(act.device)
-    masks = act > t[None, :, None, None]
-    n, u = masks.shape[:2]
+    n, u = act.shape[:2]
     c = labels.image_level.shape[1]
-    flat = masks.flatten(2)
-    counts = flat.sum(2).double().cpu()  # N x U
-    inter = counts.T @ labels.image_level  # image-level concepts: the whole image is the mask
-    if labels.cols.shape[1]:
-        nz = flat.nonzero().cpu()  # K x 3: (image, unit, pixel)
-        cols = labels.cols[nz[:, 0], :, nz[:, 2]]  # K x L
-        keys = (nz[:, 1:2] * (c + 1) + cols).flatten()
+    t = _below(thresholds.to(torch.float64)).float().to(act.device)
+    img, unit = (act.flatten(2).amax(2) > t).nonzero(as_tuple=True)  # the maps that can reach T_f anywhere
+    maps = act[img, unit][:, None]  # K x 1 x h x w
+    if tuple(act.shape[-2:]) != labels.size:
+        maps = F.interpolate(maps, size=labels.size, mode="bilinear", align_corners=False)
+    pair, pixel = (maps.flatten(1) > t[unit, None]).nonzero(as_tuple=True)  # activated pixels of those maps
+    pair, pixel = pair.cpu(), pixel.cpu()
+    img, unit = img.cpu(), unit.cpu()
+    sizes = torch.zeros(n * u, dtype=torch.float64)
+    sizes.index_add_(0, img * u + unit, torch.bincount(pair, minlength=len(img)).double())
+    sizes = sizes.view(n, u)
+    inter = sizes.T @ labels.image_level  # image-level concepts: the whole image is the mask
+    if labels.cols.shape[1] and len(pair):
+        cols = labels.cols[img[pair], :, pixel]  # K x L: the pixel's concept in every label layer
+        keys = (unit[pair][:, None] * (c + 1) + cols).flatten()
         inter = inter + torch.bincount(keys, minlength=u * (c + 1)).view(u, c + 1)[:, :c].double()
-    activated = counts.T @ labels.annotated.double()
-    return inter, activated, masks
+    activated = sizes.T @ labels.annotated.double()
+    return inter, activated, sizes
 
 
 def iou_from_counts(inter: torch.Tensor, activated: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
