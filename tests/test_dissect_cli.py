@@ -33,3 +33,35 @@ def test_dissect_errors(tmp_path, capsys):
     assert main(["dissect", "demo_net", "--layers", "features.relu1", "--dataset", str(tmp_path / "nope"),
                  "--out", str(tmp_path / "o")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_dissect_checkpoints_side_by_side(tmp_path, capsys):
+    """``--checkpoints``: each checkpoint dissected on the same data; its row equals dissecting that model alone."""
+    import torch
+
+    from convscope import load_model
+    from convscope.methods.dissect import DissectConfig, compare, dissect
+
+    trained = load_model("demo_net", device="cpu")
+    ckpts = tmp_path / "run"
+    ckpts.mkdir()
+    torch.manual_seed(0)
+    untrained = {k: torch.randn_like(v) * 0.05 if v.dim() > 1 else v for k, v in trained.state_dict().items()}
+    torch.save(untrained, ckpts / "epoch_00.pt")
+    torch.save(trained.state_dict(), ckpts / "epoch_12.pt")
+    out = tmp_path / "out"
+    args = ["dissect", "demo_net", "--device", "cpu", "--layers", "features.relu2,features.relu5", "--n", "8",
+            "--quantile", "0.05", "--checkpoints", str(ckpts), "--out", str(out)]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "epoch 0" in text and "epoch 12" in text
+    assert (out / "dissect_checkpoints.png").exists()
+    rows = (out / "dissect_checkpoints.csv").read_text().splitlines()
+    assert rows[0].startswith("condition,layer,") and len(rows) == 1 + 2 * 2
+    alone = dissect(trained, out / "broden", ["features.relu2", "features.relu5"], DissectConfig(quantile=0.05),
+                    progress=False)
+    expected = compare({"epoch 12": alone}).rows
+    got = [r for r in rows[1:] if r.startswith("epoch 12,")]
+    assert [r.split(",")[1] for r in got] == ["features.relu2", "features.relu5"]
+    for r, e in zip(got, expected):
+        assert int(r.split(",")[-3]) == e["total"] and int(r.split(",")[-1]) == e["units"]

@@ -34,10 +34,11 @@ from ..core.render import _font, _text_size, grid, save_png
 from ..core.report import HtmlReport
 from ..data.broden import BrodenDataset
 from ..errors import ConvscopeError
-from ..methods.dissect import Comparison, LayerDissection, _below, _normalizer
+from ..methods.dissect import Comparison, DissectConfig, LayerDissection, _below, _normalizer, compare, dissect
 from ..methods.topk import stream_layers
 
-__all__ = ["DissectReport", "category_chart", "comparison_chart", "dissect_report", "unit_images"]
+__all__ = ["CheckpointComparison", "DissectReport", "category_chart", "comparison_chart", "dissect_checkpoints",
+           "dissect_report", "unit_images"]
 
 CATEGORY_COLORS = {"color": (214, 96, 77), "object": (67, 147, 195), "part": (146, 197, 222),
                    "scene": (90, 174, 97), "texture": (153, 112, 171), "material": (224, 176, 60)}
@@ -228,3 +229,39 @@ def dissect_report(model: nn.Module, dataset: BrodenDataset, results: Mapping[st
         pages.append(rep.write(out / f"dissect_{slug}.html"))
     js = atomic_write_text(out / "dissect.json", json.dumps(payload))
     return DissectReport(pages, csvs, js, chart)
+
+
+# --------------------------------------------------------------------------- conditions side by side (Sec. 6.3.2)
+
+
+@dataclass(frozen=True)
+class CheckpointComparison:
+    """What :func:`dissect_checkpoints` wrote: the table, its chart and CSV, and each checkpoint's results."""
+
+    comparison: Comparison
+    chart: Path
+    csv: Path
+    results: dict[str, dict[str, LayerDissection]]
+
+
+def dissect_checkpoints(architecture: str | nn.Module, checkpoints: str | Path | Sequence[str | Path],
+                        dataset: str | os.PathLike[str], layers: Sequence[str], config: DissectConfig,
+                        out: str | os.PathLike[str], device: str = "auto") -> CheckpointComparison:
+    """Dissect several checkpoints of one architecture (e.g. ``train-demo``'s ``epoch_XX.pt``) on the same data and
+    tabulate unique detectors per category side by side (survey Sec. 6.3.2; Bau et al. 2017 Fig. 12 follows
+    detectors through training). Each checkpoint keeps its own resumable state in ``out/state/<label>``."""
+    from .deconv import checkpoint_label, checkpoint_paths, load_checkpoint
+
+    out = Path(out)
+    results: dict[str, dict[str, LayerDissection]] = {}
+    for path in checkpoint_paths(checkpoints):
+        label = checkpoint_label(path)
+        model = load_checkpoint(architecture, path, device)
+        results[label] = dissect(model, dataset, layers, config, out=out / "state" / _slug(label))
+    comparison = compare(results)
+    chart = save_png(comparison_chart(comparison, "unique detectors per category, by checkpoint"),
+                     out / "dissect_checkpoints.png")
+    header = ["condition", "layer", *comparison.categories, "total", "detector_units", "units"]
+    table = out / "dissect_checkpoints.csv"
+    atomic_write_text(table, _csv(header, [[r[h] for h in header] for r in comparison.rows]))
+    return CheckpointComparison(comparison, chart, table, results)

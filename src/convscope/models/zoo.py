@@ -141,7 +141,12 @@ def _load_demo(weights: str | Path | None) -> nn.Module:
     bundled = resources.files("convscope.models").joinpath("weights", DEMO_WEIGHTS)
     path = Path(str(weights)) if weights is not None else (Path(str(bundled)) if bundled.is_file() else None)
     ckpt = _read_checkpoint(path) if path is not None else {}
-    classes = tuple(ckpt.get("classes", ())) or tuple(f"class {i}" for i in range(10))
+    classes = tuple(ckpt.get("classes", ()))
+    if not classes:  # a bare state dict (e.g. a user's own training): the synthetic scene names when they fit
+        fc8 = ckpt.get("state_dict", {}).get("classifier.fc8.weight")
+        n = int(fc8.shape[0]) if isinstance(fc8, torch.Tensor) else 10
+        known = tuple(_read_checkpoint(Path(str(bundled))).get("classes", ())) if bundled.is_file() else ()
+        classes = known if len(known) == n else tuple(f"class {i}" for i in range(n))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # untrained weights are reproducible without touching the caller's RNG
         model = _demo.DemoNet(num_classes=len(classes))
@@ -179,7 +184,9 @@ def _load_state(model: nn.Module, state: dict, path: Path | None,
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ModelLoadError(f"weights {str(path)!r} do not fit the model: {str(exc).splitlines()[0]} "
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = " ".join(lines[1:3]) or lines[0]
+        raise ModelLoadError(f"weights {str(path)!r} do not fit the model: {detail} "
                              "(check the architecture/factory matches the checkpoint)") from exc
 
 
