@@ -10,6 +10,8 @@ Flat public API::
 """
 
 from .applications.style import StyleResult, gram, style_transfer
+from .atlas.builder import build_atlas
+from .atlas.store import Atlas, AtlasError, open_atlas
 from .core.device import resolve_device, tune_cpu_allocator
 from .core.images import Preprocess, load_image, load_images, sample_image, sample_images
 from .core.layers import LayerInfo, list_layers, named_layers, resolve_layer
@@ -86,4 +88,5 @@ __all__ = [
     "perturbation_study", "reconstruct", "style_transfer", "train_upconv",
     "Comparison", "DissectConfig", "LayerDissection", "UnitLabel", "compare", "dissect",
     "ConceptVector", "Net2VecConfig", "Net2VecResult", "net2vec",
+    "Atlas", "AtlasError", "build_atlas", "open_atlas",
 ]

@@ -17,6 +17,9 @@
     convscope invert IMAGE... --layers a,b     reconstructions from each layer (regularized or UpconvNet)
     convscope upconv train MODEL --layer L     train an UpconvNet decoder from a layer to pixels
     convscope style CONTENT STYLE              Gatys et al. style transfer
+    convscope atlas build MODEL --layers a,b --out DIR   every unit's pictures and scores, resumable, parallel
+    convscope atlas info DIR                   an atlas's layers and units done per stage
+    convscope serve [--model M] [--atlas DIR]  the live explorer in the browser (127.0.0.1:8000)
 """
 
 from __future__ import annotations
@@ -351,6 +354,13 @@ def cmd_dissect(args: argparse.Namespace) -> int:
     cats = tuple(_names(args.categories)) or None
     config = DissectConfig(quantile=args.quantile, iou_threshold=args.iou_threshold, batch_size=args.batch_size,
                            categories=cats)
+    if args.checkpoints:
+        from .applications.dissect_report import dissect_checkpoints
+
+        run = dissect_checkpoints(args.model, args.checkpoints, path, layers, config, out, device=args.device)
+        print(run.comparison.text())
+        print(f"wrote {run.chart} and {run.csv}")
+        return 0
     results = dissect(model, path, layers, config, out=out / "state")
     rep = dissect_report(model, BrodenDataset(path), results, out, top=args.top, max_units=args.max_units)
     print(compare({getattr(model, "zoo_name", "model"): results}).text())
@@ -463,6 +473,75 @@ def cmd_evolution(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_atlas_build(args: argparse.Namespace) -> int:
+    from .atlas.builder import atlas_progress, build_atlas
+
+    layers = _names(args.layers)
+    if not layers:
+        raise ConvscopeError("--layers needs at least one layer name (see `convscope layers MODEL`)")
+    images = args.images or None
+    synthetic = args.synthetic
+    if images == ["synthetic"]:
+        images, synthetic = None, synthetic or 500
+    atlas = build_atlas(args.model, layers, Path(args.out), images=images, synthetic=synthetic, k=args.k,
+                        am_steps=args.am_steps, am_preset=args.am_preset, am_size=args.am_size,
+                        concepts=args.concepts, concept_images=args.concept_images, workers=args.workers,
+                        executor=args.executor, ray_address=args.ray_address, chunk=args.chunk,
+                        batch_size=args.batch_size, seed=args.seed, weights=args.weights, device=args.device)
+    units = sum(r["units"] for r in atlas_progress(atlas))
+    print(f"atlas of {units} units in {len(atlas.layers())} layers: {atlas.root}/ (convscope atlas info "
+          f"{atlas.root}; convscope serve --atlas {atlas.root})")
+    return 0
+
+
+def cmd_atlas_info(args: argparse.Namespace) -> int:
+    import json
+
+    from .atlas.builder import atlas_progress
+    from .atlas.store import open_atlas
+
+    atlas = open_atlas(args.dir)
+    meta = atlas.meta()
+    print(f"model {meta.get('model', '?')} (weights {meta.get('model_hash', '?')[:12]})")
+    for k, v in json.loads(meta.get("settings", "{}")).items():
+        print(f"  {k}: {v}")
+    rows = atlas_progress(atlas)
+    print(f"{'layer':<28} {'units':>6} {'top-k':>6} {'AM':>6} {'concept':>8}  shape")
+    for r in rows:
+        print(f"{r['layer']:<28} {r['units']:>6} {r['top']:>6} {r['am']:>6} {r['concepts']:>8}  "
+              f"{'x'.join(map(str, r['shape']))}")
+    last = json.loads(meta.get("last_build", "null") or "null")
+    if last:
+        parts = ", ".join(f"{s} {v['units']} in {v['seconds'] / 60:.2f} min" for s, v in last["stages"].items())
+        print(f"last build ({last['executor']}, {last['workers']} workers): {parts or 'nothing left to do'}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+    import uvicorn
+
+    from .web.app import LOOPBACK_HOSTS, create_app
+
+    if args.max_upload_mb <= 0 or args.queue_size < 1 or args.port < 0:
+        raise ConvscopeError("--max-upload-mb, --queue-size and --port must be positive")
+    threads = args.threads or max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                         else os.cpu_count() or 1))
+    torch.set_num_threads(threads)
+    model = _load(args)
+    app = create_app(model, atlas=args.atlas, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+                     queue_size=args.queue_size, allowed_hosts=LOOPBACK_HOSTS if args.host in LOOPBACK_HOSTS else None)
+    if args.host not in LOOPBACK_HOSTS:
+        print(f"convscope: warning: serving on {args.host}, reachable from other machines; the explorer has no "
+              "authentication", file=sys.stderr)
+    print(f"convscope explorer: http://{args.host}:{args.port}/  (model {app.state.explorer.name}, "
+          f"{threads} torch threads{', atlas ' + args.atlas if args.atlas else ''}; Ctrl-C stops)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used to render the CLI docs)."""
     parser = argparse.ArgumentParser(prog="convscope", description="See what a convolutional network sees.")
@@ -492,6 +571,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", default="", help="layer whose units are shown (default: a middle layer)")
     p.add_argument("--units", type=int, default=8, help="how many units to show (default 8)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("serve", help="the live explorer in the browser: predictions, activation grids, unit views, "
+                                     "Grad-CAM, the webcam and the atlas")
+    _model_args(p)
+    p.add_argument("--atlas", help="an atlas folder (convscope atlas build) to show with each unit")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload in MB (default 10)")
+    p.add_argument("--queue-size", type=int, default=64, help="model jobs allowed to wait before the server answers "
+                                                              "503 (default 64)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: the CPUs available, at most 4)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn log level (default info)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("explain", help="attribution maps for images: saliency, guided backprop, CAMs, occlusion")
     p.add_argument("images", nargs="+", help="image files or folders")
@@ -620,6 +713,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=4, help="top images shown per unit (default 4)")
     p.add_argument("--max-units", type=int, help="units per layer page (default: all)")
     p.add_argument("--out", "-o", default="out/dissect", help="output folder; a rerun resumes (default out/dissect/)")
+    p.add_argument("--checkpoints", nargs="+", metavar="PATH",
+                   help="dissect these checkpoints of MODEL's architecture (a folder of epoch_XX.pt from train-demo, "
+                        "or .pt files) and compare them side by side, instead of MODEL's own weights")
     p.set_defaults(func=cmd_dissect)
 
     p = sub.add_parser("invert", help="reconstruct images from layers (Mahendran & Vedaldi; UpconvNet)")
@@ -661,6 +757,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--out", "-o", default="out/style", help="output folder (default out/style/)")
     p.set_defaults(func=cmd_style)
+
+    p = sub.add_parser("atlas", help="the model atlas: every unit's top-k patches, activation maximization and "
+                                     "dissection label in a resumable SQLite store")
+    asub = p.add_subparsers(dest="what", required=True, metavar="WHAT")
+    q = asub.add_parser("build", help="build or resume an atlas (rerun the same command to resume)")
+    _model_args(q, positional=True)
+    q.add_argument("--layers", required=True, help="comma-separated layers (`convscope layers MODEL`)")
+    q.add_argument("--out", "-o", required=True, help="atlas folder (a rerun resumes it)")
+    q.add_argument("--images", nargs="+", default=[], metavar="PATH",
+                   help="image files or folders, or 'synthetic' (default: the bundled photos; synthetic for demo_net)")
+    q.add_argument("--synthetic", type=int, metavar="N", help="scan N held-out synthetic images (default 500)")
+    q.add_argument("--k", type=int, default=9, help="top activations per unit (default 9)")
+    q.add_argument("--am-steps", type=int, default=128, help="activation maximization steps (default 128)")
+    q.add_argument("--am-preset", choices=["yosinski", "olah", "simonyan", "none"], default="yosinski",
+                   help="activation maximization regularizer (default yosinski; olah = Fourier)")
+    q.add_argument("--am-size", type=int, help="activation maximization image side (default: the model's input)")
+    q.add_argument("--concepts", help="'synthetic' or a Broden folder: add each unit's dissection label and IoU")
+    q.add_argument("--concept-images", type=int, default=500, help="synthetic concepts: images (default 500)")
+    q.add_argument("--workers", type=int, default=1, help="worker processes (local) or Ray actors (default 1)")
+    q.add_argument("--executor", choices=["local", "ray"], default="local", help="local processes (default) or Ray")
+    q.add_argument("--ray-address", help="a running Ray cluster ('auto' or HOST:PORT); default: start a local one")
+    q.add_argument("--chunk", type=int, default=16, help="units per task and per commit (default 16)")
+    q.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
+    q.add_argument("--seed", type=int, default=0, help="activation maximization seed (default 0)")
+    q.set_defaults(func=cmd_atlas_build)
+    q = asub.add_parser("info", help="an atlas's model, settings, layers and units done per stage")
+    q.add_argument("dir", help="atlas folder")
+    q.set_defaults(func=cmd_atlas_info)
 
     p = sub.add_parser("data", help="datasets: generate the synthetic concept dataset")
     data = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")

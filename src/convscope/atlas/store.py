@@ -57,6 +57,7 @@ CREATE TABLE IF NOT EXISTS units (
     PRIMARY KEY (layer, unit)
 );
 CREATE INDEX IF NOT EXISTS units_concept ON units(concept);
+CREATE TABLE IF NOT EXISTS blobs (key TEXT PRIMARY KEY, value BLOB NOT NULL);  -- a builder's resumable state
 """
 
 # Columns a builder stage may fill. Keys of ``put_units`` rows must be among these.
@@ -267,6 +268,32 @@ class Atlas:
             (pattern, pattern, int(limit))).fetchall()
         return [_record(r) for r in rows]
 
+    def counts(self, layer: str) -> dict[str, int]:
+        """How many units of ``layer`` have each field filled (what ``convscope atlas info`` shows)."""
+        self.layer(layer)
+        cols = ", ".join(f"count({c})" for c in UNIT_FIELDS)
+        row = self._con().execute(f"SELECT {cols} FROM units WHERE layer = ?", (layer,)).fetchone()
+        return dict(zip(UNIT_FIELDS, (int(v) for v in row)))
+
+    # ------------------------------------------------------------------ builder state
+
+    def put_blob(self, key: str, value: bytes) -> None:
+        """Store opaque bytes under ``key`` in one transaction (a builder's partial results, e.g. a top-k shard)."""
+        con = self._writable()
+        with con:
+            con.execute("INSERT OR REPLACE INTO blobs VALUES (?, ?)", (key, sqlite3.Binary(value)))
+
+    def blob(self, key: str) -> bytes | None:
+        """The bytes stored under ``key``, or None."""
+        row = self._con().execute("SELECT value FROM blobs WHERE key = ?", (key,)).fetchone()
+        return None if row is None else bytes(row["value"])
+
+    def blob_keys(self, prefix: str = "") -> list[str]:
+        """The blob keys that start with ``prefix``, sorted."""
+        rows = self._con().execute("SELECT key FROM blobs WHERE substr(key, 1, ?) = ? ORDER BY key",
+                                   (len(prefix), prefix)).fetchall()
+        return [r["key"] for r in rows]
+
     # ------------------------------------------------------------------ files
 
     @staticmethod
@@ -280,6 +307,13 @@ class Atlas:
         target = self.file(relpath, must_exist=False)
         with atomic_path(target) as tmp:
             image.save(tmp, format="PNG")
+        return relpath
+
+    def write_bytes(self, relpath: str, data: bytes) -> str:
+        """Write an encoded file (e.g. PNG bytes a worker made) atomically under ``DIR/files``; return ``relpath``."""
+        target = self.file(relpath, must_exist=False)
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(data)
         return relpath
 
     def file(self, relpath: str, must_exist: bool = True) -> Path:

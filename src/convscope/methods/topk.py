@@ -418,19 +418,25 @@ def render_top_k(model: nn.Module, images: torch.Tensor | Callable[[torch.Tensor
     ``scale`` enlarges crops (default: so that the largest is about 64 pixels).
     """
     found = top_k_patches(model, images, result, units, projections, denormalize, batch_size)
+    return render_patches(found, display, scale)
+
+
+def render_patches(found: TopKPatches, display: str = "signed", scale: int | None = None) -> Image.Image:
+    """The Fig. 2 picture of :func:`render_top_k` from patches already found (:func:`top_k_patches`): one row per
+    unit, its projections (when there are) beside its patches. ``scale`` default: the largest crop about 64 px."""
     if scale is None:
         side = int((found.boxes[..., 2:] - found.boxes[..., :2]).max())
         scale = max(1, 64 // max(1, side))
-    nrow = math.ceil(math.sqrt(result.values.shape[1]))
+    nrow = math.ceil(math.sqrt(found.boxes.shape[1]))
     blocks = []
     for j in range(len(found.units)):
         if found.projections is not None:
             shown = [to_display(p[None], display)[0] for p in found.projections[j]]  # type: ignore[arg-type]
             blocks.append(grid(shown, nrow=nrow, padding=1, scale=scale))
         blocks.append(grid(found.patches[j], nrow=nrow, padding=1, scale=scale))
-    cols = ["deconvnet", "patches"] if projections else ["patches"]
+    cols = ["deconvnet", "patches"] if found.projections is not None else ["patches"]
     return grid(blocks, nrow=len(cols), padding=4, row_labels=[f"unit {u}" for u in found.units], col_labels=cols)
 
 
 __all__ = ["DeadUnits", "TopKActivations", "TopKPatches", "dead_units", "receptive_field", "receptive_fields",
-           "render_top_k", "stream_layers", "top_k_activations", "top_k_patches"]
+           "render_patches", "render_top_k", "stream_layers", "top_k_activations", "top_k_patches"]
