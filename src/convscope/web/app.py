@@ -1,0 +1,370 @@
+"""The live explorer: a FastAPI app over :class:`~convscope.web.service.Explorer` (``convscope serve``).
+
+In the spirit of Yosinski et al. 2015's Deep Visualization Toolbox: pick an image (upload, bundled photo, or the
+webcam), see the top-5 classes and every feature map of a layer; click a unit for its enlarged map, DeconvNet
+projection and guided backpropagation, and, with an atlas, its activation-maximization image, top-9 patches and
+concept label; Grad-CAM / saliency for any class; browse and search the atlas.
+
+Robustness: the model is loaded once; all model work runs on one worker thread fed by a bounded queue (a full
+queue answers ``503`` with ``Retry-After``); uploads are size-limited while they stream in (``413``), type-checked
+and decoded defensively (``415`` / ``400``); atlas files are served only through :meth:`Atlas.file`, which refuses
+paths that leave the atlas folder (``404``). Bind it to ``127.0.0.1`` (the default of ``convscope serve``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import os
+from collections.abc import AsyncIterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from torch import nn
+
+from ..atlas.store import Atlas, AtlasError, open_atlas
+from ..errors import ConvscopeError
+from ..models.zoo import load_model
+from .images import UnknownImage, UploadError, decode_image
+from .service import CAM_METHODS, NORMS, Explorer, UnknownLayer, atlas_file_url, atlas_record
+from .worker import Busy, JobResult, ModelWorker
+
+__all__ = ["LOOPBACK_HOSTS", "BodyLimit", "create_app"]
+
+HERE = Path(__file__).parent
+log = logging.getLogger("convscope.web")
+
+MB = 1024 * 1024
+LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
+FORM_SLACK = 64 * 1024  # multipart boundaries and headers on top of the file itself
+
+
+class BodyLimit:
+    """ASGI middleware: refuse request bodies over ``limit`` bytes with 413, from ``Content-Length`` up front or
+    while the body streams in (chunked uploads), before anything is buffered beyond the limit."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        message = (f"the upload is larger than this server's limit of {self.limit / MB:.1f} MB; send a smaller "
+                   "picture (or start the server with a larger --max-upload-mb)")
+        for key, value in scope.get("headers", []):
+            if key == b"content-length":
+                try:
+                    too_big = int(value) > self.limit
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    await JSONResponse({"error": message}, status_code=413)(scope, receive, send)
+                    return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    raise HTTPException(413, message)
+            return msg
+
+        await self.app(scope, limited, send)
+
+
+def _error(status: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+def _timed(job: JobResult) -> JSONResponse:
+    """The job's JSON value with a ``Server-Timing`` header: queue wait, model time (a batched job's share), the
+    whole job (ms; for a batch, the whole batch)."""
+    value = dict(job.value)
+    model_ms = 1000 * float(value.pop("model_s", 0.0))
+    timing = {"queue_ms": round(1000 * job.wait_s, 2), "model_ms": round(model_ms, 2),
+              "job_ms": round(1000 * job.run_s, 2), "batch": job.batch}
+    value.pop("batch", None)
+    value["timing"] = timing
+    header = (f"queue;dur={timing['queue_ms']}, model;dur={timing['model_ms']}, "
+              f"job;dur={timing['job_ms']}")
+    return JSONResponse(value, headers={"Server-Timing": header, "Cache-Control": "no-store"})
+
+
+def create_app(model: str | nn.Module = "efficientnet_lite0", atlas: str | os.PathLike[str] | Atlas | None = None,
+               *, max_upload_bytes: int = 10 * MB, queue_size: int = 64, image_capacity: int = 128,
+               max_pixels: int = 40_000_000, device: str = "auto", threads: int | None = None,
+               allowed_hosts: list[str] | None = None) -> FastAPI:
+    """The explorer app for ``model`` (a zoo name / spec, loaded once, or a module) and an optional atlas folder.
+
+    ``max_upload_bytes``: largest accepted upload (413 above); ``queue_size``: model jobs allowed to wait (503
+    above); ``image_capacity``: uploads kept in memory (LRU); ``max_pixels``: decompression-bomb guard;
+    ``threads``: ``torch.set_num_threads`` for the process (None: leave it); ``allowed_hosts``: accepted ``Host``
+    headers (``convscope serve`` on a loopback address passes the loopback names, which stops DNS-rebinding pages
+    from reading the explorer; None: any).
+    """
+    if not isinstance(max_upload_bytes, int) or max_upload_bytes < 1:
+        raise ConvscopeError(f"max_upload_bytes={max_upload_bytes!r}: use a positive number of bytes")
+    if threads is not None:
+        torch.set_num_threads(max(1, int(threads)))
+    module = load_model(model, device=device) if isinstance(model, str) else model
+    name = getattr(module, "zoo_name", None) or (model if isinstance(model, str) else None)
+    store = atlas if isinstance(atlas, Atlas) or atlas is None else open_atlas(atlas)
+    explorer = Explorer(module, name=name, atlas=store, image_capacity=image_capacity, max_pixels=max_pixels)
+    worker = ModelWorker(queue_size)
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    atlas_model = store.meta().get("model") if store is not None else None
+    atlas_warning = (f"this atlas was built for {atlas_model!r}, not {explorer.name!r}: its pictures may not "
+                     "describe these units" if atlas_model and atlas_model != explorer.name else None)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        worker.close()
+        if store is not None:
+            store.close()
+
+    app = FastAPI(title="convscope explorer", lifespan=lifespan, docs_url="/api/docs", redoc_url=None)
+    app.state.explorer = explorer
+    app.state.worker = worker
+    app.state.atlas = store
+    app.add_middleware(BodyLimit, limit=max_upload_bytes + FORM_SLACK)
+    if allowed_hosts:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
+    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+
+    # ------------------------------------------------------------------ errors -> status codes
+
+    @app.exception_handler(Busy)
+    async def _busy(request: Request, exc: Busy) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=503, headers={"Retry-After": str(exc.retry_after)})
+
+    @app.exception_handler(UploadError)
+    async def _upload(request: Request, exc: UploadError) -> JSONResponse:
+        return _error(exc.status, str(exc))
+
+    @app.exception_handler(UnknownImage)
+    async def _unknown_image(request: Request, exc: UnknownImage) -> JSONResponse:
+        return _error(404, str(exc))
+
+    @app.exception_handler(UnknownLayer)
+    async def _unknown_layer(request: Request, exc: UnknownLayer) -> JSONResponse:
+        return _error(400, str(exc), valid=exc.valid)
+
+    @app.exception_handler(AtlasError)
+    async def _atlas(request: Request, exc: AtlasError) -> Response:
+        if request.url.path.startswith("/api/"):
+            return _error(404, str(exc))
+        return templates.TemplateResponse(request, "error.html", {**common, "message": str(exc)}, status_code=404)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = [f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'request'}: {e.get('msg', 'invalid')}"
+                 for e in exc.errors()]
+        return _error(422, "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(ConvscopeError)
+    async def _convscope(request: Request, exc: ConvscopeError) -> JSONResponse:
+        return _error(400, str(exc))
+
+    async def wait(request: Request, job: Future) -> JSONResponse:
+        """Await a queued job; a job whose client has gone away before its turn is dropped (checked every
+        0.25 s while it waits)."""
+        waiting = asyncio.wrap_future(job)
+        while True:
+            done, _ = await asyncio.wait({waiting}, timeout=0.25)
+            if done:
+                return _timed(waiting.result())
+            if not job.running() and await request.is_disconnected():
+                job.cancel()
+                return JSONResponse({"error": "client closed the request"}, status_code=499)
+
+    async def run(request: Request, fn: Any, *args: Any) -> JSONResponse:
+        """Queue ``fn(*args)`` on the model worker and await it."""
+        return await wait(request, worker.submit(fn, *args))
+
+    common = {"model": explorer.name, "has_atlas": store is not None, "atlas_warning": atlas_warning}
+
+    # ------------------------------------------------------------------ the page
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page(request: Request) -> Response:
+        return templates.TemplateResponse(request, "explorer.html", {
+            **common, "layers": explorer.layers, "default_layer": explorer.default_layer,
+            "bundled": explorer.bundled(), "input_size": explorer.input_size, "num_classes": explorer.num_classes,
+            "cam_layer": explorer.cam_layer, "max_upload_mb": max_upload_bytes / MB, "norms": NORMS,
+            "cam_methods": CAM_METHODS})
+
+    # ------------------------------------------------------------------ JSON API
+
+    @app.get("/api/info")
+    async def info() -> dict[str, Any]:
+        return {"model": explorer.name, "input_size": list(explorer.input_size), "num_classes": explorer.num_classes,
+                "default_layer": explorer.default_layer, "cam_layer": explorer.cam_layer,
+                "atlas": store is not None, "bundled": explorer.bundled(), "max_upload_bytes": max_upload_bytes,
+                "queue_size": queue_size}
+
+    @app.get("/api/layers")
+    async def layers() -> list[dict[str, Any]]:
+        return [{"name": e.name, "type": e.type, "shape": list(e.shape), "units": e.units} for e in explorer.layers]
+
+    @app.get("/api/status")
+    async def status() -> dict[str, Any]:
+        return {"pending": worker.pending, "queue_size": queue_size, "jobs_done": worker.jobs_done,
+                "jobs_rejected": worker.jobs_rejected, "jobs_cancelled": worker.jobs_cancelled,
+                "batches": worker.batches, "busy_s": round(worker.busy_s, 3), "images": len(explorer.images)}
+
+    @app.post("/api/image")
+    async def upload(request: Request) -> dict[str, Any]:
+        """A picture as multipart form field ``file`` (or as the raw body with an image content type)."""
+        ctype = request.headers.get("content-type", "")
+        if ctype.startswith("multipart/form-data"):
+            form = await request.form(max_files=1, max_fields=8)
+            try:
+                part = form.get("file")
+                if part is None or isinstance(part, str):
+                    raise UploadError("send the picture as the multipart form field 'file'", 400)
+                data, name, part_type = await part.read(), part.filename or "upload", part.content_type
+            finally:
+                await form.close()
+        else:
+            data, name, part_type = await request.body(), "upload", ctype
+        img = await run_in_threadpool(decode_image, data, part_type, max_pixels)
+        item = await run_in_threadpool(explorer.images.add, img, Path(name).name[:80] or "upload")
+        return {"id": item.id, "name": item.name, "url": f"/api/images/{item.id}"}
+
+    @app.get("/api/images/{image_id}")
+    async def image(image_id: str) -> Response:
+        item = await run_in_threadpool(explorer.image, image_id)
+        buf = io.BytesIO()
+        item.image.save(buf, format="JPEG", quality=90)
+        return Response(buf.getvalue(), media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.get("/api/bundled")
+    async def bundled() -> list[dict[str, str]]:
+        return [{"name": n, "id": f"sample-{n}", "url": f"/api/images/sample-{n}"} for n in explorer.bundled()]
+
+    @app.get("/api/analyze")
+    async def analyze(request: Request, image: str, layer: str | None = None, norm: str = "layer") -> JSONResponse:
+        """Top-5 classes and (with ``layer``) the layer's activation grid, from one forward pass."""
+        return await run(request, explorer.analyze, image, layer, norm)
+
+    @app.get("/api/predict")
+    async def predict(request: Request, image: str) -> JSONResponse:
+        return await run(request, explorer.analyze, image, None)
+
+    @app.get("/api/activations")
+    async def activations(request: Request, image: str, layer: str | None = None,
+                          norm: str = "layer") -> JSONResponse:
+        return await run(request, explorer.analyze, image, layer or explorer.default_layer, norm)
+
+    @app.post("/api/frame")
+    async def frame(request: Request, layer: str | None = None, norm: str = "layer",
+                    unit: int | None = Query(None, ge=0)) -> JSONResponse:
+        """A webcam frame (JPEG/PNG as the raw body): predictions, activation grid and, with ``unit``, that
+        unit's enlarged map, all from one forward pass. The frame is kept briefly under the returned id."""
+        layer = layer or explorer.default_layer
+        explorer.check_frame(layer, norm, unit)
+        data = await request.body()
+        item = (data, request.headers.get("content-type"), layer, norm, unit)
+        return await wait(request, worker.submit_batched(("frame", layer), explorer.frame_batch, item))
+
+    @app.get("/api/unit")
+    async def unit(request: Request, image: str, layer: str, unit: int = Query(..., ge=0)) -> JSONResponse:
+        return await run(request, explorer.unit, image, layer, unit)
+
+    @app.get("/api/cam")
+    async def cam(request: Request, image: str, cls: int | None = Query(None, ge=0),
+                  method: str = "gradcam") -> JSONResponse:
+        return await run(request, explorer.cam, image, cls, method)
+
+    @app.get("/api/atlas/search")
+    async def atlas_search(q: str = Query(..., min_length=1, max_length=100)) -> list[dict[str, Any]]:
+        if store is None:
+            raise HTTPException(404, "no atlas loaded; start the server with --atlas DIR")
+        return [atlas_record(r) for r in await run_in_threadpool(store.search, q, 100)]
+
+    # ------------------------------------------------------------------ atlas pages
+
+    def need_atlas() -> Atlas:
+        if store is None:
+            raise AtlasError("no atlas loaded: start the server with `convscope serve --atlas DIR` (build one with "
+                             "`convscope atlas build MODEL --out DIR`)")
+        return store
+
+    @app.get("/atlas", response_class=HTMLResponse)
+    async def atlas_index(request: Request) -> Response:
+        a = need_atlas()
+        rows = await run_in_threadpool(_layer_summaries, a)
+        return templates.TemplateResponse(request, "atlas_index.html", {**common, "layers": rows,
+                                                                         "meta": a.meta()})
+
+    @app.get("/atlas/search", response_class=HTMLResponse)
+    async def atlas_search_page(request: Request, q: str = Query("", max_length=100)) -> Response:
+        a = need_atlas()
+        found = await run_in_threadpool(a.search, q, 200) if q.strip() else []
+        return templates.TemplateResponse(request, "atlas_search.html", {
+            **common, "q": q, "units": [atlas_record(r) for r in found]})
+
+    @app.get("/atlas/files/{path:path}")
+    async def atlas_file(path: str) -> FileResponse:
+        a = need_atlas()
+        try:
+            target = a.file(path)
+        except AtlasError as e:
+            raise HTTPException(404, f"no such atlas file: {e}") from None
+        if target.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+            raise HTTPException(404, "the atlas serves only its pictures")
+        return FileResponse(target, headers={"Cache-Control": "public, max-age=600"})
+
+    @app.get("/atlas/{layer}", response_class=HTMLResponse)
+    async def atlas_layer(request: Request, layer: str) -> Response:
+        a = need_atlas()
+        units = await run_in_threadpool(a.units, layer)
+        return templates.TemplateResponse(request, "atlas_layer.html", {
+            **common, "layer": a.layer(layer), "units": [atlas_record(r) for r in units],
+            "explorable": layer in {e.name for e in explorer.layers}})
+
+    @app.get("/atlas/{layer}/{unit}", response_class=HTMLResponse)
+    async def atlas_unit(request: Request, layer: str, unit: int) -> Response:
+        a = need_atlas()
+        rec = await run_in_threadpool(a.unit, layer, unit)
+        n = a.layer(layer).units
+        return templates.TemplateResponse(request, "atlas_unit.html", {
+            **common, "u": atlas_record(rec), "n_units": n,
+            "explorable": layer in {e.name for e in explorer.layers}})
+
+    return app
+
+
+def _layer_summaries(a: Atlas) -> list[dict[str, Any]]:
+    """Per atlas layer: units, shape, and how many units each build stage has filled."""
+    rows = []
+    for layer in a.layers():
+        am = a.done(layer.name, "am_image")
+        thumbs = [atlas_file_url(a.unit(layer.name, u).am_image) for u in sorted(am)[:6]]
+        rows.append({"name": layer.name, "units": layer.units, "shape": "x".join(map(str, layer.shape)),
+                     "am": len(am), "top": len(a.done(layer.name, "top_image")),
+                     "concepts": len(a.done(layer.name, "concept")), "thumbs": thumbs})
+    return rows
+

@@ -1,0 +1,503 @@
+"""What the explorer computes, as plain synchronous functions on one model (the web layer queues the calls).
+
+:class:`Explorer` holds the model (loaded once), its spatial layers, the image store and small result caches. Its
+methods return JSON-ready dicts; pictures are PNG/JPEG data URLs. Every model call goes through convscope's public
+API (``probe``, ``predict``-style softmax, ``deconvnet``, ``gradcam``, ``saliency``), which leaves the model as it
+came (modes, ``requires_grad``, hooks). The methods are *not* thread-safe for the model: run them on one
+:class:`~convscope.web.worker.ModelWorker`.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import io
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import PurePath
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from ..applications.report import unit_layer
+from ..atlas.store import Atlas, AtlasError
+from ..core.images import PHOTO_NAMES, Preprocess, load_image, sample_images
+from ..core.layers import default_input_size, list_layers, model_device
+from ..core.probe import probe
+from ..core.render import colormap, overlay, to_display, to_pil
+from ..errors import ConvscopeError, LayerNotFoundError, TargetError
+from ..methods.cam import default_cam_layer, gradcam
+from ..methods.deconvnet import deconvnet, unit_signal
+from ..methods.saliency import saliency
+from ..models.zoo import get_classes, get_preprocess
+from .images import ImageStore, StoredImage, decode_image
+
+__all__ = ["CAM_METHODS", "NORMS", "Explorer", "GridLayout", "LayerEntry", "activation_grid", "colorize", "data_url",
+           "unit_pictures"]
+
+CAM_METHODS = ("gradcam", "saliency")
+NORMS = ("layer", "unit")
+GRID_BACKGROUND = (0.16, 0.16, 0.18)
+
+
+class UnknownLayer(LayerNotFoundError):
+    """A layer the explorer does not offer; ``valid`` lists the names it does."""
+
+    def __init__(self, message: str, valid: list[str]) -> None:
+        super().__init__(message)
+        self.valid = valid
+
+
+@dataclass(frozen=True)
+class LayerEntry:
+    """A layer with a spatial output: name, module type, output shape ``(C, H, W)``."""
+
+    name: str
+    type: str
+    shape: tuple[int, int, int]
+
+    @property
+    def units(self) -> int:
+        return self.shape[0]
+
+
+@dataclass(frozen=True)
+class GridLayout:
+    """Where unit ``u`` is in an activation grid: row ``u // cols``, column ``u % cols``, each cell ``tile``
+    pixels plus ``pad`` pixels of gap on its right and bottom; the picture is ``width x height``."""
+
+    units: int
+    cols: int
+    rows: int
+    tile: int
+    pad: int
+    width: int
+    height: int
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+# --------------------------------------------------------------------------- rendering helpers
+
+
+def data_url(img: Image.Image, fmt: str = "PNG", quality: int = 85) -> str:
+    """A PIL image as a ``data:`` URL (PNG with fast compression, or JPEG)."""
+    buf = io.BytesIO()
+    if fmt == "JPEG":
+        img.convert("RGB").save(buf, format="JPEG", quality=quality)
+    else:
+        img.save(buf, format="PNG", compress_level=1)
+    mime = "image/jpeg" if fmt == "JPEG" else "image/png"
+    return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
+
+
+def _tile_side(h: int, w: int, target: int = 28, largest: int = 56) -> int:
+    """Tile side for maps of ``h x w``: small maps enlarged by an integer factor to about ``target`` pixels, large
+    ones reduced to at most ``largest``."""
+    side = max(h, w)
+    if side >= largest:
+        return largest
+    return side * max(1, round(target / side))
+
+
+@functools.cache
+def _lut(name: str) -> np.ndarray:
+    """``core.render``'s colormap as a ``256 x 3`` uint8 table (the web layer colours with numpy: fast path)."""
+    return (colormap(name).numpy() * 255).round().astype(np.uint8)
+
+
+def colorize(values: np.ndarray, cmap: str = "inferno") -> np.ndarray:
+    """Values in [0, 1] (any shape) -> uint8 RGB (shape + (3,)), as :func:`convscope.core.render.apply_colormap`."""
+    idx = np.rint(np.nan_to_num(np.clip(values, 0, 1), nan=0.0) * 255).astype(np.uint8)
+    return _lut(cmap)[idx]
+
+
+def activation_grid(acts: torch.Tensor, norm: str = "layer", cmap: str = "inferno", pad: int = 1,
+                    max_width: int = 1100) -> tuple[Image.Image, GridLayout]:
+    """All feature maps of one image (``C x H x W``) as one picture: a tile per unit, in unit order.
+
+    ``norm="layer"``: one scale for the whole layer (0 and below -> black, the layer's max -> bright; a silent unit
+    stays dark, as in Yosinski et al. 2015's toolbox); ``"unit"``: each map stretched to its own min..max.
+    """
+    if acts.dim() != 3:
+        raise ConvscopeError(f"activation_grid expects C x H x W, got {tuple(acts.shape)}")
+    if norm not in NORMS:
+        raise ConvscopeError(f"norm={norm!r}: use one of {', '.join(NORMS)}")
+    c, h, w = acts.shape
+    a = acts.detach().float().cpu()
+    if norm == "layer":
+        shown = (a / a.max().clamp_min(1e-12)).clamp(0, 1)
+    else:
+        shown = to_display(a[:, None], "minmax")[:, 0]
+    t = _tile_side(h, w)
+    if (h, w) != (t, t):
+        mode = "nearest" if t >= max(h, w) else "area"
+        shown = F.interpolate(shown[:, None], size=(t, t), mode=mode)[:, 0]
+    tiles = colorize(shown.numpy(), cmap)  # C t t 3
+    cols = max(1, min(c, (max_width + pad) // (t + pad), max(8, math.ceil(math.sqrt(c * 1.6)))))
+    rows = math.ceil(c / cols)
+    cells = np.empty((rows * cols, t + pad, t + pad, 3), dtype=np.uint8)
+    cells[:] = np.array(GRID_BACKGROUND, dtype=np.float32) * 255
+    cells[:c, :t, :t] = tiles
+    cells[c:, :t, :t] = np.array(GRID_BACKGROUND, dtype=np.float32) * 255 * 0.6
+    pic = cells.reshape(rows, cols, t + pad, t + pad, 3).transpose(0, 2, 1, 3, 4).reshape(rows * (t + pad),
+                                                                                         cols * (t + pad), 3)
+    img = Image.fromarray(np.ascontiguousarray(pic))
+    return img, GridLayout(c, cols, rows, t, pad, img.width, img.height)
+
+
+def unit_pictures(act_map: torch.Tensor, scale: float, image: Image.Image, cmap: str = "inferno",
+                  alpha: float = 0.6) -> tuple[Image.Image, Image.Image]:
+    """One unit's map ``h x w`` divided by ``scale`` (the layer's max): enlarged to the image's size (nearest, the
+    map's own cells) and blended over the image (bilinear), as :func:`convscope.core.render.overlay` does."""
+    m = (act_map.detach().float().cpu() / max(scale, 1e-12)).clamp(0, 1).numpy().astype(np.float32)
+    size = image.size
+    alone = Image.fromarray(colorize(m, cmap)).resize(size, Image.Resampling.NEAREST)
+    smooth = np.asarray(Image.fromarray(m, mode="F").resize(size, Image.Resampling.BILINEAR))
+    over = Image.blend(image.convert("RGB"), Image.fromarray(colorize(smooth, cmap)), alpha)
+    return alone, over
+
+
+def _signed_picture(t: torch.Tensor) -> torch.Tensor:
+    """A signed ``C x H x W`` projection for display: its 0.5-99.5th percentiles stretched to [0, 1]."""
+    return to_display(t[None].float(), "percentile")[0]
+
+
+# --------------------------------------------------------------------------- the explorer
+
+
+class _LRU:
+    """A tiny thread-safe LRU dict."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._d: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            if key in self._d:
+                self._d.move_to_end(key)
+                return self._d[key]
+        return None
+
+    def put(self, key: Any, value: Any) -> None:
+        with self._lock:
+            self._d[key] = value
+            self._d.move_to_end(key)
+            while len(self._d) > self.capacity:
+                self._d.popitem(last=False)
+
+
+class Explorer:
+    """The explorer's model-side work for one model (and optionally an atlas of it)."""
+
+    def __init__(self, model: nn.Module, name: str | None = None, atlas: Atlas | None = None,
+                 image_capacity: int = 128, frame_capacity: int = 32, max_pixels: int = 40_000_000,
+                 top_k: int = 5) -> None:
+        self.model = model
+        self.name = name or getattr(model, "zoo_name", None) or type(model).__name__
+        self.device = model_device(model)
+        self.classes = get_classes(model)
+        self.max_pixels = max_pixels
+        self.top_k = top_k
+        pre = get_preprocess(model)
+        if pre.input_size is None:  # a bare module: fix a size, keep its normalization
+            side = max(default_input_size(model))
+            pre = Preprocess(resize=side, crop=side, mean=pre.mean, std=pre.std)
+        self.preprocess = pre
+        self.input_size: tuple[int, int] = pre.input_size  # type: ignore[assignment]
+        rows = list_layers(model, input_size=self.input_size)
+        self.layers: list[LayerEntry] = [
+            LayerEntry(r.name, r.type, r.output_shape) for r in rows  # type: ignore[arg-type]
+            if r.output_shape is not None and len(r.output_shape) == 3 and r.output_shape[1] * r.output_shape[2] > 1
+            and r.type not in ("Sequential", "ModuleList", "ModuleDict")
+        ]
+        if not self.layers:
+            raise ConvscopeError(f"{self.name} has no layer with a spatial feature map (C x H x W output); the "
+                                 "explorer shows convolutional networks")
+        self._by_name = {e.name: e for e in self.layers}
+        preferred = unit_layer(model)
+        self.default_layer = preferred if preferred in self._by_name else self.layers[len(self.layers) // 2].name
+        n_out = self._num_outputs()
+        self.num_classes = len(self.classes) if self.classes is not None else n_out
+        self.cam_layer = default_cam_layer(model)
+        self.atlas = atlas
+        self.images = ImageStore(pre, image_capacity)
+        self.frames = ImageStore(pre, frame_capacity, prefix="f-")
+        self._preds = _LRU(4 * image_capacity)
+        self._acts = _LRU(16)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _num_outputs(self) -> int:
+        with torch.no_grad(), probe(self.model):
+            out = self.model(torch.zeros(1, 3, *self.input_size, device=self.device))
+        return int(out.reshape(1, -1).shape[1])
+
+    def layer(self, name: str) -> LayerEntry:
+        """The layer entry, or :class:`UnknownLayer` naming the valid ones."""
+        entry = self._by_name.get(name)
+        if entry is None:
+            valid = [e.name for e in self.layers]
+            raise UnknownLayer(f"unknown layer {name!r} for {self.name}; valid layers: {', '.join(valid)}", valid)
+        return entry
+
+    def check_unit(self, layer: str, unit: int) -> LayerEntry:
+        entry = self.layer(layer)
+        if not 0 <= unit < entry.units:
+            raise TargetError(f"unit {unit} is out of range: layer {layer!r} has {entry.units} units "
+                              f"(valid 0-{entry.units - 1})")
+        return entry
+
+    def check_class(self, cls: int) -> None:
+        if not 0 <= cls < self.num_classes:
+            raise TargetError(f"class {cls} is out of range: {self.name} has {self.num_classes} classes "
+                              f"(valid 0-{self.num_classes - 1})")
+
+    def class_name(self, cls: int) -> str:
+        return self.classes[cls] if self.classes is not None and cls < len(self.classes) else f"class {cls}"
+
+    def image(self, image_id: str) -> StoredImage:
+        """An uploaded picture or a recent webcam frame by id."""
+        if image_id.startswith("f-"):
+            return self.frames.get(image_id)
+        if image_id.startswith("sample-"):
+            return self.sample(image_id[len("sample-"):])
+        return self.images.get(image_id)
+
+    def sample(self, name: str) -> StoredImage:
+        """A bundled photo (loaded on first use and kept)."""
+        pid = f"sample-{name}"
+        try:
+            return self.images.get(pid)
+        except ConvscopeError:
+            pass
+        found = sample_images()
+        if name not in found or name not in PHOTO_NAMES:
+            valid = ", ".join(n for n in PHOTO_NAMES if n in found)
+            raise ConvscopeError(f"no bundled photo {name!r}; bundled photos: {valid}")
+        return self.images.add(load_image(found[name]), name=name, pin_id=pid)
+
+    def bundled(self) -> list[str]:
+        """Names of the bundled photos available here."""
+        found = sample_images()
+        return [n for n in PHOTO_NAMES if n in found]
+
+    def tensor(self, item: StoredImage) -> torch.Tensor:
+        """The stored picture as a ``1 x 3 x H x W`` model input."""
+        arr = torch.from_numpy(np.asarray(item.image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+        return self.preprocess.normalize(arr)[None].to(self.device)
+
+    @staticmethod
+    def pixels(item: StoredImage) -> torch.Tensor:
+        """The stored picture as ``1 x 3 x H x W`` RGB in [0, 1]."""
+        return torch.from_numpy(np.asarray(item.image, dtype=np.uint8).copy()).permute(2, 0, 1).float()[None] / 255
+
+    def _predictions(self, logits: torch.Tensor) -> list[dict[str, Any]]:
+        probs = logits.float().softmax(0)
+        top = probs.topk(min(self.top_k, probs.numel()))
+        return [{"index": int(c), "name": self.class_name(int(c)), "probability": float(p),
+                 "logit": float(logits[c])} for p, c in zip(top.values, top.indices)]
+
+    def _forward(self, x: torch.Tensor, layer: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One forward pass: the logits of the image and (``layer``) that layer's output ``C x H x W``."""
+        with torch.no_grad(), probe(self.model, layer or [], detach=True) as p:
+            out = self.model(x)
+        acts = p.activations[layer][0].float().cpu() if layer else None
+        return out.reshape(len(x), -1)[0].float().cpu(), acts
+
+    def _analyze(self, key: str, x: torch.Tensor, layer: str | None) -> tuple[list[dict], torch.Tensor | None, float]:
+        """Predictions and (``layer``) activations of an image, from the caches or one forward pass."""
+        preds = self._preds.get(key)
+        acts = self._acts.get((key, layer)) if layer else None
+        if preds is not None and (layer is None or acts is not None):
+            return preds, acts, 0.0
+        t0 = time.perf_counter()
+        logits, acts = self._forward(x, layer)
+        dt = time.perf_counter() - t0
+        preds = self._predictions(logits)
+        self._preds.put(key, preds)
+        if layer:
+            self._acts.put((key, layer), acts)
+        return preds, acts, dt
+
+    def _grid(self, acts: torch.Tensor, layer: str, norm: str) -> dict[str, Any]:
+        img, layout = activation_grid(acts, norm)
+        peak = acts.flatten(1).amax(1)
+        return {"layer": layer, "norm": norm, "shape": list(acts.shape), "grid": data_url(img),
+                "layout": layout.as_dict(), "max": [round(float(v), 4) for v in peak],
+                "strongest": peak.topk(min(8, len(peak))).indices.tolist()}
+
+    def _unit_map(self, acts: torch.Tensor, item: StoredImage, unit: int) -> dict[str, Any]:
+        """The enlarged activation map of one unit, alone and over the image (scaled by the layer's max)."""
+        m = acts[unit].float()
+        alone, over = unit_pictures(m, float(acts.max()), item.image)
+        flat = int(m.flatten().argmax())
+        return {"unit": unit, "max": float(m.max()), "mean": float(m.mean()),
+                "argmax": [flat // m.shape[1], flat % m.shape[1]], "activation": data_url(alone),
+                "overlay": data_url(over)}
+
+    # ------------------------------------------------------------------ the jobs (run them on the worker)
+
+    def analyze(self, image_id: str, layer: str | None = None, norm: str = "layer") -> dict[str, Any]:
+        """Top-k predictions and (``layer``) the activation grid of a stored image."""
+        item = self.image(image_id)
+        if layer:
+            self.layer(layer)
+        if norm not in NORMS:
+            raise ConvscopeError(f"norm={norm!r}: use one of {', '.join(NORMS)}")
+        preds, acts, dt = self._analyze(image_id, self.tensor(item), layer)
+        out: dict[str, Any] = {"image": image_id, "predictions": preds}
+        if acts is not None:
+            out["activations"] = self._grid(acts, layer, norm)  # type: ignore[arg-type]
+        out["model_s"] = dt
+        return out
+
+    def check_frame(self, layer: str, norm: str, unit: int | None) -> None:
+        """Validate a webcam frame's options before it is queued (clear 400s, not a failed batch)."""
+        self.layer(layer)
+        if norm not in NORMS:
+            raise ConvscopeError(f"norm={norm!r}: use one of {', '.join(NORMS)}")
+        if unit is not None:
+            self.check_unit(layer, unit)
+
+    def frame_batch(self, items: list[tuple[bytes, str | None, str, str, int | None]]
+                    ) -> list[dict[str, Any] | Exception]:
+        """Webcam frames ``(bytes, content type, layer, norm, unit)``, all of one layer: each is stored (short-lived),
+        then one batched forward pass gives every frame its predictions, activation grid and (``unit``) the unit's
+        enlarged map. A frame that does not decode gets its own error; the others go on."""
+        layer = items[0][2]
+        if any(it[2] != layer for it in items):
+            raise ConvscopeError("frame_batch() takes frames of one layer per call")
+        side = max(self.preprocess.resize or 0, *self.input_size)
+        results: list[dict[str, Any] | Exception] = []
+        stored: list[tuple[int, StoredImage]] = []
+        for i, (data, ctype, _, norm, unit) in enumerate(items):
+            try:
+                self.check_frame(layer, norm, unit)
+                stored.append((i, self.frames.add(decode_image(data, ctype, self.max_pixels, draft=side),
+                                                  name="webcam")))
+                results.append({})
+            except ConvscopeError as e:
+                results.append(e)
+        if not stored:
+            return results
+        t0 = time.perf_counter()
+        x = torch.cat([self.tensor(item) for _, item in stored])
+        with torch.no_grad(), probe(self.model, layer, detach=True) as p:
+            out = self.model(x)
+        logits, acts = out.reshape(len(x), -1).float().cpu(), p.activations[layer].float().cpu()
+        dt = (time.perf_counter() - t0) / len(stored)  # each frame's share of the batched pass
+        for k, (i, item) in enumerate(stored):
+            _, _, _, norm, unit = items[i]
+            preds = self._predictions(logits[k])
+            self._preds.put(item.id, preds)
+            self._acts.put((item.id, layer), acts[k])
+            res: dict[str, Any] = {"image": item.id, "predictions": preds, "activations": self._grid(acts[k], layer,
+                                                                                                    norm)}
+            if unit is not None:
+                res["unit"] = self._unit_map(acts[k], item, unit)
+            res.update(batch=len(stored), model_s=dt)
+            results[i] = res
+        return results
+
+    def frame(self, data: bytes, content_type: str | None, layer: str, norm: str = "layer",
+              unit: int | None = None) -> dict[str, Any]:
+        """One webcam frame (see :meth:`frame_batch`)."""
+        out = self.frame_batch([(data, content_type, layer, norm, unit)])[0]
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    def unit(self, image_id: str, layer: str, unit: int) -> dict[str, Any]:
+        """One unit on one image: its enlarged activation map (alone and over the image), its DeconvNet projection
+        (Zeiler & Fergus 2014) and its guided backpropagation (Springenberg et al. 2015), both from the unit's
+        strongest activation; plus its atlas record when there is one."""
+        self.check_unit(layer, unit)
+        item = self.image(image_id)
+        x = self.tensor(item)
+        _, acts, dt = self._analyze(image_id, x, layer)
+        t0 = time.perf_counter()
+        proj = deconvnet(self.model, x, layer, units=[unit], mode="max")[0, 0]
+        guided = self._guided_unit(x, layer, unit)
+        dt += time.perf_counter() - t0
+        out = self._unit_map(acts, item, unit)  # type: ignore[arg-type]
+        out.update(layer=layer, image=image_id, deconv=data_url(to_pil(_signed_picture(proj))),
+                   guided=data_url(to_pil(_signed_picture(guided))), silent=bool(out["max"] <= 0),
+                   atlas=self.atlas_unit(layer, unit), model_s=dt)
+        return out
+
+    def _guided_unit(self, x: torch.Tensor, layer: str, unit: int) -> torch.Tensor:
+        """Guided backpropagation from the strongest activation of ``unit`` of ``layer`` to the input pixels:
+        d a / d x with every ReLU / ReLU6 under the guided rule (``probe(relu_rule="guided")``)."""
+        xx = x.detach().clone().requires_grad_(True)
+        with torch.enable_grad(), probe(self.model, layer, relu_rule="guided", stop_after=layer) as p:
+            p.forward(self.model, xx)
+            act = p.activations[layer]
+            signal = unit_signal(act.detach(), torch.tensor([unit], device=act.device), "max")
+            (g,) = torch.autograd.grad(act, xx, grad_outputs=signal, allow_unused=True)
+        return torch.zeros_like(x[0]) if g is None else g[0].detach().cpu()
+
+    def cam(self, image_id: str, cls: int | None = None, method: str = "gradcam") -> dict[str, Any]:
+        """Grad-CAM (Selvaraju et al. 2017, at the last feature map) or gradient saliency (Simonyan et al. 2014)
+        for class ``cls`` (default: the top class), over the image."""
+        if method not in CAM_METHODS:
+            raise ConvscopeError(f"method={method!r}: use one of {', '.join(CAM_METHODS)}")
+        item = self.image(image_id)
+        x = self.tensor(item)
+        if cls is None:
+            preds, _, _ = self._analyze(image_id, x, None)
+            cls = int(preds[0]["index"])
+        self.check_class(cls)
+        t0 = time.perf_counter()
+        fn: Callable[..., torch.Tensor] = ((lambda: gradcam(self.model, x, cls, layer=self.cam_layer))
+                                           if method == "gradcam" else (lambda: saliency(self.model, x, cls)))
+        maps = fn()[:, :1].detach().float().cpu()  # 1 x 1 x H x W
+        dt = time.perf_counter() - t0
+        if method == "saliency":  # gradients are spiky: clip at the 99th percentile before colouring
+            maps = to_display(maps, "percentile", lo=0.0, hi=99.0)
+        pic = overlay(self.pixels(item), maps, alpha=0.5, cmap="jet", normalize=method == "gradcam")[0]
+        return {"image": image_id, "class": cls, "name": self.class_name(cls), "method": method,
+                "layer": self.cam_layer if method == "gradcam" else None, "overlay": data_url(to_pil(pic)),
+                "model_s": dt}
+
+    # ------------------------------------------------------------------ atlas
+
+    def atlas_unit(self, layer: str, unit: int) -> dict[str, Any] | None:
+        """The atlas record of a unit with URLs of its pictures, ``{"missing": reason}``, or None (no atlas)."""
+        if self.atlas is None:
+            return None
+        try:
+            rec = self.atlas.unit(layer, unit)
+        except AtlasError as e:
+            return {"missing": str(e)}
+        return atlas_record(rec)
+
+
+def atlas_file_url(relpath: str | None) -> str | None:
+    """The explorer URL of an atlas picture (``/atlas/files/...``), segments percent-encoded."""
+    if not relpath:
+        return None
+    from urllib.parse import quote
+
+    return "/atlas/files/" + quote(relpath, safe="/")
+
+
+def atlas_record(rec: Any) -> dict[str, Any]:
+    """A :class:`~convscope.atlas.store.UnitRecord` as JSON with picture URLs."""
+    # the page shows where each top activation came from by file name, never the server's folders
+    top = [{**t, "source": PurePath(str(t["source"])).name} if t.get("source") else dict(t) for t in rec.top]
+    return {"layer": rec.layer, "unit": rec.unit, "am_image": atlas_file_url(rec.am_image),
+            "am_activation": rec.am_activation, "top_image": atlas_file_url(rec.top_image), "top": top,
+            "max_activation": rec.max_activation, "concept": rec.concept, "category": rec.category,
+            "iou": rec.iou, "detector": rec.detector}
