@@ -207,3 +207,35 @@ def test_errors_name_the_fix():
         cs.deconvnet(net, X, "pool", 0)
     with pytest.raises(cs.ConvscopeError, match="N x C x H x W"):
         cs.deconvnet(net, X[0], "pool1", 0)
+
+
+def test_unit_backprop_rules_on_the_hand_worked_net():
+    """From relu2's strongest activation (the signal is its value, 4, at (1, 1), pooled from (3, 3) in both maps):
+    conv2^T sends +4 to A and -4 to B; the guided rule drops B's negative signal at relu1 (both relu1 inputs there are
+    positive, so it equals the DeconvNet result), the plain gradient keeps it (B^T stamps -4)."""
+    net = HandNet()
+    guided = cs.unit_backprop(net, X, "relu2", 0, rule="guided")[0, 0, 0]
+    torch.testing.assert_close(guided, torch.tensor(RELU2_MAX))
+    grad = cs.unit_backprop(net, X, "relu2", 0, rule="gradient")[0, 0, 0]
+    expected = torch.tensor(RELU2_MAX)
+    expected[3, 4] -= 4
+    expected[4, 3] -= 4
+    torch.testing.assert_close(grad, expected)
+    torch.testing.assert_close(cs.unit_backprop(net, X, "relu2", 0, rule="deconvnet"),
+                               cs.deconvnet(net, X, "relu2", 0, path="autograd"))
+
+
+def test_unit_backprop_of_a_logit_equals_guided_backprop_of_that_class(demo):
+    x = torch.randn(2, 3, 112, 112)
+    before = snapshot(demo)
+    with torch.no_grad():
+        logits, top = demo(x).max(1)  # positive: the guided rule is not odd, so a negative signal would differ
+    assert (logits > 0).all()
+    ours = cs.unit_backprop(demo, x, "classifier.fc8", top[:, None], rule="guided")[:, 0]
+    # the projected signal is the unit's activation (as in deconvnet), i.e. the logit times d logit / d x
+    ref = cs.guided_backprop(demo, x, target=top)[:, 0] * logits[:, None, None, None]
+    assert ours.abs().amax() > 0
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-6)
+    assert_untouched(demo, before)
+    with pytest.raises(cs.ConvscopeError, match="rule"):
+        cs.unit_backprop(demo, x, "classifier.fc8", 0, rule="lrp")

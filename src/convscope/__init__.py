@@ -30,7 +30,7 @@ from .errors import (
 from .methods.adversarial import AdversarialResult, FeatureChange, feature_change, fgsm, pgd
 from .methods.backprop import deconvnet_rule, guided_backprop, guided_gradcam
 from .methods.cam import cam, gradcam, gradcam_pp
-from .methods.deconvnet import deconvnet
+from .methods.deconvnet import deconvnet, unit_backprop
 from .methods.dissect import Comparison, DissectConfig, LayerDissection, UnitLabel, compare, dissect
 from .methods.filters import first_layer_filters
 from .methods.invert import InversionResult, invert
@@ -88,5 +88,5 @@ __all__ = [
     "perturbation_study", "reconstruct", "style_transfer", "train_upconv",
     "Comparison", "DissectConfig", "LayerDissection", "UnitLabel", "compare", "dissect",
     "ConceptVector", "Net2VecConfig", "Net2VecResult", "net2vec",
-    "Atlas", "AtlasError", "build_atlas", "open_atlas",
+    "Atlas", "AtlasError", "build_atlas", "open_atlas", "unit_backprop",
 ]

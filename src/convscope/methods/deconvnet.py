@@ -38,6 +38,7 @@ all units of those images; the autograd path runs one forward and one backward p
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -291,6 +292,37 @@ class _LRNPassThrough(TorchFunctionMode):
         return out
 
 
+def _prepare(model: nn.Module, x: torch.Tensor, layer: str, units: Units, mode: Mode, batch_size: int,
+             name: str) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """Checked arguments of a projection of units to the input: ``(layer name, detached x, N x U unit table)``."""
+    check_input(x, name)
+    if x.dim() != 4:
+        raise ConvscopeError(f"{name} expects images N x C x H x W, got {tuple(x.shape)}")
+    if mode not in ("max", "map"):
+        raise ConvscopeError(f"{name}(mode={mode!r}): use 'max' (strongest activation) or 'map' (feature map)")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConvscopeError(f"{name}(batch_size={batch_size!r}): use a positive int")
+    x = x.detach()
+    return resolve_layer(model, layer)[0], x, _unit_table(units, len(x), x.device)
+
+
+def unit_backprop(model: nn.Module, x: torch.Tensor, layer: str, units: Units, rule: str = "guided",
+                  mode: Mode = "max", batch_size: int = 32) -> torch.Tensor:
+    """Units of ``layer`` back-propagated to the input through autograd with every ReLU under ``rule``:
+    ``"guided"`` (guided backpropagation, Springenberg et al. 2015, from a unit instead of a class score, as in
+    Yosinski et al.'s toolbox), ``"deconvnet"`` (the DeconvNet rule) or ``"gradient"`` (plain ``d a / d x``).
+
+    ``units`` / ``mode`` / ``batch_size`` as in :func:`deconvnet`. Returns ``N x U x C x H x W``, signed.
+    """
+    rules = {"guided": "guided", "deconvnet": "deconvnet", "gradient": None}
+    if rule not in rules:
+        raise ConvscopeError(f"unit_backprop(rule={rule!r}): use one of {', '.join(rules)}")
+    layer, x, table = _prepare(model, x, layer, units, mode, batch_size, "unit_backprop")
+    out = torch.empty(*table.shape, *x.shape[1:], dtype=x.dtype, device=x.device)
+    _autograd(model, layer, x, table, mode, batch_size, out, rules[rule])
+    return out
+
+
 def deconvnet(model: nn.Module, x: torch.Tensor, layer: str, units: Units, mode: Mode = "max", path: Path = "auto",
               batch_size: int = 32) -> torch.Tensor:
     """DeconvNet projections (Zeiler & Fergus 2014, Sec. 2.1) of units of ``layer`` down to the input.
@@ -308,18 +340,9 @@ def deconvnet(model: nn.Module, x: torch.Tensor, layer: str, units: Units, mode:
     Returns:
         ``N x U x C x H x W``, signed, in the input's units (show with ``to_display(..., "signed")``).
     """
-    check_input(x, "deconvnet")
-    if x.dim() != 4:
-        raise ConvscopeError(f"deconvnet expects images N x C x H x W, got {tuple(x.shape)}")
-    if mode not in ("max", "map"):
-        raise ConvscopeError(f"deconvnet(mode={mode!r}): use 'max' (strongest activation) or 'map' (feature map)")
     if path not in ("auto", "explicit", "autograd"):
         raise ConvscopeError(f"deconvnet(path={path!r}): use 'auto', 'explicit' or 'autograd'")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ConvscopeError(f"deconvnet(batch_size={batch_size!r}): use a positive int")
-    layer = resolve_layer(model, layer)[0]
-    x = x.detach()
-    table = _unit_table(units, len(x), x.device)
+    layer, x, table = _prepare(model, x, layer, units, mode, batch_size, "deconvnet")
     chain: Chain | str = "path='autograd' was asked for"
     if path != "autograd":
         chain = build_chain(model, x[:1], layer)
@@ -354,11 +377,12 @@ def _explicit(model: nn.Module, chain: Chain, x: torch.Tensor, table: torch.Tens
 
 
 def _autograd(model: nn.Module, layer: str, x: torch.Tensor, table: torch.Tensor, mode: Mode, batch_size: int,
-              out: torch.Tensor) -> None:
+              out: torch.Tensor, rule: str | None = "deconvnet") -> None:
     n, u = table.shape
     rows_img = torch.arange(n, device=x.device).repeat_interleave(u)
     rows_unit = table.reshape(-1)
-    with torch.enable_grad(), probe(model, layer, relu_rule="deconvnet", stop_after=layer) as p, _LRNPassThrough():
+    lrn = _LRNPassThrough() if rule == "deconvnet" else contextlib.nullcontext()
+    with torch.enable_grad(), probe(model, layer, relu_rule=rule, stop_after=layer) as p, lrn:
         for r0 in range(0, n * u, batch_size):
             ri, ru = rows_img[r0:r0 + batch_size], rows_unit[r0:r0 + batch_size]
             xx = x[ri].clone().requires_grad_(True)
@@ -376,4 +400,4 @@ def _autograd(model: nn.Module, layer: str, x: torch.Tensor, table: torch.Tensor
 
 
 __all__ = ["Chain", "Step", "build_chain", "chain_down", "chain_forward", "deconvnet", "spatial_max", "trace_calls",
-           "unit_signal"]
+           "unit_backprop", "unit_signal"]

@@ -35,7 +35,7 @@ from ..core.probe import probe
 from ..core.render import colormap, overlay, to_display, to_pil
 from ..errors import ConvscopeError, LayerNotFoundError, TargetError
 from ..methods.cam import default_cam_layer, gradcam
-from ..methods.deconvnet import deconvnet, unit_signal
+from ..methods.deconvnet import deconvnet, unit_backprop
 from ..methods.saliency import saliency
 from ..models.zoo import get_classes, get_preprocess
 from .images import ImageStore, StoredImage, decode_image
@@ -438,15 +438,8 @@ class Explorer:
         return out
 
     def _guided_unit(self, x: torch.Tensor, layer: str, unit: int) -> torch.Tensor:
-        """Guided backpropagation from the strongest activation of ``unit`` of ``layer`` to the input pixels:
-        d a / d x with every ReLU / ReLU6 under the guided rule (``probe(relu_rule="guided")``)."""
-        xx = x.detach().clone().requires_grad_(True)
-        with torch.enable_grad(), probe(self.model, layer, relu_rule="guided", stop_after=layer) as p:
-            p.forward(self.model, xx)
-            act = p.activations[layer]
-            signal = unit_signal(act.detach(), torch.tensor([unit], device=act.device), "max")
-            (g,) = torch.autograd.grad(act, xx, grad_outputs=signal, allow_unused=True)
-        return torch.zeros_like(x[0]) if g is None else g[0].detach().cpu()
+        """Guided backpropagation from the strongest activation of ``unit`` of ``layer`` to the input pixels."""
+        return unit_backprop(self.model, x[:1], layer, [unit], rule="guided")[0, 0].detach().cpu()
 
     def cam(self, image_id: str, cls: int | None = None, method: str = "gradcam") -> dict[str, Any]:
         """Grad-CAM (Selvaraju et al. 2017, at the last feature map) or gradient saliency (Simonyan et al. 2014)
