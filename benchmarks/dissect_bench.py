@@ -69,7 +69,9 @@ def forward_cost(root: Path, batches: list[int]) -> dict[str, Any]:
 
 def child(root: Path, batch: int, out: Path) -> None:
     """Run the dissection (both passes timed) and write the timings as JSON."""
-    from convscope.methods import dissect as d
+    import importlib
+
+    d = importlib.import_module("convscope.methods.dissect")  # the module: cs.methods.dissect is the function
 
     model = cs.load_model(MODEL)
     names = conv_layers(model)

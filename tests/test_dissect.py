@@ -102,6 +102,22 @@ def test_top_buffer_threshold_equals_numpy_quantile_linear(q):
     np.testing.assert_allclose(buf.thresholds().numpy(), ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("q", [0.005, 0.02])
+def test_top_buffer_over_many_batches_with_deferred_merges(q):
+    """Many one-image batches after the buffer is full: candidates wait and merge in groups; thresholds stay exact,
+    also when read (and merged) midway, as a checkpoint does."""
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(300, 4, 7, 7, generator=g) * torch.linspace(0.5, 2.0, 300)[:, None, None, None]  # rising
+    n = a.numel() // 4
+    buf = _TopBuffer(n, q, 4, 100.0, "x")
+    for i in range(300):
+        buf.update(a[i:i + 1])
+        if i == 150:
+            assert buf.values.shape == (4, buf.k)  # a mid-run read merges the waiting candidates
+    ref = np.quantile(a.transpose(0, 1).reshape(4, -1).double().numpy(), 1 - q, axis=1, method="linear")
+    np.testing.assert_allclose(buf.thresholds().numpy(), ref, rtol=1e-12, atol=1e-12)
+
+
 def test_unit_thresholds_equal_numpy_quantile_over_all_positions(synth):
     model = Planted()
     ds = BrodenDataset(synth)

@@ -255,20 +255,42 @@ class _TopBuffer:
             raise ConvscopeError(
                 f"layer {layer!r}: the exact quantile needs {mb:.0f} MiB ({units} units x {self.k} values); raise "
                 f"DissectConfig(max_buffer_mb=...) above that, or dissect fewer images or a smaller seg/image size")
-        self.values: torch.Tensor | None = None
+        self._values: torch.Tensor | None = None
+        self._pending: list[torch.Tensor] = []  # candidates above the k-th largest at the last merge
+        self._pending_n = 0
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        """``units x k``: each unit's largest values so far, descending (pending candidates merged first)."""
+        self._merge()
+        return self._values
+
+    @values.setter
+    def values(self, v: torch.Tensor | None) -> None:
+        self._values, self._pending, self._pending_n = v, [], 0
+
+    def _merge(self) -> None:
+        if self._pending:
+            v = torch.cat([self._values, *self._pending], 1)
+            self._values, self._pending, self._pending_n = v.topk(self.k, dim=1).values, [], 0
 
     def update(self, act: torch.Tensor) -> None:
         v = act.detach().float().transpose(0, 1).reshape(act.shape[1], -1)
-        if self.values is not None:
-            if self.values.shape[1] == self.k:
-                # a value not above the current k-th largest can never enter the final k: keep only the batch's
-                # top m, m = the most any unit has above its k-th (usually a small fraction of the batch)
-                m = int(torch.count_nonzero(v > self.values[:, -1:], dim=1).max())
-                if m == 0:
-                    return
-                v = v.topk(min(m, v.shape[1]), dim=1).values
-            v = torch.cat([self.values, v], 1)
-        self.values = v.topk(min(self.k, v.shape[1]), dim=1).values
+        cur = self._values
+        if cur is not None and cur.shape[1] == self.k:
+            # a value not above the k-th largest (as of the last merge: a lower bound of the current one) can never
+            # enter the final k: keep only the batch's top m, m = the most any unit has above it; re-select the k
+            # largest only once about k / 4 candidates wait, so the buffer is not re-sorted every batch
+            m = int(torch.count_nonzero(v > cur[:, -1:], dim=1).max())
+            if m:
+                self._pending.append(v.topk(min(m, v.shape[1]), dim=1).values)
+                self._pending_n += m
+                if self._pending_n >= max(1, self.k // 4):
+                    self._merge()
+            return
+        if cur is not None:
+            v = torch.cat([cur, v], 1)
+        self._values = v.topk(min(self.k, v.shape[1]), dim=1).values
 
     def thresholds(self) -> torch.Tensor:
         """``numpy.quantile(a_f, 1 - quantile)`` (linear interpolation) per unit, float64."""
