@@ -57,7 +57,14 @@ from ..errors import ConvscopeError
 from ..methods.deconvnet import trace_calls
 from ..methods.dissect import DissectConfig, _model_hash, dissect
 from ..methods.maximize import PRESETS, activation_maximization
-from ..methods.topk import TopKActivations, TopKPatches, _RunningTopK, render_patches, stream_layers, top_k_patches
+from ..methods.topk import (
+    TopKActivations,
+    TopKPatches,
+    render_patches,
+    select_top,
+    top_k_activations,
+    top_k_patches,
+)
 from ..models.zoo import load_model
 from .executors import make_executor
 from .store import Atlas, AtlasError, LayerRecord
@@ -92,15 +99,9 @@ class PartialTopK:
         if len(shapes) > 1:
             raise ConvscopeError(f"a layer's output changed shape across images ({sorted(shapes)}); give images of "
                                  "one size")
-        vals = torch.cat([p.values for p in parts], 1)
-        ids = torch.cat([p.ids for p in parts], 1)
-        locs = torch.cat([p.locations for p in parts], 1)
-        order = ids.argsort(dim=1, stable=True)  # ids ascending, then a stable sort by value: ties keep that order
-        vals, ids, locs = vals.gather(1, order), ids.gather(1, order), locs.gather(1, order[..., None].expand_as(locs))
-        order = vals.argsort(dim=1, descending=True, stable=True)[:, :k]
-        return PartialTopK(vals.gather(1, order), ids.gather(1, order),
-                           locs.gather(1, order[..., None].expand(-1, -1, 2)), parts[0].shape,
-                           sum(p.seen for p in parts))
+        vals, ids, locs = select_top(torch.cat([p.values for p in parts], 1), torch.cat([p.ids for p in parts], 1),
+                                     torch.cat([p.locations for p in parts], 1), k)
+        return PartialTopK(vals, ids, locs, parts[0].shape, sum(p.seen for p in parts))
 
     def result(self, layer: str) -> TopKActivations:
         return TopKActivations(layer, self.values, self.ids, self.locations, self.shape, self.seen)
@@ -193,15 +194,9 @@ class TopKShard:
                 ids = range(s, min(s + bs, self.stop))
                 yield data.load(ids), torch.tensor(list(ids))
 
-        best: dict[str, PartialTopK] = {}
-        for ids, cands in stream_layers(ctx.model, batches(), list(self.layers), bs, progress=False,
-                                        reduce=_RunningTopK.candidates):
-            for n in self.layers:
-                vals, locs, shape = cands[n]
-                part = PartialTopK(vals.T.float().cpu(), ids.expand(vals.shape[1], -1).cpu(),
-                                   locs.transpose(0, 1).cpu(), tuple(shape), len(ids))
-                best[n] = PartialTopK.best([best[n], part] if n in best else [part], self.k)
-        return best
+        found = top_k_activations(ctx.model, batches(), list(self.layers), k=self.k, batch_size=bs, progress=False)
+        return {n: PartialTopK(r.values.float().cpu(), r.image_ids.cpu(), r.locations.cpu(), r.shape, r.images_seen)
+                for n, r in found.items()}
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,17 @@ class TopKActivations:
         return DeadUnits(self.layer, torch.nonzero(top <= tol).flatten(), top, float(tol))
 
 
+def select_top(values: torch.Tensor, ids: torch.Tensor, locs: torch.Tensor, k: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row, the ``k`` best candidates: ``values`` / ``ids`` ``U x M``, ``locs`` ``U x M x 2``. Ordered by value
+    (descending), ties by image id (ascending): a total order, so merging parts of a dataset in any grouping (batch
+    by batch, or shards from several workers) keeps the same candidates."""
+    order = ids.argsort(dim=1, stable=True)  # ids ascending, then a stable sort by value: ties keep that order
+    values, ids, locs = values.gather(1, order), ids.gather(1, order), locs.gather(1, order[..., None].expand_as(locs))
+    order = values.argsort(dim=1, descending=True, stable=True)[:, :k]
+    return values.gather(1, order), ids.gather(1, order), locs.gather(1, order[..., None].expand(-1, -1, 2))
+
+
 class _RunningTopK:
     """Keeps, per unit, the k largest candidates seen so far (values, image ids, locations)."""
 
@@ -117,10 +128,7 @@ class _RunningTopK:
             cand_v = torch.cat([self.values, cand_v], 1)
             cand_i = torch.cat([self.ids, cand_i], 1)
             cand_l = torch.cat([self.locs, cand_l], 1)
-        top = cand_v.topk(min(self.k, cand_v.shape[1]), dim=1)
-        self.values = top.values
-        self.ids = cand_i.gather(1, top.indices)
-        self.locs = cand_l.gather(1, top.indices[..., None].expand(-1, -1, 2))
+        self.values, self.ids, self.locs = select_top(cand_v, cand_i, cand_l, self.k)
         self.seen += n
 
     def result(self) -> TopKActivations:
