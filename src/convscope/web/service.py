@@ -17,7 +17,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import PurePath
 from typing import Any
 
@@ -37,6 +37,7 @@ from ..errors import ConvscopeError, LayerNotFoundError, TargetError
 from ..methods.cam import default_cam_layer, gradcam
 from ..methods.deconvnet import deconvnet, unit_backprop
 from ..methods.saliency import saliency
+from ..models.predict import rank_logits
 from ..models.zoo import get_classes, get_preprocess
 from .images import ImageStore, StoredImage, decode_image
 
@@ -304,10 +305,7 @@ class Explorer:
         return torch.from_numpy(np.asarray(item.image, dtype=np.uint8).copy()).permute(2, 0, 1).float()[None] / 255
 
     def _predictions(self, logits: torch.Tensor) -> list[dict[str, Any]]:
-        probs = logits.float().softmax(0)
-        top = probs.topk(min(self.top_k, probs.numel()))
-        return [{"index": int(c), "name": self.class_name(int(c)), "probability": float(p),
-                 "logit": float(logits[c])} for p, c in zip(top.values, top.indices)]
+        return [asdict(p) for p in rank_logits(logits[None], self.classes, self.top_k)[0]]
 
     def _forward(self, x: torch.Tensor, layer: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One forward pass: the logits of the image and (``layer``) that layer's output ``C x H x W``."""
