@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -174,6 +174,46 @@ def _check_file(p: Path) -> None:
         raise ImageLoadError(f"{p}: the file is empty (0 bytes); re-download or re-export it.")
 
 
+class ImageDecodeError(ImageLoadError):
+    """:func:`decode_rgb` failed; ``reason`` is ``"format"`` (not an image format we read), ``"pixels"`` (more
+    than ``max_pixels``: ``pixels`` holds the count, or 0 when PIL refused it first) or ``"corrupt"``."""
+
+    def __init__(self, reason: str, detail: str, pixels: int = 0) -> None:
+        super().__init__(detail)
+        self.reason, self.pixels = reason, pixels
+
+
+def decode_rgb(source: PathLike | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS,
+               formats: Sequence[str] | None = None, draft: int | None = None) -> Image.Image:
+    """Decode a file or binary stream to an 8-bit RGB PIL image, EXIF orientation applied, refusing more than
+    ``max_pixels`` pixels before decoding (decompression bombs). ``formats`` limits the PIL formats tried;
+    ``draft`` lets JPEG decoding scale down by 2/4/8 while both sides stay >= ``draft``.
+
+    Transparency is composited on white, 16-bit images are scaled to 8 bits, grayscale and CMYK become RGB.
+    Raises :class:`ImageDecodeError` (callers word the message for their setting: a file, an upload).
+    """
+    try:
+        if formats is not None:
+            Image.init()  # register every plugin, so formats are known by name
+            formats = sorted(set(formats) & set(Image.OPEN))
+        with _pil_limit_at_least(max_pixels), Image.open(source, formats=formats) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ImageDecodeError("pixels", f"{w}x{h} = {w * h} pixels", w * h)
+            if draft and im.format in ("JPEG", "MPO"):
+                im.draft("RGB", (draft, draft))
+            im.load()
+            return _to_rgb(ImageOps.exif_transpose(im))
+    except ImageDecodeError:
+        raise
+    except UnidentifiedImageError as e:
+        raise ImageDecodeError("format", str(e)) from e
+    except Image.DecompressionBombError as e:
+        raise ImageDecodeError("pixels", str(e)) from e
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
+        raise ImageDecodeError("corrupt", str(e)) from e
+
+
 def load_image(path: PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Load an image file as an 8-bit RGB PIL image, EXIF orientation applied.
 
@@ -185,29 +225,18 @@ def load_image(path: PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
     p = Path(path)
     _check_file(p)
     try:
-        with _pil_limit_at_least(max_pixels), Image.open(p) as im:
-            w, h = im.size
-            if w * h > max_pixels:
-                raise ImageLoadError(
-                    f"{p}: {w}x{h} = {w * h} pixels is more than max_pixels={max_pixels} (a guard against "
-                    f"decompression bombs); if you trust the file, pass max_pixels={w * h} or more."
-                )
-            im.load()
-            return _to_rgb(ImageOps.exif_transpose(im))
-    except ImageLoadError:
-        raise
-    except UnidentifiedImageError as e:
-        raise ImageLoadError(
-            f"{p}: not an image file PIL can read; use JPEG, PNG, WebP, BMP, GIF or TIFF."
-        ) from e
-    except Image.DecompressionBombError as e:
-        raise ImageLoadError(
-            f"{p}: too many pixels ({e}); if you trust the file, pass a larger max_pixels."
-        ) from e
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
-        raise ImageLoadError(
-            f"{p}: the image is corrupt or truncated ({e}); re-download or re-export the file."
-        ) from e
+        return decode_rgb(p, max_pixels)
+    except ImageDecodeError as e:
+        if e.reason == "format":
+            msg = f"{p}: not an image file PIL can read; use JPEG, PNG, WebP, BMP, GIF or TIFF."
+        elif e.reason == "pixels" and e.pixels:
+            msg = (f"{p}: {e} is more than max_pixels={max_pixels} (a guard against decompression bombs); if you "
+                   f"trust the file, pass max_pixels={e.pixels} or more.")
+        elif e.reason == "pixels":
+            msg = f"{p}: too many pixels ({e}); if you trust the file, pass a larger max_pixels."
+        else:
+            msg = f"{p}: the image is corrupt or truncated ({e}); re-download or re-export the file."
+        raise ImageLoadError(msg) from e
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

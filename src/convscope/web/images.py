@@ -9,15 +9,13 @@ from __future__ import annotations
 import io
 import re
 import secrets
-import struct
 import threading
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from ..core.images import Preprocess, _to_rgb
+from ..core.images import ImageDecodeError, Preprocess, decode_rgb
 from ..errors import ConvscopeError
 
 __all__ = ["ALLOWED_FORMATS", "ImageStore", "StoredImage", "UnknownImage", "UploadError", "decode_image"]
@@ -55,26 +53,16 @@ def decode_image(data: bytes, content_type: str | None = None, max_pixels: int =
     if not data:
         raise UploadError("the upload is empty (0 bytes); choose a picture file", 400)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            Image.init()  # register every plugin, so MPO/WebP/TIFF are known by name
-            im = Image.open(io.BytesIO(data), formats=sorted(ALLOWED_FORMATS & set(Image.OPEN)))
-            w, h = im.size
-            if w * h > max_pixels:
-                raise UploadError(f"the image has {w}x{h} = {w * h} pixels, more than this server's limit of "
-                                  f"{max_pixels}; downscale it first", 413)
-            if draft and im.format in ("JPEG", "MPO"):
-                im.draft("RGB", (draft, draft))
-            im.load()
-            return _to_rgb(ImageOps.exif_transpose(im))
-    except UploadError:
-        raise
-    except UnidentifiedImageError as e:
-        raise UploadError("the upload is not a picture this server reads; use JPEG, PNG, WebP, BMP, GIF or TIFF",
-                          415) from e
-    except Image.DecompressionBombError as e:
-        raise UploadError(f"the image has too many pixels ({e}); downscale it first", 413) from e
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
+        return decode_rgb(io.BytesIO(data), max_pixels, formats=ALLOWED_FORMATS, draft=draft)
+    except ImageDecodeError as e:
+        if e.reason == "format":
+            raise UploadError("the upload is not a picture this server reads; use JPEG, PNG, WebP, BMP, GIF or "
+                              "TIFF", 415) from e
+        if e.reason == "pixels" and e.pixels:
+            raise UploadError(f"the image has {e}, more than this server's limit of {max_pixels}; "
+                              "downscale it first", 413) from e
+        if e.reason == "pixels":
+            raise UploadError(f"the image has too many pixels ({e}); downscale it first", 413) from e
         raise UploadError(f"the image is corrupt or truncated ({e}); re-export it and upload again", 400) from e
 
 
