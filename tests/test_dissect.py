@@ -164,6 +164,48 @@ def test_iou_equals_brute_force_loop_over_units_and_concepts(synth, planted_resu
             assert abs(float(d.iou[u, ci]) - ref) < 1e-12, (u, d.concepts[ci])
 
 
+def _dense_tally(act, t, lab):
+    """Eq. 19 the plain way: upsample every map (float64), threshold, and count every unit x concept pair."""
+    up = F.interpolate(act.double(), size=lab.size, mode="bilinear", align_corners=False)
+    m = (up > t[None, :, None, None]).flatten(2)  # N x U x P
+    sizes = m.sum(2).double()
+    inter = torch.zeros(act.shape[1], lab.image_level.shape[1], dtype=torch.float64)
+    for c in range(inter.shape[1]):
+        truth = (lab.cols == c).any(1)  # N x P
+        inter[:, c] = (m & truth[:, None]).sum((0, 2)).double() + (sizes * lab.image_level[:, c, None]).sum(0)
+    return inter, sizes.T @ lab.annotated.double(), sizes
+
+
+@pytest.mark.parametrize("src,dst", [((7, 7), (112, 112)), ((5, 9), (37, 64)), ((13, 13), (64, 64)), ((1, 1), (8, 8)),
+                                     ((16, 16), (16, 16)), ((20, 20), (10, 10)), ((7, 7), (7, 8))])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_sparse_tally_equals_dense_upsampling(src, dst, channels_last):
+    """tally_batch evaluates only blocks that can pass and counts uniform-label blocks whole; the counts must equal
+    upsampling every map and counting every pixel, at power-of-two, odd, identity and downsampling scales."""
+    from convscope.methods.dissect import BatchLabels, tally_batch
+
+    g = torch.Generator().manual_seed(src[0] * 100 + dst[1])
+    n, u, c, layers = 4, 6, 5, 2
+    act = torch.randn(n, u, *src, generator=g).relu()
+    if channels_last:
+        act = act.contiguous(memory_format=torch.channels_last)
+    t = torch.quantile(act.transpose(0, 1).reshape(u, -1).double(), 0.7, dim=1)
+    # blocky labels (regions, some blocks uniform, some on boundaries) in two layers, plus image-level concepts
+    cols = F.interpolate(torch.randint(0, c, (n, layers, 4, 4), generator=g).float(), size=dst,
+                         mode="nearest").long().flatten(2)
+    cols[:, 1][cols[:, 1] == cols[:, 0]] = c  # a concept in both layers of a pixel counts once
+    cols[:, 0, : dst[1]] = c  # some unlabelled pixels
+    image_level = torch.zeros(n, c, dtype=torch.float64)
+    image_level[:, c - 1] = (torch.rand(n, generator=g) > 0.5).double()
+    cols[cols == c - 1] = c  # concept c-1 is image-level only
+    lab = BatchLabels(cols, image_level, torch.rand(n, c, generator=g) > 0.3, torch.zeros(c), dst)
+    got = tally_batch(act, t, lab)
+    ref = _dense_tally(act, t, lab)
+    assert ref[2].sum() > 0
+    for a, b, name in zip(got, ref, ("intersection", "activated", "sizes")):
+        assert torch.equal(a, b), name
+
+
 def _hand_dataset(root):
     """Two 4x4 images; unit = the red channel. Image 0 has colour and texture labels, image 1 colour only."""
     r0 = np.zeros((4, 4), np.uint8)

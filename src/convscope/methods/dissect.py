@@ -8,18 +8,21 @@ configuration passed explicitly in a frozen :class:`DissectConfig`:
 1. **quantile** (:func:`unit_thresholds`, Eq. 18): the threshold ``T_f`` of every unit ``f`` with
    ``P(a_f > T_f) = quantile`` over all spatial positions of all images, at the layer's own resolution.  The
    result is *exact*: per unit only the ``k = n - floor((n - 1)(1 - quantile))`` largest values are kept (``n`` =
-   images x positions), a running ``topk`` merge per batch, and ``T_f`` is interpolated from them exactly as
-   ``numpy.quantile(a_f, 1 - quantile)`` (``method="linear"``, NumPy's default, the one NetDissect-Lite's
-   ``np.percentile`` uses).  Memory: ``units x k x 4`` bytes per layer, i.e. about ``quantile`` of the
-   layer's activations over the whole dataset (``DissectConfig.max_buffer_mb`` caps it, with an error naming
-   the fix).  For 1000 images of 56 x 56 positions that is 15 681 floats per unit.
+   images x positions), and ``T_f`` is interpolated from them exactly as ``numpy.quantile(a_f, 1 - quantile)``
+   (``method="linear"``, NumPy's default, the one NetDissect-Lite's ``np.percentile`` uses).  Per batch only the
+   values above each unit's current k-th largest (a lower bound of the final one) are kept, as (unit, value)
+   pairs, and merged into the buffer once some unit has about ``k / 4`` waiting.  Memory: ``units x k x 4``
+   bytes per layer, i.e. about ``quantile`` of the layer's activations over the whole dataset
+   (``DissectConfig.max_buffer_mb`` caps it, with an error naming the fix).  For 1000 images of 56 x 56
+   positions that is 15 681 floats per unit.
 2. **tally** (:func:`tally_batch`, Eq. 19): each unit's map is upsampled bilinearly to the label resolution and
    thresholded, ``M_f = S_f > T_f``; for all units and all concepts at once we accumulate the intersections
-   ``|M_f & L_c|``, the activated pixels ``|M_f|`` and the concept pixels ``|L_c|``.  Intersections are a
-   ``bincount`` over the activated pixels only (``unit * (C + 1) + concept of the pixel``, for every label layer),
-   so the cost is the thresholding plus a few per cent of the pixels, whatever the number of concepts; image-level
-   labels (Broden's scenes) are whole-image masks and count through one ``units x images @ images x concepts``
-   product.
+   ``|M_f & L_c|``, the activated pixels ``|M_f|`` and the concept pixels ``|L_c|``.  Sparse and exact: an
+   upsampled pixel is a convex combination of four cells, so only the output blocks around cells above ``T_f``
+   (a few per cent) are interpolated (float64); a block whose labels are uniform adds its count to its label
+   combination, and only blocks on label boundaries are counted pixel by pixel (one ``bincount`` over
+   ``unit x label combination``, whatever the number of concepts or label layers).  Image-level labels (Broden's
+   scenes) are whole-image masks and count through one ``units x images @ images x concepts`` product.
 3. **IoU**: ``IoU_{f,c} = sum |M_f & L_c| / sum |M_f | L_c|``.  As in the authors' released code, the sums for a
    concept run over the images that carry annotations of that concept's category: ``|M_f|`` is only counted on
    images that have some label of that category (an image without texture labels says nothing about texture
@@ -36,6 +39,7 @@ up where it stopped (a different configuration in the same folder is refused).
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import io
 import json
@@ -47,7 +51,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -197,6 +200,41 @@ class BatchLabels:
     annotated: torch.Tensor
     truth: torch.Tensor
     size: tuple[int, int]
+    _blocks: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, compare=False,
+                                                                              repr=False)
+
+    @functools.cached_property
+    def combos(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(combo, concepts)``: each pixel's combination of concepts over the label layers as one id (``N x P``) and
+        the concepts of each combination (``K x C``, 0/1), so that intersections can be counted per combination
+        (one key per pixel, however many label layers) and mapped to concepts by one product."""
+        n, layers, p = self.cols.shape
+        c = self.image_level.shape[1]
+        key = torch.zeros(n * p, dtype=torch.long)
+        table = torch.zeros(1, 0, dtype=torch.long)  # K x layers so far: the concept of each layer
+        for lay in range(layers):
+            uniq, key = torch.unique(key * (c + 1) + self.cols[:, lay].reshape(-1), return_inverse=True)
+            table = torch.cat([table[uniq // (c + 1)], (uniq % (c + 1))[:, None]], 1)
+        concepts = torch.zeros(len(table), c + 1, dtype=torch.float64)
+        if layers:
+            concepts.scatter_(1, table, 1.0)  # a concept repeated across layers was already set to C (none)
+        return key.view(n, p), concepts[:, :c]
+
+    def block_combos(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a ``h x w`` map upsampled to :attr:`size`: ``(uniform, ids)``. ``ids`` (``N x h x w x my x mx``) are
+        the combination ids of each cell's output block (see :func:`_bilinear_axis`; pads repeat a pixel of the
+        block); ``uniform`` (``N x h x w``) is the block's one id, or -1 where labels change inside it."""
+        if (h, w) not in self._blocks:
+            combo = self.combos[0].view(-1, *self.size)
+            rows, _, _, _ = _bilinear_axis(h, self.size[0])
+            cols, _, _, _ = _bilinear_axis(w, self.size[1])
+            empty = (rows[:, 0] < 0)[:, None] | (cols[:, 0] < 0)[None, :]  # cells that start no output pixel
+            rows = torch.where(rows >= 0, rows, rows[:, :1]).clamp(min=0)
+            cols = torch.where(cols >= 0, cols, cols[:, :1]).clamp(min=0)
+            ids = combo[:, rows][:, :, :, cols].permute(0, 1, 3, 2, 4).contiguous()  # N x h x w x my x mx
+            lo, hi = ids.amin((3, 4)), ids.amax((3, 4))
+            self._blocks[(h, w)] = (torch.where((lo == hi) & ~empty, lo, -1), ids)
+        return self._blocks[(h, w)]
 
 
 def batch_labels(batch: Mapping[str, Any], space: ConceptSpace, size: tuple[int, int] | None = None) -> BatchLabels:
@@ -256,38 +294,54 @@ class _TopBuffer:
                 f"layer {layer!r}: the exact quantile needs {mb:.0f} MiB ({units} units x {self.k} values); raise "
                 f"DissectConfig(max_buffer_mb=...) above that, or dissect fewer images or a smaller seg/image size")
         self._values: torch.Tensor | None = None
-        self._pending: list[torch.Tensor] = []  # candidates above the k-th largest at the last merge
-        self._pending_n = 0
+        self._units: list[torch.Tensor] = []  # candidates above the k-th largest at the last merge: unit ids
+        self._pending: list[torch.Tensor] = []  # ... and their values
+        self._waiting = torch.zeros(units, dtype=torch.int64)  # candidates waiting, per unit
 
     @property
     def values(self) -> torch.Tensor | None:
-        """``units x k``: each unit's largest values so far, descending (pending candidates merged first)."""
+        """``units x k``: each unit's largest values so far, descending (waiting candidates merged first)."""
         self._merge()
         return self._values
 
     @values.setter
     def values(self, v: torch.Tensor | None) -> None:
-        self._values, self._pending, self._pending_n = v, [], 0
+        self._values, self._units, self._pending = v, [], []
+        self._waiting = torch.zeros(len(self._waiting), dtype=torch.int64)
 
     def _merge(self) -> None:
-        if self._pending:
-            v = torch.cat([self._values, *self._pending], 1)
-            self._values, self._pending, self._pending_n = v.topk(self.k, dim=1).values, [], 0
+        if not self._pending or self._values is None:
+            return
+        units, vals = torch.cat(self._units), torch.cat(self._pending)
+        order = torch.argsort(units, stable=True)
+        units, vals = units[order], vals[order]
+        counts = torch.bincount(units, minlength=self._values.shape[0])
+        rank = torch.arange(len(units), device=units.device) - (counts.cumsum(0) - counts)[units]
+        pad = torch.full((self._values.shape[0], int(counts.max())), -math.inf, device=vals.device)
+        pad[units, rank] = vals  # units x most-waiting, each unit's candidates left-aligned
+        self._values = torch.cat([self._values, pad], 1).topk(self.k, dim=1).values
+        self._units, self._pending = [], []
+        self._waiting.zero_()
 
     def update(self, act: torch.Tensor) -> None:
-        v = act.detach().float().transpose(0, 1).reshape(act.shape[1], -1)
+        a = act.detach().float().flatten(2)  # N x U x positions (a view, no copy)
         cur = self._values
         if cur is not None and cur.shape[1] == self.k:
             # a value not above the k-th largest (as of the last merge: a lower bound of the current one) can never
-            # enter the final k: keep only the batch's top m, m = the most any unit has above it; re-select the k
-            # largest only once about k / 4 candidates wait, so the buffer is not re-sorted every batch
-            m = int(torch.count_nonzero(v > cur[:, -1:], dim=1).max())
-            if m:
-                self._pending.append(v.topk(min(m, v.shape[1]), dim=1).values)
-                self._pending_n += m
-                if self._pending_n >= max(1, self.k // 4):
+            # enter the final k: only the few above it wait, as (unit, value) pairs; the buffer is re-selected once
+            # some unit has about k / 4 waiting, so it is not re-sorted every batch
+            over = a > cur[None, :, -1:]
+            per_map = over.sum(2)  # N x U
+            vals = a[over]  # ordered by (image, unit, position)
+            if len(vals):
+                units = torch.arange(a.shape[1], device=a.device).repeat(a.shape[0])
+                self._units.append(units.repeat_interleave(per_map.flatten()))
+                self._pending.append(vals)
+                self._waiting += per_map.sum(0).cpu()
+                if int(self._waiting.max()) >= max(1, self.k // 4):
                     self._merge()
             return
+        v = a.transpose(0, 1).reshape(a.shape[1], -1)
         if cur is not None:
             v = torch.cat([cur, v], 1)
         self._values = v.topk(min(self.k, v.shape[1]), dim=1).values
@@ -314,19 +368,93 @@ def _below(t: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- pass 2: tally
 
+_TALLY_CHUNK = 1 << 22  # float64 values interpolated at once (32 MiB per temporary)
+
+
+@functools.lru_cache(maxsize=64)
+def _bilinear_axis(src: int, dst: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One axis of ``F.interpolate(mode="bilinear", align_corners=False)`` from ``src`` to ``dst`` samples, grouped by
+    source cell: ``(pixels, weights, count, step)``; ``pixels`` / ``weights`` are ``src x m`` (``m`` the most output
+    samples one cell starts, -1 / 0 pads), ``count`` / ``step`` have ``src`` entries.
+
+    Output sample ``y`` reads cells ``i = floor(s)`` and ``i + step[i]`` with weights ``1 - l`` and ``l``, where
+    ``s = max((y + 0.5) src / dst - 0.5, 0)`` and ``l = s - i`` (PyTorch's ``area_pixel_compute_source_index``);
+    ``pixels[i]`` lists the ``count[i]`` samples ``y`` whose first cell is ``i``, ``weights[i]`` their ``l``.
+    """
+    y = torch.arange(dst, dtype=torch.float64)
+    s = ((y + 0.5) * (src / dst) - 0.5).clamp(min=0.0)
+    first = s.floor().long().clamp(max=src - 1)
+    lam = s - first
+    count = torch.bincount(first, minlength=src)
+    rank = torch.arange(dst) - torch.searchsorted(first, first)  # position among the samples of its cell
+    pixels = torch.full((src, int(count.max())), -1, dtype=torch.long)
+    weights = torch.zeros(src, int(count.max()), dtype=torch.float64)
+    pixels[first, rank] = torch.arange(dst)
+    weights[first, rank] = lam
+    return pixels, weights, count, (torch.arange(src) < src - 1).long()
+
+
+def _hot_blocks(act: torch.Tensor, t: torch.Tensor, size: tuple[int, int]
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``S_f > T_f`` (``S_f`` = ``act`` upsampled bilinearly to ``size``) where it can be true, as blocks
+    ``(image, unit, i, j, mask)``: ``mask[q]`` (``my x mx``) covers the output pixels ``rows[i] x cols[j]`` of
+    :func:`_bilinear_axis` (those whose first source cell is ``(i, j)``); the blocks partition the output.
+
+    An output pixel is a convex combination of its four source cells (the *quad* ``(i, j)``, ``(i + 1, j)``,
+    ``(i, j + 1)``, ``(i + 1, j + 1)``; Eq. 19's upsampling), so it can exceed ``T_f`` only when one of them does.
+    Only quads with a cell above the threshold (a few per cent at ``quantile = 0.005``) are interpolated, separably
+    and in float64: exact for power-of-two scale factors (the weights are short binary fractions), within an ulp of
+    exact otherwise.  Blocks with the same number of rows and columns come together (no padding).
+    """
+    n, u, h, w = act.shape
+    hot = act > _below(t).float().to(act.device)[None, :, None, None]  # the cells above T_f
+    quad = hot
+    if (h, w) != size:  # quad (i, j) is hot when any of its cells is: OR with the next row, then the next column
+        quad = hot.clone()
+        quad[:, :, :-1] |= hot[:, :, 1:]
+        quad[:, :, :, :-1] |= quad[:, :, :, 1:].clone()
+    img, unit, i, j = quad.nonzero(as_tuple=True)
+    _, row_l, row_n, row_step = (v.to(act.device) for v in _bilinear_axis(h, size[0]))
+    _, col_l, col_n, col_step = (v.to(act.device) for v in _bilinear_axis(w, size[1]))
+    t64 = t.to(device=act.device, dtype=torch.float64)
+    flat = act.as_strided((act.numel(),), (1,)) if act.is_contiguous() or act.is_contiguous(
+        memory_format=torch.channels_last) else act.contiguous().view(-1)
+    sn, su, sh, sw = act.stride() if flat.data_ptr() == act.data_ptr() else act.contiguous().stride()
+    shape_of = row_n[i] * (int(col_n.max()) + 1) + col_n[j]
+    order = torch.argsort(shape_of)
+    img, unit, i, j, shape_of = img[order], unit[order], i[order], j[order], shape_of[order]
+    keys, counts = torch.unique_consecutive(shape_of, return_counts=True)
+    start = 0
+    for key, count in zip(keys.tolist(), counts.tolist()):
+        my, mx = divmod(key, int(col_n.max()) + 1)
+        step = max(1, _TALLY_CHUNK // max(1, my * mx))  # bounds the float64 temporaries
+        for s in range(start, start + count if my and mx else start, step):
+            e = min(s + step, start + count)
+            gi, gu, qi, qj = img[s:e], unit[s:e], i[s:e], j[s:e]
+            at = gi * sn + gu * su + qi * sh + qj * sw  # the quad's four cells, by offset into the storage
+            right, down = col_step[qj] * sw, row_step[qi] * sh
+            c00, c01 = flat[at].double()[:, None], flat[at + right].double()[:, None]
+            c10, c11 = flat[at + down].double()[:, None], flat[at + down + right].double()[:, None]
+            lx, ly = col_l[qj, :mx], row_l[qi, :my, None]
+            top, bottom = c00 * (1 - lx) + c01 * lx, c10 * (1 - lx) + c11 * lx
+            val = top[:, None, :] * (1 - ly) + bottom[:, None, :] * ly  # quads x my x mx
+            yield gi, gu, qi, qj, val > t64[gu][:, None, None]
+        start += count
+
 
 def tally_batch(act: torch.Tensor, thresholds: torch.Tensor, labels: BatchLabels
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eq. 19 counts of one batch for all units and concepts: ``(intersection U x C, activated U x C, sizes N x U)``.
 
-    ``act`` is the layer's output ``N x U x h x w`` (or ``N x U``); it is upsampled bilinearly to the label size and
-    thresholded (``> thresholds``, float32-exact). ``activated[f, c]`` counts ``|M_f|`` on the images annotated for
-    ``c``'s category; ``sizes[i, f]`` is ``|M_f|`` in image ``i``.
+    ``act`` is the layer's output ``N x U x h x w`` (or ``N x U``); it is upsampled bilinearly to the label size
+    (``F.interpolate(mode="bilinear", align_corners=False)``) and thresholded, ``> thresholds``.  ``activated[f, c]``
+    counts ``|M_f|`` on the images annotated for ``c``'s category; ``sizes[i, f]`` is ``|M_f|`` in image ``i``.
 
-    Sparse, and exactly equal to thresholding the whole upsampled batch: a bilinearly upsampled pixel is a convex
-    combination of its source activations, so it can exceed ``T_f`` only where the map's maximum does; only those
-    (image, unit) maps (a few per cent at ``quantile = 0.005``) are upsampled, thresholded and counted, each through
-    the same ``F.interpolate`` call, so the result does not depend on which maps were picked.
+    Only the pixels that can pass are computed (:func:`_hot_blocks`), and the counts equal thresholding the whole
+    upsampled batch.  Intersections are counted per block: a block whose labels are uniform adds its activated
+    pixel count to its label combination (:meth:`BatchLabels.block_combos`); only blocks on a label boundary are
+    counted pixel by pixel.  Combinations map to concepts by one product; image-level labels (Broden's scenes) are
+    whole-image masks, one ``units x images @ images x concepts`` product.
     """
     if act.dim() == 2:
         act = act[:, :, None, None]
@@ -334,24 +462,30 @@ def tally_batch(act: torch.Tensor, thresholds: torch.Tensor, labels: BatchLabels
         raise ConvscopeError(f"dissection needs a convolutional (N x C x H x W) or linear layer, got shape "
                              f"{tuple(act.shape)}")
     act = act.detach().float()
-    n, u = act.shape[:2]
-    c = labels.image_level.shape[1]
-    t = _below(thresholds.to(torch.float64)).float().to(act.device)
-    img, unit = (act.flatten(2).amax(2) > t).nonzero(as_tuple=True)  # the maps that can reach T_f anywhere
-    maps = act[img, unit][:, None]  # K x 1 x h x w
-    if tuple(act.shape[-2:]) != labels.size:
-        maps = F.interpolate(maps, size=labels.size, mode="bilinear", align_corners=False)
-    pair, pixel = (maps.flatten(1) > t[unit, None]).nonzero(as_tuple=True)  # activated pixels of those maps
-    pair, pixel = pair.cpu(), pixel.cpu()
-    img, unit = img.cpu(), unit.cpu()
+    n, u, h, w = act.shape
+    combo, concepts = labels.combos
+    k = concepts.shape[0]
+    block, block_ids = labels.block_combos(h, w)
+    block = block.to(act.device)
     sizes = torch.zeros(n * u, dtype=torch.float64)
-    sizes.index_add_(0, img * u + unit, torch.bincount(pair, minlength=len(img)).double())
+    inter_k = torch.zeros(u * k, dtype=torch.float64)
+    for img, unit, i, j, mask in _hot_blocks(act, thresholds.to(torch.float64), labels.size):
+        cnt = mask.sum((1, 2)).double().cpu()
+        img, unit, i, j, bc = img.cpu(), unit.cpu(), i.cpu(), j.cpu(), block[img, i, j].cpu()
+        sizes.index_add_(0, img * u + unit, cnt)
+        uniform = bc >= 0
+        inter_k.index_add_(0, (unit * k + bc)[uniform], cnt[uniform])
+        mixed = (~uniform).nonzero().squeeze(1)
+        if len(mixed):  # label boundaries: the block's combination ids, pixel by pixel, where the mask is on
+            my, mx = mask.shape[1:]
+            q, r, c = mask[mixed.to(mask.device)].nonzero(as_tuple=True)
+            q, r, c = mixed[q.cpu()], r.cpu(), c.cpu()
+            big_y, big_x = block_ids.shape[3:]
+            ids = block_ids.view(-1)[(((img[q] * h + i[q]) * w + j[q]) * big_y + r) * big_x + c]
+            keys = unit[q] * k + ids
+            inter_k += torch.bincount(keys, minlength=u * k).double()
     sizes = sizes.view(n, u)
-    inter = sizes.T @ labels.image_level  # image-level concepts: the whole image is the mask
-    if labels.cols.shape[1] and len(pair):
-        cols = labels.cols[img[pair], :, pixel]  # K x L: the pixel's concept in every label layer
-        keys = (unit[pair][:, None] * (c + 1) + cols).flatten()
-        inter = inter + torch.bincount(keys, minlength=u * (c + 1)).view(u, c + 1)[:, :c].double()
+    inter = inter_k.view(u, k) @ concepts + sizes.T @ labels.image_level  # image-level: the whole image is the mask
     activated = sizes.T @ labels.annotated.double()
     return inter, activated, sizes
 
