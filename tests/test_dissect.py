@@ -103,19 +103,33 @@ def test_top_buffer_threshold_equals_numpy_quantile_linear(q):
 
 
 @pytest.mark.parametrize("q", [0.005, 0.02])
-def test_top_buffer_over_many_batches_with_deferred_merges(q):
-    """Many one-image batches after the buffer is full: candidates wait and merge in groups; thresholds stay exact,
-    also when read (and merged) midway, as a checkpoint does."""
+@pytest.mark.parametrize("kind", ["rising", "relu", "constant", "channels_last"])
+def test_top_buffer_over_many_batches_with_deferred_merges(q, kind):
+    """Many one-image batches: candidates above the running k-th largest wait and merge in groups; the thresholds
+    stay exact (ties, constant units, channels-last input), also after a checkpoint round trip midway, and what
+    waits stays under k / 2 plus one batch per unit."""
     g = torch.Generator().manual_seed(2)
     a = torch.randn(300, 4, 7, 7, generator=g) * torch.linspace(0.5, 2.0, 300)[:, None, None, None]  # rising
+    if kind == "relu":  # mostly zeros: unit 0 has fewer than k positive values, so its threshold is a tie at 0
+        a = (a - torch.tensor([3.2, 2.0, 1.0, 0.0])[None, :, None, None]).relu()
+    elif kind == "constant":
+        a[:, 1] = 0.25  # one unit is constant: one tie group
+        a[:, 2] = a[:, 2].round()  # few distinct values: large tie groups inside the top k
+    elif kind == "channels_last":
+        a = a.contiguous(memory_format=torch.channels_last)
     n = a.numel() // 4
     buf = _TopBuffer(n, q, 4, 100.0, "x")
+    most = 0
     for i in range(300):
         buf.update(a[i:i + 1])
-        if i == 150:
-            assert buf.values.shape == (4, buf.k)  # a mid-run read merges the waiting candidates
+        most = max(most, int(buf._waiting.max()))
+        if i == 150:  # a checkpoint round trip
+            buf = _TopBuffer.from_state(buf.state(), q, 100.0, "x")
     ref = np.quantile(a.transpose(0, 1).reshape(4, -1).double().numpy(), 1 - q, axis=1, method="linear")
     np.testing.assert_allclose(buf.thresholds().numpy(), ref, rtol=1e-12, atol=1e-12)
+    assert most <= buf.k // 2 + 49
+    top = np.sort(a.transpose(0, 1).reshape(4, -1).numpy(), axis=1)[:, ::-1][:, :buf.k]
+    np.testing.assert_array_equal(buf.values.numpy(), top)
 
 
 def test_unit_thresholds_equal_numpy_quantile_over_all_positions(synth):

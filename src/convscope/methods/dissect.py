@@ -11,7 +11,7 @@ configuration passed explicitly in a frozen :class:`DissectConfig`:
    images x positions), and ``T_f`` is interpolated from them exactly as ``numpy.quantile(a_f, 1 - quantile)``
    (``method="linear"``, NumPy's default, the one NetDissect-Lite's ``np.percentile`` uses).  Per batch only the
    values above each unit's current k-th largest (a lower bound of the final one) are kept, as (unit, value)
-   pairs, and merged into the buffer once some unit has about ``k / 4`` waiting.  Memory: ``units x k x 4``
+   pairs, and merged into the buffer once some unit has about ``k / 2`` waiting.  Memory: ``units x k x 4``
    bytes per layer, i.e. about ``quantile`` of the layer's activations over the whole dataset
    (``DissectConfig.max_buffer_mb`` caps it, with an error naming the fix).  For 1000 images of 56 x 56
    positions that is 15 681 floats per unit.
@@ -299,6 +299,21 @@ class _TopBuffer:
         self._waiting = torch.zeros(units, dtype=torch.int64)  # candidates waiting, per unit
 
     @property
+    def empty(self) -> bool:
+        """No value seen yet."""
+        return self._values is None
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Everything held, for a checkpoint (:meth:`from_state` restores it)."""
+        return {"n": torch.tensor(self.n), "values": self.values}
+
+    @classmethod
+    def from_state(cls, s: Mapping[str, torch.Tensor], quantile: float, max_mb: float, layer: str) -> _TopBuffer:
+        buf = cls(int(s["n"]), quantile, len(s["values"]), max_mb, layer)
+        buf.values = s["values"]
+        return buf
+
+    @property
     def values(self) -> torch.Tensor | None:
         """``units x k``: each unit's largest values so far, descending (waiting candidates merged first)."""
         self._merge()
@@ -313,7 +328,7 @@ class _TopBuffer:
         if not self._pending or self._values is None:
             return
         units, vals = torch.cat(self._units), torch.cat(self._pending)
-        order = torch.argsort(units, stable=True)
+        order = torch.argsort(units)
         units, vals = units[order], vals[order]
         counts = torch.bincount(units, minlength=self._values.shape[0])
         rank = torch.arange(len(units), device=units.device) - (counts.cumsum(0) - counts)[units]
@@ -328,17 +343,23 @@ class _TopBuffer:
         cur = self._values
         if cur is not None and cur.shape[1] == self.k:
             # a value not above the k-th largest (as of the last merge: a lower bound of the current one) can never
-            # enter the final k: only the few above it wait, as (unit, value) pairs; the buffer is re-selected once
-            # some unit has about k / 4 waiting, so it is not re-sorted every batch
-            over = a > cur[None, :, -1:]
-            per_map = over.sum(2)  # N x U
-            vals = a[over]  # ordered by (image, unit, position)
-            if len(vals):
-                units = torch.arange(a.shape[1], device=a.device).repeat(a.shape[0])
-                self._units.append(units.repeat_interleave(per_map.flatten()))
-                self._pending.append(vals)
-                self._waiting += per_map.sum(0).cpu()
-                if int(self._waiting.max()) >= max(1, self.k // 4):
+            # enter the final k: only the few above it wait, as (unit, value) pairs (read in memory order); the
+            # buffer is re-selected once some unit has k / 2 waiting, so it is not re-sorted every batch
+            u = cur.shape[0]
+            x = act.detach().float()
+            if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+                x = x.permute(0, 2, 3, 1).reshape(-1, u)  # memory order: units last
+                over = x > cur[:, -1]
+            else:
+                x = x.reshape(x.shape[0], u, -1)  # units first (a copy only if the layout is unusual)
+                over = x > cur[:, -1:]
+            at = over.view(-1).nonzero().squeeze(1)  # a flat scan: far cheaper than a masked select
+            if len(at):
+                units = at % u if over.dim() == 2 else (at // over.shape[2]) % u
+                self._units.append(units)
+                self._pending.append(x.reshape(-1)[at])
+                self._waiting += torch.bincount(units, minlength=u).cpu()
+                if int(self._waiting.max()) >= max(1, self.k // 2):
                     self._merge()
             return
         v = a.transpose(0, 1).reshape(a.shape[1], -1)
@@ -357,6 +378,7 @@ class _TopBuffer:
             return x_lo
         x_hi = b[:, self.n - 2 - self.lo]
         return x_lo + frac * (x_hi - x_lo)
+
 
 
 def _below(t: torch.Tensor) -> torch.Tensor:
@@ -695,15 +717,12 @@ def _pass_thresholds(model: nn.Module, ds: BrodenDataset, names: list[str], conf
     if state:
         for n in names:
             tops[n] = _restore_top(n, config.top_images, state["top"][n])
-            b = state["buffers"][n]
-            bufs[n] = _TopBuffer(int(state["n"][n]), config.quantile, b.shape[0], config.max_buffer_mb, n)
-            bufs[n].values = b
+            bufs[n] = _TopBuffer.from_state(state["buffers"][n], config.quantile, config.max_buffer_mb, n)
     batches = start
 
     def snapshot(done: bool) -> dict[str, Any]:
         s: dict[str, Any] = {
-            "batches": batches, "done": done, "n": {n: bufs[n].n for n in names},
-            "buffers": {n: bufs[n].values for n in names},
+            "batches": batches, "done": done, "buffers": {n: bufs[n].state() for n in names},
             "top": {n: {"values": t.values, "ids": t.ids, "locs": t.locs, "shape": list(t.shape), "seen": t.seen}
                     for n, t in tops.items()},
         }
@@ -725,7 +744,7 @@ def _pass_thresholds(model: nn.Module, ds: BrodenDataset, names: list[str], conf
         batches += 1
         if store and batches % config.checkpoint_every == 0:
             store.save("pass1", snapshot(False))
-    if not bufs or any(b.values is None for b in bufs.values()):
+    if not bufs or any(b.empty for b in bufs.values()):
         raise DataError(f"{ds.root} yielded no images; check the dataset (and its split)")
     final = snapshot(True)
     if store:
@@ -769,7 +788,7 @@ def dissect(model: nn.Module, dataset: BrodenDataset | str | os.PathLike[str], l
     show = progress if progress is not None else len(ds) > 4 * config.batch_size
     store = None
     if out is not None:
-        meta = {"config": config.fingerprint(), "layers": names, "model": _model_hash(model),
+        meta = {"format": 2, "config": config.fingerprint(), "layers": names, "model": _model_hash(model),
                 "dataset": {"root": str(Path(ds.root).resolve()), "images": len(ds), "split": ds.split,
                             "size": list(ds.size) if ds.size else None,
                             "seg_size": list(ds.seg_size) if ds.seg_size else None}}
