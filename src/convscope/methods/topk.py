@@ -112,8 +112,20 @@ class _RunningTopK:
         return vals, torch.stack([flat // width, flat % width], dim=-1), tuple(act.shape[1:])
 
     def update(self, act: torch.Tensor, ids: torch.Tensor) -> None:
-        """Merge a batch of activations ``N x C (x H x W)`` of the images ``ids``."""
-        self.merge(*self.candidates(self.layer, act), ids)
+        """Merge a batch of activations ``N x C (x H x W)`` of the images ``ids``.
+
+        Once ``k`` candidates are held, a map's location is only looked up when its maximum can still enter (not
+        below the unit's k-th value): the maxima alone are a cheap reduction, the locations a slow one."""
+        if act.dim() != 4 or self.values is None or self.values.shape[1] < self.k:
+            self.merge(*self.candidates(self.layer, act), ids)
+            return
+        vals = act.amax((2, 3))
+        img, unit = (vals >= self.values[:, -1].to(vals.device)).nonzero(as_tuple=True)
+        locs = torch.zeros(*vals.shape, 2, dtype=torch.long, device=vals.device)
+        if len(img):
+            flat = act[img, unit].flatten(1).argmax(1)  # the first strongest position, as spatial_max gives
+            locs[img, unit] = torch.stack([flat // act.shape[-1], flat % act.shape[-1]], dim=-1)
+        self.merge(vals, locs, tuple(act.shape[1:]), ids)
 
     def merge(self, vals: torch.Tensor, locs: torch.Tensor, shape: tuple[int, ...], ids: torch.Tensor) -> None:
         """Merge candidates from :meth:`candidates` of the images ``ids``."""
