@@ -332,7 +332,7 @@ class _TopBuffer:
     def _merge(self) -> None:
         if not self._pending or self._values is None:
             return
-        units, vals = torch.cat(self._units), torch.cat(self._pending)
+        units, vals = torch.cat(self._units).long(), torch.cat(self._pending)
         order = torch.argsort(units)
         units, vals = units[order], vals[order]
         counts = torch.bincount(units, minlength=self._values.shape[0])
@@ -362,7 +362,7 @@ class _TopBuffer:
             at = over.view(-1).nonzero().squeeze(1)  # a flat scan: far cheaper than a masked select
             if len(at):
                 units = at % u if over.dim() == 2 else (at // over.shape[2]) % u
-                self._units.append(units)
+                self._units.append(units.to(torch.int32))  # half the memory of the waiting pairs
                 self._pending.append(x.reshape(-1)[at])
                 self._waiting += torch.bincount(units, minlength=u).cpu()
                 if int(self._waiting.max()) >= max(1, self.k // 2):
