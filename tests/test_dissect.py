@@ -325,6 +325,26 @@ def test_errors_name_the_fix(synth):
     assert_untouched(model, before)
 
 
+class _SharedReLU(nn.Module):
+    """One ReLU module used at two places: its output per forward pass is ambiguous for dissection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2, self.relu = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.conv2(self.relu(self.conv1(x))))
+
+
+def test_a_module_that_runs_twice_is_refused_with_the_fix(synth):
+    model = _SharedReLU()
+    before = snapshot(model)
+    with pytest.raises(ConvscopeError, match="more than once.*module that runs once"):
+        dissect(model, synth, "relu", DissectConfig(**FAST), progress=False)
+    assert_untouched(model, before)
+    assert dissect(model, synth, "conv2", DissectConfig(**FAST), progress=False)["conv2"].iou.shape[0] == 4
+
+
 def test_compare_and_report(synth, planted_result, tmp_path):
     model, d = planted_result
     other = dissect(Planted(seed=3), synth, "units", DissectConfig(quantile=0.05, **FAST), progress=False)

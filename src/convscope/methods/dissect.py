@@ -30,8 +30,9 @@ configuration passed explicitly in a frozen :class:`DissectConfig`:
    pixels for a category only when they overlap some label of that category in that image.  A unit is a
    *detector* of its best concept when ``IoU > iou_threshold`` (0.04).
 
-Scale: memory is bounded by the batch (plus the exact quantile buffers); images load in DataLoader workers while
-the model runs; progress bars; with ``out=`` the pass-1 buffers / thresholds and the pass-2 partial counts are
+Scale: memory is bounded by the batch (plus the exact quantile buffers): each layer's output is consumed inside its
+forward hook, so only one layer's activations are alive at a time; images load in DataLoader workers while the model
+runs; progress bars; with ``out=`` the pass-1 buffers / thresholds and the pass-2 partial counts are
 written atomically every ``checkpoint_every`` batches, and a rerun with the same model, data and configuration picks
 up where it stopped (a different configuration in the same folder is refused).
 """
@@ -45,7 +46,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -638,11 +639,18 @@ def _normalizer(model: nn.Module) -> Any:
 
 
 def stream_dataset(model: nn.Module, dataset: BrodenDataset, layers: Sequence[str], batch_size: int, workers: int,
-                   start_batch: int = 0, desc: str = "dissect", progress: bool = True
-                   ) -> Iterator[tuple[dict[str, Any], dict[str, torch.Tensor]]]:
+                   start_batch: int = 0, desc: str = "dissect", progress: bool = True,
+                   reduce: Callable[[Mapping[str, Any], str, torch.Tensor], Any] | None = None
+                   ) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
     """``(collated batch, {layer: activations})`` per batch from ``start_batch`` on, images loaded by
     ``workers`` DataLoader processes while the model runs (through :func:`~convscope.methods.topk.stream_layers`);
-    images are mapped to the model's input space with ``model.preprocess.normalize`` when it has one."""
+    images are mapped to the model's input space with ``model.preprocess.normalize`` when it has one.
+
+    With ``reduce``, ``reduce(batch, layer, activation)`` runs inside the forward hook, as each layer's output
+    appears, and its value replaces the activation: the activation is used while it is still in cache and freed as
+    soon as the next layer has consumed it (on lite0 13 % faster and 560 MB less than keeping all 49 layers).  A
+    layer that runs twice in one forward pass (a shared module) is refused there, since its two outputs would both
+    be counted."""
     from torch.utils.data import DataLoader, Subset
 
     total = math.ceil(len(dataset) / batch_size)
@@ -656,10 +664,20 @@ def stream_dataset(model: nn.Module, dataset: BrodenDataset, layers: Sequence[st
 
     def images() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for b in tqdm(loader, total=total, initial=start_batch, desc=desc, unit="batch", disable=not progress):
-            held["batch"] = b
+            held["batch"], held["ran"] = b, set()
             yield norm(b["images"]).to(dev), b["index"]
 
-    for _, acts in stream_layers(model, images(), list(layers), batch_size, progress=False):
+    def hook(layer: str, act: torch.Tensor) -> Any:
+        if layer in held["ran"]:
+            raise ConvscopeError(f"layer {layer!r} runs more than once per forward pass (a module shared by several "
+                                 "places in the network); dissect a module that runs once, e.g. a separate "
+                                 "activation module for each place")
+        held["ran"].add(layer)
+        assert reduce is not None
+        return reduce(held["batch"], layer, act)
+
+    for _, acts in stream_layers(model, images(), list(layers), batch_size, progress=False,
+                                 reduce=hook if reduce is not None else None):
         yield held["batch"], acts
 
 
@@ -736,17 +754,16 @@ def _pass_thresholds(model: nn.Module, ds: BrodenDataset, names: list[str], conf
             s["thresholds"] = {n: bufs[n].thresholds() for n in names}
         return s
 
-    for batch, acts in stream_dataset(model, ds, names, config.batch_size, config.workers, start,
-                                      "dissect 1/2 thresholds", show):
-        for n in names:
-            a = acts[n]
-            if a.dim() == 2:
-                a = a[:, :, None, None]
-            if n not in bufs:
-                bufs[n] = _TopBuffer(len(ds) * a.shape[2] * a.shape[3], config.quantile, a.shape[1],
-                                     config.max_buffer_mb, n)
-            bufs[n].update(a)
-            tops[n].update(acts[n], batch["index"])
+    def on_layer(batch: Mapping[str, Any], n: str, act: torch.Tensor) -> None:
+        a = act[:, :, None, None] if act.dim() == 2 else act
+        if n not in bufs:
+            bufs[n] = _TopBuffer(len(ds) * a.shape[2] * a.shape[3], config.quantile, a.shape[1],
+                                 config.max_buffer_mb, n)
+        bufs[n].update(a)
+        tops[n].update(act, batch["index"])
+
+    for _ in stream_dataset(model, ds, names, config.batch_size, config.workers, start, "dissect 1/2 thresholds",
+                            show, reduce=on_layer):
         batches += 1
         if store and batches % config.checkpoint_every == 0:
             store.save("pass1", snapshot(False))
@@ -816,15 +833,23 @@ def dissect(model: nn.Module, dataset: BrodenDataset | str | os.PathLike[str], l
 
     if not (state and state.get("done")):
         size = ds.seg_size
-        for batch, acts in stream_dataset(model, ds, names, config.batch_size, config.workers, start,
-                                          "dissect 2/2 IoU", show):
-            labels = batch_labels(batch, space, size)
+        current: dict[str, Any] = {}
+
+        def labels_of(batch: Mapping[str, Any]) -> BatchLabels:
+            if current.get("batch") is not batch:
+                current["batch"], current["labels"] = batch, batch_labels(batch, space, size)
+            return current["labels"]
+
+        def on_layer(batch: Mapping[str, Any], n: str, act: torch.Tensor) -> None:
+            i, a, _ = tally_batch(act, thresholds[n], labels_of(batch))
+            inter[n] = inter[n] + i if n in inter else i
+            activated[n] = activated[n] + a if n in activated else a
+
+        for batch, _ in stream_dataset(model, ds, names, config.batch_size, config.workers, start,
+                                       "dissect 2/2 IoU", show, reduce=on_layer):
+            labels = labels_of(batch)
             seg_size = labels.size
             truth = truth + labels.truth
-            for n in names:
-                i, a, _ = tally_batch(acts[n], thresholds[n], labels)
-                inter[n] = inter[n] + i if n in inter else i
-                activated[n] = activated[n] + a if n in activated else a
             batches += 1
             if store and batches % config.checkpoint_every == 0:
                 store.save("pass2", snapshot(False))
