@@ -205,10 +205,11 @@ class BatchLabels:
                                                                               repr=False)
 
     @functools.cached_property
-    def combos(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(combo, concepts)``: each pixel's combination of concepts over the label layers as one id (``N x P``) and
-        the concepts of each combination (``K x C``, 0/1), so that intersections can be counted per combination
-        (one key per pixel, however many label layers) and mapped to concepts by one product."""
+    def combos(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(combo, pair_combo, pair_concept)``: each pixel's combination of concepts over the label layers as one
+        id (``N x P``), and the (combination, concept) pairs that say which concepts each combination holds, so that
+        intersections are counted per combination (one key per pixel, however many label layers) and then added to
+        their concepts (a few pairs per combination, however many concepts the dataset has)."""
         n, layers, p = self.cols.shape
         c = self.image_level.shape[1]
         key = torch.zeros(n * p, dtype=torch.long)
@@ -216,10 +217,8 @@ class BatchLabels:
         for lay in range(layers):
             uniq, key = torch.unique(key * (c + 1) + self.cols[:, lay].reshape(-1), return_inverse=True)
             table = torch.cat([table[uniq // (c + 1)], (uniq % (c + 1))[:, None]], 1)
-        concepts = torch.zeros(len(table), c + 1, dtype=torch.float64)
-        if layers:
-            concepts.scatter_(1, table, 1.0)  # a concept repeated across layers was already set to C (none)
-        return key.view(n, p), concepts[:, :c]
+        pair_combo, layer = (table < c).nonzero(as_tuple=True)  # a concept repeated across layers is already C
+        return key.view(n, p), pair_combo, table[pair_combo, layer]
 
     def block_combos(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
         """For a ``h x w`` map upsampled to :attr:`size`: ``(uniform, ids)``. ``ids`` (``N x h x w x my x mx``) are
@@ -492,8 +491,8 @@ def tally_batch(act: torch.Tensor, thresholds: torch.Tensor, labels: BatchLabels
                              f"{tuple(act.shape)}")
     act = act.detach().float()
     n, u, h, w = act.shape
-    combo, concepts = labels.combos
-    k = concepts.shape[0]
+    combo, pair_combo, pair_concept = labels.combos
+    k = int(combo.max()) + 1 if combo.numel() else 1
     block, block_ids = labels.block_combos(h, w)
     block = block.to(act.device)
     sizes = torch.zeros(n * u, dtype=torch.float64)
@@ -514,7 +513,8 @@ def tally_batch(act: torch.Tensor, thresholds: torch.Tensor, labels: BatchLabels
             keys = unit[q] * k + ids
             inter_k += torch.bincount(keys, minlength=u * k).double()
     sizes = sizes.view(n, u)
-    inter = inter_k.view(u, k) @ concepts + sizes.T @ labels.image_level  # image-level: the whole image is the mask
+    inter = sizes.T @ labels.image_level  # image-level concepts: the whole image is the mask
+    inter.index_add_(1, pair_concept, inter_k.view(u, k)[:, pair_combo])  # each combination to its concepts
     activated = sizes.T @ labels.annotated.double()
     return inter, activated, sizes
 
