@@ -192,17 +192,24 @@ def _dense_tally(act, t, lab):
 
 @pytest.mark.parametrize("src,dst", [((7, 7), (112, 112)), ((5, 9), (37, 64)), ((13, 13), (64, 64)), ((1, 1), (8, 8)),
                                      ((16, 16), (16, 16)), ((20, 20), (10, 10)), ((7, 7), (7, 8))])
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_sparse_tally_equals_dense_upsampling(src, dst, channels_last):
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("chunk", [None, 64])
+def test_sparse_tally_equals_dense_upsampling(src, dst, layout, chunk, monkeypatch):
     """tally_batch evaluates only blocks that can pass and counts uniform-label blocks whole; the counts must equal
     upsampling every map and counting every pixel, at power-of-two, odd, identity and downsampling scales."""
+    import importlib
+
     from convscope.methods.dissect import BatchLabels, tally_batch
 
+    if chunk:  # interpolate a few blocks at a time: chunks must stay inside their group of equal-shaped blocks
+        monkeypatch.setattr(importlib.import_module("convscope.methods.dissect"), "_TALLY_CHUNK", chunk)
     g = torch.Generator().manual_seed(src[0] * 100 + dst[1])
     n, u, c, layers = 4, 6, 5, 2
     act = torch.randn(n, u, *src, generator=g).relu()
-    if channels_last:
+    if layout == "channels_last":
         act = act.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":  # a view, dense in no layout
+        act = torch.stack([act, act], 2).flatten(1, 2)[:, ::2]
     t = torch.quantile(act.transpose(0, 1).reshape(u, -1).double(), 0.7, dim=1)
     # blocky labels (regions, some blocks uniform, some on boundaries) in two layers, plus image-level concepts
     cols = F.interpolate(torch.randint(0, c, (n, layers, 4, 4), generator=g).float(), size=dst,

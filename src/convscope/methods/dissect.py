@@ -434,7 +434,10 @@ def _hot_blocks(act: torch.Tensor, t: torch.Tensor, size: tuple[int, int]
     and in float64: exact for power-of-two scale factors (the weights are short binary fractions), within an ulp of
     exact otherwise.  Blocks with the same number of rows and columns come together (no padding).
     """
+    if not (act.is_contiguous() or act.is_contiguous(memory_format=torch.channels_last)):
+        act = act.contiguous()
     n, u, h, w = act.shape
+    flat, (sn, su, sh, sw) = act.as_strided((act.numel(),), (1,)), act.stride()  # cells by offset into storage
     hot = act > _below(t).float().to(act.device)[None, :, None, None]  # the cells above T_f
     quad = hot
     if (h, w) != size:  # quad (i, j) is hot when any of its cells is: OR with the next row, then the next column
@@ -445,20 +448,21 @@ def _hot_blocks(act: torch.Tensor, t: torch.Tensor, size: tuple[int, int]
     _, row_l, row_n, row_step = (v.to(act.device) for v in _bilinear_axis(h, size[0]))
     _, col_l, col_n, col_step = (v.to(act.device) for v in _bilinear_axis(w, size[1]))
     t64 = t.to(device=act.device, dtype=torch.float64)
-    flat = act.as_strided((act.numel(),), (1,)) if act.is_contiguous() or act.is_contiguous(
-        memory_format=torch.channels_last) else act.contiguous().view(-1)
-    sn, su, sh, sw = act.stride() if flat.data_ptr() == act.data_ptr() else act.contiguous().stride()
-    shape_of = row_n[i] * (int(col_n.max()) + 1) + col_n[j]
+    base = int(col_n.max()) + 1
+    shape_of = row_n[i] * base + col_n[j]
     order = torch.argsort(shape_of)
     img, unit, i, j, shape_of = img[order], unit[order], i[order], j[order], shape_of[order]
     keys, counts = torch.unique_consecutive(shape_of, return_counts=True)
-    start = 0
+    end = 0
     for key, count in zip(keys.tolist(), counts.tolist()):
-        my, mx = divmod(key, int(col_n.max()) + 1)
-        step = max(1, _TALLY_CHUNK // max(1, my * mx))  # bounds the float64 temporaries
-        for s in range(start, start + count if my and mx else start, step):
-            e = min(s + step, start + count)
-            gi, gu, qi, qj = img[s:e], unit[s:e], i[s:e], j[s:e]
+        start, end = end, end + count
+        my, mx = divmod(key, base)
+        if not my or not mx:  # cells that start no output pixel (when downsampling)
+            continue
+        step = max(1, _TALLY_CHUNK // (my * mx))  # bounds the float64 temporaries
+        for s in range(start, end, step):
+            part = slice(s, min(s + step, end))
+            gi, gu, qi, qj = img[part], unit[part], i[part], j[part]
             at = gi * sn + gu * su + qi * sh + qj * sw  # the quad's four cells, by offset into the storage
             right, down = col_step[qj] * sw, row_step[qi] * sh
             c00, c01 = flat[at].double()[:, None], flat[at + right].double()[:, None]
@@ -467,7 +471,6 @@ def _hot_blocks(act: torch.Tensor, t: torch.Tensor, size: tuple[int, int]
             top, bottom = c00 * (1 - lx) + c01 * lx, c10 * (1 - lx) + c11 * lx
             val = top[:, None, :] * (1 - ly) + bottom[:, None, :] * ly  # quads x my x mx
             yield gi, gu, qi, qj, val > t64[gu][:, None, None]
-        start += count
 
 
 def tally_batch(act: torch.Tensor, thresholds: torch.Tensor, labels: BatchLabels
@@ -481,8 +484,9 @@ def tally_batch(act: torch.Tensor, thresholds: torch.Tensor, labels: BatchLabels
     Only the pixels that can pass are computed (:func:`_hot_blocks`), and the counts equal thresholding the whole
     upsampled batch.  Intersections are counted per block: a block whose labels are uniform adds its activated
     pixel count to its label combination (:meth:`BatchLabels.block_combos`); only blocks on a label boundary are
-    counted pixel by pixel.  Combinations map to concepts by one product; image-level labels (Broden's scenes) are
-    whole-image masks, one ``units x images @ images x concepts`` product.
+    counted pixel by pixel.  Combinations reach their concepts through (combination, concept) pairs
+    (:attr:`BatchLabels.combos`); image-level labels (Broden's scenes) are whole-image masks, one
+    ``units x images @ images x concepts`` product.
     """
     if act.dim() == 2:
         act = act[:, :, None, None]
@@ -755,11 +759,9 @@ def _pass_thresholds(model: nn.Module, ds: BrodenDataset, names: list[str], conf
         return s
 
     def on_layer(batch: Mapping[str, Any], n: str, act: torch.Tensor) -> None:
-        a = act[:, :, None, None] if act.dim() == 2 else act
-        if n not in bufs:
-            bufs[n] = _TopBuffer(len(ds) * a.shape[2] * a.shape[3], config.quantile, a.shape[1],
-                                 config.max_buffer_mb, n)
-        bufs[n].update(a)
+        if n not in bufs:  # n = images x positions (a linear layer has one)
+            bufs[n] = _TopBuffer(len(ds) * act[0, 0].numel(), config.quantile, act.shape[1], config.max_buffer_mb, n)
+        bufs[n].update(act)
         tops[n].update(act, batch["index"])
 
     for _ in stream_dataset(model, ds, names, config.batch_size, config.workers, start, "dissect 1/2 thresholds",

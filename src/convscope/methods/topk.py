@@ -90,6 +90,12 @@ def select_top(values: torch.Tensor, ids: torch.Tensor, locs: torch.Tensor, k: i
     return values.gather(1, order), ids.gather(1, order), locs.gather(1, order[..., None].expand(-1, -1, 2))
 
 
+def _yx(flat: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+    """Flat spatial indices of ``act``'s maps as ``(y, x)`` pairs (``... x 2``; 0 for a linear layer)."""
+    width = act.shape[-1] if act.dim() == 4 else 1
+    return torch.stack([flat // width, flat % width], dim=-1)
+
+
 class _RunningTopK:
     """Keeps, per unit, the k largest candidates seen so far (values, image ids, locations)."""
 
@@ -108,8 +114,7 @@ class _RunningTopK:
             raise ConvscopeError(f"layer {layer!r} outputs {tuple(getattr(act, 'shape', ()))}; top-k needs a "
                                  "convolutional (N x C x H x W) or linear (N x C) layer")
         vals, flat = spatial_max(act)  # N x C
-        width = act.shape[-1] if act.dim() == 4 else 1
-        return vals, torch.stack([flat // width, flat % width], dim=-1), tuple(act.shape[1:])
+        return vals, _yx(flat, act), tuple(act.shape[1:])
 
     def update(self, act: torch.Tensor, ids: torch.Tensor) -> None:
         """Merge a batch of activations ``N x C (x H x W)`` of the images ``ids``.
@@ -123,8 +128,7 @@ class _RunningTopK:
         img, unit = (vals >= self.values[:, -1].to(vals.device)).nonzero(as_tuple=True)
         locs = torch.zeros(*vals.shape, 2, dtype=torch.long, device=vals.device)
         if len(img):
-            flat = act[img, unit].flatten(1).argmax(1)  # the first strongest position, as spatial_max gives
-            locs[img, unit] = torch.stack([flat // act.shape[-1], flat % act.shape[-1]], dim=-1)
+            locs[img, unit] = _yx(act[img, unit].flatten(1).argmax(1), act)  # the first strongest, as spatial_max
         self.merge(vals, locs, tuple(act.shape[1:]), ids)
 
     def merge(self, vals: torch.Tensor, locs: torch.Tensor, shape: tuple[int, ...], ids: torch.Tensor) -> None:
