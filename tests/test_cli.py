@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from PIL import Image
 
 import convscope as cs
@@ -28,7 +30,9 @@ def test_report_writes_pictures(tmp_path, capsys):
     imgs = [str(cs.sample_image("chelsea")), str(cs.sample_image("china"))]
     assert main(["report", *imgs, "--model", "demo_net", "--out", str(tmp_path), "--units", "3"]) == 0
     html = (tmp_path / "report.html").read_text()
-    assert "data:image/png;base64," in html and "chelsea" in html
+    assert "chelsea" in html
+    linked = re.findall(r'<img src="([^"]+)"', html)
+    assert linked and all((tmp_path / src).is_file() for src in linked), "pictures are linked, beside the page"
     units = Image.open(tmp_path / "units.png")
     assert units.size[0] > 2 * 112 and units.size[1] > 3 * 112
     assert (tmp_path / "gradcam" / "chelsea.png").is_file() and (tmp_path / "predictions.json").is_file()

@@ -9,84 +9,140 @@ Flat public API::
     cs.save_png(cs.grid(cs.overlay(model.preprocess.denormalize(x).clamp(0, 1), maps), nrow=1), "cam.png")
 """
 
-from .applications.style import StyleResult, gram, style_transfer
-from .atlas.builder import build_atlas
-from .atlas.store import Atlas, AtlasError, open_atlas
-from .core.device import resolve_device, tune_cpu_allocator
-from .core.images import Preprocess, load_image, load_images, sample_image, sample_images
-from .core.layers import LayerInfo, list_layers, named_layers, resolve_layer
-from .core.probe import preserved_state, probe
-from .core.render import apply_colormap, filter_grid, grid, overlay, save_png, to_display, to_pil
-from .core.report import HtmlReport
-from .core.targets import target_scores, top_class, top_k
-from .errors import (
-    ConvscopeError,
-    DataError,
-    ImageLoadError,
-    LayerNotFoundError,
-    ModelLoadError,
-    TargetError,
-)
-from .methods.adversarial import AdversarialResult, FeatureChange, feature_change, fgsm, pgd
-from .methods.backprop import deconvnet_rule, guided_backprop, guided_gradcam
-from .methods.cam import cam, gradcam, gradcam_pp
-from .methods.deconvnet import deconvnet, unit_backprop
-from .methods.dissect import Comparison, DissectConfig, LayerDissection, UnitLabel, compare, dissect
-from .methods.filters import first_layer_filters
-from .methods.invert import InversionResult, invert
-from .methods.maximize import (
-    FoolingResult,
-    GeneratorResult,
-    MaximizationResult,
-    MultifacetedResult,
-    Regularization,
-    activation_maximization,
-    channel,
-    dgn_am,
-    encode,
-    fooling_image,
-    logit,
-    multifaceted,
-    neuron,
-)
-from .methods.net2vec import ConceptVector, Net2VecConfig, Net2VecResult, net2vec
-from .methods.occlusion import OcclusionResult, occlusion
-from .methods.perturb import PerturbationStudy, perturbation_study
-from .methods.saliency import gradient, input_x_gradient, saliency, smoothgrad
-from .methods.topk import (
-    DeadUnits,
-    TopKActivations,
-    TopKPatches,
-    dead_units,
-    receptive_field,
-    receptive_fields,
-    render_top_k,
-    top_k_activations,
-    top_k_patches,
-)
-from .methods.upconv import UpconvNet, load_upconv, reconstruct, train_upconv
-from .models import get_classes, get_preprocess, imagenet_classes, list_models, load_model, load_weights
-from .models.predict import Prediction, predict
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ConvscopeError", "DataError", "HtmlReport", "ImageLoadError", "LayerInfo", "LayerNotFoundError",
-    "ModelLoadError", "Prediction", "Preprocess", "TargetError", "apply_colormap", "cam", "filter_grid",
-    "get_classes", "get_preprocess", "gradcam", "gradcam_pp", "grid", "imagenet_classes", "list_layers",
-    "list_models", "load_image", "load_images", "load_model", "load_weights", "named_layers", "overlay",
-    "predict", "preserved_state", "probe", "resolve_device", "resolve_layer", "sample_image", "sample_images",
-    "save_png", "target_scores", "to_display", "to_pil", "top_class", "top_k", "tune_cpu_allocator",
-    "OcclusionResult", "deconvnet_rule", "gradient", "guided_backprop", "guided_gradcam", "input_x_gradient",
-    "occlusion", "saliency", "smoothgrad", "AdversarialResult", "FeatureChange", "feature_change", "fgsm", "pgd",
-    "DeadUnits", "TopKActivations", "dead_units", "deconvnet", "first_layer_filters", "receptive_field",
-    "receptive_fields", "render_top_k", "top_k_activations", "TopKPatches", "top_k_patches",
-    "FoolingResult", "MaximizationResult", "Regularization", "activation_maximization", "channel",
-    "fooling_image", "logit", "neuron",
-    "GeneratorResult", "MultifacetedResult", "dgn_am", "encode", "multifaceted",
-    "InversionResult", "PerturbationStudy", "StyleResult", "UpconvNet", "gram", "invert", "load_upconv",
-    "perturbation_study", "reconstruct", "style_transfer", "train_upconv",
-    "Comparison", "DissectConfig", "LayerDissection", "UnitLabel", "compare", "dissect",
-    "ConceptVector", "Net2VecConfig", "Net2VecResult", "net2vec",
-    "Atlas", "AtlasError", "build_atlas", "open_atlas", "unit_backprop",
-]
+# Public name -> the module that defines it. Imported on first use (PEP 562), so that `import convscope` and the
+# CLI's `--help` do not import torch and every method.
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    ".applications.style": ("StyleResult", "gram", "style_transfer",),
+    ".atlas.builder": ("build_atlas",),
+    ".atlas.store": ("Atlas", "AtlasError", "open_atlas",),
+    ".core.device": ("resolve_device", "tune_cpu_allocator",),
+    ".core.images": (
+        "Preprocess", "load_image", "load_images", "sample_image", "sample_images", "expand_inputs",
+        "image_name", "unique_names",
+    ),
+    ".core.layers": ("LayerInfo", "list_layers", "named_layers", "resolve_layer",),
+    ".core.probe": ("preserved_state", "probe",),
+    ".core.render": ("apply_colormap", "filter_grid", "grid", "overlay", "save_png", "to_display", "to_pil",),
+    ".core.report": ("HtmlReport",),
+    ".core.targets": ("target_scores", "top_class", "top_k",),
+    ".errors": (
+        "ConvscopeError", "DataError", "ImageLoadError", "LayerNotFoundError", "ModelLoadError", "TargetError",
+    ),
+    ".methods.adversarial": ("AdversarialResult", "FeatureChange", "feature_change", "fgsm", "pgd",),
+    ".methods.backprop": ("deconvnet_rule", "guided_backprop", "guided_gradcam",),
+    ".methods.cam": ("cam", "gradcam", "gradcam_pp",),
+    ".methods.deconvnet": ("deconvnet", "unit_backprop",),
+    ".methods.dissect": ("Comparison", "DissectConfig", "LayerDissection", "UnitLabel", "compare", "dissect",),
+    ".methods.filters": ("first_layer_filters",),
+    ".methods.invert": ("InversionResult", "invert",),
+    ".methods.maximize": (
+        "FoolingResult", "GeneratorResult", "MaximizationResult", "MultifacetedResult", "Regularization",
+        "activation_maximization", "channel", "dgn_am", "encode", "fooling_image", "logit", "multifaceted",
+        "neuron",
+    ),
+    ".methods.net2vec": ("ConceptVector", "Net2VecConfig", "Net2VecResult", "net2vec",),
+    ".methods.occlusion": ("OcclusionResult", "occlusion",),
+    ".methods.perturb": ("PerturbationStudy", "perturbation_study",),
+    ".methods.saliency": ("gradient", "input_x_gradient", "saliency", "smoothgrad",),
+    ".methods.topk": (
+        "DeadUnits", "TopKActivations", "TopKPatches", "dead_units", "receptive_field", "receptive_fields",
+        "render_top_k", "top_k_activations", "top_k_patches",
+    ),
+    ".methods.upconv": ("UpconvNet", "load_upconv", "reconstruct", "train_upconv",),
+    ".models": ("get_classes", "get_preprocess", "imagenet_classes", "list_models", "load_model", "load_weights",),
+    ".models.predict": ("Prediction", "predict",),
+    ".applications.monitor": ("EvolutionMonitor",),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'convscope' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+if TYPE_CHECKING:  # static analysers and IDEs see the same names
+    from .applications.monitor import EvolutionMonitor
+    from .applications.style import StyleResult, gram, style_transfer
+    from .atlas.builder import build_atlas
+    from .atlas.store import Atlas, AtlasError, open_atlas
+    from .core.device import resolve_device, tune_cpu_allocator
+    from .core.images import (
+        Preprocess,
+        expand_inputs,
+        image_name,
+        load_image,
+        load_images,
+        sample_image,
+        sample_images,
+        unique_names,
+    )
+    from .core.layers import LayerInfo, list_layers, named_layers, resolve_layer
+    from .core.probe import preserved_state, probe
+    from .core.render import apply_colormap, filter_grid, grid, overlay, save_png, to_display, to_pil
+    from .core.report import HtmlReport
+    from .core.targets import target_scores, top_class, top_k
+    from .errors import (
+        ConvscopeError,
+        DataError,
+        ImageLoadError,
+        LayerNotFoundError,
+        ModelLoadError,
+        TargetError,
+    )
+    from .methods.adversarial import AdversarialResult, FeatureChange, feature_change, fgsm, pgd
+    from .methods.backprop import deconvnet_rule, guided_backprop, guided_gradcam
+    from .methods.cam import cam, gradcam, gradcam_pp
+    from .methods.deconvnet import deconvnet, unit_backprop
+    from .methods.dissect import Comparison, DissectConfig, LayerDissection, UnitLabel, compare, dissect
+    from .methods.filters import first_layer_filters
+    from .methods.invert import InversionResult, invert
+    from .methods.maximize import (
+        FoolingResult,
+        GeneratorResult,
+        MaximizationResult,
+        MultifacetedResult,
+        Regularization,
+        activation_maximization,
+        channel,
+        dgn_am,
+        encode,
+        fooling_image,
+        logit,
+        multifaceted,
+        neuron,
+    )
+    from .methods.net2vec import ConceptVector, Net2VecConfig, Net2VecResult, net2vec
+    from .methods.occlusion import OcclusionResult, occlusion
+    from .methods.perturb import PerturbationStudy, perturbation_study
+    from .methods.saliency import gradient, input_x_gradient, saliency, smoothgrad
+    from .methods.topk import (
+        DeadUnits,
+        TopKActivations,
+        TopKPatches,
+        dead_units,
+        receptive_field,
+        receptive_fields,
+        render_top_k,
+        top_k_activations,
+        top_k_patches,
+    )
+    from .methods.upconv import UpconvNet, load_upconv, reconstruct, train_upconv
+    from .models import get_classes, get_preprocess, imagenet_classes, list_models, load_model, load_weights
+    from .models.predict import Prediction, predict

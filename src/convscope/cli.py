@@ -1,6 +1,7 @@
 """``convscope``: one thin command per method. Every command has ``--help``.
 
     convscope models                           the zoo, and what is importable here
+    convscope samples [--out DIR]              the bundled photos (sample:NAME works wherever an image does)
     convscope layers MODEL                     layer names, types, output shapes, unit counts
     convscope predict IMAGE... [--model M]     top-5 classes
     convscope report [IMAGE...] [--out DIR]    the main job: predictions, Grad-CAM, unit views as HTML
@@ -28,10 +29,15 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
+from . import __version__
+from .core.io import check_output_dir, check_output_file, describe_os_error
 from .errors import ConvscopeError
 
 DEFAULT_MODEL = "efficientnet_lite0"
+UNITS_HELP = "units: a range 0-15, a list 1,5,9 or both (default: the {} strongest, by top-1 activation)"
+Subparsers = Any  # argparse's private _SubParsersAction
 
 
 def _model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
@@ -43,6 +49,33 @@ def _model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
         p.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"model to load (default {DEFAULT_MODEL})")
     p.add_argument("--weights", help="state-dict file for the model (loaded with weights_only=True)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
+
+
+SMOKE_ENV = "CONVSCOPE_SMOKE"
+# CONVSCOPE_SMOKE=1: every command runs as given but at tiny sizes (the README test runs every README line so).
+_SMOKE_CAPS = {"steps": 2, "am_steps": 2, "n": 16, "synthetic": 16, "epochs": 1, "n_train": 64, "n_test": 16,
+               "n_curve": 4, "n_sanity": 2, "samples": 2, "concept_images": 16, "max_steps": 4}
+
+
+def apply_smoke_sizes(args: argparse.Namespace) -> None:
+    """Cap the sizes of a parsed command (steps, images, epochs) for a quick check that it runs end to end."""
+    for name, cap in _SMOKE_CAPS.items():
+        value = getattr(args, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > cap:
+            setattr(args, name, cap)
+    if getattr(args, "command", "") == "maximize":
+        args.size = min(args.size or 64, 64)
+
+
+def check_output(args: argparse.Namespace) -> None:
+    """The one output check of every command: ``--out`` is created and writable before any work starts."""
+    out = getattr(args, "out", None)
+    if not out:
+        return
+    if getattr(args, "out_kind", "dir") == "file":
+        check_output_file(out)
+    else:
+        check_output_dir(out)
 
 
 def _names(text: str) -> list[str]:
@@ -69,6 +102,36 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_samples(args: argparse.Namespace) -> int:
+    from .core.images import PHOTO_NAMES, sample_images
+    from .core.io import atomic_write_bytes
+
+    found = sample_images()
+    names = [n for n in PHOTO_NAMES if n in found] + ([n for n in found if n not in PHOTO_NAMES]
+                                                       if args.textures else [])
+    if not names:
+        raise ConvscopeError("no bundled photos found: they ship with scikit-image and scikit-learn; "
+                             "pip install scikit-image scikit-learn")
+    for name in names:
+        src = found[name]
+        if args.out:
+            dst = Path(args.out) / f"{name}{src.suffix.lower()}"
+            atomic_write_bytes(dst, src.read_bytes())
+            print(f"sample:{name:<12} -> {dst}")
+        else:
+            print(f"sample:{name:<12} {src}")
+    if not args.out:
+        print("use sample:NAME wherever an image path is accepted, or copy them: convscope samples --out photos/")
+    return 0
+
+
+def add_samples(sub: Subparsers) -> None:
+    p = sub.add_parser("samples", help="the bundled photos (usable as sample:NAME anywhere an image is accepted)")
+    p.add_argument("--out", "-o", help="copy them into this folder as NAME.png / NAME.jpg")
+    p.add_argument("--textures", action="store_true", help="also the texture samples (brick, grass, gravel)")
+    p.set_defaults(func=cmd_samples)
+
+
 def cmd_layers(args: argparse.Namespace) -> int:
     from .core.layers import list_layers
 
@@ -87,14 +150,17 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .core.images import load_images
+    from .core.images import expand_inputs, load_images
     from .models.predict import predict
 
+    _check_positive(args.top, "--top")
+    files = expand_inputs(args.images)  # folders and sample:NAME expanded: one result per image, in order
     model = _load(args)
-    x = load_images(args.images, model).to(next(model.parameters()).device)
-    for path, row in zip(args.images, predict(model, x, k=args.top)):
+    device = next(model.parameters()).device
+    for path in files:
+        x = load_images([path], model).to(device)
         print(path)
-        for pr in row:
+        for pr in predict(model, x, k=args.top)[0]:
             print(f"  {pr.index:>5}  {pr.probability:7.3%}  {pr.name}")
     return 0
 
@@ -109,12 +175,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-EXPLAIN_METHODS = ("saliency", "smoothgrad", "guided", "deconv", "cam", "gradcam", "gradcam++", "guided-gradcam",
-                   "occlusion")
+EXPLAIN_METHODS = ("saliency", "gradient", "input_x_gradient", "smoothgrad", "guided", "deconv", "cam", "gradcam",
+                   "gradcam++", "guided-gradcam", "occlusion")
 _LAYER_METHODS = ("cam", "gradcam", "gradcam++", "guided-gradcam")
-_PER_CHANNEL = ("smoothgrad", "guided", "deconv", "guided-gradcam")  # signed N x K x C x H x W results
+# signed N x K x C x H x W results
+_PER_CHANNEL = ("gradient", "input_x_gradient", "smoothgrad", "guided", "deconv", "guided-gradcam")
 _EXPLAIN_TITLES = {
     "saliency": "gradient saliency, max_c |d score / d x| (Simonyan et al. 2014)",
+    "gradient": "the raw input gradient d score / d x, per channel (Simonyan et al. 2014)",
+    "input_x_gradient": "gradient x input, per channel (Shrikumar et al. 2016)",
     "smoothgrad": "SmoothGrad: the gradient averaged over noisy copies (Smilkov et al. 2017)",
     "guided": "guided backpropagation (Springenberg et al. 2015)",
     "deconv": "DeconvNet backward rule (Zeiler & Fergus 2014)",
@@ -163,7 +232,8 @@ def _explain_one(model, x, args, targets: list[int], layer: str, progress: bool 
             drop = res.unit_activation[:1, None, None, None] - res.strongest_unit[:1, None]
             extra.append((drop, f"unit {int(res.unit[0])} of {layer}"))
         return res.maps[0], extra
-    fn = {"saliency": m.saliency, "guided": m.guided_backprop, "deconv": m.deconvnet_rule}.get(args.method)
+    fn = {"saliency": m.saliency, "gradient": m.gradient, "input_x_gradient": m.input_x_gradient,
+          "guided": m.guided_backprop, "deconv": m.deconvnet_rule}.get(args.method)
     if fn is not None:
         return fn(model, x, t)[0], extra
     if args.method == "smoothgrad":
@@ -175,7 +245,7 @@ def _explain_one(model, x, args, targets: list[int], layer: str, progress: bool 
 def cmd_explain(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .core.images import _expand_paths, load_images
+    from .core.images import expand_inputs, load_images, unique_names
     from .core.layers import resolve_layer
     from .core.render import grid, overlay, save_png, to_display
     from .core.report import HtmlReport
@@ -191,7 +261,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     elif method not in _LAYER_METHODS and method != "occlusion":
         layer = ""  # checked, but this method reads no layer
     spec = _explain_targets(args.target)
-    files = _expand_paths(args.images)
+    files = expand_inputs(args.images)
     out = Path(args.out)
     pre = getattr(model, "preprocess", None)
     classes = getattr(model, "classes", None)
@@ -209,8 +279,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
         legend = "Colour: jet, from blue (low) to red (high), scaled per map."
     rep.text(f"{_EXPLAIN_TITLES[method]}" + (f", at layer {layer!r}" if layer else "") + f"; target: {args.target}. "
              + legend)
-    all_tiles, all_labels, ncol, stems = [], [], 1, set()
-    for path in tqdm(files, desc="explain", unit="image", disable=len(files) < 2):
+    all_tiles, all_labels, ncol = [], [], 1
+    stems = unique_names(files)
+    for path, stem in tqdm(list(zip(files, stems)), desc="explain", unit="image", disable=len(files) < 2):
         x = load_images([path], model).to(device)
         ranked = predict(model, x, k=max(5, spec if isinstance(spec, int) else 1))[0]
         top = ranked[:5]
@@ -234,11 +305,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
             tiles.append(overlay(pixels, _signed_display(t.float().cpu()), alpha=0.5, cmap="coolwarm",
                                  normalize=False)[0])
             labels.append(label)
-        stem, i = path.stem, 1
-        while stem in stems:
-            i += 1
-            stem = f"{path.stem}_{i}"
-        stems.add(stem)
         png = save_png(grid(tiles, nrow=len(tiles), cell_labels=labels), out / f"{stem}.{method}.png")
         all_tiles += tiles
         all_labels += labels
@@ -246,7 +312,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         rep.heading(stem, level=3)
         rep.table([[r + 1, p.index, p.name, f"{p.probability:.3f}", f"{p.logit:.2f}"] for r, p in enumerate(top)],
                   header=["rank", "class", "name", "probability", "logit"])
-        rep.image(png, caption=f"{path.name}: input, then {method} for classes {', '.join(map(str, targets))}")
+        rep.image(png, caption=f"{stem}: input, then {method} for classes {', '.join(map(str, targets))}")
     grid_png = save_png(grid(all_tiles, nrow=ncol, cell_labels=all_labels), out / f"grid.{method}.png")
     html = rep.write(out / f"explain.{method}.html")
     print(f"wrote {html}, {grid_png} and {len(stems)} overlay PNGs in {out}/")
@@ -275,14 +341,14 @@ def _fraction(text: str) -> float:
 
 def cmd_adversarial(args: argparse.Namespace) -> int:
     from .applications.adversarial import run_adversarial
-    from .core.images import _expand_paths
+    from .core.images import expand_inputs
     from .core.targets import top_class
 
     model = _load(args)
     spec = _explain_targets(args.target) if args.target else None
     if isinstance(spec, int) and spec != 1:
         raise ConvscopeError(f"--target {args.target!r}: an attack takes one class per image (an index or 'top')")
-    files = _expand_paths(args.images)
+    files = expand_inputs(args.images)
     if isinstance(spec, list) and len(spec) not in (1, len(files)):
         raise ConvscopeError(f"--target: give one class for all images or one per image ({len(files)}), "
                              f"got {len(spec)}")
@@ -370,13 +436,13 @@ def cmd_dissect(args: argparse.Namespace) -> int:
 
 def cmd_invert(args: argparse.Namespace) -> int:
     from .applications.invert_report import run_invert
-    from .core.images import _expand_paths
+    from .core.images import expand_inputs
 
     model = _load(args)
     layers = _names(args.layers)
     if args.method == "regularized" and not layers:
         raise ConvscopeError("--layers needs at least one layer name (see `convscope layers MODEL`)")
-    run = run_invert(model, _expand_paths(args.images), layers, Path(args.out), method=args.method,
+    run = run_invert(model, expand_inputs(args.images), layers, Path(args.out), method=args.method,
                      decoders=[Path(d) for d in args.decoder] if args.decoder else None, steps=args.steps,
                      seed=args.seed)
     for r in run.rows:
@@ -404,10 +470,20 @@ def cmd_style(args: argparse.Namespace) -> int:
 
     model = _load(args)
     styles = _names(args.style_layers) or None
-    png = run_style(model, Path(args.content), Path(args.style), Path(args.out), content_layer=args.content_layer
+    content, style = (_one_image(args.content, "CONTENT"), _one_image(args.style, "STYLE"))
+    png = run_style(model, content, style, Path(args.out), content_layer=args.content_layer
                     or None, style_layers=styles, beta=args.beta, steps=args.steps, seed=args.seed)
     print(f"wrote {png}")
     return 0
+
+
+def _one_image(arg: str, what: str) -> Path:
+    from .core.images import expand_inputs
+
+    files = expand_inputs([arg])
+    if len(files) != 1:
+        raise ConvscopeError(f"{what} {arg!r} names {len(files)} images; give one image file or sample:NAME")
+    return files[0]
 
 
 def cmd_train_demo(args: argparse.Namespace) -> int:
@@ -415,8 +491,9 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
     from .core.device import tune_cpu_allocator
 
     tune_cpu_allocator()
-    cfg = TrainConfig(n_train=args.n_train, n_test=args.n_test, epochs=args.epochs, seed=args.seed)
-    res = train_demo(Path(args.out), cfg, workers=args.workers)
+    given = {k: getattr(args, k) for k in ("n_train", "n_test", "epochs") if getattr(args, k) is not None}
+    cfg = TrainConfig(seed=args.seed, **given)
+    res = train_demo(Path(args.out), cfg, workers=args.workers, device=args.device)
     print(f"test accuracy {res.test_accuracy:.1%}; weights {res.weights}; {len(res.checkpoints)} checkpoints in "
           f"{res.weights.parent}/ (load with --model demo_net --weights FILE)")
     return 0
@@ -538,30 +615,62 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "authentication", file=sys.stderr)
     print(f"convscope explorer: http://{args.host}:{args.port}/  (model {app.state.explorer.name}, "
           f"{threads} torch threads{', atlas ' + args.atlas if args.atlas else ''}; Ctrl-C stops)")
+    if os.environ.get(SMOKE_ENV):  # the README test: start, answer one request, stop
+        return _serve_once(app)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (also used to render the CLI docs)."""
-    parser = argparse.ArgumentParser(prog="convscope", description="See what a convolutional network sees.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _serve_once(app: Any) -> int:
+    """Serve ``app`` on a free loopback port, fetch ``/`` once, shut down; 0 when it answered 200."""
+    import threading
+    import time
+    import urllib.request
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise ConvscopeError("the explorer did not start within 60 s")
+            time.sleep(0.05)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=60) as r:
+            status = r.status
+        print(f"explorer answered {status} on http://127.0.0.1:{port}/ (smoke check; stopped)")
+        return 0 if status == 200 else 1
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def add_models(sub: Subparsers) -> None:
 
     p = sub.add_parser("models", help="list the model zoo and optional model sources")
     p.set_defaults(func=cmd_models)
 
+
+def add_layers(sub: Subparsers) -> None:
     p = sub.add_parser("layers", help="list a model's layers: name, type, output shape, units")
     _model_args(p, positional=True)
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="input size to probe with")
     p.add_argument("--filter", help="only layers whose name contains this (or whose type is this)")
     p.set_defaults(func=cmd_layers)
 
+
+def add_predict(sub: Subparsers) -> None:
     p = sub.add_parser("predict", help="top-k classes for images")
     p.add_argument("images", nargs="+", help="image files or folders")
     _model_args(p)
     p.add_argument("--top", type=int, default=5, help="how many classes (default 5)")
     p.set_defaults(func=cmd_predict)
 
+
+def add_report(sub: Subparsers) -> None:
     p = sub.add_parser("report",
                        help="HTML report: predictions, Grad-CAM overlays, unit views (default: bundled photos)")
     p.add_argument("images", nargs="*", help="image files or folders (default: the bundled photos)")
@@ -572,6 +681,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--units", type=int, default=8, help="how many units to show (default 8)")
     p.set_defaults(func=cmd_report)
 
+
+def add_serve(sub: Subparsers) -> None:
     p = sub.add_parser("serve", help="the live explorer in the browser: predictions, activation grids, unit views, "
                                      "Grad-CAM, the webcam and the atlas")
     _model_args(p)
@@ -586,6 +697,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="uvicorn log level (default info)")
     p.set_defaults(func=cmd_serve)
 
+
+def add_explain(sub: Subparsers) -> None:
     p = sub.add_parser("explain", help="attribution maps for images: saliency, guided backprop, CAMs, occlusion")
     p.add_argument("images", nargs="+", help="image files or folders")
     _model_args(p)
@@ -600,6 +713,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="smoothgrad: noise seed (default 0)")
     p.set_defaults(func=cmd_explain)
 
+
+def add_adversarial(sub: Subparsers) -> None:
     p = sub.add_parser("adversarial", help="adversarial examples (FGSM / PGD) and the feature maps they change")
     p.add_argument("images", nargs="+", help="image files or folders")
     _model_args(p)
@@ -615,6 +730,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", default="out/adversarial", help="output folder (default out/adversarial/)")
     p.set_defaults(func=cmd_adversarial)
 
+
+def add_evaluate(sub: Subparsers) -> None:
     p = sub.add_parser("evaluate", help="score methods against ground truth")
     esub = p.add_subparsers(dest="what", required=True, metavar="WHAT")
     q = esub.add_parser("attribution", help="pointing game, mask IoU, deletion/insertion AUC and the randomization "
@@ -632,12 +749,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", "-o", default="out/evaluate", help="output folder (default out/evaluate/)")
     q.set_defaults(func=cmd_evaluate)
 
-    units_help = "units: a range 0-15, a list 1,5,9 or both (default: the {} strongest, by top-1 activation)"
+
+def add_deconv(sub: Subparsers) -> None:
     p = sub.add_parser("deconv", help="DeconvNet projections of each unit's strongest activations beside the image "
                                       "patches (Zeiler & Fergus Fig. 2)")
     _model_args(p, positional=True)
     p.add_argument("--layer", "-l", required=True, help="layer name (`convscope layers MODEL` lists them)")
-    p.add_argument("--units", "-u", default="", help=units_help.format("--n-units"))
+    p.add_argument("--units", "-u", default="", help=UNITS_HELP.format("--n-units"))
     p.add_argument("--n-units", type=int, default=16, help="how many units without --units (default 16)")
     p.add_argument("--images", nargs="+", default=[], metavar="PATH",
                    help="image files or folders (default: the bundled photos; synthetic images for demo_net)")
@@ -651,6 +769,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", default="out/deconv", help="output folder (default out/deconv/)")
     p.set_defaults(func=cmd_deconv)
 
+
+def add_filters(sub: Subparsers) -> None:
     p = sub.add_parser("filters", help="first-layer filters and the dead units of every conv/ReLU layer")
     _model_args(p, positional=True)
     p.add_argument("--images", nargs="+", default=[], metavar="PATH",
@@ -659,13 +779,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", default="out/filters", help="output folder (default out/filters/)")
     p.set_defaults(func=cmd_filters)
 
+
+def add_evolution(sub: Subparsers) -> None:
     p = sub.add_parser("evolution", help="how units' strongest projections change over training checkpoints "
                                          "(Zeiler & Fergus Fig. 4)")
     p.add_argument("checkpoints", nargs="+", help="a folder of epoch_XX.pt (from train-demo) or checkpoint files")
     p.add_argument("--model", "-m", default="demo_net", help="the architecture the checkpoints fit (default demo_net)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
     p.add_argument("--layer", "-l", required=True, help="layer name (`convscope layers MODEL` lists them)")
-    p.add_argument("--units", "-u", default="", help=units_help.format("--n-units") + " of the last checkpoint")
+    p.add_argument("--units", "-u", default="", help=UNITS_HELP.format("--n-units") + " of the last checkpoint")
     p.add_argument("--n-units", type=int, default=8, help="how many units without --units (default 8)")
     p.add_argument("--images", nargs="+", default=[], metavar="PATH", help="image files or folders (default: "
                                                                            "synthetic images for demo_net)")
@@ -675,6 +797,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", default="out/evolution", help="output folder (default out/evolution/)")
     p.set_defaults(func=cmd_evolution)
 
+
+def add_maximize(sub: Subparsers) -> None:
     p = sub.add_parser("maximize", help="activation maximization: an image per unit, optimized in one batch")
     _model_args(p, positional=True)
     p.add_argument("--layer", required=True, help="layer, or 'logits' for class units (pre-softmax)")
@@ -698,6 +822,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", default="out/maximize", help="output folder (default out/maximize/)")
     p.set_defaults(func=cmd_maximize)
 
+
+def add_dissect(sub: Subparsers) -> None:
     p = sub.add_parser("dissect", help="Network Dissection (Bau et al.): label units with concepts by IoU")
     _model_args(p, positional=True)
     p.add_argument("--layers", required=True, help="comma-separated conv layers")
@@ -718,6 +844,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "or .pt files) and compare them side by side, instead of MODEL's own weights")
     p.set_defaults(func=cmd_dissect)
 
+
+def add_invert(sub: Subparsers) -> None:
     p = sub.add_parser("invert", help="reconstruct images from layers (Mahendran & Vedaldi; UpconvNet)")
     p.add_argument("images", nargs="+", help="image files or folders")
     _model_args(p)
@@ -730,6 +858,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", default="out/invert", help="output folder (default out/invert/)")
     p.set_defaults(func=cmd_invert)
 
+
+def add_upconv(sub: Subparsers) -> None:
     p = sub.add_parser("upconv", help="UpconvNet decoders (Dosovitskiy & Brox)")
     usub = p.add_subparsers(dest="what", required=True, metavar="WHAT")
     q = usub.add_parser("train", help="train a decoder from a layer's features to the image")
@@ -744,8 +874,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="2x upsampling: unpool (top-left of 2x2) + conv, or a transposed conv")
     q.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     q.add_argument("--out", "-o", default="out/upconv.pt", help="decoder file (default out/upconv.pt)")
-    q.set_defaults(func=cmd_upconv_train)
+    q.set_defaults(func=cmd_upconv_train, out_kind="file")
 
+
+def add_style(sub: Subparsers) -> None:
     p = sub.add_parser("style", help="style transfer (Gatys et al.): content of one image, style of another")
     p.add_argument("content", help="content image")
     p.add_argument("style", help="style image")
@@ -758,6 +890,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", default="out/style", help="output folder (default out/style/)")
     p.set_defaults(func=cmd_style)
 
+
+def add_atlas(sub: Subparsers) -> None:
     p = sub.add_parser("atlas", help="the model atlas: every unit's top-k patches, activation maximization and "
                                      "dissection label in a resumable SQLite store")
     asub = p.add_subparsers(dest="what", required=True, metavar="WHAT")
@@ -786,6 +920,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("dir", help="atlas folder")
     q.set_defaults(func=cmd_atlas_info)
 
+
+def add_data(sub: Subparsers) -> None:
     p = sub.add_parser("data", help="datasets: generate the synthetic concept dataset")
     data = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     q = data.add_parser("synth", help="generate synthetic images with color/object/texture masks (Broden layout)")
@@ -796,31 +932,67 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--workers", type=int, default=2, help="processes (default 2; output is identical)")
     q.set_defaults(func=cmd_data_synth)
 
-    from .applications.train_demo import TrainConfig
-    _TRAIN = TrainConfig()
+
+def add_train_demo(sub: Subparsers) -> None:
     p = sub.add_parser("train-demo", help="train demo_net on synthetic scene labels; a checkpoint per epoch, resumable")
     p.add_argument("--out", "-o", default="runs/demo_net", help="checkpoint folder (default runs/demo_net)")
-    p.add_argument("--n-train", type=int, default=_TRAIN.n_train, help=f"training images (default {_TRAIN.n_train})")
-    p.add_argument("--n-test", type=int, default=_TRAIN.n_test, help=f"held-out test images (default {_TRAIN.n_test})")
-    p.add_argument("--epochs", type=int, default=_TRAIN.epochs, help=f"epochs (default {_TRAIN.epochs})")
+    p.add_argument("--n-train", type=int, help="training images (default 12000, as the bundled weights)")
+    p.add_argument("--n-test", type=int, help="held-out test images (default 1000)")
+    p.add_argument("--epochs", type=int, help="epochs (default 12)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, order and dropout")
     p.add_argument("--workers", type=int, default=2, help="processes rendering the images")
     p.set_defaults(func=cmd_train_demo)
+
+
+COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
+    add_models, add_samples, add_layers, add_predict, add_report, add_serve, add_explain, add_adversarial,
+    add_evaluate, add_deconv, add_filters, add_evolution, add_maximize, add_dissect, add_invert, add_upconv,
+    add_style, add_atlas, add_data, add_train_demo,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also used to render the CLI docs): one ``add_<command>`` per command."""
+    parser = argparse.ArgumentParser(prog="convscope", description="See what a convolutional network sees.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: errors on bad input are one clear line, not a traceback."""
+    """Entry point. Bad input (a ``ConvscopeError``, an unreadable or unwritable path) is one line on stderr and
+    exit code 2, never a traceback; ``CONVSCOPE_DEBUG=1`` shows the traceback of an unexpected error."""
+    import os
+
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
+        check_output(args)
+        if os.environ.get(SMOKE_ENV):
+            apply_smoke_sizes(args)
         return func(args)
     except ConvscopeError as exc:
-        print(f"convscope: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc))
+    except OSError as exc:  # a path that cannot be read or written: name it and what to do
+        return _fail(describe_os_error(exc))
     except KeyboardInterrupt:
-        print("convscope: interrupted", file=sys.stderr)
+        print("convscope: interrupted (rerun the same command to resume where it supports resuming)", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001  (a bug, not bad input: one line unless debugging)
+        if os.environ.get("CONVSCOPE_DEBUG"):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"convscope: internal error: {type(exc).__name__}: {first} (set CONVSCOPE_DEBUG=1 for the traceback "
+              "and please report it)", file=sys.stderr)
+        return 1
+
+
+def _fail(message: str) -> int:
+    print(f"convscope: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.images import Preprocess, _expand_paths, load_images, sample_images
+from ..core.images import Preprocess, expand_inputs, load_images, sample_images
 from ..core.io import atomic_write_text
 from ..core.layers import resolve_layer
 from ..core.render import grid, save_png, to_display, to_pil
@@ -78,7 +78,7 @@ def _device(model: nn.Module) -> torch.device:
 
 def file_images(paths: Sequence[str | Path], model: nn.Module) -> ImageSet:
     """Image files or folders, preprocessed by the model's own transform, loaded a batch at a time."""
-    files = _expand_paths(list(paths))
+    files = expand_inputs(list(paths))
     dev = _device(model)
     first = load_images(files[:1], model)  # fail early on unreadable files / undefined sizes
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..core.device import resolve_device
 from ..core.io import atomic_path, atomic_write_text
 from ..data.synthetic import SynthConfig, render_arrays
 from ..models.demo_net import INPUT_SIZE, DemoNet, fold_batchnorm
@@ -72,8 +73,10 @@ def accuracy(model: DemoNet, images: torch.Tensor, labels: torch.Tensor, batch_s
     """Top-1 accuracy in eval mode (mode restored)."""
     was = model.training
     model.eval()
-    correct = sum(int((model(to_input(xb)).argmax(1) == yb).sum())
-                  for xb, yb in zip(images.split(batch_size), labels.split(batch_size)))
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        correct = sum(int((model(to_input(xb.to(dev))).argmax(1).cpu() == yb).sum())
+                      for xb, yb in zip(images.split(batch_size), labels.split(batch_size)))
     model.train(was)
     return correct / len(labels)
 
@@ -84,9 +87,12 @@ def _save(path: Path, obj: dict) -> Path:
     return path
 
 
-def train_demo(out: Path, config: TrainConfig = TrainConfig(), workers: int = 2, progress: bool = True) -> TrainResult:
+def train_demo(out: Path, config: TrainConfig = TrainConfig(), workers: int = 2, progress: bool = True,
+               device: str | torch.device = "cpu") -> TrainResult:
     """Train demo_net; writes ``out/epoch_XX.pt``, ``out/resume.pt``, ``out/demo_net.pt`` (folded weights + classes)
-    and ``out/train.json``."""
+    and ``out/train.json``. The bundled weights were trained on the CPU (same bytes on every CPU run); CUDA trains
+    the same recipe, not the same bytes."""
+    dev = resolve_device(device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     classes = SynthConfig().shapes
@@ -95,7 +101,7 @@ def train_demo(out: Path, config: TrainConfig = TrainConfig(), workers: int = 2,
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        model = DemoNet(num_classes=len(classes), dropout=config.dropout, batch_norm=True)
+        model = DemoNet(num_classes=len(classes), dropout=config.dropout, batch_norm=True).to(dev)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]  # no weight decay on biases and BN affine
     rest = [p for n, p in model.named_parameters() if p.ndim <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
@@ -109,7 +115,7 @@ def train_demo(out: Path, config: TrainConfig = TrainConfig(), workers: int = 2,
     start = 1
     state = _resume_state(out, config)
     if state is not None:
-        model.load_state_dict(state["state_dict"])
+        model.load_state_dict({k: v.to(dev) for k, v in state["state_dict"].items()})
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         gen.set_state(state["generator"])
@@ -126,10 +132,10 @@ def train_demo(out: Path, config: TrainConfig = TrainConfig(), workers: int = 2,
                                   "scheduler": sched.state_dict(), "generator": gen.get_state(), "epoch": epoch,
                                   "history": json.dumps(history), "config": json.dumps(asdict(config))})
 
-    plain = fold_batchnorm(model.eval())
+    plain = fold_batchnorm(model.eval()).to(dev)
     test_acc = accuracy(plain, x_test, y_test)
     weights = _save(out / "demo_net.pt", {
-        "state_dict": {k: v.half() if v.is_floating_point() else v for k, v in plain.state_dict().items()},
+        "state_dict": {k: v.cpu().half() if v.is_floating_point() else v.cpu() for k, v in plain.state_dict().items()},
         "classes": list(classes), "test_accuracy": test_acc, "config": json.dumps(asdict(config))})
     atomic_write_text(out / "train.json", json.dumps({"config": asdict(config), "history": history,
                                                      "test_accuracy": test_acc}, indent=1))
@@ -159,8 +165,9 @@ def _train_epoch(model: DemoNet, opt, sched, gen: torch.Generator, x_train: torc
         for idx in bar:
             if len(idx) < 2:  # batch norm needs two samples; a last batch of one is skipped
                 continue
-            xb = dihedral(to_input(x_train[idx]), codes[idx])
-            loss = F.cross_entropy(model(xb), y_train[idx], label_smoothing=config.label_smoothing)
+            dev = next(model.parameters()).device
+            xb = dihedral(to_input(x_train[idx].to(dev)), codes[idx].to(dev))
+            loss = F.cross_entropy(model(xb), y_train[idx].to(dev), label_smoothing=config.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -174,7 +181,7 @@ def _save_epoch(out: Path, model: DemoNet, epoch: int, history: list[dict], clas
     """``epoch_XX.pt``: the folded classic weights (loadable by ``DemoNet()``) with the history so far."""
     plain = fold_batchnorm(model.eval())
     return _save(out / f"epoch_{epoch:02d}.pt", {
-        "state_dict": plain.state_dict(), "epoch": epoch, "history": json.dumps(history),
+        "state_dict": {k: v.cpu() for k, v in plain.state_dict().items()}, "epoch": epoch, "history": json.dumps(history),
         "classes": list(classes), "config": json.dumps(asdict(config))})
 
 

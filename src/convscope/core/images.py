@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import re
 import struct
 import threading
 import warnings
@@ -274,22 +275,66 @@ def _high_depth_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
 ImageTransform = Callable[[Image.Image], torch.Tensor]
 
 
-def _expand_paths(paths: PathLike | Sequence[PathLike]) -> list[Path]:
-    """Paths, with each directory replaced by its sorted image files."""
+SAMPLE_PREFIX = "sample:"
+
+
+def expand_inputs(paths: PathLike | Sequence[PathLike]) -> list[Path]:
+    """Every image an argument list names, in order: files, folders (their sorted image files) and
+    ``sample:NAME`` (a bundled photo, ``sample:all`` for all of them). Every command and ``load_images`` use it."""
     items = [paths] if isinstance(paths, str | Path) else list(paths)
     if not items:
-        raise ConvscopeError("load_images() got no paths; pass an image file, a list of files or a folder.")
+        raise ConvscopeError("no images given; pass an image file, a folder of images or sample:chelsea "
+                             "(`convscope samples` lists the bundled photos).")
     out: list[Path] = []
     for item in items:
+        text = str(item)
+        if isinstance(item, str) and text.startswith(SAMPLE_PREFIX):
+            name = text[len(SAMPLE_PREFIX):]
+            if name == "all":
+                found = sample_images()
+                out.extend(found[n] for n in PHOTO_NAMES if n in found)
+            else:
+                out.append(sample_image(name))
+            continue
         p = Path(item)
         if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
-            if not found:
+            found_files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found_files:
                 exts = ", ".join(sorted(IMAGE_EXTENSIONS))
                 raise ImageLoadError(f"{p}: the folder holds no image files ({exts}); check the path.")
-            out.extend(found)
+            out.extend(found_files)
+        elif not p.exists():
+            hint = (f" For a bundled photo write sample:{p.stem}." if p.stem in (*PHOTO_NAMES, *TEXTURE_NAMES)
+                    else "")
+            raise ImageLoadError(f"{p}: no such file or folder; check the path (`convscope samples` lists the "
+                                 f"bundled photos, usable as sample:NAME).{hint}")
         else:
             out.append(p)
+    return out
+
+
+def image_name(path: PathLike) -> str:
+    """A short display name for an image: the sample's name for a bundled photo, else the file's stem."""
+    p = Path(path)
+    for name, f in sample_images().items():
+        if f == p:
+            return name
+    return p.stem
+
+
+def unique_names(paths: Sequence[PathLike]) -> list[str]:
+    """One distinct, file-name-safe name per image (``a``, ``a_2``, ...), so outputs named after inputs never
+    overwrite each other when two folders hold files of the same name."""
+    seen: set[str] = set()
+    out: list[str] = []
+    for p in paths:
+        base = re.sub(r"[^A-Za-z0-9._-]+", "_", image_name(p)).strip("._") or "image"
+        name, i = base, 1
+        while name in seen:
+            i += 1
+            name = f"{base}_{i}"
+        seen.add(name)
+        out.append(name)
     return out
 
 
@@ -322,7 +367,7 @@ def load_images(
     [0, 1] at the images' own size (no silent ImageNet normalization).
     """
     pre = _resolve_preprocess(model_or_preprocess)
-    files = _expand_paths(paths)
+    files = expand_inputs(paths)
     tensors = [pre(load_image(f, max_pixels=max_pixels)) for f in files]
     shapes = {tuple(t.shape) for t in tensors}
     if len(shapes) > 1:

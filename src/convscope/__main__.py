@@ -1,0 +1,7 @@
+"""``python -m convscope``: the same as the ``convscope`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
