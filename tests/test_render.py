@@ -1,4 +1,4 @@
-"""Display normalization, colormaps, overlays, grids, filter grids and PNG saving."""
+"""Display normalization, colormaps, overlays, grids, axis labels, filter grids and PNG saving."""
 
 from __future__ import annotations
 
@@ -14,10 +14,14 @@ from convscope.core.render import (
     apply_colormap,
     colormap,
     filter_grid,
+    fit_text,
     grid,
+    label_strip,
+    load_font,
     overlay,
     save_png,
     tensor_to_pils,
+    text_size,
     to_display,
     to_pil,
 )
@@ -217,6 +221,70 @@ def test_grid_wide_labels_widen_cells():
     batch = coloured_batch(2, 3, 3)
     out = grid(batch, nrow=2, col_labels=["a very long column label", "b"])
     assert out.width > 2 * 3 + 3 * 2 + 50
+
+
+# ---------------------------------------------------------------- axis labels
+
+
+def check_strip(strip, gap: int = 4) -> list[tuple[int, int, int, int]]:
+    """Boxes inside the strip, pairwise at least ``gap`` apart, each holding ink, and no ink outside them."""
+    ink = np.asarray(strip.image.convert("L")) < 255
+    boxes = [b for b in strip.boxes if b is not None]
+    covered = np.zeros_like(ink)
+    for x0, y0, x1, y1 in boxes:
+        assert 0 <= x0 < x1 <= strip.image.width and 0 <= y0 < y1 <= strip.image.height
+        assert ink[y0:y1, x0:x1].any()
+        covered[y0:y1, x0:x1] = True
+    assert not (ink & ~covered).any()
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            apart = max(b[0] - a[2], a[0] - b[2], b[1] - a[3], a[1] - b[3])
+            assert apart >= gap, (a, b)
+    return boxes
+
+
+def test_label_strip_level_when_labels_fit():
+    strip = label_strip(["relu1", "relu2", "conv3"], [50, 150, 250], 300)
+    boxes = check_strip(strip)
+    assert not strip.rotated and len(boxes) == 3
+    assert [abs((b[0] + b[2]) / 2 - c) <= 1 for b, c in zip(boxes, [50, 150, 250])] == [True] * 3
+    assert all(b[2] - b[0] > b[3] - b[1] for b in boxes)  # wider than tall: level text
+
+
+@pytest.mark.parametrize("n, pitch", [(12, 40), (40, 14), (60, 5)])
+def test_label_strip_long_labels_never_overlap(n, pitch):
+    labels = [f"blocks.{i}.conv_pwl.very_long_layer_name_{i}" for i in range(n)]
+    centers = [20 + pitch * i for i in range(n)][::-1]  # any order
+    strip = label_strip(labels, centers, 40 + pitch * n)
+    boxes = check_strip(strip)
+    assert strip.rotated and all(b[3] - b[1] > b[2] - b[0] for b in boxes)  # turned: taller than wide
+    assert all(len(t) <= 32 and "..." in t for t in strip.texts)  # shortened in the middle
+    assert strip.texts[0].startswith("blocks.0") and strip.texts[0].endswith("name_0")
+    line = text_size(load_font(11), "Agy|")[1]
+    if pitch >= line + 4:
+        assert len(boxes) == n  # room for every label once turned
+    else:
+        assert 1 < len(boxes) < n and strip.boxes[n - 1] is not None  # thinned, from the leftmost label
+    with pytest.raises(ConvscopeError, match="one each"):
+        label_strip(labels, centers[:-1], 100)
+
+
+def test_label_strip_keeps_labels_distinct():
+    labels = [f"checkpoint_epoch_{i:02d}_of_a_long_training_run" for i in range(6)]
+    strip = label_strip(labels, [10 + 20 * i for i in range(6)], 130)
+    assert len(set(strip.texts)) == 6 and all(f"{i:02d}_of" in t for i, t in enumerate(strip.texts))
+    assert all(len(t) <= 32 for t in strip.texts)
+    check_strip(strip)
+
+
+def test_fit_text_shortens_to_width():
+    font = load_font(11)
+    text = "features.relu5.some.very.long.name"
+    assert fit_text(font, text, 1000) == text
+    short = fit_text(font, text, 80)
+    assert text_size(font, short)[0] <= 80 and short.startswith("feat") and short.endswith("name")
+    assert fit_text(font, text, 1000, max_chars=10) == "feat...ame"
+    assert fit_text(font, text, 2) == ""
 
 
 # ---------------------------------------------------------------- filter_grid

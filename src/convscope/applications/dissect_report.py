@@ -2,9 +2,10 @@
 
 For each layer (Bau et al. 2017 Fig. 2; survey Fig. 16 and Fig. 17 left):
 
-* ``dissect_<layer>.html`` (self-contained): the per-category chart of unique detectors, then one entry per unit
-  (detectors first, by IoU): label, category, IoU, threshold, and its strongest images with the region where
-  the unit's upsampled map exceeds ``T_f`` highlighted (the rest dimmed, the region outlined);
+* ``dissect_<layer>.html`` (linking its PNGs, or with them embedded when self-contained): the per-category chart
+  of unique detectors (``dissect_<layer>.png``), then one entry per unit (detectors first, by IoU): label,
+  category, IoU, threshold, and its strongest images (``units_<layer>/unit_<u>.png``) with the region where the
+  unit's upsampled map exceeds ``T_f`` highlighted (the rest dimmed, the region outlined);
 * ``dissect_<layer>.csv``: one row per unit (unit, label, category, iou, threshold, detector);
   ``iou_<layer>.csv``: the full units x concepts IoU matrix;
 * ``dissect.json``: every layer's rows, summary and IoU matrix; ``dissect_summary.png``: the chart of all layers.
@@ -30,7 +31,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from ..core.io import atomic_write_text
-from ..core.render import _font, _text_size, grid, save_png
+from ..core.render import fit_text, grid, label_strip, load_font, save_png, text_size
 from ..core.report import HtmlReport
 from ..data.broden import BrodenDataset
 from ..errors import ConvscopeError
@@ -52,47 +53,52 @@ def _color(cat: str, cats: Sequence[str]) -> tuple[int, int, int]:
 def _bars(groups: Sequence[tuple[str, Mapping[str, int]]], cats: Sequence[str], title: str,
           sections: Sequence[tuple[str, int]] = ()) -> Image.Image:
     """Grouped bar chart: one group per (name, {category: count}), one bar per category; ``sections`` label runs
-    of consecutive groups (name, number of groups) on a second line."""
-    font, small = _font(14), _font(11)
-    bar, gap, pad_l, pad_t, h = 14, 18, 40, 58, 180
-    pad_b = 48 if sections else 28
+    of consecutive groups (name, number of groups) on a line below. Group names are drawn by
+    :func:`~convscope.core.render.label_strip` (level, turned or thinned so that they never overlap); bars are as
+    wide as their count labels, section names are shortened to their span."""
+    font, small = load_font(14), load_font(11)
     vmax = max([1] + [int(v) for _, d in groups for v in d.values()])
-    width = pad_l + len(groups) * (len(cats) * bar + gap) + gap + 10
-    legend_w = sum(_text_size(small, c)[0] + 30 for c in cats)
-    width = max(width, legend_w + 20, _text_size(font, title)[0] + 20)
-    img = Image.new("RGB", (width, pad_t + h + pad_b), (255, 255, 255))
+    bar = max(14, text_size(small, str(vmax))[0] + 4)
+    gap, pad_l, pad_t, h = 18, 40, 58, 180
+    pitch = len(cats) * bar + gap
+    width = pad_l + len(groups) * pitch + gap + 10
+    legend_w = sum(text_size(small, c)[0] + 30 for c in cats)
+    width = max(width, legend_w + 20, text_size(font, title)[0] + 20)
+    centers = [pad_l + gap + i * pitch + len(cats) * bar / 2 for i in range(len(groups))]
+    strip = label_strip([name for name, _ in groups], centers, width, font_size=11)
+    sec_h = 22 if sections else 0
+    y0 = pad_t + h
+    img = Image.new("RGB", (width, y0 + 6 + strip.image.height + sec_h + 8), (255, 255, 255))
     d = ImageDraw.Draw(img)
     d.text((10, 6), title, fill=(0, 0, 0), font=font)
     x = 10
     for c in cats:  # legend
         d.rectangle([x, 28, x + 10, 38], fill=_color(c, cats))
         d.text((x + 14, 26), c, fill=(0, 0, 0), font=small)
-        x += _text_size(small, c)[0] + 30
-    y0 = pad_t + h
+        x += text_size(small, c)[0] + 30
     for t in range(0, vmax + 1, max(1, vmax // 4)):
         y = y0 - h * t / vmax
         d.line([pad_l - 4, y, width - 10, y], fill=(225, 225, 225))
         d.text((6, y - 7), str(t), fill=(80, 80, 80), font=small)
     d.line([pad_l, y0, width - 10, y0], fill=(0, 0, 0))
     x = pad_l + gap
-    for name, counts in groups:
+    for _, counts in groups:
         for c in cats:
             v = int(counts.get(c, 0))
             if v:
                 d.rectangle([x, y0 - h * v / vmax, x + bar - 2, y0], fill=_color(c, cats))
-                tw = _text_size(small, str(v))[0]
+                tw = text_size(small, str(v))[0]
                 d.text((x + (bar - 2 - tw) / 2, y0 - h * v / vmax - 13), str(v), fill=(0, 0, 0), font=small)
             x += bar
-        label = name if len(name) <= 18 else "..." + name[-15:]
-        tw = _text_size(small, label)[0]
-        d.text((x - len(cats) * bar / 2 - tw / 2, y0 + 6), label, fill=(0, 0, 0), font=small)
         x += gap
-    x = pad_l + gap
+    img.paste(strip.image, (0, y0 + 6))
+    x, ys = pad_l + gap, y0 + 6 + strip.image.height + 4
     for name, count in sections:
-        span = count * (len(cats) * bar + gap) - gap
-        d.line([x, y0 + 24, x + span, y0 + 24], fill=(120, 120, 120))
-        tw = _text_size(small, name)[0]
-        d.text((x + span / 2 - tw / 2, y0 + 28), name, fill=(0, 0, 0), font=small)
+        span = count * pitch - gap
+        d.line([x, ys, x + span, ys], fill=(120, 120, 120))
+        label = fit_text(small, name, span)
+        tw = text_size(small, label)[0]
+        d.text((x + span / 2 - tw / 2, ys + 4), label, fill=(0, 0, 0), font=small)
         x += span + gap
     return img
 
@@ -113,7 +119,7 @@ def comparison_chart(comparison: Comparison, title: str = "unique detectors per 
     if len(comparison.layers) == 1:
         groups = [(str(r["condition"]), {c: r[c] for c in comparison.categories}) for r in comparison.rows]
         return _bars(groups, comparison.categories, title)
-    groups = [(str(r["layer"]).rsplit(".", 1)[-1], {c: r[c] for c in comparison.categories}) for r in comparison.rows]
+    groups = [(str(r["layer"]), {c: r[c] for c in comparison.categories}) for r in comparison.rows]
     sections: list[tuple[str, int]] = []
     for r in comparison.rows:
         if sections and sections[-1][0] == r["condition"]:
@@ -184,11 +190,13 @@ class DissectReport:
 
 def dissect_report(model: nn.Module, dataset: BrodenDataset, results: Mapping[str, LayerDissection],
                    out: str | os.PathLike[str], units: Sequence[int] | None = None, top: int = 4,
-                   max_units: int | None = None, title: str = "Network Dissection") -> DissectReport:
+                   max_units: int | None = None, title: str = "Network Dissection",
+                   self_contained: bool = False) -> DissectReport:
     """Write the HTML pages, CSV / JSON files and charts of a :func:`~convscope.methods.dissect.dissect` result.
 
     ``units`` limits the units shown (default: all, detectors first by IoU, at most ``max_units``); CSV and JSON
-    always hold every unit and every IoU.
+    always hold every unit and every IoU. The pages link their pictures (``dissect_<layer>.png`` and
+    ``units_<layer>/unit_<u>.png``), or embed them when ``self_contained``.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -211,11 +219,12 @@ def dissect_report(model: nn.Module, dataset: BrodenDataset, results: Mapping[st
         order = sorted(range(len(d.rows)), key=lambda u: (not d.rows[u].detector, -d.rows[u].iou))
         shown = [u for u in order if units is None or u in set(units)][:max_units]
         pics = unit_images(model, dataset, d, shown, top=top)
-        rep = HtmlReport(f"{title}: {layer}")
+        rep = HtmlReport(f"{title}: {layer}", self_contained=self_contained)
         rep.text(f"{len(d.detectors())} of {len(d.rows)} units are detectors (IoU > {d.iou_threshold}) over "
                  f"{d.images} images; thresholds at the top {d.quantile:g} of each unit's activations. "
                  "Images: the unit's strongest, with the region above its threshold highlighted.")
-        rep.image(category_chart({layer: d}, f"{layer}: unique detectors per category"))
+        rep.image(save_png(category_chart({layer: d}, f"{layer}: unique detectors per category"),
+                           out / f"dissect_{slug}.png"))
         rep.table([[k, v, d.detector_counts()[k]] for k, v in d.summary().items()],
                   header=["category", "unique detectors", "detector units"])
         for u in shown:
@@ -223,7 +232,8 @@ def dissect_report(model: nn.Module, dataset: BrodenDataset, results: Mapping[st
             tag = "" if r.detector else " (not a detector)"
             caption = f"unit {u}: {r.label} ({r.category}) IoU {r.iou:.3f}, T {r.threshold:.3g}{tag}"
             if pics[u]:
-                rep.image(grid(pics[u], nrow=len(pics[u]), padding=2), caption=caption)
+                png = save_png(grid(pics[u], nrow=len(pics[u]), padding=2), out / f"units_{slug}" / f"unit_{u}.png")
+                rep.image(png, caption=caption)
             else:
                 rep.text(caption)
         pages.append(rep.write(out / f"dissect_{slug}.html"))

@@ -9,6 +9,7 @@ import io
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -22,13 +23,18 @@ from convscope.errors import ConvscopeError
 
 __all__ = [
     "COLORMAPS",
+    "LabelStrip",
     "apply_colormap",
     "colormap",
     "filter_grid",
+    "fit_text",
     "grid",
+    "label_strip",
+    "load_font",
     "overlay",
     "save_png",
     "tensor_to_pils",
+    "text_size",
     "to_display",
     "to_pil",
 ]
@@ -232,7 +238,10 @@ def tensor_to_pils(batch: torch.Tensor) -> list[Image.Image]:
 # --------------------------------------------------------------------------- grids
 
 
-def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
+
+
+def load_font(size: int) -> Font:
     """Pillow's default font at ``size`` pixels (the fixed bitmap font where FreeType is missing)."""
     try:
         return ImageFont.load_default(size=size)
@@ -240,7 +249,7 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def _text_size(font: ImageFont.FreeTypeFont | ImageFont.ImageFont, text: str) -> tuple[int, int]:
+def text_size(font: Font, text: str) -> tuple[int, int]:
     """Width and height (from the top of the text origin) of ``text`` in ``font``."""
     draw = ImageDraw.Draw(Image.new("L", (1, 1)))
     left, _, right, bottom = draw.textbbox((0, 0), text, font=font)
@@ -306,13 +315,13 @@ def grid(
     rows = _check_labels(row_labels, nrows, "row labels (one per grid row)")
     cols = _check_labels(col_labels, ncol, "column labels (one per grid column)")
     cells = _check_labels(cell_labels, len(pils), "cell labels (one per image)")
-    font = _font(font_size)
+    font = load_font(font_size)
     pad = max(2, font_size // 4)
-    line_h = _text_size(font, "Agy|")[1]
-    label_w = max((_text_size(font, t)[0] for t in (cols or []) + (cells or [])), default=0)
+    line_h = text_size(font, "Agy|")[1]
+    label_w = max((text_size(font, t)[0] for t in (cols or []) + (cells or [])), default=0)
     cw = max(max(im.width for im in pils), label_w)
     ch = max(im.height for im in pils)
-    left = max(_text_size(font, t)[0] for t in rows) + 2 * pad if rows else 0
+    left = max(text_size(font, t)[0] for t in rows) + 2 * pad if rows else 0
     top = line_h + 2 * pad if cols else 0
     cap_h = line_h + pad if cells else 0
     width = left + ncol * cw + (ncol + 1) * padding
@@ -326,15 +335,123 @@ def grid(
         y0 = top + padding + r * (ch + cap_h + padding)
         canvas.paste(im, (x0 + (cw - im.width) // 2, y0 + (ch - im.height) // 2))
         if cells:
-            tw = _text_size(font, cells[i])[0]
+            tw = text_size(font, cells[i])[0]
             draw.text((x0 + (cw - tw) // 2, y0 + ch + pad // 2), cells[i], fill=ink, font=font)
     for c, text in enumerate(cols or []):
-        tw = _text_size(font, text)[0]
+        tw = text_size(font, text)[0]
         draw.text((left + padding + c * (cw + padding) + (cw - tw) // 2, pad), text, fill=ink, font=font)
     for r, text in enumerate(rows or []):
         y = top + padding + r * (ch + cap_h + padding) + (ch - line_h) // 2
         draw.text((pad, y), text, fill=ink, font=font)
     return canvas
+
+
+def fit_text(font: Font, text: str, width: float, max_chars: int | None = None) -> str:
+    """``text``, shortened in the middle with ``...`` until it is at most ``width`` pixels wide (and ``max_chars``
+    characters); ``""`` when not even ``...`` fits."""
+    text = str(text)
+    limit = len(text) if max_chars is None else max(0, max_chars)
+    if len(text) <= limit and text_size(font, text)[0] <= width:
+        return text
+    for n in range(min(len(text), limit) - 3, 0, -1):
+        head = (n + 1) // 2
+        short = text[:head] + "..." + text[len(text) - (n - head):]
+        if text_size(font, short)[0] <= width:
+            return short
+    return "..." if text_size(font, "...")[0] <= width else ""
+
+
+def _distinct_fits(font: Font, labels: list[str], width: float, max_chars: int) -> list[str]:
+    """:func:`fit_text` of each label; where that makes distinct labels equal, the prefix they all share is
+    replaced by ``...`` first."""
+    texts = [fit_text(font, t, width, max_chars) for t in labels]
+    if len(set(texts)) == len(set(labels)):
+        return texts
+    common = os.path.commonprefix(labels)
+    cut = max(0, len(common) - 2)  # keep a little context before the first difference
+    if cut <= 3:
+        return texts
+    return [t if fit == t else fit_text(font, "..." + t[cut:], width, max_chars) for t, fit in zip(labels, texts)]
+
+
+Box = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class LabelStrip:
+    """Axis labels drawn by :func:`label_strip`: the strip ``image``, each label's ink box ``(x0, y0, x1, y1)``
+    (exclusive ends; ``None`` for a label left out to thin a crowded axis), the texts drawn and whether they are
+    turned 90 degrees."""
+
+    image: Image.Image
+    boxes: list[Box | None]
+    texts: list[str]
+    rotated: bool
+
+
+def label_strip(
+    labels: Sequence[str],
+    centers: Sequence[float],
+    width: int,
+    font_size: int = 11,
+    max_chars: int = 32,
+    gap: int = 4,
+    background: Color = (255, 255, 255),
+    ink: Color = (0, 0, 0),
+) -> LabelStrip:
+    """Axis labels centred under x positions ``centers`` of a ``width``-pixel chart, which never overlap.
+
+    Labels are drawn level when each fits its place with ``gap`` pixels to the next; otherwise all are turned 90
+    degrees (reading upwards, hanging from the axis), and where even that is too crowded only every k-th label
+    is drawn. Labels longer than ``max_chars`` (or than ``width``) are shortened in the middle, or after a prefix
+    they all share where that keeps distinct labels apart.
+    """
+    if len(labels) != len(centers):
+        raise ConvscopeError(f"label_strip() got {len(labels)} labels for {len(centers)} centers; give one each.")
+    if width < 1:
+        raise ConvscopeError(f"label_strip(width={width}): use a positive chart width in pixels.")
+    font = load_font(font_size)
+    texts = _distinct_fits(font, [str(t) for t in labels], width, max_chars)
+    probe = ImageDraw.Draw(Image.new("L", (1, 1)))
+    boxes = [probe.textbbox((0, 0), t, font=font) for t in (*texts, "Agy|")]
+    top, bottom = min(b[1] for b in boxes), max(b[3] for b in boxes)
+    tiles = []
+    for t, (left, _, right, _) in zip(texts, boxes):
+        tile = Image.new("L", (max(1, right - left), bottom - top), 0)
+        ImageDraw.Draw(tile).text((-left, -top), t, fill=255, font=font)
+        tiles.append(tile)
+    order = sorted(range(len(texts)), key=lambda i: centers[i])
+
+    def place(sizes: list[tuple[int, int]], keep: list[int]) -> dict[int, Box] | None:
+        """Boxes for the labels ``keep`` (in x order), or None when two would come closer than ``gap``."""
+        out: dict[int, Box] = {}
+        prev_end = -math.inf
+        for i in keep:
+            w, h = sizes[i]
+            if w > width:
+                return None
+            x0 = min(max(0, round(centers[i] - w / 2)), width - w)
+            if x0 < prev_end + gap:
+                return None
+            out[i] = (x0, 0, x0 + w, h)
+            prev_end = x0 + w
+        return out
+
+    visible = [i for i in order if texts[i]]
+    placed = place([t.size for t in tiles], visible)
+    rotated = placed is None
+    if rotated:
+        tiles = [t.rotate(90, expand=True) for t in tiles]
+        for k in range(1, len(visible) + 1):
+            placed = place([t.size for t in tiles], visible[::k])
+            if placed is not None:
+                break
+    placed = placed or {}
+    height = max([b[3] for b in placed.values()], default=0) + 1
+    strip = Image.new("RGB", (width, height), tuple(background))
+    for i, (x0, y0, _, _) in placed.items():
+        strip.paste(Image.new("RGB", tiles[i].size, tuple(ink)), (x0, y0), tiles[i])
+    return LabelStrip(strip, [placed.get(i) for i in range(len(texts))], texts, rotated)
 
 
 def filter_grid(weight: torch.Tensor, scale: int = 8, per_filter: bool = True) -> Image.Image:
