@@ -14,8 +14,9 @@ CATS = ["color", "object", "texture", "scene"]
 
 
 def comparison(conditions: list[str], layers: list[str]) -> Comparison:
-    rows = [{"condition": c, "layer": l, **{k: 1 + (7 * i + 3 * j + 31 * len(k)) % 140 for j, k in enumerate(CATS)}}
-            for i, (c, l) in enumerate((c, l) for c in conditions for l in layers)]
+    pairs = [(c, layer) for c in conditions for layer in layers]
+    rows = [{"condition": c, "layer": layer, **{k: 1 + (7 * i + 3 * j + 31 * len(k)) % 140 for j, k in enumerate(CATS)}}
+            for i, (c, layer) in enumerate(pairs)]
     return Comparison(conditions, layers, CATS, rows)
 
 
@@ -58,7 +59,7 @@ def test_bars_fit_their_counts_and_sections_fit_their_span():
     groups, band, axis = groups_and_band(img)
     assert len(groups) == 4
     a = np.asarray(img.convert("RGB")).astype(int)
-    section_line = axis + 2 + int(np.flatnonzero((band.sum(1) > 0.5 * (groups[1][1] - groups[0][0])))[-1])
+    section_line = axis + 2 + int(np.flatnonzero(band.sum(1) > 0.5 * (groups[1][1] - groups[0][0]))[-1])
     text = a[section_line + 2:].min(2) < 255  # the section names under their lines
     cols = text.any(0)
     gap = (groups[1][1], groups[2][0])  # between the two sections' spans

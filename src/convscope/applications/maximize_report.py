@@ -131,8 +131,8 @@ def maximize_report(
     presets: Sequence[str] = ("none", "yosinski"), steps: int = 200, size: int | None = None,
     images: ImageSet | torch.Tensor | Sequence[str | Path] | None = None, synthetic: int | None = None,
     transfer: Sequence[str | nn.Module] = (), out: str | Path = Path("out/maximize"), seed: int = 0,
-    batch_size: int = 32, progress: bool | None = None, cell: int | None = None,
-) -> MaximizeCommand:
+    batch_size: int = 32, progress: bool | None = None, cell: int | None = None, self_contained: bool = False,
+) -> MaximizeRun:
     """Activation maximization for ``units`` of each of ``layers`` (``"logits"``: the classes ``classes``) under
     each preset, measured against the dataset (see the module docstring).
 
@@ -148,6 +148,7 @@ def maximize_report(
         transfer: zoo names or models that also classify the class images (a model without ``zoo_name`` is
             reported as ``transfer<i>``).
         cell: pixels per picture in the grids (default: the image size, at most 128).
+        self_contained: embed the grids in ``maximize.html`` (default: the page links the PNGs beside it).
     """
     layers = list(layers)
     if not layers:
@@ -212,7 +213,8 @@ def maximize_report(
             pictures[(layer, preset)] = (res.images, captions, labels)
     summary = _summary(rows, names, presets, [model_name, *[t for t, _ in transfer_models]])
     pngs = _write_grids(pictures, names, presets, out, cell)
-    html = _write_html(out, model_name, data, names, presets, steps, pngs, summary, rows, size or "model's")
+    html = _write_html(out, model_name, data, names, presets, steps, pngs, summary, rows, size or "model's",
+                       self_contained)
     json_path = atomic_write_text(out / "maximize.json", json.dumps({
         "model": model_name, "layers": names, "presets": list(presets), "steps": steps,
         "size": size, "seed": seed, "dataset": data.source, "transfer": [t for t, _ in transfer_models],
@@ -275,8 +277,8 @@ def _write_grids(pictures: dict, layers: list[str], presets: Sequence[str], out:
 
 
 def _write_html(out: Path, model_name: str, data: ImageSet, layers: list[str], presets: Sequence[str], steps: int,
-                pngs: list[Path], summary: list[dict], rows: list[dict], size: object) -> Path:
-    rep = HtmlReport(f"Activation maximization: {model_name}")
+                pngs: list[Path], summary: list[dict], rows: list[dict], size: object, self_contained: bool) -> Path:
+    rep = HtmlReport(f"Activation maximization: {model_name}", self_contained=self_contained)
     rep.text(f"{steps} steps, size {size}, presets {', '.join(presets)}. Dataset for the comparison: {data.source}. "
              "ratio = the unit's channel-mean activation on its synthetic image / its highest channel mean over the "
              "dataset; spatial ratio the same for the strongest single position. Captions: ratio per unit, softmax "
@@ -295,16 +297,18 @@ def _write_html(out: Path, model_name: str, data: ImageSet, layers: list[str], p
     return rep.write(out / "maximize.html")
 
 
-__all__ = ["LOGITS", "MaximizeRun", "maximize_report"]
+__all__ = ["LOGITS", "MaximizeCommand", "MaximizeRun", "load_generator", "maximize_report", "run_maximize"]
 
 
 @dataclass(frozen=True)
 class MaximizeCommand:
-    """``convscope maximize``: the grid and per-unit PNGs written, and the final objective values."""
+    """``convscope maximize``: the grid and per-unit PNGs written, the final objective values (one per picture,
+    in the order of ``pictures``) and the HTML page showing them."""
 
     grid: Path
     pictures: list[Path]
     activations: list[float]
+    html: Path
 
 
 def load_generator(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, str, str | None]:
@@ -333,11 +337,12 @@ def run_maximize(model: nn.Module, layer: str | None, units: list[int], out: Pat
                  regularize: str | None = None, kind: str = "channel", size: int | None = None, seed: int = 0,
                  parametrization: str = "pixel", facets: int = 0, images: object = None, top: int = 50,
                  generator: str | Path | None = None, code_init: str | Path = "zeros", lambda_code: float = 1e-3,
-                 progress: bool = True) -> MaximizeCommand:
+                 progress: bool = True, self_contained: bool = False) -> MaximizeCommand:
     """Activation maximization for ``units`` of ``layer`` (``None``: class logits), plain, multifaceted
     (``facets > 0``, needs ``images``: an ImageSet from ``applications.deconv.default_images``) or through a
-    generator (DGN-AM). Writes ``maximize_<layer>.png`` (labelled grid), ``units/<layer>_<unit>[_f<k>].png`` and
-    ``maximize.json``."""
+    generator (DGN-AM). Writes ``maximize_<layer>.png`` (labelled grid), ``units/<layer>_<unit>[_f<k>].png``,
+    ``maximize.json`` and ``maximize_<layer>.html`` (settings, pictures, the objective reached per picture; it links
+    the PNGs, or embeds them when ``self_contained``)."""
     from ..core.images import load_images
     from ..methods.maximize import activation_maximization, dgn_am, encode, multifaceted
 
@@ -385,4 +390,26 @@ def run_maximize(model: nn.Module, layer: str | None, units: list[int], out: Pat
     atomic_write_text(out / "maximize.json", json.dumps({
         "layer": layer, "units": units, "kind": kind, "steps": steps, "regularize": regularize, "facets": facets,
         "generator": str(generator) if generator else None, "activations": acts}, indent=1))
-    return MaximizeCommand(png, pictures, acts)
+    settings: dict[str, object] = {
+        "model": getattr(model, "zoo_name", type(model).__name__), "layer": layer or "logits (classes)",
+        "units": ", ".join(map(str, units)), "objective": kind, "steps": steps, "regularization": regularize or "none",
+        "seed": seed}
+    if facets:
+        settings.update({"facets": facets, "top images clustered": top, "images": len(data)})
+    elif generator is not None:
+        settings.update({"generator": str(generator), "code init": str(code_init), "lambda_code": lambda_code})
+    else:
+        settings.update({"parametrization": parametrization, "size": size or "the model's input size"})
+    labels = [(name(u), f) for u in units for f in (range(facets) if facets else [None])]
+    table = [[lab, *([f] if facets else []), a, p.name] for (lab, f), a, p in zip(labels, acts, pictures)]
+    header = ["unit", *(["facet"] if facets else []), "objective reached", "picture"]
+    rep = HtmlReport(f"convscope maximize: {settings['model']}, {settings['layer']}", self_contained=self_contained)
+    rep.text("Images optimized to maximize each unit's objective (Erhan et al. 2009; Simonyan et al. 2014; Yosinski "
+             "et al. 2015). objective reached: the value of the objective on the final image.")
+    rep.table([[k, v] for k, v in settings.items()], header=["setting", "value"])
+    rep.image(png, caption="rows: units; columns: each facet's start (the mean of its cluster of top images), then "
+                           "the optimized facets" if facets else "one optimized image per unit")
+    rep.heading("Objective reached")
+    rep.table(table, header=header)
+    html = rep.write(out / f"maximize_{tag}.html")
+    return MaximizeCommand(png, pictures, acts, html)
