@@ -58,6 +58,7 @@ def _cell(value: Any) -> str:
 
 
 def _png_uri(data: bytes) -> str:
+    """``data:image/png;base64,...`` for PNG bytes."""
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
