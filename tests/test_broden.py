@@ -4,6 +4,7 @@ and a clear DataError (naming the file) for every malformed case."""
 from __future__ import annotations
 
 import csv
+import pickle
 import shutil
 
 import numpy as np
@@ -21,6 +22,7 @@ from convscope.data import (
     render_sample,
     write_broden,
 )
+from convscope.data.broden import BrodenError, same_extent, save_sample, worker_message
 from convscope.errors import DataError
 
 # --------------------------------------------------------------------------- encoding
@@ -354,3 +356,87 @@ def test_unknown_category_split_and_folder(real, tmp_path):
     with pytest.raises(DataError, match="a.jpg"):
         BrodenDataset(real)
     assert len(BrodenDataset(real, check_files=False)) == 3
+
+
+# ------------------------------------------------------------------ unusable masks / images: one line, workers too
+
+
+def _one_line(info):
+    msg = str(info.value)
+    assert msg and "\n" not in msg and "Traceback" not in msg, msg
+    return msg
+
+
+BAD_MASKS = {
+    "corrupt bytes": (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n garbage"), r"b_color\.png is corrupt or not a PNG"),
+    "truncated": (lambda p: p.write_bytes(p.read_bytes()[:45]), r"b_color\.png is corrupt or not a PNG"),
+    "wrong size": (lambda p: _png(p, np.ones((5, 4), int)),
+                   r"b_color\.png is 5x4 but index\.csv line 3 says sh=4, sw=4 \(image 8x8\); resize the mask to 4x4"),
+    "jpeg": (lambda p: Image.fromarray(np.ones((4, 4, 3), np.uint8)).save(p, format="JPEG"),
+             r"b_color\.png is a lossy JPEG image.*save label maps as PNG"),
+    "negative": (lambda p: Image.fromarray(np.full((4, 4), -3, np.int32)).save(p, format="TIFF"),
+                 r"b_color\.png holds negative label numbers"),
+    "float": (lambda p: Image.fromarray(np.ones((4, 4), np.float32)).save(p, format="TIFF"),
+              r"b_color\.png is a floating-point image"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_MASKS))
+def test_unusable_mask_is_one_line_naming_the_file(real, case):
+    breaker, pattern = BAD_MASKS[case]
+    breaker(real / "images/ade20k/b_color.png")
+    ds = BrodenDataset(real)
+    ds[0]  # other images still load
+    with pytest.raises(DataError, match=pattern) as info:
+        ds[1]
+    _one_line(info)
+
+
+@pytest.mark.parametrize("case", ["corrupt bytes", "wrong size"])
+def test_mask_error_in_a_dataloader_worker_is_the_same_one_line(real, case):
+    breaker, pattern = BAD_MASKS[case]
+    breaker(real / "images/ade20k/b_color.png")
+    loader = torch.utils.data.DataLoader(BrodenDataset(real), batch_size=3, num_workers=1, collate_fn=broden_collate)
+    with pytest.raises(BrodenError, match=pattern) as info:
+        next(iter(loader))
+    assert "worker" not in _one_line(info)
+
+
+def test_broden_error_survives_pickling_and_torch_rewrapping():
+    from torch.utils.data._utils import ExceptionWrapper  # what a DataLoader worker sends back
+
+    err = BrodenError("mask m.png is 5x4; fix it")
+    again = pickle.loads(pickle.dumps(err))
+    assert type(again) is BrodenError and str(again) == str(err)
+    try:
+        raise err
+    except BrodenError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(BrodenError) as info:
+        wrapped.reraise()
+    assert str(info.value) == "mask m.png is 5x4; fix it"
+    plain = "Caught BrodenError somewhere else"  # not torch's text: kept as is
+    assert worker_message(plain, BrodenError) == plain
+
+
+def test_image_size_must_match_index(real):
+    Image.fromarray(np.full((8, 6, 3), 120, np.uint8)).save(real / "images/dtd/c.jpg")
+    ds = BrodenDataset(real)
+    with pytest.raises(DataError, match=r"c\.jpg is 8x6 but index\.csv line 4 says ih=8, iw=8; fix ih/iw") as info:
+        ds[2]
+    _one_line(info)
+    (real / "images/dtd/c.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(DataError, match=r"c\.jpg \(index\.csv line 4\) is corrupt or not an image") as info:
+        ds[2]
+    _one_line(info)
+
+
+def test_segmentation_size_must_cover_the_image(real, tmp_path):
+    _edit_csv(real / "index.csv", _set(3, 4, "2"))  # c: sh=2, sw=4 for an 8x8 image
+    with pytest.raises(DataError, match=r"index\.csv line 4: segmentation size sh=2, sw=4 does not cover") as info:
+        BrodenDataset(real)
+    _one_line(info)
+    assert same_extent(375, 500, 188, 250) and same_extent(8, 8, 4, 4) and not same_extent(375, 500, 250, 188)
+    bad = BrodenSample("x/1", np.zeros((8, 8, 3), np.uint8), seg={"object": np.zeros((4, 2), int)})
+    with pytest.raises(DataError, match="does not cover the 8x8 image"):
+        save_sample(tmp_path, bad)

@@ -10,15 +10,38 @@ import torch
 
 from ..errors import ConvscopeError
 
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+_USE = "use auto, cpu, cuda, cuda:N or mps (--device)"
 
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"``/None -> CUDA when available, else CPU; ``"cuda"`` without a GPU is a clear error."""
-    if device is None or str(device) == "auto":
+
+def resolve_device(device: str | torch.device | int | None = "auto") -> torch.device:
+    """``"auto"``/None -> CUDA when available, else CPU. Anything else must name a device this machine has
+    (``cpu``, ``cuda``, ``cuda:N``, ``mps``, ``xpu``; an int is a CUDA index); otherwise a one-line error."""
+    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConvscopeError("--device cuda was asked for but this PyTorch sees no CUDA GPU; use --device cpu "
-                             "or --device auto")
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise ConvscopeError(f"device {device!r} is a {type(device).__name__}, not a device name; {_USE}")
+    if isinstance(device, int):
+        device = f"cuda:{device}"
+    try:
+        dev = torch.device(device.strip().lower() if isinstance(device, str) else device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConvscopeError(f"unknown device {str(device)!r}; {_USE}") from None
+    if dev.type not in DEVICE_TYPES:
+        raise ConvscopeError(f"device {str(dev)!r} is not supported (convscope runs on {', '.join(DEVICE_TYPES)}); "
+                             f"{_USE}")
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    backend = getattr(torch, dev.type, None)
+    available = bool(backend is not None and backend.is_available())
+    if not available:
+        raise ConvscopeError(f"device {str(dev)!r} was asked for but this PyTorch sees no {dev.type.upper()} device; "
+                             "use cpu or auto (--device cpu)")
+    count = int(backend.device_count()) if hasattr(backend, "device_count") else 1
+    if dev.index is not None and dev.index >= count:
+        valid = ", ".join(f"{dev.type}:{i}" for i in range(count))
+        raise ConvscopeError(f"device {str(dev)!r} does not exist: this machine has {count} {dev.type.upper()} "
+                             f"device{'s' if count != 1 else ''} ({valid}); use one of those or auto")
     return dev
 
 

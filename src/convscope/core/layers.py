@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..errors import LayerNotFoundError, closest
+from ..errors import ConvscopeError, LayerNotFoundError, closest
 
 
 def named_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -65,20 +66,38 @@ class LayerInfo:
     params: int
 
 
-def list_layers(model: nn.Module, sample: torch.Tensor | None = None, input_size: tuple[int, int] | None = None,
-                ) -> list[LayerInfo]:
+MAX_INPUT_SIDE = 4096  # a zero probe image larger than this costs gigabytes before the model even runs
+
+
+def list_layers(model: nn.Module, sample: torch.Tensor | None = None,
+                input_size: int | tuple[int, int] | None = None) -> list[LayerInfo]:
     """Name, type, output shape and unit count (channels) of every layer, from one forward pass.
 
     ``sample`` is an input batch; without it a zero image of ``input_size`` (or the model's preprocess size,
-    or 224x224) is used. Layers that never ran (``calls == 0``) have no shape.
+    or 224x224) is used. Layers that never ran (``calls == 0``) have no shape. A size the model cannot take
+    (or a forward pass that fails) is a :class:`~convscope.errors.ConvscopeError` naming the size; the model is
+    left as it came.
     """
     from .probe import probe  # local: probe imports this module
 
     if sample is None:
-        sample = torch.zeros(1, 3, *default_input_size(model, input_size), device=model_device(model))
+        size = default_input_size(model, input_size)
+        sample = torch.zeros(1, 3, *size, device=model_device(model))
+        what = f"a zero image of {size[0]}x{size[1]}"
+        fix = "pass another input size (input_size=(H, W), --size H W)"
+    else:
+        if not isinstance(sample, torch.Tensor) or not sample.is_floating_point() or sample.dim() < 2:
+            raise ConvscopeError(f"list_layers(sample=...) needs a floating-point batch N x C x H x W, got "
+                                 f"{type(sample).__name__} {tuple(getattr(sample, 'shape', ()))}")
+        what = f"the sample of shape {tuple(sample.shape)}"
+        fix = "pass a sample the model accepts"
     layers = named_layers(model)
-    with probe(model, list(layers), keep_all_calls=True) as p, torch.no_grad():
-        model(sample)
+    try:
+        with probe(model, list(layers), keep_all_calls=True) as p, torch.no_grad():
+            model(sample)
+    except RuntimeError as exc:  # shape errors, out of memory: one line naming the input (probe restored the model)
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        raise ConvscopeError(f"{type(model).__name__} failed on {what} ({first}); {fix}") from exc
     rows = []
     for name, mod in layers.items():
         outs = p.outputs(name)
@@ -89,10 +108,31 @@ def list_layers(model: nn.Module, sample: torch.Tensor | None = None, input_size
     return rows
 
 
-def default_input_size(model: nn.Module, input_size: tuple[int, int] | None = None) -> tuple[int, int]:
-    """The input size to probe a model with: explicit, else its preprocess's, else 224x224."""
+def check_input_size(size: object, what: str = "input_size") -> tuple[int, int]:
+    """``size`` (an int or an (H, W) pair) as a pair of ints in 1..MAX_INPUT_SIDE, or a one-line error."""
+    pair = (size, size) if isinstance(size, int) and not isinstance(size, bool) else size
+    try:
+        if isinstance(pair, (str, bytes)) or any(isinstance(v, bool) for v in pair):  # type: ignore[union-attr]
+            raise TypeError
+        pair = tuple(operator.index(v) for v in pair)  # type: ignore[union-attr]
+    except TypeError:
+        pair = ()
+    if len(pair) != 2:
+        raise ConvscopeError(f"{what}={size!r}: give an (height, width) pair of ints, e.g. (224, 224) (--size 224 224)")
+    h, w = int(pair[0]), int(pair[1])
+    if h < 1 or w < 1:
+        raise ConvscopeError(f"{what} {h}x{w} is empty or negative; give a height and width of at least 1 pixel, "
+                             "e.g. (224, 224) (--size 224 224)")
+    if h > MAX_INPUT_SIDE or w > MAX_INPUT_SIDE:
+        raise ConvscopeError(f"{what} {h}x{w} is too large (at most {MAX_INPUT_SIDE} per side); give a smaller size, "
+                             "e.g. the model's own input size")
+    return h, w
+
+
+def default_input_size(model: nn.Module, input_size: int | tuple[int, int] | None = None) -> tuple[int, int]:
+    """The input size to probe a model with: explicit (validated), else its preprocess's, else 224x224."""
     if input_size is not None:
-        return tuple(input_size)  # type: ignore[return-value]
+        return check_input_size(input_size)
     pre = getattr(model, "preprocess", None)
     size = getattr(pre, "input_size", None)
     if size:

@@ -24,9 +24,18 @@ def top_class(output: torch.Tensor) -> torch.Tensor:
 
 
 def top_k(k: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The ``k`` highest-scoring classes of each image (``N x k`` targets)."""
+    """The ``k`` highest-scoring classes of each image (``N x k`` targets); ``k`` must be at least 1 and at most the
+    model's number of outputs (checked when the target is resolved on an output)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise TargetError(f"top_k({k!r}): k is how many top classes to explain per image; give an int >= 1, "
+                          "e.g. top_k(5)")
+
     def pick(output: torch.Tensor) -> torch.Tensor:
-        return output.topk(k, dim=1).indices
+        flat = output.reshape(output.shape[0], -1)
+        if k > flat.shape[1]:
+            raise TargetError(f"top_k({k}) asks for {k} classes but the model has {flat.shape[1]} outputs; "
+                              f"use k <= {flat.shape[1]}")
+        return flat.topk(k, dim=1).indices
     pick.__name__ = f"top_{k}"
     return pick
 
@@ -58,7 +67,17 @@ def _indices(target: Target, n: int, device: torch.device) -> torch.Tensor:
         raise TargetError("a target must be a class index, not a bool")
     if isinstance(target, int):
         return torch.full((n, 1), target, dtype=torch.long, device=device)
-    t = torch.as_tensor(target, device=device) if not isinstance(target, torch.Tensor) else target.to(device)
+    if target is None:
+        raise TargetError("target=None: give a class index, a list of indices (one per image), cs.top_class or "
+                          "cs.top_k(k)")
+    try:
+        t = torch.as_tensor(target, device=device) if not isinstance(target, torch.Tensor) else target.to(device)
+    except (RuntimeError, TypeError, ValueError):
+        if isinstance(target, (list, tuple)) and all(isinstance(r, (list, tuple)) for r in target):
+            raise TargetError(f"targets {target!r} give images different numbers of classes "
+                              f"({sorted({len(r) for r in target})}); give the same number K for every image") from None
+        raise TargetError(f"target {target!r} is not a class index; give an int, a list of ints (one per image), "
+                          "cs.top_class or cs.top_k(k)") from None
     if t.is_floating_point():
         raise TargetError("target indices must be integers; pass a callable to give scores")
     t = t.long()

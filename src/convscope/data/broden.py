@@ -46,6 +46,7 @@ __all__ = [
     "META_COLUMNS",
     "TARGET_FILE",
     "BrodenDataset",
+    "BrodenError",
     "BrodenRow",
     "BrodenSample",
     "Label",
@@ -53,8 +54,10 @@ __all__ = [
     "decode_label_png",
     "decode_labels",
     "encode_labels",
+    "same_extent",
     "save_sample",
     "write_broden",
+    "worker_message",
     "write_targets",
 ]
 
@@ -64,6 +67,29 @@ MAX_LABEL = 256 * 256 - 1  # R + 256 G with two 8-bit channels
 _REGENERATE = "regenerate it with `convscope data synth --out DIR`, or re-download Broden"
 
 
+class BrodenError(DataError):
+    """A Broden folder or file that cannot be used. One line, also when raised in a DataLoader worker: torch re-raises
+    a worker's exception as ``type(message_with_the_worker_traceback)``, and this class keeps only the original
+    message (so the CLI prints one line, not the worker's traceback)."""
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(worker_message(str(message), type(self)))
+
+
+def worker_message(text: str, cls: type[BaseException]) -> str:
+    """The original one-line message inside torch's "Caught X in DataLoader worker process N. Original Traceback..."
+    text (``text`` unchanged when it is not one)."""
+    if not text.startswith(f"Caught {cls.__name__} ") or "Original Traceback" not in text:
+        return text
+    names = (f"{cls.__module__}.{cls.__qualname__}: ", f"{cls.__qualname__}: ")
+    lines = text.splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        for name in names:
+            if lines[i].startswith(name):
+                return " ".join([lines[i][len(name):], *(ln.strip() for ln in lines[i + 1:] if ln.strip())])
+    return text
+
+
 # --------------------------------------------------------------------------- encoding
 
 
@@ -71,9 +97,9 @@ def encode_labels(labels: np.ndarray) -> np.ndarray:
     """Encode a 2-D map of label numbers as an RGB image with number = R + 256 * G (Broden)."""
     arr = np.asarray(labels)
     if arr.ndim != 2:
-        raise DataError(f"a label map must be 2-D (H x W), got shape {arr.shape}; pass one layer at a time")
+        raise BrodenError(f"a label map must be 2-D (H x W), got shape {arr.shape}; pass one layer at a time")
     if arr.size and (arr.min() < 0 or arr.max() > MAX_LABEL):
-        raise DataError(
+        raise BrodenError(
             f"label numbers must lie in 0..{MAX_LABEL} to fit R + 256*G, got {arr.min()}..{arr.max()}; "
             "renumber the labels"
         )
@@ -94,19 +120,39 @@ def decode_label_png(path: str | os.PathLike[str]) -> np.ndarray:
     """Read a Broden segmentation PNG as an int64 H x W map of label numbers.
 
     RGB(A) and palette PNGs decode as R + 256 * G; single-channel (L, I;16, I) PNGs are
-    read as label numbers directly.
+    read as label numbers directly.  A lossy (JPEG) or floating-point mask, negative numbers or
+    an unreadable file raise :class:`BrodenError` naming the file.
     """
     try:
         with Image.open(path) as im:
+            if im.format in ("JPEG", "MPO", "WEBP") or im.mode == "F":
+                kind = "floating-point" if im.mode == "F" else f"lossy {im.format}"
+                raise BrodenError(f"segmentation file {path} is a {kind} image, whose values are not exact label "
+                                  "numbers; save label maps as PNG (label = R + 256 * G, see encode_labels)")
             if im.mode in ("L", "I;16", "I;16B", "I;16L", "I"):
-                return np.asarray(im).astype(np.int64)
-            if im.mode not in ("RGB", "RGBA"):
-                im = im.convert("RGB")
-            return decode_labels(np.asarray(im))
+                arr = np.asarray(im).astype(np.int64)
+            else:
+                if im.mode not in ("RGB", "RGBA"):
+                    im = im.convert("RGB")
+                arr = decode_labels(np.asarray(im))
     except FileNotFoundError:
-        raise DataError(f"segmentation file {path} is missing; {_REGENERATE}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise DataError(f"segmentation file {path} cannot be read as a PNG ({exc}); {_REGENERATE}") from None
+        raise BrodenError(f"segmentation file {path} is missing; {_REGENERATE}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        reason = str(exc).replace(f" {str(path)!r}", "").replace(f" {path}", "").splitlines()[0] if str(exc) else ""
+        raise BrodenError(f"segmentation file {path} is corrupt or not a PNG ({reason or type(exc).__name__}); "
+                          f"{_REGENERATE}") from None
+    if arr.ndim != 2:
+        raise BrodenError(f"segmentation file {path} decodes to shape {arr.shape}, not H x W; save it as an RGB or "
+                          f"single-channel PNG, or {_REGENERATE}")
+    if arr.size and arr.min() < 0:
+        raise BrodenError(f"segmentation file {path} holds negative label numbers (min {arr.min()}); label numbers "
+                          "are >= 0 (0 = unlabeled); fix the PNG")
+    return arr
+
+
+def same_extent(ih: int, iw: int, sh: int, sw: int) -> bool:
+    """True when an ``sh x sw`` label map can cover an ``ih x iw`` image (one scale for both sides, up to rounding)."""
+    return abs(sh * iw - sw * ih) < ih + iw  # each side rounded by less than one pixel
 
 
 # --------------------------------------------------------------------------- atomic writes
@@ -190,13 +236,13 @@ def save_sample(root: str | os.PathLike[str], sample: BrodenSample, image_format
     the default, so pixel values match the labels exactly) or ``"jpg"`` (as in real Broden).
     """
     if image_format not in ("png", "jpg"):
-        raise DataError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
+        raise BrodenError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
     name = sample.name.strip("/")
     if not name or ".." in Path(name).parts:
-        raise DataError(f"sample name {sample.name!r} must be a relative path inside images/, e.g. 'synth/000001'")
+        raise BrodenError(f"sample name {sample.name!r} must be a relative path inside images/, e.g. 'synth/000001'")
     image = np.asarray(sample.image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise DataError(f"sample {name}: image must be uint8 H x W x 3, got {image.dtype} {image.shape}")
+        raise BrodenError(f"sample {name}: image must be uint8 H x W x 3, got {image.dtype} {image.shape}")
     images_dir = Path(root) / "images"
     (images_dir / name).parent.mkdir(parents=True, exist_ok=True)
     ih, iw = image.shape[:2]
@@ -216,11 +262,11 @@ def save_sample(root: str | os.PathLike[str], sample: BrodenSample, image_format
         if layers.ndim == 2:
             layers = layers[None]
         if layers.ndim != 3:
-            raise DataError(f"sample {name}: seg[{cat!r}] must be H x W or L x H x W, got shape {layers.shape}")
+            raise BrodenError(f"sample {name}: seg[{cat!r}] must be H x W or L x H x W, got shape {layers.shape}")
         if seg_shape is None:
             seg_shape = (layers.shape[1], layers.shape[2])
         elif layers.shape[1:] != seg_shape:
-            raise DataError(
+            raise BrodenError(
                 f"sample {name}: seg[{cat!r}] is {layers.shape[1:]} but another category is {seg_shape}; "
                 "all segmentations of one image must share one size"
             )
@@ -234,11 +280,14 @@ def save_sample(root: str | os.PathLike[str], sample: BrodenSample, image_format
         coverage[cat] = _coverage_of(layers.astype(np.int64, copy=False))
     for cat, numbers in sample.image_labels.items():
         if cat in fields:
-            raise DataError(f"sample {name}: category {cat!r} is given both as seg and as image_labels; pick one")
+            raise BrodenError(f"sample {name}: category {cat!r} is given both as seg and as image_labels; pick one")
         nums = tuple(int(n) for n in numbers if int(n) != 0)
         fields[cat] = nums
         coverage[cat] = {n: 1.0 for n in nums}
     sh, sw = seg_shape if seg_shape is not None else (ih, iw)
+    if not same_extent(ih, iw, sh, sw):
+        raise BrodenError(f"sample {name}: segmentation {sh}x{sw} does not cover the {ih}x{iw} image (different "
+                          "aspect ratio); give label maps at the image size or scaled by one factor")
     return BrodenRow(image_rel, sample.split, ih, iw, sh, sw, fields, coverage)
 
 
@@ -270,14 +319,14 @@ def write_broden(
         row = save_sample(root, item) if isinstance(item, BrodenSample) else item
         for cat in row.fields:
             if cat not in allowed:
-                raise DataError(
+                raise BrodenError(
                     f"image {row.image} has labels in category {cat!r}, which is not in categories "
                     f"({', '.join(cats)}); add it to categories"
                 )
         for cat, cov in row.coverage.items():
             for num, frac in cov.items():
                 if num not in allowed[cat]:
-                    raise DataError(
+                    raise BrodenError(
                         f"image {row.image}: label {num} is not declared in category {cat!r}; add it to "
                         f"categories[{cat!r}] (and to labels)"
                     )
@@ -322,29 +371,29 @@ def write_broden(
 
 def _check_label_table(names: Mapping[int, str], categories: Mapping[str, Sequence[int]]) -> None:
     if not categories:
-        raise DataError("categories is empty; give at least one category with its label numbers")
+        raise BrodenError("categories is empty; give at least one category with its label numbers")
     seen: dict[str, int] = {}
     for num, name in names.items():
         if num < 1 or num > MAX_LABEL:
-            raise DataError(f"label number {num} ({name!r}) must lie in 1..{MAX_LABEL}; 0 is reserved for '-'")
+            raise BrodenError(f"label number {num} ({name!r}) must lie in 1..{MAX_LABEL}; 0 is reserved for '-'")
         if not name or name in seen:
-            raise DataError(
+            raise BrodenError(
                 f"label name {name!r} of {num} is empty or also used by {seen.get(name)}; names must be unique"
             )
         seen[name] = num
     member: set[int] = set()
     for cat, nums in categories.items():
         if not re.fullmatch(r"[A-Za-z0-9_\-]+", cat) or cat in META_COLUMNS:
-            raise DataError(f"category name {cat!r} must be a word (letters, digits, _ or -) and not a meta column")
+            raise BrodenError(f"category name {cat!r} must be a word (letters, digits, _ or -) and not a meta column")
         if not nums:
-            raise DataError(f"category {cat!r} has no labels; give it at least one label number")
+            raise BrodenError(f"category {cat!r} has no labels; give it at least one label number")
         for n in nums:
             if int(n) not in names:
-                raise DataError(f"category {cat!r} lists label {n}, which is not in labels; add it to labels")
+                raise BrodenError(f"category {cat!r} lists label {n}, which is not in labels; add it to labels")
             member.add(int(n))
     orphans = sorted(set(names) - member)
     if orphans:
-        raise DataError(f"labels {orphans[:10]} belong to no category; list each label in at least one category")
+        raise BrodenError(f"labels {orphans[:10]} belong to no category; list each label in at least one category")
 
 
 def write_targets(root: str | os.PathLike[str], targets: Iterable[tuple[str, str, int]]) -> Path:
@@ -385,7 +434,7 @@ class _Row:
 def _read_csv(path: Path, required: Sequence[str]) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     """Header and (line number, row) pairs of a CSV file; DataError on a missing file or bad row."""
     if not path.is_file():
-        raise DataError(
+        raise BrodenError(
             f"{path} is missing: a Broden folder holds index.csv, category.csv, label.csv and c_<category>.csv; "
             f"check the path, or {_REGENERATE}"
         )
@@ -394,11 +443,11 @@ def _read_csv(path: Path, required: Sequence[str]) -> tuple[list[str], list[tupl
             reader = csv.reader(f)
             header = next(reader, None)
             if header is None:
-                raise DataError(f"{path} is empty; it needs the header {','.join(required)}; {_REGENERATE}")
+                raise BrodenError(f"{path} is empty; it needs the header {','.join(required)}; {_REGENERATE}")
             header = [h.strip() for h in header]
             missing = [c for c in required if c not in header]
             if missing:
-                raise DataError(
+                raise BrodenError(
                     f"{path} line 1: header lacks column(s) {', '.join(missing)} (has {','.join(header)}); "
                     f"fix the header, or {_REGENERATE}"
                 )
@@ -407,15 +456,15 @@ def _read_csv(path: Path, required: Sequence[str]) -> tuple[list[str], list[tupl
                 if not rec or all(not c.strip() for c in rec):
                     continue
                 if len(rec) != len(header):
-                    raise DataError(
+                    raise BrodenError(
                         f"{path} line {reader.line_num}: {len(rec)} fields but the header has {len(header)} "
                         f"({','.join(header)}); fix that row (quote fields containing commas), or {_REGENERATE}"
                     )
                 rows.append((reader.line_num, dict(zip(header, (c.strip() for c in rec)))))
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not UTF-8 text ({exc}); re-save it as UTF-8") from None
+        raise BrodenError(f"{path} is not UTF-8 text ({exc}); re-save it as UTF-8") from None
     except csv.Error as exc:
-        raise DataError(f"{path}: malformed CSV ({exc}); fix the quoting, or {_REGENERATE}") from None
+        raise BrodenError(f"{path}: malformed CSV ({exc}); fix the quoting, or {_REGENERATE}") from None
     return header, rows
 
 
@@ -423,11 +472,11 @@ def _int(value: str, path: Path, line: int, column: str, minimum: int = 0) -> in
     try:
         out = int(value)
     except ValueError:
-        raise DataError(
+        raise BrodenError(
             f"{path} line {line}: column {column!r} must be an integer >= {minimum}, got {value!r}; fix that row"
         ) from None
     if out < minimum:
-        raise DataError(f"{path} line {line}: column {column!r} must be >= {minimum}, got {out}; fix that row")
+        raise BrodenError(f"{path} line {line}: column {column!r} must be >= {minimum}, got {out}; fix that row")
     return out
 
 
@@ -437,7 +486,7 @@ def _float(value: str, path: Path, line: int, column: str) -> float:
     try:
         return float(value)
     except ValueError:
-        raise DataError(
+        raise BrodenError(
             f"{path} line {line}: column {column!r} must be a number, got {value!r}; fix that row"
         ) from None
 
@@ -451,7 +500,7 @@ def _size_pair(size: int | tuple[int, int] | None, what: str) -> tuple[int, int]
         return None
     pair = (size, size) if isinstance(size, int) else tuple(size)
     if len(pair) != 2 or not all(isinstance(s, int) and s > 0 for s in pair):
-        raise DataError(f"{what} must be a positive int or a (height, width) pair, got {size!r}")
+        raise BrodenError(f"{what} must be a positive int or a (height, width) pair, got {size!r}")
     return (int(pair[0]), int(pair[1]))
 
 
@@ -479,7 +528,7 @@ class BrodenDataset:
     ) -> None:
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
-            raise DataError(f"Broden folder {self.root} does not exist; check the path, or {_REGENERATE}")
+            raise BrodenError(f"Broden folder {self.root} does not exist; check the path, or {_REGENERATE}")
         self.images_dir = self.root / "images"
         self.size = _size_pair(size, "size")
         self.seg_size = _size_pair(seg_size, "seg_size")
@@ -492,7 +541,7 @@ class BrodenDataset:
             for c in categories:
                 if c not in all_categories:
                     hint = closest(c, all_categories)
-                    raise DataError(
+                    raise BrodenError(
                         f"category {c!r} is not in {self.root / 'category.csv'} (has {', '.join(all_categories)})"
                         + (f"; did you mean {', '.join(hint)}?" if hint else "")
                     )
@@ -519,7 +568,7 @@ class BrodenDataset:
         self.image_categories: list[str] = [c for c in self.categories if c in image_level]
         if split is not None:
             if split not in self.splits:
-                raise DataError(
+                raise BrodenError(
                     f"split {split!r} is not in {self.root / 'index.csv'} (splits: {', '.join(self.splits)}); "
                     "pass one of those or split=None"
                 )
@@ -539,12 +588,12 @@ class BrodenDataset:
         for line, row in rows:
             name = row["name"]
             if not name or name in META_COLUMNS or name in names:
-                raise DataError(
+                raise BrodenError(
                     f"{path} line {line}: category name {name!r} is empty, reserved or repeated; fix that row"
                 )
             names.append(name)
         if not names:
-            raise DataError(f"{path} lists no categories; add rows name,first,last,count,frequency")
+            raise BrodenError(f"{path} lists no categories; add rows name,first,last,count,frequency")
         return names
 
     def _read_labels(self) -> list[Label]:
@@ -554,16 +603,16 @@ class BrodenDataset:
         for line, row in rows:
             num = _int(row["number"], path, line, "number")
             if num > MAX_LABEL:
-                raise DataError(f"{path} line {line}: label number {num} exceeds {MAX_LABEL}; fix that row")
+                raise BrodenError(f"{path} line {line}: label number {num} exceeds {MAX_LABEL}; fix that row")
             if num in by_number:
-                raise DataError(
+                raise BrodenError(
                     f"{path} line {line}: label number {num} is repeated (first at another row); fix that row"
                 )
             cats: dict[str, int] = {}
             for part in filter(None, (p.strip() for p in row["category"].split(";"))):
                 m = _CAT_ENTRY.match(part)
                 if m is None:
-                    raise DataError(
+                    raise BrodenError(
                         f"{path} line {line}: category entry {part!r} should read like 'object(45)'; fix that row"
                     )
                 cats[m.group(1).strip()] = int(m.group(2) or 0)
@@ -579,7 +628,7 @@ class BrodenDataset:
                 syns=tuple(s for s in row.get("syns", "").split(";") if s),
             )
         if not by_number or max(by_number) == 0:
-            raise DataError(f"{path} lists no labels; {_REGENERATE}")
+            raise BrodenError(f"{path} lists no labels; {_REGENERATE}")
         by_number.setdefault(0, Label(0, "-", "", {}))
         return [by_number.get(n, Label(n, "", "", {})) for n in range(max(by_number) + 1)]
 
@@ -591,7 +640,7 @@ class BrodenDataset:
             code = _int(row["code"], path, line, "code")
             num = _int(row["number"], path, line, "number")
             if not self._is_known(num):
-                raise DataError(
+                raise BrodenError(
                     f"{path} line {line}: label number {num} is not in {self.root / 'label.csv'}; "
                     f"add it there or fix that row"
                 )
@@ -606,15 +655,20 @@ class BrodenDataset:
         header, rows = _read_csv(path, list(META_COLUMNS))
         missing = [c for c in self.categories if c not in header]
         if missing:
-            raise DataError(
+            raise BrodenError(
                 f"{path} line 1: no column for category {', '.join(missing)} listed in category.csv; "
                 f"add the column(s) or drop them from category.csv / categories="
             )
         out: list[_Row] = []
         for line, row in rows:
             if not row["image"]:
-                raise DataError(f"{path} line {line}: empty image path; fix or delete that row")
+                raise BrodenError(f"{path} line {line}: empty image path; fix or delete that row")
             dims = [_int(row[c], path, line, c, minimum=1) for c in ("ih", "iw", "sh", "sw")]
+            if not same_extent(*dims):
+                raise BrodenError(
+                    f"{path} line {line}: segmentation size sh={dims[2]}, sw={dims[3]} does not cover the image "
+                    f"ih={dims[0]}, iw={dims[1]} (different aspect ratio); fix sh/sw (or ih/iw) in that row"
+                )
             fields: dict[str, tuple[str | int, ...]] = {}
             for cat in self.categories:
                 entries: list[str | int] = []
@@ -622,7 +676,7 @@ class BrodenDataset:
                     if _NUMBER.match(e):
                         num = int(e)
                         if not self._is_known(num):
-                            raise DataError(
+                            raise BrodenError(
                                 f"{path} line {line}: {cat} label {num} is not in {self.root / 'label.csv'}; "
                                 "add it there or fix that row"
                             )
@@ -632,7 +686,7 @@ class BrodenDataset:
                 fields[cat] = tuple(entries)
             out.append(_Row(line, row["image"], row["split"], *dims, fields=fields))
         if not out:
-            raise DataError(f"{path} has no image rows; {_REGENERATE}")
+            raise BrodenError(f"{path} has no image rows; {_REGENERATE}")
         return out
 
     def _check_files(self) -> None:
@@ -640,7 +694,7 @@ class BrodenDataset:
         for r in self._rows:
             for rel in (r.image, *(e for c in self.categories for e in r.fields[c] if isinstance(e, str))):
                 if not (self.images_dir / rel).is_file():
-                    raise DataError(
+                    raise BrodenError(
                         f"{index} line {r.line}: file {self.images_dir / rel} is missing; restore it, "
                         f"delete that row, or {_REGENERATE}"
                     )
@@ -654,7 +708,7 @@ class BrodenDataset:
         for line, row in rows:
             num = _int(row["label"], path, line, "label")
             if not self._is_known(num):
-                raise DataError(f"{path} line {line}: label {num} is not in label.csv; fix that row")
+                raise BrodenError(f"{path} line {line}: label {num} is not in label.csv; fix that row")
             by_image[row["image"]] = (row["category"], num)
         return [by_image.get(r.image) for r in self._rows]
 
@@ -685,22 +739,32 @@ class BrodenDataset:
     def load_image(self, i: int) -> np.ndarray:
         """Image ``i`` as uint8 H x W x 3 (resized to ``size`` if given)."""
         path = self.image_path(i)
+        row = self._row(i)
         try:
             with Image.open(path) as im:
+                if im.size != (row.iw, row.ih):
+                    raise BrodenError(
+                        f"image {path} is {im.height}x{im.width} but index.csv line {row.line} says ih={row.ih}, "
+                        f"iw={row.iw}; fix ih/iw (and sh/sw) in that row or replace the image"
+                    )
                 im = im.convert("RGB")
                 if self.size is not None and im.size != (self.size[1], self.size[0]):
                     im = im.resize((self.size[1], self.size[0]), Image.BILINEAR)
                 return np.asarray(im)
         except FileNotFoundError:
-            raise DataError(f"image {path} (index.csv line {self._row(i).line}) is missing; {_REGENERATE}") from None
-        except (UnidentifiedImageError, OSError) as exc:
-            raise DataError(f"image {path} (index.csv line {self._row(i).line}) cannot be read ({exc})") from None
+            raise BrodenError(f"image {path} (index.csv line {self._row(i).line}) is missing; {_REGENERATE}") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            reason = str(exc).replace(f" {str(path)!r}", "").splitlines()[0] if str(exc) else type(exc).__name__
+            raise BrodenError(
+                f"image {path} (index.csv line {row.line}) is corrupt or not an image ({reason}); replace it, "
+                f"delete that row, or {_REGENERATE}"
+            ) from None
 
     def load_seg(self, i: int, category: str) -> np.ndarray:
         """Label numbers of pixel category ``category`` for image ``i``: int64 L x h x w (L may be 0)."""
         row = self._row(i)
         if category not in row.fields:
-            raise DataError(f"category {category!r} is not loaded (categories: {', '.join(self.categories)})")
+            raise BrodenError(f"category {category!r} is not loaded (categories: {', '.join(self.categories)})")
         h, w = row.sh, row.sw
         layers = []
         for e in row.fields[category]:
@@ -710,13 +774,14 @@ class BrodenDataset:
             path = self.images_dir / e
             arr = decode_label_png(path)
             if arr.shape != (h, w):
-                raise DataError(
-                    f"{path} is {arr.shape[0]}x{arr.shape[1]} but index.csv line {row.line} says sh={h}, sw={w}; "
-                    "fix sh/sw or the PNG"
+                raise BrodenError(
+                    f"segmentation file {path} is {arr.shape[0]}x{arr.shape[1]} but index.csv line {row.line} says "
+                    f"sh={h}, sw={w} (image {row.ih}x{row.iw}); resize the mask to {h}x{w} (nearest neighbour) or "
+                    "fix sh/sw"
                 )
             if arr.size and (arr.max() >= len(self._known) or not self._known[arr].all()):
                 bad = sorted({int(v) for v in np.unique(arr) if not self._is_known(int(v))})
-                raise DataError(
+                raise BrodenError(
                     f"{path} (index.csv line {row.line}) holds label number(s) {bad[:10]} not in "
                     f"{self.root / 'label.csv'}; add them to label.csv or fix the PNG"
                 )
@@ -732,7 +797,7 @@ class BrodenDataset:
         """Image-level label numbers of ``category`` for image ``i`` (0, unlabeled, dropped)."""
         row = self._row(i)
         if category not in row.fields:
-            raise DataError(f"category {category!r} is not loaded (categories: {', '.join(self.categories)})")
+            raise BrodenError(f"category {category!r} is not loaded (categories: {', '.join(self.categories)})")
         return [e for e in row.fields[category] if isinstance(e, int) and e != 0]
 
     def target(self, i: int) -> tuple[str, int] | None:
@@ -758,7 +823,7 @@ class BrodenDataset:
             if lab.name == name and (category is None or category in lab.categories):
                 return lab.number
         hint = closest(name, [lab.name for lab in self.labels if lab.name])
-        raise DataError(
+        raise BrodenError(
             f"no label {name!r}"
             + (f" in category {category!r}" if category else "")
             + f" in {self.root / 'label.csv'}"
@@ -776,10 +841,10 @@ def broden_collate(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     import torch
 
     if not items:
-        raise DataError("cannot collate an empty batch")
+        raise BrodenError("cannot collate an empty batch")
     shapes = {np.shape(it["image"]) for it in items}
     if len(shapes) != 1:
-        raise DataError(f"images in one batch differ in size {sorted(shapes)}; open the dataset with size=")
+        raise BrodenError(f"images in one batch differ in size {sorted(shapes)}; open the dataset with size=")
     images = torch.from_numpy(np.stack([np.asarray(it["image"]) for it in items]))
     images = images.permute(0, 3, 1, 2).float().div_(255.0)
     seg: dict[str, torch.Tensor] = {}
@@ -787,7 +852,7 @@ def broden_collate(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         arrs = [np.asarray(it["seg"][cat]) for it in items]
         hw = {a.shape[1:] for a in arrs}
         if len(hw) != 1:
-            raise DataError(
+            raise BrodenError(
                 f"{cat} label maps differ in size {sorted(hw)} within a batch; open the dataset with seg_size="
             )
         depth = max(a.shape[0] for a in arrs)

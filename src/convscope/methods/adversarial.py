@@ -61,26 +61,35 @@ class AdversarialResult:
     eps: float
 
 
-def fgsm(model: nn.Module, x: torch.Tensor, target: Target = top_class, eps: float = 2 / 255,
+def fgsm(model: nn.Module, x: torch.Tensor, target: Target | None = top_class, eps: float = 2 / 255,
          targeted: bool = False, preprocess: Preprocess | None = None) -> AdversarialResult:
     """Fast gradient sign method (Goodfellow et al. 2015, Eq. 3): one L-inf step of size ``eps`` (pixel units).
 
-    ``target``: the class to move away from (default: the clean top class) or, with ``targeted=True``, to reach.
+    ``target``: the class to move away from (default, or None: the clean top class) or, with ``targeted=True``, the
+    class to reach (required then).
     """
+    check_input(x, "fgsm")
     return pgd(model, x, target, eps=eps, alpha=eps, steps=1, norm="linf", targeted=targeted, random_start=False,
                preprocess=preprocess)
 
 
-def pgd(model: nn.Module, x: torch.Tensor, target: Target = top_class, eps: float = 2 / 255,
+def pgd(model: nn.Module, x: torch.Tensor, target: Target | None = top_class, eps: float = 2 / 255,
         alpha: float | None = None, steps: int = 10, norm: str = "linf", targeted: bool = False,
         random_start: bool = True, seed: int = 0, preprocess: Preprocess | None = None) -> AdversarialResult:
     """Projected gradient descent (Madry et al. 2018) in the L-inf or L2 ball of radius ``eps`` (pixel units).
 
     ``alpha`` is the step (default ``2.5 * eps / steps``, Madry et al.); ``random_start`` draws the start
     uniformly in the L-inf ball or on a random direction in the L2 ball (seeded). ``preprocess`` maps pixels to
-    the model's input (default: ``model.preprocess``; none means the model takes RGB in [0, 1]).
+    the model's input (default: ``model.preprocess``; none means the model takes RGB in [0, 1]). ``target``: the
+    class to move away from (default, or None: the clean top class, i.e. the predicted one) or, with
+    ``targeted=True``, the class to reach (required then: the clean top class is reached already).
     """
     check_input(x, "pgd")
+    if target is None or target is top_class:
+        if targeted:
+            raise ConvscopeError("a targeted attack needs target=CLASS, the class to reach (an int or one per "
+                                 "image); the default, the clean top class, is reached already")
+        target = top_class
     if norm not in NORMS:
         raise ConvscopeError(f"unknown norm {norm!r}; use one of {', '.join(NORMS)}")
     if not eps > 0 or steps < 1:
@@ -88,6 +97,9 @@ def pgd(model: nn.Module, x: torch.Tensor, target: Target = top_class, eps: floa
                              "(RGB in [0, 1]), e.g. 8/255")
     pre = preprocess if preprocess is not None else getattr(model, "preprocess", None) or Preprocess.identity()
     alpha = 2.5 * eps / steps if alpha is None else alpha
+    if not alpha > 0:
+        raise ConvscopeError(f"need a step alpha > 0, got alpha={alpha}; it is in pixel units like eps (default "
+                             "2.5 * eps / steps)")
     x = x.detach()
     with torch.no_grad(), preserved_state(model):
         out_clean = model(x)  # one clean pass: the label to attack and the clean probabilities

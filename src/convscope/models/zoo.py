@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import pickle
+import re
+import warnings
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -88,7 +91,11 @@ def list_models() -> list[dict[str, object]]:
 
 def load_model(spec: str | nn.Module, weights: str | Path | None = None,
                device: str | torch.device | None = "auto") -> nn.Module:
-    """Load a model by zoo name, source spec or file; see the module docstring. Returns it in eval mode."""
+    """Load a model by zoo name, source spec or file; see the module docstring. Returns it in eval mode.
+
+    The device is checked first, so a bad ``device`` fails before anything is loaded; an ``nn.Module`` passed in
+    is returned as it is (only ``weights`` are loaded into it, and only when they fit)."""
+    dev = resolve_device(device)
     if isinstance(spec, nn.Module):
         model = spec
         if weights is not None:
@@ -111,7 +118,7 @@ def load_model(spec: str | nn.Module, weights: str | Path | None = None,
             + (f" (did you mean {hint[0]!r}?)" if hint else "")
             + "; or use torchvision:NAME, timm:NAME, a TorchScript file, or package.module:factory."
         )
-    return model.to(resolve_device(device)).eval()
+    return model.to(dev).eval()
 
 
 def _load_zoo(name: str, weights: str | Path | None) -> nn.Module:
@@ -159,28 +166,70 @@ def _load_demo(weights: str | Path | None) -> nn.Module:
     return model
 
 
+_RESAVE = "torch.save(model.state_dict(), 'weights.pt')"
+
+
 def _read_checkpoint(path: Path) -> dict:
-    """A checkpoint as ``{"state_dict": ..., **meta}`` (accepts a bare state dict too)."""
+    """A checkpoint as ``{"state_dict": ..., **meta}`` (accepts a bare state dict too).
+
+    Read with ``weights_only=True``: a file holding other Python objects is refused with how to re-save it."""
+    if path.is_dir():
+        raise ModelLoadError(f"weights {str(path)!r} is a folder; pass the checkpoint file inside it (.pt/.pth)")
     if not path.is_file():
-        raise ModelLoadError(f"weights file {str(path)!r} does not exist")
+        raise ModelLoadError(f"weights file {str(path)!r} does not exist; check the path")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if not (magic.startswith(b"PK") or magic.startswith(b"\x80")):  # torch.save writes a zip (or a legacy pickle)
+        raise ModelLoadError(f"weights file {str(path)!r} is not a PyTorch checkpoint (torch.save file); save the "
+                             f"weights with {_RESAVE}" + (" (safetensors: load them with safetensors.torch.load_file "
+                                                          "first)" if path.suffix == ".safetensors" else ""))
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about TorchScript / pickle protocols; we say it in one line
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f" (first: {found.group(1)})" if found else ""
+        raise ModelLoadError(f"weights file {str(path)!r} holds Python objects beyond tensors{what}, which convscope "
+                             "does not unpickle (it could run code); where the model was built, save the tensors "
+                             f"only: {_RESAVE}") from None
     except Exception as exc:
-        raise ModelLoadError(f"cannot read weights file {str(path)!r} ({type(exc).__name__}: {exc}); it must be a "
-                             "state dict saved with torch.save (loaded with weights_only=True)") from exc
+        raise ModelLoadError(_unreadable(path, exc)) from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         return obj
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         return {**obj, "state_dict": obj["model"]}
-    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return {"state_dict": obj}
-    raise ModelLoadError(f"weights file {str(path)!r} holds no state dict (found {type(obj).__name__})")
+    found = (f"a dict with keys {', '.join(map(str, list(obj)[:5]))}" if isinstance(obj, dict)
+             else type(obj).__name__)
+    raise ModelLoadError(f"weights file {str(path)!r} holds no state dict (found {found}); save the weights with "
+                         f"{_RESAVE}")
+
+
+def _unreadable(path: Path, exc: Exception) -> str:
+    """One line for a checkpoint that torch.load cannot read (never torch's advice to unpickle unsafely)."""
+    text = str(exc)
+    if "TorchScript" in text:
+        return (f"weights file {str(path)!r} is a TorchScript model, not a state dict; load it as the model "
+                f"(load_model({str(path)!r}), convscope MODEL) or save {_RESAVE}")
+    if "zip archive" in text or "central directory" in text:
+        return (f"weights file {str(path)!r} is corrupt or truncated (an incomplete torch.save archive); copy or "
+                "download it again, or re-save it")
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    detail = f" ({type(exc).__name__}: {first})" if first and "weights_only" not in first else ""
+    return (f"cannot read weights file {str(path)!r}{detail}; it must be a state dict saved with {_RESAVE}")
 
 
 def _load_state(model: nn.Module, state: dict, path: Path | None,
                 rename: Callable[[dict], dict] | None = None) -> None:
+    """Load ``state`` strictly; keys and shapes are checked first, so a mismatch leaves the model untouched."""
     state = rename(state) if rename else state
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    problem = state_mismatch(model, state)
+    if problem:
+        raise ModelLoadError(f"weights {str(path)!r} do not fit {type(model).__name__}: {problem}; check that the "
+                             "architecture (zoo name / factory) matches the checkpoint")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -188,6 +237,31 @@ def _load_state(model: nn.Module, state: dict, path: Path | None,
         detail = " ".join(lines[1:3]) or lines[0]
         raise ModelLoadError(f"weights {str(path)!r} do not fit the model: {detail} "
                              "(check the architecture/factory matches the checkpoint)") from exc
+
+
+def state_mismatch(model: nn.Module, state: dict, show: int = 3) -> str:
+    """How ``state`` fails to fit ``model.state_dict()`` (missing / unexpected keys, shapes), or "" when it fits."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: {tuple(state[k].shape)} in the file, {tuple(v.shape)} in the model" for k, v in own.items()
+              if isinstance(v, torch.Tensor) and isinstance(state.get(k), torch.Tensor) and state[k].shape != v.shape]
+
+    def few(keys: list[str]) -> str:
+        return ", ".join(keys[:show]) + (f", ... ({len(keys) - show} more)" if len(keys) > show else "")
+
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key{'s' * (len(missing) > 1)} ({few(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key{'s' * (len(unexpected) > 1)} ({few(unexpected)})")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatch{'es' * (len(shapes) > 1)} ({'; '.join(shapes[:show])}"
+                     + (f"; ... {len(shapes) - show} more)" if len(shapes) > show else ")"))
+    prefixes = {u[: -len(m)] for u in unexpected for m in missing if u.endswith("." + m)}
+    if missing and len(prefixes) == 1:
+        parts.append(f"the file's keys carry the prefix {next(iter(prefixes))!r}: strip it")
+    return ", ".join(parts)
 
 
 def load_weights(model: nn.Module, weights: str | Path, rename: Callable[[dict], dict] | None = None) -> nn.Module:
@@ -234,19 +308,34 @@ def _load_file(path: Path, weights: str | Path | None) -> nn.Module:
 
 def _load_factory(spec: str, weights: str | Path | None) -> nn.Module:
     mod_name, _, attr = spec.partition(":")
+    if not mod_name or not attr:
+        raise ModelLoadError(f"model spec {spec!r} is incomplete; write package.module:factory (e.g. mynets:tiny)")
     try:
         module = importlib.import_module(mod_name)
-    except ImportError as exc:
-        raise ModelLoadError(f"cannot import {mod_name!r} for {spec!r}: {exc}") from exc
-    factory = getattr(module, attr, None)
+    except Exception as exc:  # ImportError, or any error raised while the module runs
+        raise ModelLoadError(f"cannot import {mod_name!r} for {spec!r} ({type(exc).__name__}: {_first_line(exc)}); "
+                             "check the module name and that it imports on its own") from None
+    factory: object = module
+    for part in attr.split("."):
+        factory = getattr(factory, part, None)
     if not callable(factory):
-        raise ModelLoadError(f"{mod_name!r} has no callable {attr!r}")
-    model = factory()
+        raise ModelLoadError(f"{mod_name!r} has no callable {attr!r}; name a function or class that returns an "
+                             "nn.Module")
+    try:
+        model = factory()
+    except Exception as exc:
+        raise ModelLoadError(f"factory {spec!r} raised {type(exc).__name__}: {_first_line(exc)}; it must build the "
+                             "model when called with no arguments and return an nn.Module") from None
     if not isinstance(model, nn.Module):
-        raise ModelLoadError(f"{spec!r} returned {type(model).__name__}, not an nn.Module")
+        raise ModelLoadError(f"factory {spec!r} returned {type(model).__name__}, not an nn.Module; make it return "
+                             "the model")
     if weights is not None:
         load_weights(model, weights)
     return model
+
+
+def _first_line(exc: BaseException) -> str:
+    return next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "no message")
 
 
 def get_preprocess(model: nn.Module) -> Preprocess:
