@@ -340,6 +340,54 @@ def test_atlas_files_refuse_traversal(demo_client, path):
     assert b"SQLite format" not in r.content and b"root:" not in r.content and r.headers["content-type"] != "image/png"
 
 
+HUGE = "99999999999999999999"  # > 2**64: SQLite overflows on it
+
+
+@pytest.mark.parametrize("path", [
+    f"/atlas/{LAYER}/{HUGE}",
+    f"/atlas/{LAYER}/{'9' * 5000}",     # more digits than int() parses by default
+    f"/atlas/{LAYER}/-1",
+    f"/atlas/{LAYER}/0x10",
+    f"/atlas/{LAYER}/1e3",
+    f"/atlas/{LAYER}/1%0A",
+    f"/atlas/{LAYER}/192",              # one past the last unit
+    f"/atlas/{'x' * 300}/1",
+    f"/atlas/{'x' * 300}",
+])
+def test_atlas_unit_numbers_out_of_range_are_404_pages(demo_client, path):
+    r = demo_client.get(path)
+    assert r.status_code == 404 and "Not found" in r.text, (path[:60], r.status_code)
+    message = r.text.split('class="error-text">', 1)[1].split("</p>", 1)[0]
+    assert len(message) < 400 and ("0..191" in message or "its layers" in message), message
+
+
+@pytest.mark.parametrize("path", [
+    "/atlas/files/" + "a" * 300 + ".png",                # one name longer than the OS allows (ENAMETOOLONG)
+    f"/atlas/files/{LAYER}/" + "b" * 256 + ".png",
+    "/atlas/files/" + "c/" * 700 + "x.png",              # a path longer than any atlas writes
+    "/atlas/files/" + "%C3%A9" * 130 + ".png",           # 260 bytes in UTF-8 from 130 characters
+])
+def test_atlas_files_with_too_long_names_are_404(demo_client, path):
+    r = demo_client.get(path)
+    assert r.status_code == 404 and "too long" in r.json()["error"], (path[:60], r.status_code)
+    assert demo_client.get(f"/atlas/files/{LAYER}/0_am.png").status_code == 200  # real files still served
+
+
+def test_huge_numbers_in_the_api_are_4xx_with_short_messages(demo_client):
+    image = upload(demo_client, data=png_bytes())
+    for path, params in [("/api/unit", {"image": image, "layer": LAYER, "unit": HUGE}),
+                         ("/api/cam", {"image": image, "cls": HUGE}),
+                         ("/api/unit", {"image": image, "layer": "x" * 300, "unit": 1}),
+                         ("/api/predict", {"image": "u-" + "x" * 300}),
+                         ("/api/images/sample-" + "x" * 300, {})]:
+        r = demo_client.get(path, params=params)
+        assert r.status_code in (400, 404), (path, r.status_code)
+        assert len(r.json()["error"]) < 400 and "x" * 60 not in r.json()["error"]
+    r = demo_client.post("/api/frame", params={"layer": LAYER, "unit": HUGE}, content=png_bytes(),
+                         headers={"content-type": "image/png"})
+    assert r.status_code == 400 and "valid 0-191" in r.json()["error"]
+
+
 def test_atlas_absent(plain_client):
     r = plain_client.get("/atlas")
     assert r.status_code == 404 and "--atlas" in r.text

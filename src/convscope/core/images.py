@@ -185,14 +185,22 @@ class ImageDecodeError(ImageLoadError):
 
 
 def decode_rgb(source: PathLike | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS,
-               formats: Sequence[str] | None = None, draft: int | None = None) -> Image.Image:
+               formats: Sequence[str] | None = None, draft: int | None = None,
+               min_side: int | None = None) -> Image.Image:
     """Decode a file or binary stream to an 8-bit RGB PIL image, EXIF orientation applied, refusing more than
     ``max_pixels`` pixels before decoding (decompression bombs). ``formats`` limits the PIL formats tried;
     ``draft`` lets JPEG decoding scale down by 2/4/8 while both sides stay >= ``draft``.
 
+    ``min_side``: reduce the picture while decoding by the largest integer factor that keeps its shorter side
+    >= ``min_side`` (JPEG in the decoder through ``draft``, then every format by box averaging, converted strip by
+    strip so no full-size RGB copy is ever made): a 40-megapixel PNG costs its own decode buffer, not 3-5 copies.
+
     Transparency is composited on white, 16-bit images are scaled to 8 bits, grayscale and CMYK become RGB.
     Raises :class:`ImageDecodeError` (callers word the message for their setting: a file, an upload).
     """
+    if min_side is not None and (not isinstance(min_side, int) or min_side < 1):
+        raise ConvscopeError(f"decode_rgb(min_side={min_side!r}): use a positive int (or None: full size)")
+    draft = draft or min_side
     try:
         if formats is not None:
             Image.init()  # register every plugin, so formats are known by name
@@ -204,7 +212,12 @@ def decode_rgb(source: PathLike | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS
             if draft and im.format in ("JPEG", "MPO"):
                 im.draft("RGB", (draft, draft))
             im.load()
-            return _to_rgb(ImageOps.exif_transpose(im))
+            factor = min(im.size) // min_side if min_side else 1
+            if factor < 2:
+                return _to_rgb(ImageOps.exif_transpose(im))
+            method = _ORIENTATION.get(im.getexif().get(0x0112, 1))
+            small = _reduced_rgb(im, factor)
+            return small.transpose(method) if method is not None else small
     except ImageDecodeError:
         raise
     except UnidentifiedImageError as e:
@@ -213,6 +226,40 @@ def decode_rgb(source: PathLike | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS
         raise ImageDecodeError("pixels", str(e)) from e
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
         raise ImageDecodeError("corrupt", str(e)) from e
+
+
+# EXIF orientation -> the transpose that undoes it (as ImageOps.exif_transpose)
+_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                8: Image.Transpose.ROTATE_90}
+_STRIP_PIXELS = 2_000_000  # pixels converted to RGB at a time while reducing
+
+
+def _reduced_rgb(im: Image.Image, factor: int) -> Image.Image:
+    """A loaded image reduced ``factor`` times (box average) as 8-bit RGB, as ``_to_rgb(im).reduce(factor)``
+    but without a full-size converted copy: plain RGB / L reduce directly, 32-bit modes reduce before their
+    (range-dependent) scaling, every other mode is converted and reduced in horizontal strips."""
+    if (im.mode in ("RGB", "L") and "transparency" not in im.info) or im.mode in ("I", "F"):
+        return _to_rgb(im.reduce(factor))
+    w, h = im.size
+    colours = None
+    if im.mode == "P":  # each index's final colour (transparency over white included), once: one pass a strip
+        index = Image.frombytes("P", (256, 1), bytes(range(256)))
+        mode = im.palette.mode if im.palette is not None else "RGB"
+        index.putpalette(im.getpalette(mode) or [v for i in range(256) for v in (i, i, i)], mode)
+        index.info = dict(im.info)
+        colours = _to_rgb(index).tobytes()
+    out = Image.new("RGB", (-(-w // factor), -(-h // factor)))
+    rows = max(factor, _STRIP_PIXELS // max(1, w) // factor * factor)
+    for top in range(0, h, rows):
+        strip = im.crop((0, top, w, min(h, top + rows)))
+        if colours is not None:
+            strip.putpalette(colours, "RGB")
+            strip.info.pop("transparency", None)
+        strip = _to_rgb(strip)
+        out.paste(strip.reduce(factor), (0, top // factor))
+        del strip
+    return out
 
 
 def load_image(path: PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

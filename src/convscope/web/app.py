@@ -7,8 +7,10 @@ concept label; Grad-CAM / saliency for any class; browse and search the atlas.
 
 Robustness: the model is loaded once; all model work runs on one worker thread fed by a bounded queue (a full
 queue answers ``503`` with ``Retry-After``); uploads are size-limited while they stream in (``413``), type-checked
-and decoded defensively (``415`` / ``400``); atlas files are served only through :meth:`Atlas.file`, which refuses
-paths that leave the atlas folder (``404``). Bind it to ``127.0.0.1`` (the default of ``convscope serve``).
+and decoded defensively (``415`` / ``400``) with bounded memory (a few decodes at once, each reduced while it decodes,
+a pixel limit sized for the model: ``413``; see :class:`~convscope.web.images.Decoder`); atlas files are served only
+through :meth:`Atlas.file`, which refuses paths that leave the atlas folder, and unit numbers / file paths out of any
+sane range are ``404`` before they reach the store. Bind it to ``127.0.0.1`` (the default of ``convscope serve``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import contextlib
 import io
 import logging
 import os
+import re
+import weakref
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -35,14 +39,14 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from torch import nn
 
-from ..atlas.store import Atlas, AtlasError, open_atlas
+from ..atlas.store import Atlas, AtlasError, LayerRecord, open_atlas
 from ..errors import ConvscopeError
 from ..models.zoo import load_model
-from .images import UnknownImage, UploadError, decode_image
+from .images import UnknownImage, UploadError, shown
 from .service import CAM_METHODS, NORMS, Explorer, UnknownLayer, atlas_file_url, atlas_record
 from .worker import Busy, JobResult, ModelWorker
 
-__all__ = ["LOOPBACK_HOSTS", "BodyLimit", "create_app"]
+__all__ = ["LOOPBACK_HOSTS", "BodyLimit", "atlas_layer_record", "create_app", "unit_number"]
 
 HERE = Path(__file__).parent
 log = logging.getLogger("convscope.web")
@@ -50,6 +54,10 @@ log = logging.getLogger("convscope.web")
 MB = 1024 * 1024
 LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
 FORM_SLACK = 64 * 1024  # multipart boundaries and headers on top of the file itself
+MAX_INDEX_DIGITS = 9  # unit / class numbers in paths: 0 .. 999,999,999 (SQLite and torch take 64-bit ints at most)
+MAX_NAME_BYTES = 255  # one path segment (NAME_MAX on Linux and macOS)
+MAX_PATH_BYTES = 1024  # a whole atlas file path
+INDEX = re.compile(rf"[0-9]{{1,{MAX_INDEX_DIGITS}}}")
 
 
 class BodyLimit:
@@ -109,24 +117,33 @@ def _timed(job: JobResult) -> JSONResponse:
 
 def create_app(model: str | nn.Module = "efficientnet_lite0", atlas: str | os.PathLike[str] | Atlas | None = None,
                *, max_upload_bytes: int = 10 * MB, queue_size: int = 64, image_capacity: int = 128,
-               max_pixels: int = 40_000_000, device: str = "auto", threads: int | None = None,
-               allowed_hosts: list[str] | None = None) -> FastAPI:
+               max_pixels: int | None = None, decode_slots: int = 2, device: str = "auto",
+               threads: int | None = None, allowed_hosts: list[str] | None = None) -> FastAPI:
     """The explorer app for ``model`` (a zoo name / spec, loaded once, or a module) and an optional atlas folder.
 
     ``max_upload_bytes``: largest accepted upload (413 above); ``queue_size``: model jobs allowed to wait (503
-    above); ``image_capacity``: uploads kept in memory (LRU); ``max_pixels``: decompression-bomb guard;
+    above); ``image_capacity``: uploads kept in memory (LRU); ``max_pixels``: largest picture in pixels (413 above;
+    None: :func:`~convscope.web.images.pixel_limit` of the model's input side, 16-40 megapixels);
+    ``decode_slots``: pictures decoded at once (each holds its full-size decode buffer while it runs);
     ``threads``: ``torch.set_num_threads`` for the process (None: leave it); ``allowed_hosts``: accepted ``Host``
     headers (``convscope serve`` on a loopback address passes the loopback names, which stops DNS-rebinding pages
     from reading the explorer; None: any).
     """
     if not isinstance(max_upload_bytes, int) or max_upload_bytes < 1:
         raise ConvscopeError(f"max_upload_bytes={max_upload_bytes!r}: use a positive number of bytes")
+    if max_pixels is not None and (not isinstance(max_pixels, int) or max_pixels < 1):
+        raise ConvscopeError(f"max_pixels={max_pixels!r}: use a positive number of pixels (or None: sized for the "
+                             "model)")
+    if not isinstance(decode_slots, int) or decode_slots < 1:
+        raise ConvscopeError(f"decode_slots={decode_slots!r}: use a positive int (pictures decoded at once)")
     if threads is not None:
         torch.set_num_threads(max(1, int(threads)))
     module = load_model(model, device=device) if isinstance(model, str) else model
     name = getattr(module, "zoo_name", None) or (model if isinstance(model, str) else None)
     store = atlas if isinstance(atlas, Atlas) or atlas is None else open_atlas(atlas)
-    explorer = Explorer(module, name=name, atlas=store, image_capacity=image_capacity, max_pixels=max_pixels)
+    explorer = Explorer(module, name=name, atlas=store, image_capacity=image_capacity, max_pixels=max_pixels,
+                        decode_slots=decode_slots)
+    decoder = explorer.decoder
     worker = ModelWorker(queue_size)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     atlas_model = store.meta().get("model") if store is not None else None
@@ -203,6 +220,17 @@ def create_app(model: str | nn.Module = "efficientnet_lite0", atlas: str | os.Pa
         """Queue ``fn(*args)`` on the model worker and await it."""
         return await wait(request, worker.submit(fn, *args))
 
+    gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = weakref.WeakKeyDictionary()
+
+    def decode_gate() -> asyncio.Semaphore:
+        """This event loop's semaphore of ``decode_slots``: uploads wait for a decode slot here, holding no
+        thread (the decoder's own lock also covers webcam frames decoded on the model worker)."""
+        loop = asyncio.get_running_loop()
+        gate = gates.get(loop)
+        if gate is None:
+            gate = gates[loop] = asyncio.Semaphore(decode_slots)
+        return gate
+
     common = {"model": explorer.name, "has_atlas": store is not None, "atlas_warning": atlas_warning}
 
     # ------------------------------------------------------------------ the page
@@ -222,7 +250,7 @@ def create_app(model: str | nn.Module = "efficientnet_lite0", atlas: str | os.Pa
         return {"model": explorer.name, "input_size": list(explorer.input_size), "num_classes": explorer.num_classes,
                 "default_layer": explorer.default_layer, "cam_layer": explorer.cam_layer,
                 "atlas": store is not None, "bundled": explorer.bundled(), "max_upload_bytes": max_upload_bytes,
-                "queue_size": queue_size}
+                "max_pixels": decoder.max_pixels, "queue_size": queue_size}
 
     @app.get("/api/layers")
     async def layers() -> list[dict[str, Any]]:
@@ -232,7 +260,8 @@ def create_app(model: str | nn.Module = "efficientnet_lite0", atlas: str | os.Pa
     async def status() -> dict[str, Any]:
         return {"pending": worker.pending, "queue_size": queue_size, "jobs_done": worker.jobs_done,
                 "jobs_rejected": worker.jobs_rejected, "jobs_cancelled": worker.jobs_cancelled,
-                "batches": worker.batches, "busy_s": round(worker.busy_s, 3), "images": len(explorer.images)}
+                "batches": worker.batches, "busy_s": round(worker.busy_s, 3), "images": len(explorer.images),
+                "memory_releases": decoder.releases}
 
     @app.post("/api/image")
     async def upload(request: Request) -> dict[str, Any]:
@@ -249,7 +278,9 @@ def create_app(model: str | nn.Module = "efficientnet_lite0", atlas: str | os.Pa
                 await form.close()
         else:
             data, name, part_type = await request.body(), "upload", ctype
-        img = await run_in_threadpool(decode_image, data, part_type, max_pixels)
+        async with decode_gate():
+            img = await run_in_threadpool(decoder.decode, data, part_type)
+        del data
         item = await run_in_threadpool(explorer.images.add, img, Path(name).name[:80] or "upload")
         return {"id": item.id, "name": item.name, "url": f"/api/images/{item.id}"}
 
@@ -329,10 +360,15 @@ def create_app(model: str | nn.Module = "efficientnet_lite0", atlas: str | os.Pa
     @app.get("/atlas/files/{path:path}")
     async def atlas_file(path: str) -> FileResponse:
         a = need_atlas()
+        if len(path.encode()) > MAX_PATH_BYTES or any(len(p.encode()) > MAX_NAME_BYTES for p in path.split("/")):
+            raise HTTPException(404, f"no such atlas file: the path is too long (at most {MAX_NAME_BYTES} bytes a "
+                                     f"name, {MAX_PATH_BYTES} in all); use a link from the atlas pages")
         try:
             target = a.file(path)
         except AtlasError as e:
             raise HTTPException(404, f"no such atlas file: {e}") from None
+        except (OSError, ValueError):  # names the OS refuses (too long, invalid): nothing is served
+            raise HTTPException(404, "no such atlas file; use a link from the atlas pages") from None
         if target.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
             raise HTTPException(404, "the atlas serves only its pictures")
         return FileResponse(target, headers={"Cache-Control": "public, max-age=600"})
@@ -340,21 +376,42 @@ def create_app(model: str | nn.Module = "efficientnet_lite0", atlas: str | os.Pa
     @app.get("/atlas/{layer}", response_class=HTMLResponse)
     async def atlas_layer(request: Request, layer: str) -> Response:
         a = need_atlas()
+        entry = await run_in_threadpool(atlas_layer_record, a, layer)
         units = await run_in_threadpool(a.units, layer)
         return templates.TemplateResponse(request, "atlas_layer.html", {
-            **common, "layer": a.layer(layer), "units": [atlas_record(r) for r in units],
+            **common, "layer": entry, "units": [atlas_record(r) for r in units],
             "explorable": layer in {e.name for e in explorer.layers}})
 
     @app.get("/atlas/{layer}/{unit}", response_class=HTMLResponse)
-    async def atlas_unit(request: Request, layer: str, unit: int) -> Response:
+    async def atlas_unit(request: Request, layer: str, unit: str) -> Response:
         a = need_atlas()
-        rec = await run_in_threadpool(a.unit, layer, unit)
-        n = a.layer(layer).units
+        n = (await run_in_threadpool(atlas_layer_record, a, layer)).units
+        index = unit_number(unit, n, f"layer {shown(layer)}")
+        rec = await run_in_threadpool(a.unit, layer, index)
         return templates.TemplateResponse(request, "atlas_unit.html", {
             **common, "u": atlas_record(rec), "n_units": n,
             "explorable": layer in {e.name for e in explorer.layers}})
 
     return app
+
+
+def atlas_layer_record(a: Atlas, name: str) -> LayerRecord:
+    """The atlas's record of layer ``name``, or :class:`AtlasError` (404) naming its layers (a short message that
+    echoes at most 40 characters of the name and never the atlas's folder)."""
+    layers = a.layers()
+    for rec in layers:
+        if rec.name == name:
+            return rec
+    valid = ", ".join(rec.name for rec in layers) or "(none yet)"
+    raise AtlasError(f"layer {shown(name)} is not in this atlas; its layers: {valid}")
+
+
+def unit_number(text: str, count: int, where: str) -> int:
+    """A unit number from a URL path segment, or :class:`AtlasError` (404) when it is not one of ``0 .. count-1``
+    (huge numbers never reach SQLite, which overflows above 2**63)."""
+    if not INDEX.fullmatch(text) or int(text) >= count:
+        raise AtlasError(f"unit {shown(text, 24)} is not a unit of {where}; its units are 0..{count - 1}")
+    return int(text)
 
 
 def _layer_summaries(a: Atlas) -> list[dict[str, Any]]:

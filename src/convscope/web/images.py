@@ -2,27 +2,44 @@
 
 Every image is stored already resized and centre-cropped to the model's input (what the model sees, and what the
 page shows beside the maps), as a small RGB PIL image; the page refers to it by an opaque id.
+
+Decoding is bounded (:class:`Decoder`): a few decodes at once, each reduced while it decodes to a few times the
+model's input side, a pixel limit sized for the model, and memory handed back to the OS after a burst of large
+pictures (a 37 KB PNG can hold 40 megapixels: 120 MB as RGB).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+import gc
 import io
 import re
 import secrets
 import threading
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from ..core.images import ImageDecodeError, Preprocess, decode_rgb
 from ..errors import ConvscopeError
 
-__all__ = ["ALLOWED_FORMATS", "ImageStore", "StoredImage", "UnknownImage", "UploadError", "decode_image"]
+__all__ = ["ALLOWED_FORMATS", "Decoder", "ImageStore", "StoredImage", "UnknownImage", "UploadError", "decode_image",
+           "pixel_limit", "release_memory", "shown"]
 
 # What PIL may decode from an upload (no PDF, EPS/PostScript, SVG or other formats with a larger attack surface).
 ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF"})
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def shown(text: str, limit: int = 40) -> str:
+    """``repr`` of a client-sent name for an error message, cut to about ``limit`` characters (messages stay one
+    short line whatever a client sends)."""
+    return repr(text if len(text) <= limit else text[:limit - 3] + "...")
 
 
 class UploadError(ConvscopeError):
@@ -38,13 +55,14 @@ class UnknownImage(ConvscopeError):
 
 
 def decode_image(data: bytes, content_type: str | None = None, max_pixels: int = 40_000_000,
-                 draft: int | None = None) -> Image.Image:
+                 draft: int | None = None, min_side: int | None = None) -> Image.Image:
     """Bytes of an uploaded picture -> 8-bit RGB PIL image, EXIF orientation applied.
 
     Raises :class:`UploadError`: 415 for a declared type that is not an image or bytes that are no image format
     we read, 400 for a corrupt or truncated image, 413 for more than ``max_pixels`` pixels (decompression bombs).
-    ``draft``: let JPEG decoding scale down by 2/4/8 while both sides stay >= ``draft`` (much faster for big
-    photos and webcam frames; the model sees a resized crop anyway).
+    ``draft``: let JPEG decoding scale down by 2/4/8 while both sides stay >= ``draft``; ``min_side``: reduce any
+    format while decoding, keeping the shorter side >= ``min_side`` (see :func:`convscope.core.images.decode_rgb`;
+    the model sees a resized crop anyway).
     """
     ctype = (content_type or "").split(";")[0].strip().lower()
     if ctype and not (ctype.startswith("image/") or ctype == "application/octet-stream"):
@@ -53,17 +71,111 @@ def decode_image(data: bytes, content_type: str | None = None, max_pixels: int =
     if not data:
         raise UploadError("the upload is empty (0 bytes); choose a picture file", 400)
     try:
-        return decode_rgb(io.BytesIO(data), max_pixels, formats=ALLOWED_FORMATS, draft=draft)
+        return decode_rgb(io.BytesIO(data), max_pixels, formats=ALLOWED_FORMATS, draft=draft, min_side=min_side)
     except ImageDecodeError as e:
         if e.reason == "format":
             raise UploadError("the upload is not a picture this server reads; use JPEG, PNG, WebP, BMP, GIF or "
                               "TIFF", 415) from e
         if e.reason == "pixels" and e.pixels:
-            raise UploadError(f"the image has {e}, more than this server's limit of {max_pixels}; "
-                              "downscale it first", 413) from e
+            raise UploadError(f"the image has {e}, more than this server's limit of {max_pixels} "
+                              f"({max_pixels / 1e6:.1f} megapixels); downscale it to fit and upload again", 413) from e
         if e.reason == "pixels":
             raise UploadError(f"the image has too many pixels ({e}); downscale it first", 413) from e
         raise UploadError(f"the image is corrupt or truncated ({e}); re-export it and upload again", 400) from e
+
+
+# --------------------------------------------------------------------------- bounded decoding
+
+PIXELS_PER_SIDE = 32  # default pixel limit: (32 x the model's side)^2 ...
+MIN_PIXEL_LIMIT = 16_000_000  # ... but never below a phone photo ...
+MAX_PIXEL_LIMIT = 40_000_000  # ... nor above 40 megapixels (160 MB decoded as RGBA)
+
+
+def pixel_limit(side: int) -> int:
+    """The default largest upload (pixels) for a model that sees pictures resized to ``side``: ``(32 * side)^2``
+    held between 16 and 40 megapixels (everything above is reduced away before the model sees it)."""
+    return int(min(MAX_PIXEL_LIMIT, max(MIN_PIXEL_LIMIT, (PIXELS_PER_SIDE * side) ** 2)))
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim`` (None elsewhere: musl, macOS, Windows)."""
+    try:
+        fn = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+    fn.argtypes = [ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def release_memory(collect: bool = True) -> bool:
+    """Hand freed heap memory back to the OS: ``gc.collect()`` (``collect``) then glibc's ``malloc_trim(0)``
+    (big freed buffers otherwise stay in malloc's arenas, and in the process's RSS). True when trimmed."""
+    if collect:
+        gc.collect()
+    trim = _malloc_trim()
+    return bool(trim is not None and trim(0) >= 0)
+
+
+def _declared_pixels(data: bytes) -> int:
+    """Width x height from an image's header (0 when PIL cannot read it: :func:`decode_image` reports that)."""
+    try:
+        Image.init()
+        with Image.open(io.BytesIO(data), formats=sorted(ALLOWED_FORMATS & set(Image.OPEN))) as im:
+            return int(im.width) * int(im.height)
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError,
+            IndexError, TypeError):
+        return 0
+
+
+class Decoder:
+    """Decodes uploads for a model that sees pictures resized to ``side``, with bounded memory: at most ``slots``
+    decodes run at once (others wait), each is reduced while it decodes to a shorter side of
+    ``oversample * side`` .. twice that, pictures over ``max_pixels`` (default :func:`pixel_limit`) are refused
+    with 413, and after a picture of ``trim_pixels`` or more the freed memory is handed back to the OS
+    (``malloc_trim``; a full ``gc.collect()`` too when no other decode is in flight, at most every
+    ``collect_every_s`` seconds, as it costs ~0.25 s with torch loaded)."""
+
+    def __init__(self, side: int, max_pixels: int | None = None, slots: int = 2, oversample: int = 2,
+                 trim_pixels: int = 4_000_000, collect_every_s: float = 2.0) -> None:
+        for name, value in (("side", side), ("slots", slots), ("oversample", oversample)):
+            if not isinstance(value, int) or value < 1:
+                raise ConvscopeError(f"Decoder({name}={value!r}): use a positive int")
+        if max_pixels is not None and (not isinstance(max_pixels, int) or max_pixels < 1):
+            raise ConvscopeError(f"max_pixels={max_pixels!r}: use a positive number of pixels (or None: sized for "
+                                 "the model)")
+        self.side = side
+        self.min_side = oversample * side
+        self.max_pixels = max_pixels or pixel_limit(side)
+        self.slots = slots
+        self.trim_pixels = trim_pixels
+        self.collect_every_s = collect_every_s
+        self.releases = 0  # how many times memory was handed back (for /api/status and tests)
+        self._slots = threading.BoundedSemaphore(slots)
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._last_collect = 0.0
+
+    def decode(self, data: bytes, content_type: str | None = None, min_side: int | None = None) -> Image.Image:
+        """:func:`decode_image` within a slot, reduced to ``min_side`` (default ``oversample * side``)."""
+        with self._lock:
+            self._in_flight += 1
+        large = False
+        try:
+            with self._slots:
+                large = self.trim_pixels <= _declared_pixels(data) <= self.max_pixels
+                return decode_image(data, content_type, self.max_pixels, min_side=min_side or self.min_side)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                now = time.monotonic()
+                collect = large and self._in_flight == 0 and now - self._last_collect >= self.collect_every_s
+                if collect:
+                    self._last_collect = now
+                self.releases += large
+            if large:
+                release_memory(collect)
 
 
 @dataclass(frozen=True)
@@ -118,13 +230,13 @@ class ImageStore:
     def get(self, image_id: str) -> StoredImage:
         """The stored picture, or :class:`UnknownImage`."""
         if not isinstance(image_id, str) or not ID_PATTERN.match(image_id):
-            raise UnknownImage(f"invalid image id {image_id!r}; upload a picture first (POST /api/image)")
+            raise UnknownImage(f"invalid image id {shown(str(image_id))}; upload a picture first (POST /api/image)")
         with self._lock:
             item = self._pinned.get(image_id) or self._items.get(image_id)
             if item is not None and image_id in self._items:
                 self._items.move_to_end(image_id)
         if item is None:
-            raise UnknownImage(f"no image with id {image_id!r} here (the server keeps the last {self.capacity} "
+            raise UnknownImage(f"no image with id {shown(image_id)} here (the server keeps the last {self.capacity} "
                                "uploads); upload it again")
         return item
 

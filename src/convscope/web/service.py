@@ -39,7 +39,7 @@ from ..methods.deconvnet import deconvnet, unit_backprop
 from ..methods.saliency import saliency
 from ..models.predict import rank_logits
 from ..models.zoo import get_classes, get_preprocess
-from .images import ImageStore, StoredImage, decode_image
+from .images import Decoder, ImageStore, StoredImage, shown
 
 __all__ = ["CAM_METHODS", "NORMS", "Explorer", "GridLayout", "LayerEntry", "activation_grid", "colorize", "data_url",
            "unit_pictures"]
@@ -200,16 +200,16 @@ class _LRU:
 
 
 class Explorer:
-    """The explorer's model-side work for one model (and optionally an atlas of it)."""
+    """The explorer's model-side work for one model (and optionally an atlas of it). ``max_pixels`` (None: sized
+    for the model) and ``decode_slots`` bound how uploads and frames are decoded (:class:`~.images.Decoder`)."""
 
     def __init__(self, model: nn.Module, name: str | None = None, atlas: Atlas | None = None,
-                 image_capacity: int = 128, frame_capacity: int = 32, max_pixels: int = 40_000_000,
-                 top_k: int = 5) -> None:
+                 image_capacity: int = 128, frame_capacity: int = 32, max_pixels: int | None = None,
+                 top_k: int = 5, decode_slots: int = 2) -> None:
         self.model = model
         self.name = name or getattr(model, "zoo_name", None) or type(model).__name__
         self.device = model_device(model)
         self.classes = get_classes(model)
-        self.max_pixels = max_pixels
         self.top_k = top_k
         pre = get_preprocess(model)
         if pre.input_size is None:  # a bare module: fix a size, keep its normalization
@@ -234,6 +234,10 @@ class Explorer:
         self.cam_layer = default_cam_layer(model)
         self.atlas = atlas
         self.images = ImageStore(pre, image_capacity)
+        # uploads are reduced while decoding to 2-4x the side the model resizes to; webcam frames to 1-2x
+        self.side = max(pre.resize or 0, *self.input_size)
+        self.decoder = Decoder(self.side, max_pixels, slots=decode_slots)
+        self.max_pixels = self.decoder.max_pixels
         self.frames = ImageStore(pre, frame_capacity, prefix="f-")
         self._preds = _LRU(4 * image_capacity)
         self._acts = _LRU(16)
@@ -250,7 +254,7 @@ class Explorer:
         entry = self._by_name.get(name)
         if entry is None:
             valid = [e.name for e in self.layers]
-            raise UnknownLayer(f"unknown layer {name!r} for {self.name}; valid layers: {', '.join(valid)}", valid)
+            raise UnknownLayer(f"unknown layer {shown(name)} for {self.name}; valid layers: {', '.join(valid)}", valid)
         return entry
 
     def check_unit(self, layer: str, unit: int) -> LayerEntry:
@@ -286,7 +290,7 @@ class Explorer:
         found = sample_images()
         if name not in found or name not in PHOTO_NAMES:
             valid = ", ".join(n for n in PHOTO_NAMES if n in found)
-            raise ConvscopeError(f"no bundled photo {name!r}; bundled photos: {valid}")
+            raise ConvscopeError(f"no bundled photo {shown(name)}; bundled photos: {valid}")
         return self.images.add(load_image(found[name]), name=name, pin_id=pid)
 
     def bundled(self) -> list[str]:
@@ -377,13 +381,12 @@ class Explorer:
         layer = items[0][2]
         if any(it[2] != layer for it in items):
             raise ConvscopeError("frame_batch() takes frames of one layer per call")
-        side = max(self.preprocess.resize or 0, *self.input_size)
         results: list[dict[str, Any] | Exception] = []
         stored: list[tuple[int, StoredImage]] = []
         for i, (data, ctype, _, norm, unit) in enumerate(items):
             try:
                 self.check_frame(layer, norm, unit)
-                stored.append((i, self.frames.add(decode_image(data, ctype, self.max_pixels, draft=side),
+                stored.append((i, self.frames.add(self.decoder.decode(data, ctype, min_side=self.side),
                                                   name="webcam")))
                 results.append({})
             except ConvscopeError as e:
