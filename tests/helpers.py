@@ -47,3 +47,17 @@ def assert_untouched(model: nn.Module, before: Snapshot, hooks: int = 0) -> None
         assert (a is None and g is None) or (a is not None and g is not None and torch.equal(a, g)), f"{k}.grad changed"
     assert after.inplace == before.inplace, "inplace flags not restored"
     assert hook_count(model) == hooks, "hooks left behind"
+
+
+def linked_images(html_path):
+    """The image files an HTML page links (``<img src="...">``), each checked to exist beside the page."""
+    import re
+    from pathlib import Path
+    from urllib.parse import unquote
+
+    page = Path(html_path)
+    srcs = re.findall(r'<img src="([^"]+)"', page.read_text())
+    files = [page.parent / unquote(s) for s in srcs if not s.startswith("data:")]
+    missing = [str(f) for f in files if not f.is_file()]
+    assert not missing, f"{page.name} links missing files: {missing}"
+    return files

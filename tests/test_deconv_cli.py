@@ -14,7 +14,7 @@ from convscope.applications.monitor import EvolutionMonitor
 from convscope.cli import main
 from convscope.models.demo_net import DemoNet
 
-from .helpers import assert_untouched, snapshot
+from .helpers import assert_untouched, linked_images, snapshot
 
 CLASSES = [f"c{i}" for i in range(8)]
 
@@ -50,7 +50,7 @@ def test_deconv_cli_writes_grid_html_and_json(tmp_path, capsys):
     assert rows[0]["value"] >= rows[1]["value"] and rows[2]["value"] >= rows[3]["value"]
     png = Image.open(tmp_path / "deconv_features.relu2.png")
     assert png.width > png.height / 2  # two blocks (projections | patches) per unit row
-    assert "data:image/png;base64," in (tmp_path / "deconv.html").read_text()
+    assert linked_images(tmp_path / "deconv.html")
 
 
 def test_deconv_cli_default_units_are_the_strongest_and_map_mode(tmp_path, demo):

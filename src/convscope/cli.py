@@ -78,6 +78,11 @@ def check_output(args: argparse.Namespace) -> None:
         check_output_dir(out)
 
 
+def _html_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--self-contained", action="store_true",
+                   help="embed the pictures in the HTML page (default: link the PNGs written beside it)")
+
+
 def _names(text: str) -> list[str]:
     """A comma-separated option (``a, b,c``) as a list of non-empty, stripped names."""
     return [t.strip() for t in text.split(",") if t.strip()]
@@ -169,8 +174,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .applications.report import build_report
 
     model = _load(args)
-    res = build_report(model, [Path(p) for p in args.images] or None, Path(args.out), cam_layer=args.cam_layer,
-                       layer=args.layer, n_units=args.units)
+    res = build_report(model, args.images or None, Path(args.out), cam_layer=args.cam_layer,
+                       layer=args.layer, n_units=args.units, self_contained=args.self_contained)
     print(f"wrote {res.html} and {len(res.pngs)} PNGs in {res.html.parent}/")
     return 0
 
@@ -267,7 +272,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     classes = getattr(model, "classes", None)
     signed = method in _PER_CHANNEL or method == "occlusion"
     name = getattr(model, "zoo_name", type(model).__name__)
-    rep = HtmlReport(f"convscope explain: {method} on {name}")
+    rep = HtmlReport(f"convscope explain: {method} on {name}", self_contained=args.self_contained)
     if method == "occlusion":
         legend = ("Colour (coolwarm, 0 is grey): red where hiding the region lowers the class score (the model relies "
                   "on it), blue where hiding it raises the score." + (" The last tile is the same for the most active "
@@ -392,9 +397,10 @@ def cmd_maximize(args: argparse.Namespace) -> int:
     run = run_maximize(model, layer, units, Path(args.out), steps=args.steps, regularize=args.regularize,
                        kind=args.kind, size=args.size, seed=args.seed, parametrization=args.parametrization,
                        facets=args.facets, images=images, top=args.top, generator=args.generator,
-                       code_init=args.code_init, lambda_code=args.lambda_code)
+                       code_init=args.code_init, lambda_code=args.lambda_code, self_contained=args.self_contained)
     print(f"objective reached: median {sorted(run.activations)[len(run.activations) // 2]:.3g} over "
-          f"{len(run.activations)} images; wrote {run.grid} and {len(run.pictures)} PNGs in {run.grid.parent}/units/")
+          f"{len(run.activations)} images; wrote {run.html}, {run.grid} and {len(run.pictures)} PNGs in "
+          f"{run.grid.parent}/units/")
     return 0
 
 
@@ -428,7 +434,8 @@ def cmd_dissect(args: argparse.Namespace) -> int:
         print(f"wrote {run.chart} and {run.csv}")
         return 0
     results = dissect(model, path, layers, config, out=out / "state")
-    rep = dissect_report(model, BrodenDataset(path), results, out, top=args.top, max_units=args.max_units)
+    rep = dissect_report(model, BrodenDataset(path), results, out, top=args.top, max_units=args.max_units,
+                         self_contained=args.self_contained)
     print(compare({getattr(model, "zoo_name", "model"): results}).text())
     print(f"wrote {', '.join(str(h) for h in rep.html)}")
     return 0
@@ -444,10 +451,10 @@ def cmd_invert(args: argparse.Namespace) -> int:
         raise ConvscopeError("--layers needs at least one layer name (see `convscope layers MODEL`)")
     run = run_invert(model, expand_inputs(args.images), layers, Path(args.out), method=args.method,
                      decoders=[Path(d) for d in args.decoder] if args.decoder else None, steps=args.steps,
-                     seed=args.seed)
+                     seed=args.seed, self_contained=args.self_contained)
     for r in run.rows:
         print(f"{r['layer']:<24} {Path(r['image']).name:<20} error {r['error']:.3f}  PSNR {r['psnr_db']:.1f} dB")
-    print(f"wrote {run.picture}")
+    print(f"wrote {run.picture} and {run.html}")
     return 0
 
 
@@ -471,9 +478,10 @@ def cmd_style(args: argparse.Namespace) -> int:
     model = _load(args)
     styles = _names(args.style_layers) or None
     content, style = (_one_image(args.content, "CONTENT"), _one_image(args.style, "STYLE"))
-    png = run_style(model, content, style, Path(args.out), content_layer=args.content_layer
-                    or None, style_layers=styles, beta=args.beta, steps=args.steps, seed=args.seed)
-    print(f"wrote {png}")
+    run = run_style(model, content, style, Path(args.out), content_layer=args.content_layer
+                    or None, style_layers=styles, beta=args.beta, steps=args.steps, seed=args.seed,
+                    self_contained=args.self_contained)
+    print(f"content loss {run.content_loss:.4g}, style loss {run.style_loss:.4g}; wrote {run.picture} and {run.html}")
     return 0
 
 
@@ -679,6 +687,7 @@ def add_report(sub: Subparsers) -> None:
     p.add_argument("--cam-layer", default="", help="layer for Grad-CAM (default: the last feature map)")
     p.add_argument("--layer", default="", help="layer whose units are shown (default: a middle layer)")
     p.add_argument("--units", type=int, default=8, help="how many units to show (default 8)")
+    _html_args(p)
     p.set_defaults(func=cmd_report)
 
 
@@ -711,6 +720,7 @@ def add_explain(sub: Subparsers) -> None:
     p.add_argument("--stride", type=int, help="occlusion: step in pixels (default 8)")
     p.add_argument("--samples", type=int, default=50, help="smoothgrad: noisy copies (default 50)")
     p.add_argument("--seed", type=int, default=0, help="smoothgrad: noise seed (default 0)")
+    _html_args(p)
     p.set_defaults(func=cmd_explain)
 
 
@@ -820,6 +830,7 @@ def add_maximize(sub: Subparsers) -> None:
     p.add_argument("--code-init", default="zeros", help="DGN-AM start code: zeros, noise or a PHOTO to encode")
     p.add_argument("--lambda-code", type=float, default=1e-3, help="DGN-AM: L2 weight on the code (default 1e-3)")
     p.add_argument("--out", "-o", default="out/maximize", help="output folder (default out/maximize/)")
+    _html_args(p)
     p.set_defaults(func=cmd_maximize)
 
 
@@ -842,6 +853,7 @@ def add_dissect(sub: Subparsers) -> None:
     p.add_argument("--checkpoints", nargs="+", metavar="PATH",
                    help="dissect these checkpoints of MODEL's architecture (a folder of epoch_XX.pt from train-demo, "
                         "or .pt files) and compare them side by side, instead of MODEL's own weights")
+    _html_args(p)
     p.set_defaults(func=cmd_dissect)
 
 
@@ -856,6 +868,7 @@ def add_invert(sub: Subparsers) -> None:
     p.add_argument("--steps", type=int, default=200, help="optimization steps (default 200)")
     p.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default 0)")
     p.add_argument("--out", "-o", default="out/invert", help="output folder (default out/invert/)")
+    _html_args(p)
     p.set_defaults(func=cmd_invert)
 
 
@@ -888,6 +901,7 @@ def add_style(sub: Subparsers) -> None:
     p.add_argument("--steps", type=int, default=300, help="optimization steps (default 300)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--out", "-o", default="out/style", help="output folder (default out/style/)")
+    _html_args(p)
     p.set_defaults(func=cmd_style)
 
 

@@ -35,7 +35,7 @@ def _summary_writer(log_dir: str | Path) -> Any:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as exc:  # torch's module imports the tensorboard package
         raise ConvscopeError("EvolutionMonitor(log_dir=...) logs to TensorBoard, which needs the tensorboard "
-                             "package: pip install tensorboard (or leave log_dir unset)") from exc
+                             "package: pip install convscope[tensorboard] (or leave log_dir unset)") from exc
     return SummaryWriter(log_dir=str(log_dir))
 
 
