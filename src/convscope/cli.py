@@ -289,6 +289,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     for path, stem in tqdm(list(zip(files, stems)), desc="explain", unit="image", disable=len(files) < 2):
         x = load_images([path], model).to(device)
         ranked = predict(model, x, k=max(5, spec if isinstance(spec, int) else 1))[0]
+        if isinstance(spec, int) and len(ranked) < spec:
+            raise ConvscopeError(f"--target top{spec}: the model has only {len(ranked)} classes; use "
+                                 f"top{len(ranked)} or fewer")
         top = ranked[:5]
         targets = [p.index for p in ranked[:spec]] if isinstance(spec, int) else spec
         maps, extra = _explain_one(model, x, args, targets, layer, progress=None if len(files) == 1 else False)
