@@ -75,6 +75,11 @@ def test_store_refuses_paths_that_leave_the_folder(tmp_path):
     assert not (tmp_path / "escape.png").exists()
     with pytest.raises(AtlasError, match="does not exist"):
         atlas.file("conv/2_am.png")
+    with pytest.raises(AtlasError, match="cannot be opened"):
+        atlas.file("x" * 300 + ".png")  # ENAMETOOLONG from the file system
+    for unit in (2**64, 10**20, -1):
+        with pytest.raises(AtlasError, match="out of range"):
+            atlas.unit("conv", unit)
 
 
 def test_store_read_only_and_missing(tmp_path):

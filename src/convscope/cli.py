@@ -620,6 +620,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     torch.set_num_threads(threads)
     model = _load(args)
     app = create_app(model, atlas=args.atlas, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+                     max_pixels=args.max_pixels, decode_slots=args.decode_slots,
                      queue_size=args.queue_size, allowed_hosts=LOOPBACK_HOSTS if args.host in LOOPBACK_HOSTS else None)
     if args.host not in LOOPBACK_HOSTS:
         print(f"convscope: warning: serving on {args.host}, reachable from other machines; the explorer has no "
@@ -702,6 +703,9 @@ def add_serve(sub: Subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload in MB (default 10)")
+    p.add_argument("--max-pixels", type=int, help="largest accepted picture in pixels (default: sized for the model's "
+                                                  "input, 16-40 megapixels)")
+    p.add_argument("--decode-slots", type=int, default=2, help="uploads decoded at once (default 2; bounds memory)")
     p.add_argument("--queue-size", type=int, default=64, help="model jobs allowed to wait before the server answers "
                                                               "503 (default 64)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: the CPUs available, at most 4)")

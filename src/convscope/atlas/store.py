@@ -240,6 +240,9 @@ class Atlas:
                     raise AtlasError(f"unit {unit} of layer {layer!r} is not in the atlas; add the layer first")
 
     def unit(self, layer: str, unit: int) -> UnitRecord:
+        if not 0 <= int(unit) < 2**63:  # SQLite integers are 64-bit: a larger one would raise OverflowError
+            n = self.layer(layer).units
+            raise AtlasError(f"unit {unit} is out of range for layer {layer!r} (0..{n - 1})")
         row = self._con().execute("SELECT * FROM units WHERE layer = ? AND unit = ?", (layer, int(unit))).fetchone()
         if row is None:
             n = self.layer(layer).units  # raises with the valid layer names
@@ -320,12 +323,17 @@ class Atlas:
         """Resolve a stored relative path inside ``DIR/files``; refuse anything that leaves it."""
         if not relpath or "\x00" in relpath or Path(relpath).is_absolute() or "\\" in relpath:
             raise AtlasError(f"invalid atlas file path {relpath!r}")
-        root = self.files_root.resolve()
-        path = (root / relpath).resolve()
-        if path != root and root not in path.parents:
-            raise AtlasError(f"atlas file path {relpath!r} leaves the atlas folder")
-        if must_exist and not path.is_file():
-            raise AtlasError(f"atlas file {relpath!r} does not exist in {self.files_root}")
+        shown = relpath if len(relpath) <= 80 else relpath[:77] + "..."
+        try:
+            root = self.files_root.resolve()
+            path = (root / relpath).resolve()
+            if path != root and root not in path.parents:
+                raise AtlasError(f"atlas file path {shown!r} leaves the atlas folder")
+            if must_exist and not path.is_file():
+                raise AtlasError(f"atlas file {shown!r} does not exist in the atlas")
+        except OSError as exc:  # a name too long for the file system, a loop of links, ...
+            raise AtlasError(f"atlas file path {shown!r} cannot be opened ({exc.strerror or exc}); check the path") \
+                from None
         return path
 
 
