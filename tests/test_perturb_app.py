@@ -88,6 +88,8 @@ def test_bad_input_names_the_fix(demo, pictures, tmp_path):
         run_perturbation(demo, pictures, LAYER, tmp_path, perturbations=["blur"])
     with pytest.raises(ConvscopeError, match="at most once"):
         run_perturbation(demo, pictures, LAYER, tmp_path, perturbations=["dropout", "dropout"])
+    with pytest.raises(ConvscopeError, match="at least one perturbation: binarize"):
+        run_perturbation(demo, pictures, LAYER, tmp_path, perturbations=[])
     with pytest.raises(ConvscopeError, match="give a layer"):
         run_perturbation(demo, pictures, None, tmp_path)
     assert not any(tmp_path.iterdir())

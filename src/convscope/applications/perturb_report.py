@@ -80,6 +80,8 @@ def run_perturbation(model: nn.Module, images: Sequence[str | Path], layer: str 
     from ..methods.upconv import load_upconv
 
     perturbations = list(perturbations)
+    if not perturbations:
+        raise ConvscopeError(f"give at least one perturbation: {', '.join(PERTURBATIONS)}")
     for k in perturbations:
         if k not in PERTURBATIONS:
             raise ConvscopeError(f"unknown perturbation {k!r}; use one of {', '.join(PERTURBATIONS)}")
