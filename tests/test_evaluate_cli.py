@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
+import torch
+from torch import nn
 
-from convscope.applications.evaluate import METHODS, synthetic_eval_set
+from convscope.applications.evaluate import METHODS, channels_last_inputs, method_cost, synthetic_eval_set
 from convscope.cli import main
 
 
@@ -20,8 +23,16 @@ def test_cli_scores_methods_and_writes_table(tmp_path, capsys):
     assert main(["evaluate", "attribution", "--model", "demo_net", "--device", "cpu", "--n", "6", "--n-curve", "3",
                  "--n-sanity", "2", "--steps", "4", "--methods", "gradcam,saliency,random",
                  "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "| gradcam |" in out and "| random |" in out
+    # every stage reports, as whole time-stamped lines (stderr is not a terminal here)
+    err = captured.err
+    for stage in ("] maps:   0%", "deletion/insertion: 100%", "randomization: 100%",
+                  "randomization (gradcam cascade): 100%"):
+        assert stage in err, err
+    assert re.search(r"\] maps \(\w+\): 100% (\d+)/\1 fwd", err), err
+    assert "\r" not in err.split("render")[-1]
     data = json.loads((tmp_path / "evaluation.json").read_text())
     rows = {r["method"]: r for r in data["rows"]}
     assert set(rows) == {"gradcam", "saliency", "random"}
@@ -41,3 +52,21 @@ def test_cli_rejects_unknown_method_and_wrong_model(tmp_path, capsys):
     assert main(["evaluate", "attribution", "--model", "efficientnet_lite0", "--device", "cpu", "--n", "2",
                  "--out", str(tmp_path)]) == 2
     assert "synthetic scene classes" in capsys.readouterr().err
+
+
+def test_channels_last_inputs_same_outputs_and_hook_removed():
+    seen = []
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    model[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous(memory_format=torch.channels_last)))
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    ref = model(x)
+    with channels_last_inputs(model):
+        torch.testing.assert_close(model(x), ref)
+    model(x)
+    assert seen == [False, True, False]
+
+
+def test_method_cost_ranks_the_slow_methods():
+    assert method_cost("occlusion", 112) == 13 * 13 + 1  # window 16, stride 8: 13 positions a side
+    assert method_cost("occlusion", 112) > method_cost("smoothgrad", 112) > method_cost("gradcam", 112)
+    assert set(METHODS) >= {"occlusion", "smoothgrad", "random"}

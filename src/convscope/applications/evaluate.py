@@ -20,15 +20,16 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..core.io import atomic_write_text
+from ..core.progress import progress_bar
 from ..core.render import grid, overlay, save_png, to_display
 from ..core.report import HtmlReport
 from ..data.groundtruth import mask_iou, pointing_game
@@ -36,38 +37,61 @@ from ..data.synthetic import HELD_OUT_START, SynthConfig, render_arrays
 from ..errors import ConvscopeError
 from ..methods.backprop import deconvnet_rule, guided_backprop, guided_gradcam
 from ..methods.cam import default_cam_layer, gradcam, gradcam_pp
-from ..methods.evaluation import deletion_insertion, model_randomization
-from ..methods.occlusion import occlusion
+from ..methods.evaluation import deletion_insertion_many, model_randomization, model_randomization_many
+from ..methods.occlusion import occlusion, window_positions
 from ..methods.saliency import input_x_gradient, saliency, smoothgrad
 
-MapFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, str], torch.Tensor]  # (model, x, labels, layer) -> N H W
+MapFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, str, "bool | None"], torch.Tensor]
+"""``(model, x, labels, layer, progress) -> N x H x W`` maps; ``progress`` is passed to the slow methods' bars."""
+
+CURVE_BATCH = 128
+"""Rows per forward pass of the deletion / insertion curves."""
 
 
-def _center(model: nn.Module, x: torch.Tensor, y: torch.Tensor, layer: str) -> torch.Tensor:
+def _center(model: nn.Module, x: torch.Tensor, y: torch.Tensor, layer: str, progress: bool | None) -> torch.Tensor:
     h, w = x.shape[-2:]
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
     return torch.exp(-(yy**2 + xx**2) / 0.5).expand(x.shape[0], h, w).to(x.device)
 
 
-def _random(model: nn.Module, x: torch.Tensor, y: torch.Tensor, layer: str) -> torch.Tensor:
+def _random(model: nn.Module, x: torch.Tensor, y: torch.Tensor, layer: str, progress: bool | None) -> torch.Tensor:
     g = torch.Generator().manual_seed(int(x.flatten()[:16].abs().sum() * 1e4) % 2**31)
     return torch.rand(x.shape[0], *x.shape[-2:], generator=g).to(x.device)
 
 
+def _occlusion_grid(size: int) -> tuple[int, int]:
+    """The occlusion window and stride evaluated at image side ``size``."""
+    return max(4, size // 7), max(2, size // 14)
+
+
+def _occlusion(m: nn.Module, x: torch.Tensor, y: torch.Tensor, layer: str, progress: bool | None) -> torch.Tensor:
+    window, stride = _occlusion_grid(x.shape[-1])
+    return occlusion(m, x, y[:, None], window=window, stride=stride, batch_size=CURVE_BATCH,
+                     progress=progress).maps[:, 0]
+
+
 METHODS: dict[str, MapFn] = {
-    "saliency": lambda m, x, y, L: saliency(m, x, y[:, None])[:, 0],
-    "input_x_gradient": lambda m, x, y, L: input_x_gradient(m, x, y[:, None])[:, 0].abs().sum(1),
-    "smoothgrad": lambda m, x, y, L: smoothgrad(m, x, y[:, None], n=16)[:, 0].abs().amax(1),
-    "guided": lambda m, x, y, L: guided_backprop(m, x, y[:, None])[:, 0].abs().amax(1),
-    "deconvnet": lambda m, x, y, L: deconvnet_rule(m, x, y[:, None])[:, 0].abs().amax(1),
-    "gradcam": lambda m, x, y, L: gradcam(m, x, y[:, None], layer=L)[:, 0],
-    "gradcam++": lambda m, x, y, L: gradcam_pp(m, x, y[:, None], layer=L)[:, 0],
-    "guided_gradcam": lambda m, x, y, L: guided_gradcam(m, x, y[:, None], layer=L)[:, 0].abs().amax(1),
-    "occlusion": lambda m, x, y, L: occlusion(m, x, y[:, None], window=max(4, x.shape[-1] // 7),
-                                              stride=max(2, x.shape[-1] // 14), progress=False).maps[:, 0],
+    "saliency": lambda m, x, y, L, p: saliency(m, x, y[:, None])[:, 0],
+    "input_x_gradient": lambda m, x, y, L, p: input_x_gradient(m, x, y[:, None])[:, 0].abs().sum(1),
+    "smoothgrad": lambda m, x, y, L, p: smoothgrad(m, x, y[:, None], n=16, progress=p)[:, 0].abs().amax(1),
+    "guided": lambda m, x, y, L, p: guided_backprop(m, x, y[:, None])[:, 0].abs().amax(1),
+    "deconvnet": lambda m, x, y, L, p: deconvnet_rule(m, x, y[:, None])[:, 0].abs().amax(1),
+    "gradcam": lambda m, x, y, L, p: gradcam(m, x, y[:, None], layer=L)[:, 0],
+    "gradcam++": lambda m, x, y, L, p: gradcam_pp(m, x, y[:, None], layer=L)[:, 0],
+    "guided_gradcam": lambda m, x, y, L, p: guided_gradcam(m, x, y[:, None], layer=L)[:, 0].abs().amax(1),
+    "occlusion": _occlusion,
     "random": _random,
     "center": _center,
 }
+
+
+def method_cost(name: str, size: int) -> float:
+    """Rough cost of one map of method ``name`` at image side ``size``, in forward passes (a backward pass counts
+    two): what the progress bar of the maps stage counts, so its ETA holds across cheap and costly methods."""
+    if name == "occlusion":
+        window, stride = _occlusion_grid(size)
+        return len(window_positions(size, window, stride)) ** 2 + 1.0
+    return {"smoothgrad": 49.0, "guided_gradcam": 6.0, "random": 0.1, "center": 0.1}.get(name, 3.0)
 
 
 @dataclass(frozen=True)
@@ -80,19 +104,41 @@ class Evaluation:
     files: list[Path]
 
 
-def synthetic_eval_set(n: int, size: int, seed: int = 0, start: int = HELD_OUT_START, workers: int = 2
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def synthetic_eval_set(n: int, size: int, seed: int = 0, start: int = HELD_OUT_START, workers: int = 2,
+                       progress: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``n`` held-out synthetic images (uint8 ``N x 3 x H x W``), their scene classes and dominant-object masks."""
-    arrays = render_arrays(start, n, size, seed, workers=workers, masks=True)
+    arrays = render_arrays(start, n, size, seed, workers=workers, masks=True, progress=progress is not False)
     images = torch.from_numpy(arrays.images).permute(0, 3, 1, 2).contiguous()
     return images, torch.from_numpy(arrays.scenes), torch.from_numpy(arrays.target_masks)
 
 
+@contextmanager
+def channels_last_inputs(model: nn.Module) -> Iterator[None]:
+    """While open, ``model`` receives its 4-d inputs in channels-last memory order (faster convolutions and
+    pooling on CPU; the same values). A forward pre-hook, removed on exit; deep copies made meanwhile keep it."""
+    def hook(_module: nn.Module, args: tuple) -> tuple:
+        if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
+            return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
+        return args
+
+    handle = model.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def evaluate_attribution(model: nn.Module, out: Path, n: int = 200, methods: list[str] | None = None,
                          layer: str = "", n_curve: int = 50, n_sanity: int = 8, steps: int = 32,
-                         batch_size: int = 50, progress: bool = True) -> Evaluation:
+                         batch_size: int = 50, progress: bool | None = True) -> Evaluation:
     """Score ``methods`` (default: all of :data:`METHODS`) on ``model``, which must classify the 8 synthetic scene
-    classes (``demo_net``, or a network trained with ``convscope train-demo``)."""
+    classes (``demo_net``, or a network trained with ``convscope train-demo``).
+
+    Three stages, each with a progress bar and an ETA (``progress``: ``True``, ``False``, or ``None``: bars that
+    appear once a stage has run 2 s): every method's maps (``batch_size`` images per call), then the deletion /
+    insertion curves of all methods in one batched pass, then the randomization check of all methods on one
+    cascade (top layer and all layers; every stage for Grad-CAM, for the figure).
+    """
     names = list(METHODS) if methods is None else methods
     unknown = [m for m in names if m not in METHODS]
     if unknown:
@@ -105,46 +151,64 @@ def evaluate_attribution(model: nn.Module, out: Path, n: int = 200, methods: lis
     pre = getattr(model, "preprocess", None)
     size = (pre.input_size or (112, 112))[0] if pre is not None else 112
     device = next(model.parameters()).device
-    images, labels, masks = synthetic_eval_set(n, size)
+    images, labels, masks = synthetic_eval_set(n, size, progress=progress)
     x = images.float().div(255)
     x = (pre.normalize(x) if pre is not None else x).to(device)
     labels = labels.to(device)
     layer = layer or default_cam_layer(model)
-    with torch.no_grad():
-        acc = float(torch.cat([model(xb).argmax(1) for xb in x.split(batch_size)]).eq(labels).float().mean())
+    inner = False if progress is False else None  # the slow methods' own bars: when they run long
+    k, s = min(n_curve, n), min(n_sanity, n)
+    with channels_last_inputs(model):
+        with torch.no_grad():
+            acc = float(torch.cat([model(xb).argmax(1) for xb in x.split(batch_size)]).eq(labels).float().mean())
+        maps, seconds = {}, {}
+        cost = {m: method_cost(m, x.shape[-1]) for m in names}
+        total = sum(round(len(xb) * cost[m]) for m in names for xb in x.split(batch_size))
+        with progress_bar(total=total, desc="maps", unit="fwd", progress=progress) as bar:
+            for name in names:
+                bar.set_description_str(f"maps ({name})", refresh=False)
+                fn, parts = METHODS[name], []
+                t0 = time.perf_counter()
+                for xb, yb in zip(x.split(batch_size), labels.split(batch_size)):
+                    parts.append(fn(model, xb, yb, layer, inner).detach().float())
+                    bar.update(round(len(xb) * cost[name]))
+                seconds[name] = (time.perf_counter() - t0) / n
+                maps[name] = torch.cat(parts).cpu()
+        curves = deletion_insertion_many(model, x[:k], {m: maps[m][:k].to(device) for m in names},
+                                         labels[:k].tolist(), steps=steps, batch_size=CURVE_BATCH, progress=progress)
+        explainers = {m: _explainer(m, labels[:s], layer, inner) for m in names}
+        rand = model_randomization_many(model, x[:s], explainers, stages=[0, -1], progress=progress)
+        cascade = (model_randomization(model, x[:s], explainers["gradcam"], progress=progress,
+                                       desc="randomization (gradcam cascade)")
+                   if "gradcam" in names else None)
     tol = 15 * size / 224
-    rows, examples = [], {}
-    for name in tqdm(names, desc="methods", disable=not progress):
-        fn = METHODS[name]
-        t0 = time.perf_counter()
-        maps = torch.cat([fn(model, xb, yb, layer).detach().float()
-                          for xb, yb in zip(x.split(batch_size), labels.split(batch_size))]).cpu()
-        seconds = (time.perf_counter() - t0) / n
-        examples[name] = maps[:6]
-        hits = pointing_game(maps, masks, tolerance_px=tol).float().mean()
-        iou = mask_iou(maps, masks).mean()
-        k = min(n_curve, n)
-        curves = deletion_insertion(model, x[:k], maps[:k].to(device), labels[:k].tolist(), steps=steps,
-                                    progress=False)
-        s = min(n_sanity, n)
-        rand = model_randomization(model, x[:s], lambda m, xx, _y=labels[:s], _f=fn: _f(m, xx, _y, layer),
-                                   progress=False)
+    rows = []
+    for name in names:
+        hits = pointing_game(maps[name], masks, tolerance_px=tol).float().mean()
+        iou = mask_iou(maps[name], masks).mean()
         rows.append({"method": name, "pointing_game": float(hits), "mask_iou": float(iou),
-                     "deletion_auc": float(curves.deletion_auc.mean()),
-                     "insertion_auc": float(curves.insertion_auc.mean()),
-                     "spearman_top_layer": float(rand.spearman_abs[0].nanmean()),
-                     "spearman_all_layers": float(rand.spearman_abs[-1].nanmean()),
-                     "ms_per_image": 1000 * seconds})
-        if name == "gradcam":
-            examples["_cascade"] = (rand.layers, [mp[0] for mp in rand.maps])
-    md = _markdown(rows, n, min(n_curve, n), min(n_sanity, n), acc, layer, getattr(model, "zoo_name", ""))
+                     "deletion_auc": float(curves[name].deletion_auc.mean()),
+                     "insertion_auc": float(curves[name].insertion_auc.mean()),
+                     "spearman_top_layer": float(rand[name].spearman_abs[0].nanmean()),
+                     "spearman_all_layers": float(rand[name].spearman_abs[-1].nanmean()),
+                     "ms_per_image": 1000 * seconds[name]})
+    examples: dict = {m: maps[m][:6] for m in names}
+    if cascade is not None:
+        examples["_cascade"] = (cascade.layers, [mp[0] for mp in cascade.maps])
+    md = _markdown(rows, n, k, s, acc, layer, getattr(model, "zoo_name", ""))
     out = Path(out)
     files = [atomic_write_text(out / "evaluation.md", md),
              atomic_write_text(out / "evaluation.json", json.dumps({
-                 "n": n, "n_curve": min(n_curve, n), "n_sanity": min(n_sanity, n), "steps": steps, "layer": layer,
+                 "n": n, "n_curve": k, "n_sanity": s, "steps": steps, "layer": layer,
                  "accuracy": acc, "rows": rows}, indent=1))]
     files += _html(out, rows, md, examples, images[:6].float().div(255), masks[:6], layer)
     return Evaluation(rows, md, acc, files)
+
+
+def _explainer(name: str, labels: torch.Tensor, layer: str, progress: bool | None
+               ) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+    fn = METHODS[name]
+    return lambda m, xx: fn(m, xx, labels, layer, progress)
 
 
 def _markdown(rows: list[dict], n: int, n_curve: int, n_sanity: int, acc: float, layer: str, model: str) -> str:

@@ -40,12 +40,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import ConvscopeError
 from .imageops import gaussian_blur
 from .images import Preprocess
 from .probe import Probe, StopForward, preserved_state, probe
+from .progress import progress_bar
 
 OUTPUT = "@output"  # the layer name objectives use for the model's output (class logits)
 OPTIMIZERS = ("adam", "sgd")
@@ -739,7 +739,8 @@ def optimize_images(model: nn.Module, objective: Objective, param: ImageParam, *
     the objective reads (unless it reads the output). ``optimizer``: ``"adam"`` (Kingma & Ba 2015) or ``"sgd"``,
     plain gradient ascent ``x <- x + lr * dJ/dx`` (survey Eq. 8). ``stop(acts)`` (on the untransformed images,
     before each update) returns a boolean ``N``: images for which it is true keep their current pixels from then
-    on, and the loop ends when all are done. ``progress``: a tqdm bar (default: for 64 steps or more).
+    on, and the loop ends when all are done. ``progress``: a bar with an ETA (``True``, ``False``, or ``None``: once
+    the loop has run for 2 s; see :func:`~convscope.core.progress.progress_bar`).
     """
     if not isinstance(steps, int) or steps < 0:
         raise ConvscopeError(f"steps={steps!r}: use an int >= 0")
@@ -767,10 +768,9 @@ def optimize_images(model: nn.Module, objective: Objective, param: ImageParam, *
     done = torch.zeros(n, dtype=torch.bool)
     taken = torch.full((n,), steps, dtype=torch.long)
     history: list[torch.Tensor] = []
-    show = progress if progress is not None else steps >= 64
-    with torch.enable_grad(), probe(model, layers, stop_after=stop_after) as p:
-        bar = tqdm(range(steps), desc=desc, unit="step", disable=not show, leave=False)
-        for step in bar:
+    with torch.enable_grad(), probe(model, layers, stop_after=stop_after) as p, \
+            progress_bar(total=steps, desc=desc, unit="step", progress=progress, leave=False) as bar:
+        for step in range(steps):
             x = param()
             xt = x
             for t in transforms:
@@ -810,8 +810,9 @@ def optimize_images(model: nn.Module, objective: Objective, param: ImageParam, *
                 if keep is not None:
                     for q, k in zip(params, keep):
                         q[done.to(q.device)] = k
-            if show and step % 10 == 0:
-                bar.set_postfix(objective=f"{float(value.detach().mean()):.3g}")
+            if not bar.disable and step % 10 == 0:
+                bar.set_postfix(objective=f"{float(value.detach().mean()):.3g}", refresh=False)
+            bar.update(1)
         with torch.no_grad():
             x = param().detach()
             acts = _run(p, model, x, layers, need_output)

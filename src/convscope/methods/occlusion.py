@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..core.probe import probe
+from ..core.progress import progress_bar
 from ..core.targets import Target, target_scores, top_class
 from ..errors import ConvscopeError, TargetError
 
@@ -89,7 +89,8 @@ def occlusion(model: nn.Module, x: torch.Tensor, target: Target = top_class, win
             as given, in input space, broadcast to ``N x C x H x W`` (for example a blurred copy of ``x``).
         batch_size: occluded copies per forward pass (bounds memory).
         layer: also record the strongest feature map of this layer (``strongest_unit``, Fig. 7 (b)).
-        progress: show a progress bar (default: when there are more than 4 forward passes).
+        progress: a progress bar with an ETA, counting occluded copies: ``True``, ``False``, or ``None`` (default:
+            once the work has run for 2 s).
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point() or x.shape[0] == 0:
         raise ConvscopeError(f"occlusion expects a float batch of images N x C x H x W, got "
@@ -109,10 +110,9 @@ def occlusion(model: nn.Module, x: torch.Tensor, target: Target = top_class, win
     col_in = (xs >= c0[:, None]) & (xs < c0[:, None] + ww)
     n_pos = len(rows) * len(cols)
     total = num * n_pos
-    chunks = range(0, total, batch_size)
-    show = progress if progress is not None else len(chunks) > 4
 
-    with torch.no_grad(), probe(model, layer, detach=True) as p:
+    with torch.no_grad(), probe(model, layer, detach=True) as p, \
+            progress_bar(total=total, desc="occlusion", unit="copy", progress=progress, leave=False) as bar:
         out = model(x)
         clean, idx = target_scores(out, target)
         k = clean.shape[1]
@@ -124,7 +124,7 @@ def occlusion(model: nn.Module, x: torch.Tensor, target: Target = top_class, win
         scores = torch.empty(total, k, dtype=clean.dtype, device=clean.device)
         predicted = torch.empty(total, dtype=torch.long, device=x.device)
         unit_sums = torch.empty(total, dtype=x.dtype, device=x.device) if layer is not None else None
-        for start in tqdm(chunks, desc="occlusion", unit="batch", disable=not show):
+        for start in range(0, total, batch_size):
             flat = torch.arange(start, min(start + batch_size, total), device=x.device)
             img, pos = flat // n_pos, flat % n_pos  # row order: image-major, then window row, then window column
             mask = (row_in[pos // len(cols)][:, :, None] & col_in[pos % len(cols)][:, None, :])[:, None]
@@ -142,6 +142,7 @@ def occlusion(model: nn.Module, x: torch.Tensor, target: Target = top_class, win
             if unit_sums is not None and unit is not None:
                 a = _as_maps(p.activations[layer], layer)
                 unit_sums[flat] = a[torch.arange(len(flat), device=x.device), unit[img]].flatten(1).sum(1).to(x.dtype)
+            bar.update(len(flat))
 
     grid = (num, len(rows), len(cols))
     scores_g = scores.reshape(*grid, k).permute(0, 3, 1, 2)  # N K Ph Pw

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..core.attribution import check_input, input_gradient, pinned_target, repeat_target
 from ..core.probe import RELU_RULES
+from ..core.progress import progress_bar
 from ..core.targets import Target, top_class
 from ..errors import ConvscopeError
 
@@ -57,7 +58,8 @@ def input_x_gradient(model: nn.Module, x: torch.Tensor, target: Target = top_cla
 
 
 def smoothgrad(model: nn.Module, x: torch.Tensor, target: Target = top_class, n: int = 50, sigma: float = 0.15,
-               seed: int | torch.Generator = 0, batch_size: int = 32, relu_rule: str | None = None) -> torch.Tensor:
+               seed: int | torch.Generator = 0, batch_size: int = 32, relu_rule: str | None = None,
+               progress: bool | None = None) -> torch.Tensor:
     """SmoothGrad (Smilkov et al. 2017): the input gradient averaged over ``n`` noisy copies, ``N x K x C x H x W``.
 
     Noise is Gaussian with standard deviation ``sigma * (x.max() - x.min())`` per image. Samples are drawn from a
@@ -67,7 +69,8 @@ def smoothgrad(model: nn.Module, x: torch.Tensor, target: Target = top_class, n:
     bounds memory. Targets are fixed on the clean
     images first (``top_class`` is the clean image's top class for every noisy copy); a callable returning scores
     is applied to each noisy copy's output. ``relu_rule="guided"`` smooths guided backpropagation instead of the
-    gradient (the paper's Fig. 5). ``sigma=0`` gives the plain gradient.
+    gradient (the paper's Fig. 5). ``sigma=0`` gives the plain gradient. ``progress``: a bar with an ETA over the
+    noise samples (``True``, ``False``, or ``None``: once the work has run for 2 s).
 
     For a saliency-style map, reduce the channels: ``smoothgrad(...).abs().amax(2)``.
     """
@@ -88,13 +91,16 @@ def smoothgrad(model: nn.Module, x: torch.Tensor, target: Target = top_class, n:
     fixed = pinned_target(model, x, target)
     per_chunk = max(1, batch_size // num)
     total = torch.zeros(())
-    for start in range(0, n, per_chunk):
-        m = min(per_chunk, n - start)
-        noise = torch.stack([torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype) for _ in range(m)])
-        noisy = (x + std * noise).reshape(m * num, *x.shape[1:])  # row s * N + i: sample s of image i
-        g = input_gradient(model, noisy, repeat_target(fixed, m), relu_rule).grads
-        g = g.reshape(m, num, *g.shape[1:]).sum(0)
-        total = g if start == 0 else total + g
+    with progress_bar(total=n, desc="smoothgrad", unit="sample", progress=progress, leave=False) as bar:
+        for start in range(0, n, per_chunk):
+            m = min(per_chunk, n - start)
+            noise = torch.stack([torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+                                 for _ in range(m)])
+            noisy = (x + std * noise).reshape(m * num, *x.shape[1:])  # row s * N + i: sample s of image i
+            g = input_gradient(model, noisy, repeat_target(fixed, m), relu_rule).grads
+            g = g.reshape(m, num, *g.shape[1:]).sum(0)
+            total = g if start == 0 else total + g
+            bar.update(m)
     return total / n
 
 
