@@ -83,7 +83,7 @@ def progress_bar(iterable: Iterable | None = None, *, total: float | None = None
     Other keyword arguments go to tqdm. Use it as an iterator, or as a context manager with ``update(k)``.
     When stderr is not a terminal, it prints a time-stamped line every :data:`LOG_INTERVAL_S` s and a final one.
     """
-    disable = progress is False
+    disable = progress is False or (sys.stderr is None and kwargs.get("file") is None)  # pythonw: nowhere to write
     delay = AUTO_DELAY_S if progress is None else 0.0
     if disable or _in_notebook() or is_terminal(kwargs.get("file")):
         return auto_tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, delay=delay, leave=leave,
