@@ -20,7 +20,7 @@ demo: $(STAMP)
 	@echo "open out/report.html"
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py --update-readme

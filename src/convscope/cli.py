@@ -18,6 +18,9 @@
     convscope invert IMAGE... --layers a,b     reconstructions from each layer (regularized or UpconvNet)
     convscope upconv train MODEL --layer L     train an UpconvNet decoder from a layer to pixels
     convscope style CONTENT STYLE              Gatys et al. style transfer
+    convscope fooling MODEL --classes 0-7      fooling images (Nguyen et al.), one per class
+    convscope net2vec MODEL --layer L          Net2Vec concept vectors against the best single unit
+    convscope perturb IMAGE... --layer L       reconstructions from perturbed codes of a layer
     convscope atlas build MODEL --layers a,b --out DIR   every unit's pictures and scores, resumable, parallel
     convscope atlas info DIR                   an atlas's layers and units done per stage
     convscope serve [--model M] [--atlas DIR]  the live explorer in the browser (127.0.0.1:8000)
@@ -65,6 +68,8 @@ def apply_smoke_sizes(args: argparse.Namespace) -> None:
             setattr(args, name, cap)
     if getattr(args, "command", "") == "maximize":
         args.size = min(args.size or 64, 64)
+    if getattr(args, "command", "") == "atlas" and hasattr(args, "am_size"):
+        args.am_size = min(args.am_size or 64, 64)
 
 
 def check_output(args: argparse.Namespace) -> None:
@@ -966,10 +971,131 @@ def add_train_demo(sub: Subparsers) -> None:
     p.set_defaults(func=cmd_train_demo)
 
 
+def cmd_fooling(args: argparse.Namespace) -> int:
+    from .applications.deconv import parse_units
+    from .applications.fooling import percent, run_fooling
+
+    try:
+        classes = parse_units(args.classes)
+    except ConvscopeError:
+        raise ConvscopeError(f"--classes {args.classes!r}: use a range (0-7), a list (1,5,9) or both (0-3,8)") from None
+    model = _load(args)
+    run = run_fooling(model, classes, Path(args.out), confidence=args.confidence, max_steps=args.max_steps,
+                      size=args.size, seed=args.seed, score=args.score, regularize=args.regularize,
+                      self_contained=args.self_contained)
+    for r in run.rows:
+        done = f"{r['steps']} steps" if r["success"] else f"not reached in {args.max_steps} steps"
+        print(f"{r['class']:>5} {r['name'][:24]:<24} {percent(r['probability']):>9}  {done}")
+    print(f"{sum(r['success'] for r in run.rows)} of {len(run.rows)} reached {args.confidence:g}; wrote {run.grid} "
+          f"and {run.html}")
+    return 0
+
+
+def cmd_net2vec(args: argparse.Namespace) -> int:
+    from .applications.net2vec_report import run_net2vec, synthetic_dataset
+    from .methods.net2vec import Net2VecConfig
+
+    config = Net2VecConfig(quantile=args.quantile, inputs=args.inputs, epochs=args.epochs,
+                           seg_size=args.seg_size or None, categories=tuple(_names(args.categories)) or None,
+                           batch_size=args.batch_size)
+    model = _load(args)
+    out = Path(args.out)
+    if args.dataset == "synthetic":  # generated once into OUT/broden; a rerun with the same --n/--size/--seed reuses it
+        path = synthetic_dataset(out / "broden", n=args.n, size=args.size, seed=args.seed)
+    else:
+        path = Path(args.dataset)
+    run = run_net2vec(model, path, args.layer, out, concepts=_names(args.concepts) or None, config=config,
+                      pictures=args.pictures, examples=args.examples, self_contained=args.self_contained)
+    w = max(len(r["concept"]) for r in run.rows)
+    print(f"{'concept':<{w}}  IoU combination  best unit (IoU)   all pixels")
+    for r in run.rows:
+        print(f"{r['concept']:<{w}}  {r['iou_com']:15.3f}  {r['best_unit']:>5} ({r['best_unit_iou']:.3f})  "
+              f"{r['iou_all']:10.3f}")
+    print(f"wrote {run.html} ({run.result.train_images} training, {run.result.val_images} held-out images)")
+    return 0
+
+
+def cmd_perturb(args: argparse.Namespace) -> int:
+    from .applications.perturb_report import run_perturbation
+
+    model = _load(args)
+    run = run_perturbation(model, args.images, args.layer or None, Path(args.out),
+                           perturbations=_names(args.perturbations), decoder=args.decoder, steps=args.steps,
+                           seed=args.seed, self_contained=args.self_contained)
+    for s in run.summary:
+        print(f"{s['kind']:<11} feature error {s['mean_feature_error']:.3f}  image error {s['mean_image_error']:.3f}  "
+              f"({s['description']})")
+    print(f"wrote {run.picture} and {run.html}")
+    return 0
+
+
+def add_fooling(sub: Subparsers) -> None:
+    p = sub.add_parser("fooling", help="fooling images (Nguyen et al.): noise the model classifies with high "
+                                       "confidence, one image per class")
+    _model_args(p, positional=True)
+    p.add_argument("--classes", default="0-7", help="target classes: a range 0-7, a list 1,5,9 or both (default 0-7)")
+    p.add_argument("--confidence", type=float, default=0.9999,
+                   help="stop once the softmax probability of the class reaches this (default 0.9999)")
+    p.add_argument("--max-steps", type=int, default=500, help="gradient steps at most (default 500)")
+    p.add_argument("--score", choices=["logit", "log_softmax"], default="logit",
+                   help="ascend the class logit (default) or its log-probability (also pushes rival classes down)")
+    p.add_argument("--regularize", choices=["none", "simonyan", "yosinski"], default="none",
+                   help="regularizer preset (default none: plain gradient ascent, as Nguyen et al.)")
+    p.add_argument("--size", type=int, help="image side in pixels (default: the model's input size)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default 0)")
+    p.add_argument("--out", "-o", default="out/fooling", help="output folder (default out/fooling/)")
+    _html_args(p)
+    p.set_defaults(func=cmd_fooling)
+
+
+def add_net2vec(sub: Subparsers) -> None:
+    p = sub.add_parser("net2vec", help="Net2Vec (Fong & Vedaldi): concepts as weighted combinations of a layer's "
+                                       "units, against the best single unit")
+    _model_args(p, positional=True)
+    p.add_argument("--layer", required=True, help="one layer (`convscope layers MODEL`)")
+    p.add_argument("--dataset", default="synthetic", help="'synthetic' (generated into OUT/broden) or a Broden folder")
+    p.add_argument("--n", type=int, default=400, help="synthetic: images (default 400)")
+    p.add_argument("--size", type=int, default=112, help="synthetic: image side (default 112)")
+    p.add_argument("--seed", type=int, default=1, help="synthetic: seed (default 1; demo_net trained on seed 0)")
+    p.add_argument("--concepts", default="", help="comma-separated concepts (default: all with held-out pixels)")
+    p.add_argument("--categories", default="", help="comma-separated categories (default: all)")
+    p.add_argument("--quantile", type=float, default=0.05,
+                   help="unit thresholds: the top fraction of activations (default 0.05; NetDissect's 0.005 leaves "
+                        "the binarized maps too sparse to combine on small maps)")
+    p.add_argument("--inputs", choices=["binary", "raw"], default="binary",
+                   help="unit maps binarized at the thresholds (default, Fong & Vedaldi) or divided by them")
+    p.add_argument("--epochs", type=int, default=30, help="SGD epochs (default 30)")
+    p.add_argument("--seg-size", type=int, default=28,
+                   help="label resolution the masks are learned and scored at (default 28; 0: the dataset's own)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
+    p.add_argument("--pictures", type=int, default=8, help="concepts shown as segmentations (default 8)")
+    p.add_argument("--examples", type=int, default=4, help="held-out images per segmentation picture (default 4)")
+    p.add_argument("--out", "-o", default="out/net2vec", help="output folder (default out/net2vec/)")
+    _html_args(p)
+    p.set_defaults(func=cmd_net2vec)
+
+
+def add_perturb(sub: Subparsers) -> None:
+    p = sub.add_parser("perturb", help="reconstructions from perturbed codes of a layer (Dosovitskiy & Brox): "
+                                       "binarized, dropout, weakest maps dropped")
+    p.add_argument("images", nargs="+", help="image files, folders or sample:NAME")
+    _model_args(p)
+    p.add_argument("--layer", default="", help="layer whose code is perturbed (default with --decoder: its layer)")
+    p.add_argument("--perturbations", default="binarize,dropout,drop_least",
+                   help="comma-separated: binarize, dropout, drop_least (default all three)")
+    p.add_argument("--decoder", help="an UpconvNet file (convscope upconv train MODEL --layer L) instead of "
+                                     "regularized inversion")
+    p.add_argument("--steps", type=int, default=200, help="regularized inversion: optimization steps (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the dropout mask and the starting noise (default 0)")
+    p.add_argument("--out", "-o", default="out/perturb", help="output folder (default out/perturb/)")
+    _html_args(p)
+    p.set_defaults(func=cmd_perturb)
+
+
 COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     add_models, add_samples, add_layers, add_predict, add_report, add_serve, add_explain, add_adversarial,
     add_evaluate, add_deconv, add_filters, add_evolution, add_maximize, add_dissect, add_invert, add_upconv,
-    add_style, add_atlas, add_data, add_train_demo,
+    add_style, add_fooling, add_net2vec, add_perturb, add_atlas, add_data, add_train_demo,
 )
 
 
