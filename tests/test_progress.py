@@ -3,6 +3,7 @@ the loops that use it (SmoothGrad, occlusion, the optimization loop) report thro
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import time
@@ -115,3 +116,66 @@ def test_methods_report_progress_and_results_do_not_depend_on_it(name, capsys):
     desc = {"optimize": "maximize"}.get(name, name)
     assert f"{desc}: 100%" in err and "\r" not in err
     torch.testing.assert_close(quiet, shown)
+
+
+def _log_of(fn):
+    """Run ``fn`` with stderr redirected to a plain (non-TTY) stream: ``(result, what it wrote)``."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        out = fn()
+    return out, err.getvalue()
+
+
+def test_top_k_pass_reports_in_log_lines():
+    model = Tiny().eval()
+    x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    quiet, text = _log_of(lambda: cs.top_k_activations(model, x, "conv", k=2, batch_size=2, progress=False))
+    assert text == ""
+    shown, text = _log_of(lambda: cs.top_k_activations(model, x, "conv", k=2, batch_size=2, progress=True))
+    lines = text.splitlines()
+    assert "\r" not in text and "\x1b" not in text and all(LINE.match(ln) for ln in lines)
+    assert "top-k:   0% 0/3 batch" in lines[0] and "top-k: 100% 3/3 batch" in lines[-1]
+    torch.testing.assert_close(shown["conv"].values, quiet["conv"].values)
+    assert torch.equal(shown["conv"].image_ids, quiet["conv"].image_ids)
+
+
+def test_synthetic_generate_reports_in_log_lines(tmp_path):
+    from convscope.data.synthetic import generate
+
+    _, text = _log_of(lambda: generate(tmp_path / "d", n=3, size=32, seed=0, progress=True))
+    lines = text.splitlines()
+    assert "\r" not in text and "\x1b" not in text and all(LINE.match(ln) for ln in lines)
+    assert "synth:   0% 0/3 img" in lines[0] and "synth: 100% 3/3 img" in lines[-1]
+    assert (tmp_path / "d" / "index.csv").is_file()
+    _, text = _log_of(lambda: generate(tmp_path / "e", n=2, size=32, seed=0, progress=False))
+    assert text == ""
+
+
+def test_stacked_bars_log_their_own_lines_and_stack_on_a_terminal():
+    """The atlas builder's stage bars (``position=``): separate lines in a log, stacked rows on a terminal."""
+    log, term = io.StringIO(), FakeTerminal()
+    for target in (log, term):
+        bars = [progress_bar(total=2, desc=f"stage{i}", unit="unit", position=i, progress=True, file=target)
+                for i in range(3)]
+        for b in bars:
+            b.update(2)
+        for b in bars:
+            b.close()
+    text = log.getvalue()
+    assert "\r" not in text and "\x1b" not in text
+    assert [ln.split("] ", 1)[1].split(":")[0] for ln in text.splitlines()] == ["stage0", "stage1", "stage2"] * 2
+    assert "\x1b[A" in term.getvalue() and all(f"stage{i}: 100%" in term.getvalue() for i in range(3))
+
+
+def test_postfix_does_not_add_log_lines(monkeypatch):
+    """Loops that show a loss (upconv, train-demo) set it without a redraw, so a log keeps one line per interval."""
+    from convscope.methods.upconv import train_upconv
+
+    monkeypatch.setattr(LogLines, "repeat_s", 0.0)  # a redraw would show as a line even in a fast loop
+    model = Tiny().eval()
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    dec, text = _log_of(lambda: train_upconv(model, "conv", x, epochs=5, batch_size=2, width=4,
+                                                  augment=False, progress=True))
+    lines = text.splitlines()
+    assert len(lines) == 2 and "\r" not in text, text  # start and end only
+    assert "upconv conv: 100% 5/5 epoch" in lines[-1] and f"loss={dec.losses[-1]:.4g}" in lines[-1]

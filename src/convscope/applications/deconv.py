@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..core.images import Preprocess, expand_inputs, load_images, sample_images
 from ..core.io import atomic_write_text
 from ..core.layers import resolve_layer
+from ..core.progress import progress_bar
 from ..core.render import grid, save_png, to_display, to_pil
 from ..core.report import HtmlReport
 from ..data.synthetic import HELD_OUT_START, render_arrays
@@ -466,7 +466,8 @@ def evolution(checkpoints: str | Path | Sequence[str | Path], layer: str, units:
     columns: dict[int, list[Image.Image]] = {}
     columns[len(paths) - 1] = projection_column(last, data, results[len(paths) - 1], units, batch_size)
     del last
-    for e in tqdm(range(len(paths) - 1), desc="checkpoints", unit="ckpt", disable=not progress or len(paths) < 3):
+    for e in progress_bar(range(len(paths) - 1), desc="checkpoints", unit="ckpt",
+                          progress=progress if len(paths) > 2 else False):
         model = load_checkpoint(architecture, paths[e], device)
         if layer_units(model, layer, data.load([0])) != n_all:
             raise ConvscopeError(f"{paths[e]}: layer {layer!r} has a different number of units than in "

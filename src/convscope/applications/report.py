@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..core.images import PHOTO_NAMES, expand_inputs, load_images, sample_images, unique_names
 from ..core.io import atomic_write_text
 from ..core.layers import resolve_layer
 from ..core.probe import probe
+from ..core.progress import progress_bar
 from ..core.render import fit_text, grid, load_font, overlay, save_png
 from ..core.report import HtmlReport
 from ..core.targets import top_k
@@ -71,8 +71,8 @@ def report_images(paths: Sequence[str | os.PathLike[str]] | None) -> list[Path]:
 
 
 def build_report(model: nn.Module, paths: Sequence[str | os.PathLike[str]] | None = None, out: Path = Path("out"),
-                 cam_layer: str = "", layer: str = "", top_classes: int = 3, n_units: int = 8, progress: bool = True,
-                 self_contained: bool = False, batch_size: int = 16) -> ReportResult:
+                 cam_layer: str = "", layer: str = "", top_classes: int = 3, n_units: int = 8,
+                 progress: bool | None = True, self_contained: bool = False, batch_size: int = 16) -> ReportResult:
     """Write ``out/report.html``, ``out/gradcam/<name>.png`` per image, ``out/units.png`` and
     ``out/predictions.json`` for ``paths`` (files, folders, ``sample:NAME``; default: the bundled photos).
 
@@ -88,7 +88,7 @@ def build_report(model: nn.Module, paths: Sequence[str | os.PathLike[str]] | Non
     cam_layer = resolve_layer(model, cam_layer)[0] if cam_layer else default_cam_layer(model)
     layer = resolve_layer(model, layer)[0] if layer else unit_layer(model)
     preds, maps, acts = [], [], []
-    for chunk in tqdm(x.split(batch_size), desc="report", unit="batch", disable=not progress):
+    for chunk in progress_bar(x.split(batch_size), desc="report", unit="batch", progress=progress):
         chunk = chunk.to(dev)
         preds += predict(model, chunk, k=5)
         maps.append(gradcam(model, chunk, top_k(top_classes), layer=cam_layer).float().cpu())  # n x K x H x W

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..core.device import resolve_device
 from ..core.io import atomic_path, atomic_write_text
+from ..core.progress import progress_bar
 from ..data.synthetic import SynthConfig, render_arrays
 from ..models.demo_net import INPUT_SIZE, DemoNet, fold_batchnorm
 
@@ -57,7 +57,7 @@ class TrainResult:
 
 
 def render_split(start: int, n: int, size: int, seed: int, workers: int = 2,
-                 progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                 progress: bool | None = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Synthetic images ``start .. start+n-1`` as ``uint8 N x 3 x H x W`` and their scene classes."""
     arrays = render_arrays(start, n, size, seed, workers=workers, progress=progress)
     return torch.from_numpy(arrays.images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(arrays.scenes)
@@ -87,8 +87,8 @@ def _save(path: Path, obj: dict) -> Path:
     return path
 
 
-def train_demo(out: Path, config: TrainConfig = TrainConfig(), workers: int = 2, progress: bool = True,
-               device: str | torch.device = "cpu") -> TrainResult:
+def train_demo(out: Path, config: TrainConfig = TrainConfig(), workers: int = 2,
+               progress: bool | None = True, device: str | torch.device = "cpu") -> TrainResult:
     """Train demo_net; writes ``out/epoch_XX.pt``, ``out/resume.pt``, ``out/demo_net.pt`` (folded weights + classes)
     and ``out/train.json``. The bundled weights were trained on the CPU (same bytes on every CPU run); CUDA trains
     the same recipe, not the same bytes."""
@@ -152,7 +152,7 @@ def dihedral(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
 
 
 def _train_epoch(model: DemoNet, opt, sched, gen: torch.Generator, x_train: torch.Tensor,  # noqa: ANN001
-                 y_train: torch.Tensor, epoch: int, config: TrainConfig, progress: bool) -> float:
+                 y_train: torch.Tensor, epoch: int, config: TrainConfig, progress: bool | None) -> float:
     """One epoch, returning the mean training loss. Dropout draws from a global RNG seeded from (seed, epoch)
     inside ``fork_rng``, so a resumed run is identical to an uninterrupted one and the caller's RNG is untouched."""
     with torch.random.fork_rng(devices=[]):
@@ -161,7 +161,8 @@ def _train_epoch(model: DemoNet, opt, sched, gen: torch.Generator, x_train: torc
         order = torch.randperm(config.n_train, generator=gen)
         codes = torch.randint(0, 8, (config.n_train,), generator=gen)
         total = 0.0
-        bar = tqdm(order.split(config.batch_size), desc=f"epoch {epoch}/{config.epochs}", disable=not progress)
+        bar = progress_bar(order.split(config.batch_size), desc=f"epoch {epoch}/{config.epochs}", unit="batch",
+                           progress=progress)
         for idx in bar:
             if len(idx) < 2:  # batch norm needs two samples; a last batch of one is skipped
                 continue
@@ -173,7 +174,7 @@ def _train_epoch(model: DemoNet, opt, sched, gen: torch.Generator, x_train: torc
             opt.step()
             sched.step()
             total += float(loss.detach()) * len(idx)
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
     return total / config.n_train
 
 
@@ -181,8 +182,8 @@ def _save_epoch(out: Path, model: DemoNet, epoch: int, history: list[dict], clas
     """``epoch_XX.pt``: the folded classic weights (loadable by ``DemoNet()``) with the history so far."""
     plain = fold_batchnorm(model.eval())
     return _save(out / f"epoch_{epoch:02d}.pt", {
-        "state_dict": {k: v.cpu() for k, v in plain.state_dict().items()}, "epoch": epoch, "history": json.dumps(history),
-        "classes": list(classes), "config": json.dumps(asdict(config))})
+        "state_dict": {k: v.cpu() for k, v in plain.state_dict().items()}, "epoch": epoch,
+        "history": json.dumps(history), "classes": list(classes), "config": json.dumps(asdict(config))})
 
 
 def _resume_state(out: Path, config: TrainConfig) -> dict | None:

@@ -47,15 +47,15 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..applications.deconv import ImageSet, default_images
 from ..core.device import tune_cpu_allocator
 from ..core.layers import resolve_layers
+from ..core.progress import progress_bar
 from ..core.render import to_pil
 from ..errors import ConvscopeError
 from ..methods.deconvnet import trace_calls
-from ..methods.dissect import DissectConfig, _model_hash, dissect
+from ..methods.dissect import DissectConfig, dissect, model_hash
 from ..methods.maximize import PRESETS, activation_maximization
 from ..methods.topk import (
     TopKActivations,
@@ -392,7 +392,7 @@ def build_atlas(
         chunk: units per task (and per activation-maximization batch, and per commit).
         batch_size: images per forward pass in the top-k stage and the DeconvNet projections.
         seed: seed of the activation maximization (each unit's generator is seeded by ``(seed, layer, unit)``).
-        progress: tqdm bars with ETA per stage.
+        progress: a bar with an ETA per stage (stacked on a terminal; time-stamped lines in a log).
     """
     k, am_steps, chunk, batch_size = (_positive(n, v) for n, v in
                                       (("k", k), ("am_steps", am_steps), ("chunk", chunk), ("batch_size", batch_size)))
@@ -435,7 +435,7 @@ def build_atlas(
                     else str(Path(concepts).resolve()))}
     atlas = Atlas(out, mode="w")
     try:
-        _check_meta(atlas, {"model": _model_name(model, net), "model_hash": _model_hash(net),
+        _check_meta(atlas, {"model": _model_name(model, net), "model_hash": model_hash(net),
                             "settings": json.dumps(settings, sort_keys=True)})
         atlas.add_layers(records)
         _sweep_temp(atlas)
@@ -485,8 +485,8 @@ def _build(atlas: Atlas, ex: Any, names: list[str], records: list[LayerRecord], 
                     parts[n][f"{s}-{e}"] = PartialTopK.from_bytes(blob)
             if missing:
                 tasks.append(TopKShard(s, e, tuple(missing), k, batch_size))
-        with tqdm(total=sum(t.stop - t.start for t in tasks), desc="top-k pass", unit="img",
-                  disable=not progress or not tasks) as bar:
+        with progress_bar(total=sum(t.stop - t.start for t in tasks), desc="top-k pass", unit="img",
+                          progress=progress if tasks else False) as bar:
             for task, found, secs in ex.map(run_task, tasks):
                 for n, part in found.items():
                     atlas.put_blob(f"topk/{n}/{task.key}", part.to_bytes())
@@ -515,8 +515,9 @@ def _build(atlas: Atlas, ex: Any, names: list[str], records: list[LayerRecord], 
               "concepts": sum(units[n] for n in concept_layers) if concept_path is not None else 0}
     labels = {"top": "top-k pictures", "am": "act. maximization", "concepts": "dissection"}
     for i, (stage, total) in enumerate(totals.items()):
-        bars[stage] = tqdm(total=total, desc=labels[stage], unit="unit", position=i,
-                           disable=not progress or total == 0)
+        # stacked on a terminal (position); in a log, each bar prints its own time-stamped lines
+        bars[stage] = progress_bar(total=total, desc=labels[stage], unit="unit", position=i,
+                                   progress=progress if total else False)
     try:
         for task, found, secs in ex.map(run_task, tasks2):
             if isinstance(task, Dissect):

@@ -33,12 +33,18 @@ LOG_FORMAT = "{desc}: {percentage:3.0f}% {n_fmt}/{total_fmt} {unit} [{elapsed}<{
 LOG_FORMAT_OPEN = "{desc}: {n_fmt} {unit} [{elapsed}, {rate_fmt}{postfix}]"
 """The same for work of unknown size."""
 
+ProgressBar = plain_tqdm
+"""The type :func:`progress_bar` returns (a tqdm bar; for type hints of functions that take one)."""
+
 _CONTROL = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 class LogLines:
     """A file-like target for tqdm that turns its redraws into whole lines: every non-blank status tqdm writes
     becomes one line ``[HH:MM:SS] status`` on ``stream``; cursor movements and blank clears are dropped."""
+
+    repeat_s = 1.0
+    """A status equal to the previous line (up to the timing fields) within this many seconds is not repeated."""
 
     def __init__(self, stream: IO[str]) -> None:
         self.stream = stream
@@ -49,7 +55,7 @@ class LogLines:
             if not part.strip():
                 continue
             key, now = part.split(" [")[0], time.monotonic()
-            if key == self._last[0] and now - self._last[1] < 1.0:
+            if key == self._last[0] and now - self._last[1] < self.repeat_s:
                 continue  # the closing redraw of a line just printed
             self._last = (key, now)
             self.stream.write(f"[{time.strftime('%H:%M:%S')}] {part.rstrip()}\n")
@@ -80,7 +86,9 @@ def progress_bar(iterable: Iterable | None = None, *, total: float | None = None
     """A tqdm bar over ``iterable`` (or updated by hand up to ``total``) following the ``progress`` convention.
 
     ``progress``: ``True`` always, ``False`` never, ``None`` once the work has run :data:`AUTO_DELAY_S` s.
-    Other keyword arguments go to tqdm. Use it as an iterator, or as a context manager with ``update(k)``.
+    Other keyword arguments go to tqdm (e.g. ``position=`` for stacked bars on a terminal, ``initial=``). Use it
+    as an iterator, or as a context manager with ``update(k)``; call ``set_postfix(..., refresh=False)`` so a log
+    still gets one line per interval.
     When stderr is not a terminal, it prints a time-stamped line every :data:`LOG_INTERVAL_S` s and a final one.
     """
     disable = progress is False or (sys.stderr is None and kwargs.get("file") is None)  # pythonw: nowhere to write
@@ -97,4 +105,5 @@ def progress_bar(iterable: Iterable | None = None, *, total: float | None = None
                       ascii=True, dynamic_ncols=False, **kwargs)
 
 
-__all__ = ["AUTO_DELAY_S", "LOG_FORMAT", "LOG_FORMAT_OPEN", "LOG_INTERVAL_S", "LogLines", "is_terminal", "progress_bar"]
+__all__ = ["AUTO_DELAY_S", "LOG_FORMAT", "LOG_FORMAT_OPEN", "LOG_INTERVAL_S", "LogLines", "ProgressBar", "is_terminal",
+           "progress_bar"]

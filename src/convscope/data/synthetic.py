@@ -588,19 +588,21 @@ def _arrays_one(i: int, start: int, size: int, seed: int, cfg: SynthConfig,
     return s.image, cfg.scene_class(s.scene), s.target_mask if masks else None
 
 
-def render_arrays(start: int, n: int, size: int = 112, seed: int = 0, workers: int = 1, progress: bool = True,
-                  masks: bool = False, config: SynthConfig | None = None) -> SynthArrays:
+def render_arrays(start: int, n: int, size: int = 112, seed: int = 0, workers: int = 1,
+                  progress: bool | None = True, masks: bool = False, config: SynthConfig | None = None) -> SynthArrays:
     """Render images ``start .. start+n-1`` into arrays (no files), in ``workers`` processes with identical
-    output; for training (``train-demo``) and for held-out evaluation sets (from :data:`HELD_OUT_START`)."""
+    output; for training (``train-demo``) and for held-out evaluation sets (from :data:`HELD_OUT_START`).
+    ``progress``: a bar with an ETA (``True``: from the start for 50 images or more, else once rendering has run
+    2 s; ``None``: once it has run 2 s; ``False``: never)."""
     cfg = config or SynthConfig()
     _check_args(size, seed, start)
     if not isinstance(n, int | np.integer) or n < 1:
         raise DataError(f"n must be a positive int, got {n!r}")
     job = functools.partial(_arrays_one, start=int(start), size=int(size), seed=int(seed), cfg=cfg, masks=masks)
-    from tqdm.auto import tqdm
+    from convscope.core.progress import progress_bar
 
-    items = list(tqdm(_run(job, int(n), int(workers)), total=n, desc="render", unit="img",
-                      disable=not progress or n < 50))
+    show = None if progress is True and n < 50 else progress  # a few images: only when they are slow
+    items = list(progress_bar(_run(job, int(n), int(workers)), total=n, desc="render", unit="img", progress=show))
     return SynthArrays(np.stack([im for im, _, _ in items]), np.array([c for _, c, _ in items], dtype=np.int64),
                        np.stack([m for _, _, m in items]) if masks else None)
 
@@ -611,7 +613,7 @@ def generate(
     size: int = 112,
     seed: int = 0,
     workers: int = 1,
-    progress: bool = True,
+    progress: bool | None = True,
     config: SynthConfig | None = None,
 ) -> Path:
     """Generate ``n`` synthetic images into a Broden-layout folder ``out`` and return its path.
@@ -621,7 +623,8 @@ def generate(
     numbers, split train/val), ``label.csv``, ``category.csv``, ``c_<category>.csv``,
     ``target.csv`` and ``synth.json`` (the parameters).  Every file is written atomically and
     ``index.csv`` last.  ``workers`` > 1 renders in processes, with identical output.  Into an
-    existing folder, files of the same names are replaced and other files left alone.
+    existing folder, files of the same names are replaced and other files left alone.  ``progress``: a bar with
+    an ETA (``True``, ``False``, or ``None``: once the work has run 2 s).
     """
     cfg = config or SynthConfig()
     _check_args(size, seed)
@@ -636,9 +639,9 @@ def generate(
     job = functools.partial(_write_one, root=str(root), size=int(size), seed=int(seed), cfg=cfg, width=width)
     rows: list[BrodenRow] = []
     targets: list[tuple[str, str, int]] = []
-    from tqdm.auto import tqdm
+    from convscope.core.progress import progress_bar
 
-    with tqdm(total=n, disable=not progress, desc="synth", unit="img") as bar:
+    with progress_bar(total=n, desc="synth", unit="img", progress=progress) as bar:
         for row, target in _run(job, int(n), int(workers)):
             rows.append(row)
             targets.append((row.image, "object", target))

@@ -53,10 +53,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..core.io import atomic_write_bytes, atomic_write_text
 from ..core.layers import model_device, resolve_layers
+from ..core.progress import progress_bar
 from ..data.broden import BrodenDataset, broden_collate
 from ..errors import ConvscopeError, DataError
 from .topk import TopKActivations, _RunningTopK, stream_layers
@@ -643,7 +643,7 @@ def _normalizer(model: nn.Module) -> Any:
 
 
 def stream_dataset(model: nn.Module, dataset: BrodenDataset, layers: Sequence[str], batch_size: int, workers: int,
-                   start_batch: int = 0, desc: str = "dissect", progress: bool = True,
+                   start_batch: int = 0, desc: str = "dissect", progress: bool | None = True,
                    reduce: Callable[[Mapping[str, Any], str, torch.Tensor], Any] | None = None
                    ) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
     """``(collated batch, {layer: activations})`` per batch from ``start_batch`` on, images loaded by
@@ -667,7 +667,7 @@ def stream_dataset(model: nn.Module, dataset: BrodenDataset, layers: Sequence[st
     held: dict[str, Any] = {}
 
     def images() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for b in tqdm(loader, total=total, initial=start_batch, desc=desc, unit="batch", disable=not progress):
+        for b in progress_bar(loader, total=total, initial=start_batch, desc=desc, unit="batch", progress=progress):
             held["batch"], held["ran"] = b, set()
             yield norm(b["images"]).to(dev), b["index"]
 
@@ -685,7 +685,8 @@ def stream_dataset(model: nn.Module, dataset: BrodenDataset, layers: Sequence[st
         yield held["batch"], acts
 
 
-def _model_hash(model: nn.Module) -> str:
+def model_hash(model: nn.Module) -> str:
+    """SHA-1 of the model's state dict (names and bytes): tells whether saved state belongs to these weights."""
     h = hashlib.sha1()
     for k, v in model.state_dict().items():
         h.update(k.encode())
@@ -734,7 +735,8 @@ def _restore_top(layer: str, k: int, s: Mapping[str, Any]) -> _RunningTopK:
 
 
 def _pass_thresholds(model: nn.Module, ds: BrodenDataset, names: list[str], config: DissectConfig,
-                     store: _Store | None, show: bool) -> tuple[dict[str, torch.Tensor], dict[str, TopKActivations]]:
+                     store: _Store | None, show: bool | None
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, TopKActivations]]:
     state = store.load("pass1") if store else None
     if state and state.get("done"):
         tops = {n: _restore_top(n, config.top_images, state["top"][n]).result() for n in names}
@@ -783,8 +785,7 @@ def unit_thresholds(model: nn.Module, dataset: BrodenDataset | str | os.PathLike
     equal to ``numpy.quantile(a_f, 1 - quantile)`` over all positions of all images (linear interpolation)."""
     ds = open_dataset(dataset, model, config)
     names = list(resolve_layers(model, layers))
-    show = progress if progress is not None else len(ds) > 4 * config.batch_size
-    return _pass_thresholds(model, ds, names, config, None, show)[0]
+    return _pass_thresholds(model, ds, names, config, None, progress)[0]
 
 
 def dissect(model: nn.Module, dataset: BrodenDataset | str | os.PathLike[str], layers: str | Sequence[str],
@@ -800,7 +801,8 @@ def dissect(model: nn.Module, dataset: BrodenDataset | str | os.PathLike[str], l
         layers: names from ``model.named_modules()`` (a list or comma-separated string).
         config: :class:`DissectConfig` (``quantile=0.005``, ``iou_threshold=0.04``, ...).
         out: a folder for resumable state (thresholds and partial counts, saved atomically); a rerun continues.
-        progress: progress bars (default: for more than 4 batches).
+        progress: progress bars with an ETA: ``True``, ``False``, or ``None`` (default: each pass's bar once it
+            has run 2 s).
 
     Returns ``{layer: LayerDissection}`` with one row per unit (unit, label, category, iou, threshold) and the
     full IoU matrix units x concepts.
@@ -810,15 +812,14 @@ def dissect(model: nn.Module, dataset: BrodenDataset | str | os.PathLike[str], l
     ds = open_dataset(dataset, model, config)
     names = list(resolve_layers(model, layers))
     space = concept_space(ds, config.categories)
-    show = progress if progress is not None else len(ds) > 4 * config.batch_size
     store = None
     if out is not None:
-        meta = {"format": 2, "config": config.fingerprint(), "layers": names, "model": _model_hash(model),
+        meta = {"format": 2, "config": config.fingerprint(), "layers": names, "model": model_hash(model),
                 "dataset": {"root": str(Path(ds.root).resolve()), "images": len(ds), "split": ds.split,
                             "size": list(ds.size) if ds.size else None,
                             "seg_size": list(ds.seg_size) if ds.seg_size else None}}
         store = _Store(out, meta)
-    thresholds, tops = _pass_thresholds(model, ds, names, config, store, show)
+    thresholds, tops = _pass_thresholds(model, ds, names, config, store, progress)
 
     state = store.load("pass2") if store else None
     start = int(state["batches"]) if state else 0
@@ -848,7 +849,7 @@ def dissect(model: nn.Module, dataset: BrodenDataset | str | os.PathLike[str], l
             activated[n] = activated[n] + a if n in activated else a
 
         for batch, _ in stream_dataset(model, ds, names, config.batch_size, config.workers, start,
-                                       "dissect 2/2 IoU", show, reduce=on_layer):
+                                       "dissect 2/2 IoU", progress, reduce=on_layer):
             labels = labels_of(batch)
             seg_size = labels.size
             truth = truth + labels.truth

@@ -27,13 +27,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from ..core.attribution import check_input, pinned_class
 from ..core.imageops import gaussian_blur, spearman
 from ..core.layers import resolve_layer
 from ..core.probe import preserved_state
-from ..core.progress import progress_bar
+from ..core.progress import ProgressBar, progress_bar
 from ..core.targets import Target, top_class
 from ..data.groundtruth import pixel_ranks
 from ..errors import ConvscopeError
@@ -128,7 +127,7 @@ def _as_maps(maps: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return m
 
 
-def _forward(model: nn.Module, x: torch.Tensor, batch_size: int, bar: tqdm) -> torch.Tensor:
+def _forward(model: nn.Module, x: torch.Tensor, batch_size: int, bar: ProgressBar) -> torch.Tensor:
     outs = []
     for chunk in x.split(batch_size):
         outs.append(model(chunk))

@@ -38,9 +38,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..core.layers import resolve_layers
+from ..core.progress import progress_bar
 from ..data.broden import BrodenDataset
 from ..errors import ConvscopeError, DataError
 from .dissect import (
@@ -167,7 +167,8 @@ class _Cache:
         return BatchLabels(cols, il, self.annotated[idx], truth, self.size)
 
 
-def _cache(model: nn.Module, ds: BrodenDataset, layer: str, space: Any, config: Net2VecConfig, show: bool) -> _Cache:
+def _cache(model: nn.Module, ds: BrodenDataset, layer: str, space: Any, config: Net2VecConfig,
+           show: bool | None) -> _Cache:
     acts, cols, il, ann, val = [], [], [], [], []
     mb = 0.0
     size = ds.seg_size
@@ -244,8 +245,7 @@ def net2vec(model: nn.Module, dataset: BrodenDataset | str | os.PathLike[str], l
                          batch_size=config.batch_size, workers=config.workers)
     ds = open_dataset(dataset, model, dcfg)
     space = concept_space(ds, config.categories)
-    show = progress if progress is not None else len(ds) > 4 * config.batch_size
-    cache = _cache(model, ds, layer, space, config, show)
+    cache = _cache(model, ds, layer, space, config, progress)
     n, k = cache.acts.shape[:2]
     train_idx, val_idx = (~cache.val).nonzero().flatten(), cache.val.nonzero().flatten()
 
@@ -292,7 +292,7 @@ def net2vec(model: nn.Module, dataset: BrodenDataset | str | os.PathLike[str], l
     gen = torch.Generator().manual_seed(config.seed)
     losses = []
     with torch.enable_grad():
-        for _ in tqdm(range(config.epochs), desc="net2vec train", unit="epoch", disable=not show):
+        for _ in progress_bar(range(config.epochs), desc="net2vec train", unit="epoch", progress=progress):
             order = train_idx[torch.randperm(len(train_idx), generator=gen)]
             total = 0.0
             for s in range(0, len(order), config.batch_size):

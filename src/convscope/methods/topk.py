@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..core.layers import resolve_layers
 from ..core.probe import probe
+from ..core.progress import progress_bar
 from ..core.render import grid, to_display
 from ..errors import ConvscopeError, DataError
 from .deconvnet import Chain, build_chain, deconvnet, spatial_max, trace_calls
@@ -199,10 +199,10 @@ def stream_layers(model: nn.Module, images: Images, layers: str | Sequence[str],
         raise ConvscopeError(f"batch_size={batch_size!r}: use a positive int")
     names = list(resolve_layers(model, layers))
     total = math.ceil(len(images) / batch_size) if isinstance(images, torch.Tensor) else None
-    show = progress if progress is not None else (total or 0) > 4
     with contextlib.ExitStack() as stack:
         p = None
-        for x, ids in tqdm(_batches(images, batch_size), total=total, desc=desc, unit="batch", disable=not show):
+        for x, ids in progress_bar(_batches(images, batch_size), total=total, desc=desc, unit="batch",
+                                   progress=progress):
             if p is None:
                 stack.enter_context(torch.no_grad())
                 p = stack.enter_context(probe(model, names, detach=True, reduce=reduce))
@@ -230,7 +230,8 @@ def top_k_activations(model: nn.Module, images: Images, layers: str | Sequence[s
         layers: one name, a comma-separated string or a list.
         k: activations kept per unit (fewer when the dataset has fewer images).
         batch_size: images per forward pass for a tensor input (an iterable's own batches are used as given).
-        progress: show a progress bar (default: for more than 4 batches of a tensor).
+        progress: a progress bar with an ETA: ``True``, ``False``, or ``None`` (default: once the pass has run
+            2 s; see :func:`~convscope.core.progress.progress_bar`).
 
     Returns ``{layer: TopKActivations}``; each unit's value is its spatial maximum in an image, so one image
     counts at most once per unit.

@@ -29,12 +29,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..core.images import Preprocess
 from ..core.io import atomic_write_bytes
 from ..core.layers import resolve_layer
 from ..core.probe import probe
+from ..core.progress import progress_bar
 from ..errors import ConvscopeError, ModelLoadError
 from .invert import InversionResult, layer_features
 from .maximize import _preprocess
@@ -188,6 +188,8 @@ def train_upconv(
         upsample, width, max_width, kernel: the decoder's shape (:class:`UpconvNet`).
         seed: decoder initialization, shuffling and augmentation.
         out: a checkpoint path, written atomically after every epoch (config + weights), for :func:`load_upconv`.
+        progress: a bar over the epochs with an ETA: ``True``, ``False``, or ``None`` (default: once training has
+            run 2 s).
     Returns the decoder (eval mode) with ``decoder.losses``: the mean training loss of each epoch.
     """
     name = resolve_layer(model, layer)[0]
@@ -203,9 +205,7 @@ def train_upconv(
     opt: torch.optim.Optimizer | None = None
     losses: list[float] = []
     model_name = getattr(model, "zoo_name", None) or type(model).__name__
-    show = progress if progress is not None else epochs * (len(images) if isinstance(images, torch.Tensor) else 1) \
-        >= 64 * batch_size
-    bar = tqdm(range(epochs), desc=f"upconv {name}", unit="epoch", disable=not show, leave=False)
+    bar = progress_bar(range(epochs), desc=f"upconv {name}", unit="epoch", progress=progress, leave=False)
     for _ in bar:
         total, count = 0.0, 0
         for xb in _batches(images, batch_size, gen):
@@ -236,8 +236,7 @@ def train_upconv(
         decoder.eval()
         if out is not None:
             save_upconv(decoder, out)
-        if show:
-            bar.set_postfix(loss=f"{losses[-1]:.4g}")
+        bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
     assert decoder is not None
     return decoder.eval()
 
