@@ -57,7 +57,7 @@ def _model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
 SMOKE_ENV = "CONVSCOPE_SMOKE"
 # CONVSCOPE_SMOKE=1: every command runs as given but at tiny sizes (the README test runs every README line so).
 _SMOKE_CAPS = {"steps": 2, "am_steps": 2, "n": 16, "synthetic": 16, "epochs": 1, "n_train": 64, "n_test": 16,
-               "n_curve": 4, "n_sanity": 2, "samples": 2, "concept_images": 16, "max_steps": 4}
+               "n_curve": 4, "n_sanity": 2, "samples": 2, "concept_images": 16, "max_steps": 4, "k": 1}
 
 
 def apply_smoke_sizes(args: argparse.Namespace) -> None:
@@ -66,6 +66,9 @@ def apply_smoke_sizes(args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if isinstance(value, int) and not isinstance(value, bool) and value > cap:
             setattr(args, name, cap)
+        elif value is None and getattr(args, "command", "") == "train-demo" and name in ("n_train", "n_test",
+                                                                                           "epochs"):
+            setattr(args, name, cap)  # None there means the full recipe
     if getattr(args, "command", "") == "maximize":
         args.size = min(args.size or 64, 64)
     if getattr(args, "command", "") == "atlas" and hasattr(args, "am_size"):
@@ -253,9 +256,8 @@ def _explain_one(model, x, args, targets: list[int], layer: str, progress: bool 
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
     from .core.images import expand_inputs, load_images, unique_names
+    from .core.progress import progress_bar
     from .core.layers import resolve_layer
     from .core.render import grid, overlay, save_png, to_display
     from .core.report import HtmlReport
@@ -291,7 +293,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
              + legend)
     all_tiles, all_labels, ncol = [], [], 1
     stems = unique_names(files)
-    for path, stem in tqdm(list(zip(files, stems)), desc="explain", unit="image", disable=len(files) < 2):
+    for path, stem in progress_bar(list(zip(files, stems)), desc="explain", unit="image",
+                                   progress=None if len(files) > 1 else False):
         x = load_images([path], model).to(device)
         ranked = predict(model, x, k=max(5, spec if isinstance(spec, int) else 1))[0]
         if isinstance(spec, int) and len(ranked) < spec:
