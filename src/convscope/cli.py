@@ -257,8 +257,8 @@ def _explain_one(model, x, args, targets: list[int], layer: str, progress: bool 
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from .core.images import expand_inputs, load_images, unique_names
-    from .core.progress import progress_bar
     from .core.layers import resolve_layer
+    from .core.progress import progress_bar
     from .core.render import grid, overlay, save_png, to_display
     from .core.report import HtmlReport
     from .methods.cam import default_cam_layer
