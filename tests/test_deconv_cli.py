@@ -180,6 +180,6 @@ def test_evolution_monitor_tensorboard_missing_is_a_clear_error(tmp_path):
         pass
     else:
         pytest.skip("tensorboard is installed")
-    with pytest.raises(cs.ConvscopeError, match="pip install tensorboard"):
+    with pytest.raises(cs.ConvscopeError, match=r"pip install convscope\[tensorboard\]"):
         EvolutionMonitor(DemoNet(num_classes=4), "features.relu1", units=[0], images=torch.randn(1, 3, 32, 32),
                          out=tmp_path, log_dir=tmp_path / "tb")

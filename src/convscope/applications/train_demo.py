@@ -73,7 +73,7 @@ def accuracy(model: DemoNet, images: torch.Tensor, labels: torch.Tensor, batch_s
     """Top-1 accuracy in eval mode (mode restored)."""
     was = model.training
     model.eval()
-    dev = next(model.parameters()).device
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
     with torch.no_grad():
         correct = sum(int((model(to_input(xb.to(dev))).argmax(1).cpu() == yb).sum())
                       for xb, yb in zip(images.split(batch_size), labels.split(batch_size)))
