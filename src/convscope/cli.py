@@ -91,6 +91,14 @@ def _html_args(p: argparse.ArgumentParser) -> None:
                    help="embed the pictures in the HTML page (default: link the PNGs written beside it)")
 
 
+def _concept_data_args(p: argparse.ArgumentParser, n: int) -> None:
+    """``--dataset synthetic|BRODEN_DIR`` and the synthetic set's size and seed (dissect, net2vec)."""
+    p.add_argument("--dataset", default="synthetic", help="'synthetic' (generated into OUT/broden) or a Broden folder")
+    p.add_argument("--n", type=int, default=n, help=f"synthetic: images (default {n})")
+    p.add_argument("--size", type=int, default=112, help="synthetic: image side (default 112)")
+    p.add_argument("--seed", type=int, default=1, help="synthetic: seed (default 1; demo_net trained on seed 0)")
+
+
 def _names(text: str) -> list[str]:
     """A comma-separated option (``a, b,c``) as a list of non-empty, stripped names."""
     return [t.strip() for t in text.split(",") if t.strip()]
@@ -853,10 +861,7 @@ def add_dissect(sub: Subparsers) -> None:
     p = sub.add_parser("dissect", help="Network Dissection (Bau et al.): label units with concepts by IoU")
     _model_args(p, positional=True)
     p.add_argument("--layers", required=True, help="comma-separated conv layers")
-    p.add_argument("--dataset", default="synthetic", help="'synthetic' (generated into OUT/broden) or a Broden folder")
-    p.add_argument("--n", type=int, default=1000, help="synthetic: images (default 1000)")
-    p.add_argument("--size", type=int, default=112, help="synthetic: image side (default 112)")
-    p.add_argument("--seed", type=int, default=1, help="synthetic: seed (default 1; demo_net trained on seed 0)")
+    _concept_data_args(p, n=1000)
     p.add_argument("--quantile", type=float, default=0.005, help="top fraction of activations per unit (default "
                                                                   "0.005, Bau et al.)")
     p.add_argument("--iou-threshold", type=float, default=0.04, help="detector threshold (default 0.04)")
@@ -1056,10 +1061,7 @@ def add_net2vec(sub: Subparsers) -> None:
                                        "units, against the best single unit")
     _model_args(p, positional=True)
     p.add_argument("--layer", required=True, help="one layer (`convscope layers MODEL`)")
-    p.add_argument("--dataset", default="synthetic", help="'synthetic' (generated into OUT/broden) or a Broden folder")
-    p.add_argument("--n", type=int, default=400, help="synthetic: images (default 400)")
-    p.add_argument("--size", type=int, default=112, help="synthetic: image side (default 112)")
-    p.add_argument("--seed", type=int, default=1, help="synthetic: seed (default 1; demo_net trained on seed 0)")
+    _concept_data_args(p, n=400)
     p.add_argument("--concepts", default="", help="comma-separated concepts (default: all with held-out pixels)")
     p.add_argument("--categories", default="", help="comma-separated categories (default: all)")
     p.add_argument("--quantile", type=float, default=0.05,
