@@ -15,7 +15,7 @@ from torch import nn
 from convscope.applications.dissect_report import comparison_chart, dissect_report
 from convscope.data import BrodenDataset, BrodenSample, generate, write_broden
 from convscope.errors import ConvscopeError, DataError
-from convscope.methods.dissect import DissectConfig, _TopBuffer, compare, dissect, unit_thresholds
+from convscope.methods.dissect import DissectConfig, TopBuffer, compare, dissect, unit_thresholds
 
 from .helpers import assert_untouched, snapshot
 
@@ -94,7 +94,7 @@ def test_top_buffer_threshold_equals_numpy_quantile_linear(q):
     g = torch.Generator().manual_seed(1)
     a = torch.randn(7, 3, 5, 6, generator=g).relu()  # ties at 0, as after a ReLU
     n = 7 * 5 * 6
-    buf = _TopBuffer(n, q, 3, 100.0, "x")
+    buf = TopBuffer(n, q, 3, 100.0, "x")
     for lo, hi in ((0, 2), (2, 3), (3, 7)):  # uneven batches
         buf.update(a[lo:hi])
     ref = np.quantile(a.transpose(0, 1).reshape(3, -1).double().numpy(), 1 - q, axis=1, method="linear")
@@ -118,13 +118,13 @@ def test_top_buffer_over_many_batches_with_deferred_merges(q, kind):
     elif kind == "channels_last":
         a = a.contiguous(memory_format=torch.channels_last)
     n = a.numel() // 4
-    buf = _TopBuffer(n, q, 4, 100.0, "x")
+    buf = TopBuffer(n, q, 4, 100.0, "x")
     most = 0
     for i in range(300):
         buf.update(a[i:i + 1])
         most = max(most, int(buf._waiting.max()))
         if i == 150:  # a checkpoint round trip
-            buf = _TopBuffer.from_state(buf.state(), q, 100.0, "x")
+            buf = TopBuffer.from_state(buf.state(), q, 100.0, "x")
     ref = np.quantile(a.transpose(0, 1).reshape(4, -1).double().numpy(), 1 - q, axis=1, method="linear")
     np.testing.assert_allclose(buf.thresholds().numpy(), ref, rtol=1e-12, atol=1e-12)
     assert most <= buf.k // 2 + 49

@@ -144,3 +144,18 @@ def test_model_untouched(method, model_name, request):
     finally:
         model.eval()
         model.requires_grad_(True)
+
+
+def test_no_module_imports_a_private_name_from_another():
+    """Shared pieces are public (core.model, topk.RunningTopK, ...): no ``from x import _name`` across modules."""
+    import ast
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src" / "convscope"
+    bad = []
+    for path in src.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                bad += [f"{path.relative_to(src)}: {node.module}.{a.name}" for a in node.names
+                        if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not bad, bad

@@ -173,17 +173,17 @@ def test_first_layer_filters(demo):
 def test_running_top_k_update_skips_locations_that_cannot_enter(channels_last):
     """update() looks up locations only for maps whose maximum can still enter; with ties (ReLU zeros, rounded
     values) and many small batches it must keep exactly what one merge of every candidate keeps."""
-    from convscope.methods.topk import _RunningTopK
+    from convscope.methods.topk import RunningTopK
 
     g = torch.Generator().manual_seed(3)
     a = (torch.randn(40, 6, 5, 7, generator=g) * 2).round().relu()  # many equal maxima, some all-zero maps
     if channels_last:
         a = a.contiguous(memory_format=torch.channels_last)
     ids = torch.arange(139, 99, -1)  # later images have smaller ids, so they win ties
-    run = _RunningTopK("x", 5)
+    run = RunningTopK("x", 5)
     for s in range(0, 40, 3):
         run.update(a[s:s + 3], ids[s:s + 3])
-    ref = _RunningTopK("x", 5)
-    ref.merge(*_RunningTopK.candidates("x", a.contiguous()), ids)
+    ref = RunningTopK("x", 5)
+    ref.merge(*RunningTopK.candidates("x", a.contiguous()), ids)
     assert torch.equal(run.values, ref.values) and torch.equal(run.ids, ref.ids)
     assert torch.equal(run.locs, ref.locs)

@@ -31,11 +31,12 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from ..core.io import atomic_write_text
+from ..core.model import input_normalizer
 from ..core.render import fit_text, grid, label_strip, load_font, save_png, text_size
 from ..core.report import HtmlReport
 from ..data.broden import BrodenDataset
 from ..errors import ConvscopeError
-from ..methods.dissect import Comparison, DissectConfig, LayerDissection, _below, _normalizer, compare, dissect
+from ..methods.dissect import Comparison, DissectConfig, LayerDissection, compare, dissect, float32_below
 from ..methods.topk import stream_layers
 
 __all__ = ["CheckpointComparison", "DissectReport", "category_chart", "comparison_chart", "dissect_checkpoints",
@@ -142,14 +143,14 @@ def unit_images(model: nn.Module, dataset: BrodenDataset, result: LayerDissectio
     if not ids:
         return {u: [] for u in units}
     pixels = _load(dataset, ids)
-    norm = _normalizer(model)
+    norm = input_normalizer(model)
     acts = torch.cat([a[result.layer].cpu() for _, a in stream_layers(
         model, norm(pixels).to(next((p.device for p in model.parameters()), torch.device("cpu"))),
         [result.layer], batch_size, progress=False)])
     if acts.dim() == 2:
         acts = acts[:, :, None, None]
     pos = {i: j for j, i in enumerate(ids)}
-    thr = _below(result.thresholds.double()).float()
+    thr = float32_below(result.thresholds.double()).float()
     out: dict[int, list[Image.Image]] = {u: [] for u in units}
     for u, i in pairs:
         img = pixels[pos[i]]

@@ -25,10 +25,10 @@ from torch import nn
 
 from ..core.images import Preprocess
 from ..core.layers import resolve_layers
+from ..core.model import float_dtype, model_preprocess
 from ..core.optim import Objective, make_generators, make_param, optimize_images
 from ..errors import ConvscopeError
 from ..methods.invert import feature_match, layer_features
-from ..methods.maximize import _float_dtype, _preprocess
 
 # Gatys et al. use conv1_1 .. conv5_1 (the first layer at each resolution) for style and conv4_2 for content
 DEFAULT_LAYERS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -128,8 +128,8 @@ def style_transfer(
     beta = DEFAULT_BETA.get(getattr(model, "zoo_name", ""), 1e6) if beta is None else float(beta)
     if not alpha >= 0 or not beta >= 0 or alpha + beta == 0:
         raise ConvscopeError(f"alpha={alpha}, beta={beta}: use non-negative weights, not both 0")
-    pre = _preprocess(model, preprocess)
-    dtype = _float_dtype(model)
+    pre = model_preprocess(model, preprocess)
+    dtype = float_dtype(model)
     content, style = content.detach().to(dtype), style.detach().to(dtype)
     p_feats = layer_features(model, content, c_name)
     a_feats = layer_features(model, style, s_names)

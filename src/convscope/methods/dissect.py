@@ -56,10 +56,11 @@ from torch import nn
 
 from ..core.io import atomic_write_bytes, atomic_write_text
 from ..core.layers import model_device, resolve_layers
+from ..core.model import input_normalizer
 from ..core.progress import progress_bar
 from ..data.broden import BrodenDataset, broden_collate
 from ..errors import ConvscopeError, DataError
-from .topk import TopKActivations, _RunningTopK, stream_layers
+from .topk import RunningTopK, TopKActivations, stream_layers
 
 __all__ = [
     "ConceptSpace",
@@ -281,7 +282,7 @@ def batch_labels(batch: Mapping[str, Any], space: ConceptSpace, size: tuple[int,
 # --------------------------------------------------------------------------- pass 1: quantile thresholds
 
 
-class _TopBuffer:
+class TopBuffer:
     """Per unit, the ``k`` largest of ``n`` values, enough for the exact upper ``quantile`` (see module doc).
 
     The buffer is unordered (``topk(sorted=False)`` is a selection, four times cheaper than the sorted one); its row
@@ -314,7 +315,7 @@ class _TopBuffer:
         return {"n": torch.tensor(self.n), "values": self._values}
 
     @classmethod
-    def from_state(cls, s: Mapping[str, torch.Tensor], quantile: float, max_mb: float, layer: str) -> _TopBuffer:
+    def from_state(cls, s: Mapping[str, torch.Tensor], quantile: float, max_mb: float, layer: str) -> TopBuffer:
         buf = cls(int(s["n"]), quantile, len(s["values"]), max_mb, layer)
         buf._set(s["values"])
         return buf
@@ -387,8 +388,8 @@ class _TopBuffer:
         return x_lo + frac * (x_hi - x_lo)
 
 
-def _below(t: torch.Tensor) -> torch.Tensor:
-    """The largest float32 values ``<= t`` (float64): for float32 ``a``, ``a > t`` iff ``a > _below(t)``."""
+def float32_below(t: torch.Tensor) -> torch.Tensor:
+    """The largest float32 values ``<= t`` (float64): for float32 ``a``, ``a > t`` iff ``a > float32_below(t)``."""
     t32 = t.float()
     over = t32.double() > t
     return torch.where(over, torch.nextafter(t32, torch.tensor(-math.inf)), t32)
@@ -438,7 +439,7 @@ def _hot_blocks(act: torch.Tensor, t: torch.Tensor, size: tuple[int, int]
         act = act.contiguous()
     n, u, h, w = act.shape
     flat, (sn, su, sh, sw) = act.as_strided((act.numel(),), (1,)), act.stride()  # cells by offset into storage
-    hot = act > _below(t).float().to(act.device)[None, :, None, None]  # the cells above T_f
+    hot = act > float32_below(t).float().to(act.device)[None, :, None, None]  # the cells above T_f
     quad = hot
     if (h, w) != size:  # quad (i, j) is hot when any of its cells is: OR with the next row, then the next column
         quad = hot.clone()
@@ -637,11 +638,6 @@ def open_dataset(dataset: BrodenDataset | str | os.PathLike[str], model: nn.Modu
     return dataset
 
 
-def _normalizer(model: nn.Module) -> Any:
-    pre = getattr(model, "preprocess", None)
-    return pre.normalize if callable(getattr(pre, "normalize", None)) else (lambda x: x)
-
-
 def stream_dataset(model: nn.Module, dataset: BrodenDataset, layers: Sequence[str], batch_size: int, workers: int,
                    start_batch: int = 0, desc: str = "dissect", progress: bool | None = True,
                    reduce: Callable[[Mapping[str, Any], str, torch.Tensor], Any] | None = None
@@ -663,7 +659,7 @@ def stream_dataset(model: nn.Module, dataset: BrodenDataset, layers: Sequence[st
         return
     loader = DataLoader(Subset(dataset, range(first, len(dataset))), batch_size=batch_size, shuffle=False,
                         num_workers=workers, collate_fn=broden_collate, persistent_workers=False)
-    norm, dev = _normalizer(model), model_device(model)
+    norm, dev = input_normalizer(model), model_device(model)
     held: dict[str, Any] = {}
 
     def images() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -727,8 +723,8 @@ class _Store:
         atomic_write_bytes(self.out / f"{name}.pt", buf.getvalue())
 
 
-def _restore_top(layer: str, k: int, s: Mapping[str, Any]) -> _RunningTopK:
-    t = _RunningTopK(layer, k)
+def _restore_top(layer: str, k: int, s: Mapping[str, Any]) -> RunningTopK:
+    t = RunningTopK(layer, k)
     t.values, t.ids, t.locs = s["values"], s["ids"], s["locs"]
     t.shape, t.seen = tuple(int(v) for v in s["shape"]), int(s["seen"])
     return t
@@ -742,12 +738,12 @@ def _pass_thresholds(model: nn.Module, ds: BrodenDataset, names: list[str], conf
         tops = {n: _restore_top(n, config.top_images, state["top"][n]).result() for n in names}
         return dict(state["thresholds"]), tops
     start = int(state["batches"]) if state else 0
-    bufs: dict[str, _TopBuffer] = {}
-    tops: dict[str, _RunningTopK] = {n: _RunningTopK(n, config.top_images) for n in names}
+    bufs: dict[str, TopBuffer] = {}
+    tops: dict[str, RunningTopK] = {n: RunningTopK(n, config.top_images) for n in names}
     if state:
         for n in names:
             tops[n] = _restore_top(n, config.top_images, state["top"][n])
-            bufs[n] = _TopBuffer.from_state(state["buffers"][n], config.quantile, config.max_buffer_mb, n)
+            bufs[n] = TopBuffer.from_state(state["buffers"][n], config.quantile, config.max_buffer_mb, n)
     batches = start
 
     def snapshot(done: bool) -> dict[str, Any]:
@@ -762,7 +758,7 @@ def _pass_thresholds(model: nn.Module, ds: BrodenDataset, names: list[str], conf
 
     def on_layer(batch: Mapping[str, Any], n: str, act: torch.Tensor) -> None:
         if n not in bufs:  # n = images x positions (a linear layer has one)
-            bufs[n] = _TopBuffer(len(ds) * act[0, 0].numel(), config.quantile, act.shape[1], config.max_buffer_mb, n)
+            bufs[n] = TopBuffer(len(ds) * act[0, 0].numel(), config.quantile, act.shape[1], config.max_buffer_mb, n)
         bufs[n].update(act)
         tops[n].update(act, batch["index"])
 

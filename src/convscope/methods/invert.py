@@ -28,6 +28,7 @@ from torch import nn
 
 from ..core.images import Preprocess
 from ..core.layers import named_layers, resolve_layers
+from ..core.model import float_dtype, model_preprocess
 from ..core.optim import (
     AlphaNorm,
     Jitter,
@@ -40,7 +41,6 @@ from ..core.optim import (
 )
 from ..core.probe import probe
 from ..errors import ConvscopeError
-from .maximize import _float_dtype, _preprocess
 
 B_PIXELS = 80 / 255  # Mahendran & Vedaldi's typical pixel magnitude B = 80 (0..255 scale), as RGB in [0, 1]
 V_RATIO = 6.5  # V = B / 6.5: typical difference between neighbouring pixels
@@ -215,8 +215,8 @@ def invert(
     for name, v in (("alpha", alpha), ("beta", beta), ("B", B)):
         if not v > 0:
             raise ConvscopeError(f"invert: {name}={v!r} must be > 0 (the paper uses alpha=6, beta=2, B=80/255)")
-    pre = _preprocess(model, preprocess)
-    dtype = _float_dtype(model)
+    pre = model_preprocess(model, preprocess)
+    dtype = float_dtype(model)
     x = x.detach().to(dtype)
     n = x.shape[0]
     if target_features is None:

@@ -33,6 +33,7 @@ from torch import nn
 
 from ..core.images import Preprocess
 from ..core.layers import default_input_size, model_device, resolve_layer
+from ..core.model import float_dtype, model_preprocess
 from ..core.optim import (
     OUTPUT,
     Blur,
@@ -292,14 +293,6 @@ class MaximizationResult:
     names: list[str]
 
 
-def _preprocess(model: nn.Module, preprocess: Preprocess | None) -> Preprocess:
-    pre = preprocess if preprocess is not None else getattr(model, "preprocess", None)
-    if pre is None:
-        return Preprocess.identity()
-    if not isinstance(pre, Preprocess):
-        raise ConvscopeError(f"{type(model).__name__}.preprocess is a {type(pre).__name__}; pass preprocess="
-                             "Preprocess(mean=..., std=...) so images can be mapped to and from pixels")
-    return pre
 
 
 def _size(model: nn.Module, size: int | tuple[int, int] | None, init: object) -> tuple[int, int]:
@@ -315,7 +308,7 @@ def _size(model: nn.Module, size: int | tuple[int, int] | None, init: object) ->
 
 def _all_units(model: nn.Module, layer: str | None, size: tuple[int, int]) -> list[int]:
     name = None if layer is None else resolve_layer(model, layer)[0]
-    x = torch.zeros(1, 3, *size, dtype=_float_dtype(model), device=model_device(model))
+    x = torch.zeros(1, 3, *size, dtype=float_dtype(model), device=model_device(model))
     with torch.no_grad(), probe(model, [] if name is None else name, stop_after=name, detach=True) as p:
         out = p.forward(model, x)
         a = out if name is None else p.activations[name]
@@ -379,7 +372,7 @@ def activation_maximization(
         batch_size: at most this many images are optimized jointly (more units run in successive batches; the
             results do not depend on it).
     """
-    pre = _preprocess(model, preprocess)
+    pre = model_preprocess(model, preprocess)
     hw = _size(model, size, init)
     reg = _regularization(regularize, parametrization, dict(
         lambda_l2=lambda_l2, theta_decay=theta_decay, blur_every=blur_every, blur_sigma=blur_sigma,
@@ -412,12 +405,6 @@ def activation_maximization(
         layer=name, units=unit_list, names=names)
 
 
-def _float_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype of the model's first floating-point parameter or buffer (float32 for none): images match it."""
-    for t in [*model.parameters(), *model.buffers()]:
-        if t.is_floating_point():
-            return t.dtype
-    return torch.float32
 
 
 def _optimize(model: nn.Module, obj: Objective, n: int, start: int, pre: Preprocess, hw: tuple[int, int],
@@ -431,7 +418,7 @@ def _optimize(model: nn.Module, obj: Objective, n: int, start: int, pre: Preproc
         gens = make_generators(seeds[start:start + n], n)
     if isinstance(init, torch.Tensor) and init.dim() == 4 and init.shape[0] > 1:
         init = init[start:start + n]
-    like = torch.zeros((), dtype=_float_dtype(model), device=model_device(model))
+    like = torch.zeros((), dtype=float_dtype(model), device=model_device(model))
     param = make_param(parametrization, init, n, hw, pre, gens, like)
     return optimize_images(model, obj, param, steps=steps, lr=lr, optimizer=optimizer, transforms=trans,
                            regularizers=regs, generators=gens, stop=stop, progress=progress, desc=desc)
@@ -482,7 +469,7 @@ def fooling_image(
     if score not in ("logit", "log_softmax"):
         raise ConvscopeError(f"score={score!r}: use 'logit' or 'log_softmax'")
     targets = _unit_list(target)
-    pre = _preprocess(model, preprocess)
+    pre = model_preprocess(model, preprocess)
     hw = _size(model, size, init)
     reg = _regularization(regularize, parametrization, {})
     extra_regs, extra_trans = _split(regularizers)
@@ -590,13 +577,13 @@ class MultifacetedResult:
 
 def _gather(images: object, ids: torch.Tensor, batch_size: int) -> torch.Tensor:
     """The images with ``ids`` (sorted, unique), from a tensor or by iterating a re-iterable stream again."""
-    from .topk import _batches
+    from .topk import image_batches
 
     if isinstance(images, torch.Tensor):
         return images[ids.to(images.device)]
     wanted = {int(i): j for j, i in enumerate(ids.tolist())}
     out: list[torch.Tensor | None] = [None] * len(wanted)
-    for batch, bid in _batches(images, batch_size):  # type: ignore[arg-type]
+    for batch, bid in image_batches(images, batch_size):  # type: ignore[arg-type]
         for r, i in enumerate(bid.tolist()):
             if i in wanted and out[wanted[i]] is None:
                 out[wanted[i]] = batch[r]
@@ -678,7 +665,7 @@ def multifaceted(
     res = activation_maximization(model, name, [u for u in unit_list for _ in range(facets)], kind=kind,
                                   init=init, steps=steps, regularize=regularize, seed=seed, batch_size=len(init),
                                   progress=progress, **am_kwargs)  # type: ignore[arg-type]
-    pre = _preprocess(model, am_kwargs.get("preprocess"))  # type: ignore[arg-type]
+    pre = model_preprocess(model, am_kwargs.get("preprocess"))  # type: ignore[arg-type]
     u_n, shape = len(unit_list), tuple(init.shape[1:])
     return MultifacetedResult(
         images=res.images.view(u_n, facets, *res.images.shape[1:]), x=res.x.view(u_n, facets, *shape),
@@ -740,7 +727,7 @@ def dgn_am(
     """
     from ..core.optim import CodePenalty, GeneratorParam
 
-    pre = _preprocess(model, preprocess)
+    pre = model_preprocess(model, preprocess)
     if not isinstance(generator, nn.Module):
         raise ConvscopeError(f"generator must be an nn.Module mapping codes to images, not {type(generator).__name__}")
     if not lambda_code >= 0:
@@ -759,7 +746,7 @@ def dgn_am(
                                  "code_shape=(112, 8, 8), or a code tensor as code_init")
     spec = GeneratorParam(generator, tuple(int(s) for s in code_shape), output, code_range)
     extra_regs, extra_trans = _split(regularizers)
-    like = torch.zeros((), dtype=_float_dtype(model), device=model_device(model))
+    like = torch.zeros((), dtype=float_dtype(model), device=model_device(model))
     if objective is not None:
         objs = [objective] if isinstance(objective, Objective) else list(objective)
         if not objs or not all(isinstance(o, Objective) for o in objs):

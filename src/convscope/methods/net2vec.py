@@ -46,10 +46,10 @@ from ..errors import ConvscopeError, DataError
 from .dissect import (
     BatchLabels,
     DissectConfig,
-    _below,
-    _TopBuffer,
+    TopBuffer,
     batch_labels,
     concept_space,
+    float32_below,
     iou_from_counts,
     open_dataset,
     stream_dataset,
@@ -204,7 +204,7 @@ def _cache(model: nn.Module, ds: BrodenDataset, layer: str, space: Any, config: 
 def _features(acts: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int], inputs: str) -> torch.Tensor:
     """``B x K x P`` inputs of Eq. 20: binarized (or threshold-scaled) upsampled unit maps."""
     up = F.interpolate(acts, size=size, mode="bilinear", align_corners=False) if acts.shape[-2:] != size else acts
-    t = _below(thresholds).float()
+    t = float32_below(thresholds).float()
     if inputs == "binary":
         return (up > t[None, :, None, None]).float().flatten(2)
     return (up / t.clamp(min=1e-6)[None, :, None, None]).flatten(2)
@@ -250,7 +250,7 @@ def net2vec(model: nn.Module, dataset: BrodenDataset | str | os.PathLike[str], l
     train_idx, val_idx = (~cache.val).nonzero().flatten(), cache.val.nonzero().flatten()
 
     if thresholds is None:
-        buf = _TopBuffer(len(train_idx) * cache.acts.shape[2] * cache.acts.shape[3], config.quantile, k,
+        buf = TopBuffer(len(train_idx) * cache.acts.shape[2] * cache.acts.shape[3], config.quantile, k,
                          float("inf"), layer)
         for s in range(0, len(train_idx), 256):
             buf.update(cache.acts[train_idx[s:s + 256]])

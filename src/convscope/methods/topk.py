@@ -96,7 +96,7 @@ def _yx(flat: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
     return torch.stack([flat // width, flat % width], dim=-1)
 
 
-class _RunningTopK:
+class RunningTopK:
     """Keeps, per unit, the k largest candidates seen so far (values, image ids, locations)."""
 
     def __init__(self, layer: str, k: int) -> None:
@@ -152,7 +152,7 @@ class _RunningTopK:
         return TopKActivations(self.layer, self.values, self.ids, self.locs, self.shape, self.seen)
 
 
-def _batches(images: Images, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def image_batches(images: Images, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``(batch N x C x H x W, image ids N)`` from a tensor, or from an iterable of batches / ``(batch, ids)``."""
     if isinstance(images, torch.Tensor):
         if images.dim() != 4 or not images.is_floating_point():
@@ -201,7 +201,7 @@ def stream_layers(model: nn.Module, images: Images, layers: str | Sequence[str],
     total = math.ceil(len(images) / batch_size) if isinstance(images, torch.Tensor) else None
     with contextlib.ExitStack() as stack:
         p = None
-        for x, ids in progress_bar(_batches(images, batch_size), total=total, desc=desc, unit="batch",
+        for x, ids in progress_bar(image_batches(images, batch_size), total=total, desc=desc, unit="batch",
                                    progress=progress):
             if p is None:
                 stack.enter_context(torch.no_grad())
@@ -239,8 +239,8 @@ def top_k_activations(model: nn.Module, images: Images, layers: str | Sequence[s
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConvscopeError(f"top_k_activations(k={k!r}): use a positive int")
     names = list(resolve_layers(model, layers))
-    state = {n: _RunningTopK(n, k) for n in names}
-    for ids, cands in stream_layers(model, images, names, batch_size, progress, reduce=_RunningTopK.candidates):
+    state = {n: RunningTopK(n, k) for n in names}
+    for ids, cands in stream_layers(model, images, names, batch_size, progress, reduce=RunningTopK.candidates):
         for n in names:
             state[n].merge(*cands[n], ids)
     if any(s.values is None for s in state.values()):

@@ -33,11 +33,11 @@ from torch import nn
 from ..core.images import Preprocess
 from ..core.io import atomic_write_bytes
 from ..core.layers import resolve_layer
+from ..core.model import model_preprocess
 from ..core.probe import probe
 from ..core.progress import progress_bar
 from ..errors import ConvscopeError, ModelLoadError
 from .invert import InversionResult, layer_features
-from .maximize import _preprocess
 
 UPSAMPLING = ("unpool", "transposed")
 LEAK = 0.2
@@ -199,7 +199,7 @@ def train_upconv(
         raise ConvscopeError(f"lr={lr!r}: the learning rate must be > 0")
     if isinstance(images, torch.Tensor) and (images.dim() != 4 or images.shape[1] != 3 or images.shape[0] == 0):
         raise ConvscopeError(f"images must be N x 3 x H x W in the model's input space, got {tuple(images.shape)}")
-    pre = _preprocess(model, preprocess)
+    pre = model_preprocess(model, preprocess)
     gen = torch.Generator().manual_seed(seed)
     decoder: UpconvNet | None = None
     opt: torch.optim.Optimizer | None = None
