@@ -28,7 +28,6 @@ import csv
 import io
 import os
 import re
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from convscope.core.io import atomic_write_bytes
 from convscope.errors import DataError, closest
 
 if TYPE_CHECKING:  # torch is imported lazily: the generator's workers never need it
@@ -158,16 +158,6 @@ def same_extent(ih: int, iw: int, sh: int, sw: int) -> bool:
 # --------------------------------------------------------------------------- atomic writes
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and os.replace."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _atomic_write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
@@ -175,7 +165,7 @@ def _atomic_write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
     writer.writerows(rows)
-    _atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
+    atomic_write_bytes(path, buf.getvalue().encode("utf-8"), fsync=False)
 
 
 def _png_bytes(arr: np.ndarray) -> bytes:
@@ -252,7 +242,7 @@ def save_sample(root: str | os.PathLike[str], sample: BrodenSample, image_format
         Image.fromarray(image).save(buf, format="PNG", compress_level=1)
     else:
         Image.fromarray(image).save(buf, format="JPEG", quality=95)
-    _atomic_write_bytes(images_dir / image_rel, buf.getvalue())
+    atomic_write_bytes(images_dir / image_rel, buf.getvalue(), fsync=False)
 
     fields: dict[str, tuple[str | int, ...]] = {}
     coverage: dict[str, dict[int, float]] = {}
@@ -274,7 +264,7 @@ def save_sample(root: str | os.PathLike[str], sample: BrodenSample, image_format
         for k, layer in enumerate(layers):
             suffix = f"_{cat}.png" if len(layers) == 1 else f"_{cat}_{k + 1}.png"
             rel = f"{name}{suffix}"
-            _atomic_write_bytes(images_dir / rel, _png_bytes(encode_labels(layer)))
+            atomic_write_bytes(images_dir / rel, _png_bytes(encode_labels(layer)), fsync=False)
             paths.append(rel)
         fields[cat] = tuple(paths)
         coverage[cat] = _coverage_of(layers.astype(np.int64, copy=False))

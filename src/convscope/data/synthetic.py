@@ -42,12 +42,13 @@ from PIL import Image
 from convscope.data.broden import (
     BrodenRow,
     BrodenSample,
-    _atomic_write_bytes,
     save_sample,
     write_broden,
     write_targets,
 )
 from convscope.errors import DataError, closest
+
+from ..core.io import atomic_write_bytes
 
 __all__ = ["HELD_OUT_START", "SHAPES", "SynthArrays", "SynthConfig", "SynthSample", "generate", "photo_paths",
            "render_arrays", "render_sample"]
@@ -654,7 +655,7 @@ def generate(
         "seed": int(seed),
         "config": asdict(cfg),
     }
-    _atomic_write_bytes(root / "synth.json", json.dumps(meta, indent=1).encode("utf-8"))
+    atomic_write_bytes(root / "synth.json", json.dumps(meta, indent=1).encode("utf-8"))
     voc = _vocab(cfg)
     write_broden(root, rows, voc.names, voc.categories)
     return root
