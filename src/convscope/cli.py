@@ -196,24 +196,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-EXPLAIN_METHODS = ("saliency", "gradient", "input_x_gradient", "smoothgrad", "guided", "deconv", "cam", "gradcam",
-                   "gradcam++", "guided-gradcam", "occlusion")
-_LAYER_METHODS = ("cam", "gradcam", "gradcam++", "guided-gradcam")
-# signed N x K x C x H x W results
-_PER_CHANNEL = ("gradient", "input_x_gradient", "smoothgrad", "guided", "deconv", "guided-gradcam")
-_EXPLAIN_TITLES = {
-    "saliency": "gradient saliency, max_c |d score / d x| (Simonyan et al. 2014)",
-    "gradient": "the raw input gradient d score / d x, per channel (Simonyan et al. 2014)",
-    "input_x_gradient": "gradient x input, per channel (Shrikumar et al. 2016)",
-    "smoothgrad": "SmoothGrad: the gradient averaged over noisy copies (Smilkov et al. 2017)",
-    "guided": "guided backpropagation (Springenberg et al. 2015)",
-    "deconv": "DeconvNet backward rule (Zeiler & Fergus 2014)",
-    "cam": "CAM (Zhou et al. 2016)",
-    "gradcam": "Grad-CAM (Selvaraju et al. 2017)",
-    "gradcam++": "Grad-CAM++ (Chattopadhay et al. 2018)",
-    "guided-gradcam": "guided Grad-CAM (Selvaraju et al. 2017)",
-    "occlusion": "occlusion sensitivity: drop in the class score under a grey square (Zeiler & Fergus 2014)",
-}
+def __getattr__(name: str) -> Any:
+    """``EXPLAIN_METHODS``: the attribution methods' names, from the registry (lazy: the registry loads torch)."""
+    if name == "EXPLAIN_METHODS":
+        from .methods.registry import ATTRIBUTION_METHODS
+
+        return tuple(ATTRIBUTION_METHODS)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _explain_targets(spec: str) -> int | list[int]:
@@ -242,25 +231,21 @@ def _explain_one(model, x, args, targets: list[int], layer: str, progress: bool 
     """The method's result for one image: (maps K x [C x] H x W, extra (tile, label) pairs)."""
     import torch
 
-    from . import methods as m
+    from .methods.registry import attribution_method
 
     t = torch.tensor([targets], device=x.device)
     extra = []
     if args.method == "occlusion":
+        from .methods.occlusion import occlusion
+
         kw = {k: v for k, v in (("window", args.window), ("stride", args.stride)) if v is not None}
-        res = m.occlusion(model, x, t, layer=layer or None, progress=progress, **kw)
+        res = occlusion(model, x, t, layer=layer or None, progress=progress, **kw)
         if res.strongest_unit is not None:  # Zeiler & Fergus Fig. 7 (b), as a drop: red where the unit looks
             drop = res.unit_activation[:1, None, None, None] - res.strongest_unit[:1, None]
             extra.append((drop, f"unit {int(res.unit[0])} of {layer}"))
         return res.maps[0], extra
-    fn = {"saliency": m.saliency, "gradient": m.gradient, "input_x_gradient": m.input_x_gradient,
-          "guided": m.guided_backprop, "deconv": m.deconvnet_rule}.get(args.method)
-    if fn is not None:
-        return fn(model, x, t)[0], extra
-    if args.method == "smoothgrad":
-        return m.smoothgrad(model, x, t, n=args.samples, seed=args.seed)[0], extra
-    cams = {"cam": m.cam, "gradcam": m.gradcam, "gradcam++": m.gradcam_pp, "guided-gradcam": m.guided_gradcam}
-    return cams[args.method](model, x, t, layer=layer)[0], extra
+    options = {"n": args.samples, "seed": args.seed} if args.method == "smoothgrad" else {}
+    return attribution_method(args.method).maps(model, x, t, layer=layer, **options)[0], extra
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -270,22 +255,24 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from .core.render import grid, overlay, save_png, to_display
     from .core.report import HtmlReport
     from .methods.cam import default_cam_layer
+    from .methods.registry import attribution_method
     from .models.predict import predict
 
+    method = args.method
+    entry = attribution_method(method)  # before loading the model: a wrong name fails fast
     model = _load(args)
     device = next(model.parameters()).device
-    method = args.method
     layer = resolve_layer(model, args.layer)[0] if args.layer else ""
-    if method in _LAYER_METHODS and not layer:
+    if entry.needs_layer and not layer:
         layer = default_cam_layer(model)
-    elif method not in _LAYER_METHODS and method != "occlusion":
+    elif not entry.needs_layer and method != "occlusion":
         layer = ""  # checked, but this method reads no layer
     spec = _explain_targets(args.target)
     files = expand_inputs(args.images)
     out = Path(args.out)
     pre = getattr(model, "preprocess", None)
     classes = getattr(model, "classes", None)
-    signed = method in _PER_CHANNEL or method == "occlusion"
+    signed = entry.per_channel or method == "occlusion"
     name = getattr(model, "zoo_name", type(model).__name__)
     rep = HtmlReport(f"convscope explain: {method} on {name}", self_contained=args.self_contained)
     if method == "occlusion":
@@ -297,7 +284,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
                   "channel sum over the photo (coolwarm: red raises the class score, blue lowers it).")
     else:
         legend = "Colour: jet, from blue (low) to red (high), scaled per map."
-    rep.text(f"{_EXPLAIN_TITLES[method]}" + (f", at layer {layer!r}" if layer else "") + f"; target: {args.target}. "
+    rep.text(entry.description + (f", at layer {layer!r}" if layer else "") + f"; target: {args.target}. "
              + legend)
     all_tiles, all_labels, ncol = [], [], 1
     stems = unique_names(files)
@@ -734,7 +721,9 @@ def add_explain(sub: Subparsers) -> None:
     p = sub.add_parser("explain", help="attribution maps for images: saliency, guided backprop, CAMs, occlusion")
     p.add_argument("images", nargs="+", help="image files or folders")
     _model_args(p)
-    p.add_argument("--method", default="gradcam", choices=EXPLAIN_METHODS, help="attribution method (default gradcam)")
+    p.add_argument("--method", default="gradcam", metavar="METHOD",
+                   help="attribution method: saliency, gradcam, occlusion, ... (default gradcam; a wrong name lists "
+                        "them all)")
     p.add_argument("--layer", default="", help="conv layer for the CAM methods (default: the last feature map); for "
                                                "occlusion, also show this layer's strongest unit")
     p.add_argument("--target", default="top", help="class index, comma list (281,282), 'top' or 'topN' (default top)")

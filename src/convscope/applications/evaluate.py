@@ -35,11 +35,10 @@ from ..core.report import HtmlReport
 from ..data.groundtruth import mask_iou, pointing_game
 from ..data.synthetic import HELD_OUT_START, SynthConfig, render_arrays
 from ..errors import ConvscopeError
-from ..methods.backprop import deconvnet_rule, guided_backprop, guided_gradcam
-from ..methods.cam import default_cam_layer, gradcam, gradcam_pp
+from ..methods.cam import default_cam_layer
 from ..methods.evaluation import deletion_insertion_many, model_randomization, model_randomization_many
 from ..methods.occlusion import occlusion, window_positions
-from ..methods.saliency import input_x_gradient, saliency, smoothgrad
+from ..methods.registry import ATTRIBUTION_METHODS, AttributionMethod
 
 MapFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, str, "bool | None"], torch.Tensor]
 """``(model, x, labels, layer, progress) -> N x H x W`` maps; ``progress`` is passed to the slow methods' bars."""
@@ -70,19 +69,36 @@ def _occlusion(m: nn.Module, x: torch.Tensor, y: torch.Tensor, layer: str, progr
                      progress=progress).maps[:, 0]
 
 
+EVALUATED = ("saliency", "input_x_gradient", "smoothgrad", "guided", "deconv", "gradcam", "gradcam++",
+             "guided-gradcam", "occlusion")
+"""The registry methods scored, in table order (``gradient`` is saliency before its max, CAM needs a GAP net)."""
+
+EVAL_NAMES = {"deconv": "deconvnet", "guided-gradcam": "guided_gradcam"}
+"""Registry name -> the name in the evaluation's tables and ``--methods``, where they differ."""
+
+SMOOTHGRAD_SAMPLES = 16
+"""Noisy copies per SmoothGrad map in the evaluation."""
+
+
+def _registry_map(entry: AttributionMethod) -> MapFn:
+    """A registry method as ``N x H x W`` maps of the true class: per-channel results as max_c |.| (gradient x
+    input: sum_c |.|)."""
+    def fn(m: nn.Module, x: torch.Tensor, y: torch.Tensor, layer: str, progress: bool | None) -> torch.Tensor:
+        options = {"n": SMOOTHGRAD_SAMPLES, "progress": progress} if entry.name == "smoothgrad" else {}
+        out = entry.maps(m, x, y[:, None], layer=layer, **options)[:, 0]
+        if entry.per_channel:
+            out = out.abs().sum(1) if entry.name == "input_x_gradient" else out.abs().amax(1)
+        return out
+    return fn
+
+
 METHODS: dict[str, MapFn] = {
-    "saliency": lambda m, x, y, L, p: saliency(m, x, y[:, None])[:, 0],
-    "input_x_gradient": lambda m, x, y, L, p: input_x_gradient(m, x, y[:, None])[:, 0].abs().sum(1),
-    "smoothgrad": lambda m, x, y, L, p: smoothgrad(m, x, y[:, None], n=16, progress=p)[:, 0].abs().amax(1),
-    "guided": lambda m, x, y, L, p: guided_backprop(m, x, y[:, None])[:, 0].abs().amax(1),
-    "deconvnet": lambda m, x, y, L, p: deconvnet_rule(m, x, y[:, None])[:, 0].abs().amax(1),
-    "gradcam": lambda m, x, y, L, p: gradcam(m, x, y[:, None], layer=L)[:, 0],
-    "gradcam++": lambda m, x, y, L, p: gradcam_pp(m, x, y[:, None], layer=L)[:, 0],
-    "guided_gradcam": lambda m, x, y, L, p: guided_gradcam(m, x, y[:, None], layer=L)[:, 0].abs().amax(1),
-    "occlusion": _occlusion,
+    **{EVAL_NAMES.get(n, n): _occlusion if n == "occlusion" else _registry_map(ATTRIBUTION_METHODS[n])
+       for n in EVALUATED},
     "random": _random,
     "center": _center,
 }
+"""Evaluated method name -> map function: the registry's :data:`EVALUATED` methods, then two references."""
 
 
 def method_cost(name: str, size: int) -> float:

@@ -16,7 +16,6 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import PurePath
 from typing import Any
@@ -34,9 +33,9 @@ from ..core.layers import default_input_size, list_layers, model_device
 from ..core.probe import probe
 from ..core.render import colormap, overlay, to_display, to_pil
 from ..errors import ConvscopeError, LayerNotFoundError, TargetError
-from ..methods.cam import default_cam_layer, gradcam
+from ..methods.cam import default_cam_layer
 from ..methods.deconvnet import deconvnet, unit_backprop
-from ..methods.saliency import saliency
+from ..methods.registry import attribution_method
 from ..models.predict import rank_logits
 from ..models.zoo import get_classes, get_preprocess
 from .images import Decoder, ImageStore, StoredImage, shown
@@ -44,7 +43,8 @@ from .images import Decoder, ImageStore, StoredImage, shown
 __all__ = ["CAM_METHODS", "NORMS", "Explorer", "GridLayout", "LayerEntry", "activation_grid", "colorize", "data_url",
            "unit_pictures"]
 
-CAM_METHODS = ("gradcam", "saliency")
+CAM_METHODS = tuple(attribution_method(n).name for n in ("gradcam", "saliency"))
+"""The attribution methods the explorer offers (registry names): Grad-CAM at the CAM layer, gradient saliency."""
 NORMS = ("layer", "unit")
 GRID_BACKGROUND = (0.16, 0.16, 0.18)
 
@@ -454,15 +454,14 @@ class Explorer:
             cls = int(preds[0]["index"])
         self.check_class(cls)
         t0 = time.perf_counter()
-        fn: Callable[..., torch.Tensor] = ((lambda: gradcam(self.model, x, cls, layer=self.cam_layer))
-                                           if method == "gradcam" else (lambda: saliency(self.model, x, cls)))
-        maps = fn()[:, :1].detach().float().cpu()  # 1 x 1 x H x W
+        entry = attribution_method(method)
+        maps = entry.maps(self.model, x, cls, layer=self.cam_layer)[:, :1].detach().float().cpu()  # 1 x 1 x H x W
         dt = time.perf_counter() - t0
         if method == "saliency":  # gradients are spiky: clip at the 99th percentile before colouring
             maps = to_display(maps, "percentile", lo=0.0, hi=99.0)
         pic = overlay(self.pixels(item), maps, alpha=0.5, cmap="jet", normalize=method == "gradcam")[0]
         return {"image": image_id, "class": cls, "name": self.class_name(cls), "method": method,
-                "layer": self.cam_layer if method == "gradcam" else None, "overlay": data_url(to_pil(pic)),
+                "layer": self.cam_layer if entry.needs_layer else None, "overlay": data_url(to_pil(pic)),
                 "model_s": dt}
 
     # ------------------------------------------------------------------ atlas

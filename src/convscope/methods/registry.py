@@ -1,0 +1,78 @@
+"""The one list of attribution methods: name, function, whether it reads a layer, its shape, title and citation.
+
+``convscope explain``, ``convscope evaluate attribution`` and the web explorer read it, so a method is added here
+once. ``per_channel`` methods return signed ``N x K x C x H x W`` results, the others ``N x K x H x W`` maps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConvscopeError
+from .backprop import deconvnet_rule, guided_backprop, guided_gradcam
+from .cam import cam, gradcam, gradcam_pp
+from .occlusion import occlusion
+from .saliency import gradient, input_x_gradient, saliency, smoothgrad
+
+__all__ = ["ATTRIBUTION_METHODS", "AttributionMethod", "attribution_method"]
+
+
+@dataclass(frozen=True)
+class AttributionMethod:
+    """One attribution method; ``function(model, x, target, [layer=...], **options)``."""
+
+    name: str
+    function: Callable[..., Any]
+    needs_layer: bool
+    per_channel: bool
+    title: str
+    citation: str
+
+    @property
+    def description(self) -> str:
+        """``"title (citation)"``, as the explain page states it."""
+        return f"{self.title} ({self.citation})"
+
+    def maps(self, model: nn.Module, x: torch.Tensor, target: Any, layer: str = "", **options: Any) -> torch.Tensor:
+        """The method's result tensor (occlusion's ``.maps``); ``layer`` is passed only where the method reads one."""
+        if self.needs_layer:
+            options["layer"] = layer
+        out = self.function(model, x, target, **options)
+        return out.maps if hasattr(out, "maps") else out
+
+
+_METHODS = (
+    AttributionMethod("saliency", saliency, False, False, "gradient saliency, max_c |d score / d x|",
+                      "Simonyan et al. 2014"),
+    AttributionMethod("gradient", gradient, False, True, "the raw input gradient d score / d x, per channel",
+                      "Simonyan et al. 2014"),
+    AttributionMethod("input_x_gradient", input_x_gradient, False, True, "gradient x input, per channel",
+                      "Shrikumar et al. 2016"),
+    AttributionMethod("smoothgrad", smoothgrad, False, True, "SmoothGrad: the gradient averaged over noisy copies",
+                      "Smilkov et al. 2017"),
+    AttributionMethod("guided", guided_backprop, False, True, "guided backpropagation", "Springenberg et al. 2015"),
+    AttributionMethod("deconv", deconvnet_rule, False, True, "DeconvNet backward rule", "Zeiler & Fergus 2014"),
+    AttributionMethod("cam", cam, True, False, "CAM", "Zhou et al. 2016"),
+    AttributionMethod("gradcam", gradcam, True, False, "Grad-CAM", "Selvaraju et al. 2017"),
+    AttributionMethod("gradcam++", gradcam_pp, True, False, "Grad-CAM++", "Chattopadhay et al. 2018"),
+    AttributionMethod("guided-gradcam", guided_gradcam, True, True, "guided Grad-CAM", "Selvaraju et al. 2017"),
+    AttributionMethod("occlusion", occlusion, False, False,
+                      "occlusion sensitivity: drop in the class score under a grey square", "Zeiler & Fergus 2014"),
+)
+
+ATTRIBUTION_METHODS: dict[str, AttributionMethod] = {m.name: m for m in _METHODS}
+"""Every attribution method by name, in the order the CLI offers them."""
+
+
+def attribution_method(name: str) -> AttributionMethod:
+    """The registry entry ``name``; a ConvscopeError naming the valid ones otherwise."""
+    try:
+        return ATTRIBUTION_METHODS[name]
+    except KeyError:
+        raise ConvscopeError(f"unknown attribution method {name!r}; use one of "
+                             f"{', '.join(ATTRIBUTION_METHODS)}") from None
