@@ -5,8 +5,11 @@ a layer responds to, every other unit of that layer is set to zero -- all other 
 also every position of the chosen map but its strongest one -- and the remaining signal ``R`` is sent down through
 the layers below, each inverted approximately:
 
-* **unpooling**: ``R`` is placed at the switch positions, zeros elsewhere (where overlapping pooling windows share
-  a switch their values add up: the transpose of max pooling);
+* **unpooling**: ``R`` is placed at the switch positions, zeros elsewhere. Where overlapping pooling windows (e.g.
+  3x3, stride 2) pick the same input position, their values **add up** there: the transpose of max pooling, the
+  gradient's convention, so the explicit and autograd paths agree. Zeiler & Fergus do not say which they used; the
+  alternative, ``F.max_unpool2d``, writes each window's value to its switch and keeps only one of the colliding
+  values (which one is unspecified), so it drops signal wherever windows share a maximum;
 * **rectification**: ``R <- max(R, 0)`` at every ReLU / ReLU6, whatever the forward pass did;
 * **filtering**: the transposed filters of the same convolution, ``conv_transpose2d`` with the same weights,
   stride, padding, dilation and groups, no bias; a linear layer by its transposed weight ``R <- R W``;
