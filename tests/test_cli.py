@@ -59,3 +59,17 @@ def test_data_synth_writes_broden_layout(tmp_path, capsys):
     assert main(["data", "synth", "--out", str(tmp_path / "s"), "--n", "6", "--workers", "1"]) == 0
     ds = BrodenDataset(tmp_path / "s")
     assert len(ds) == 6 and {"color", "object", "texture", "scene"} <= set(ds.categories)
+
+
+def test_predict_folder_and_file_one_block_per_image_in_order(tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "dir"
+    folder.mkdir()
+    for name in ("rocket", "chelsea"):
+        shutil.copy(cs.sample_image(name), folder / cs.sample_image(name).name)
+    assert main(["predict", str(folder), "sample:chelsea", "--model", "efficientnet_lite0", "--top", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    heads, tops = lines[0::2], lines[1::2]
+    assert [h.rsplit("/", 1)[-1] for h in heads] == ["chelsea.png", "rocket.jpg", "chelsea.png"]
+    assert tops[0] == tops[2] and "cat" in tops[0] and tops[1] != tops[0]  # each image keeps its own prediction

@@ -178,11 +178,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     files = expand_inputs(args.images)  # folders and sample:NAME expanded: one result per image, in order
     model = _load(args)
     device = next(model.parameters()).device
-    for path in files:
-        x = load_images([path], model).to(device)
-        print(path)
-        for pr in predict(model, x, k=args.top)[0]:
-            print(f"  {pr.index:>5}  {pr.probability:7.3%}  {pr.name}")
+    batch = 32  # images loaded and classified together (bounded memory for large folders)
+    for start in range(0, len(files), batch):
+        chunk = files[start:start + batch]
+        rows = predict(model, load_images(chunk, model).to(device), k=args.top, batch_size=batch)
+        for path, row in zip(chunk, rows, strict=True):
+            print(path)
+            for pr in row:
+                print(f"  {pr.index:>5}  {pr.probability:7.3%}  {pr.name}")
     return 0
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ..core.images import PHOTO_NAMES, expand_inputs, load_images, sample_images, unique_names
+from ..core.images import SAMPLE_PREFIX, expand_inputs, load_images, unique_names
 from ..core.io import atomic_write_text
 from ..core.layers import resolve_layer
 from ..core.probe import probe
@@ -27,7 +27,6 @@ from ..core.progress import progress_bar
 from ..core.render import fit_text, grid, load_font, overlay, save_png
 from ..core.report import HtmlReport
 from ..core.targets import top_k
-from ..errors import ConvscopeError
 from ..methods.cam import default_cam_layer, gradcam
 from ..models.predict import predict
 
@@ -60,14 +59,7 @@ def unit_layer(model: nn.Module) -> str:
 def report_images(paths: Sequence[str | os.PathLike[str]] | None) -> list[Path]:
     """The images a report covers: files, folders and ``sample:NAME`` expanded in order (default: the bundled
     photos, without the textures)."""
-    if paths:
-        return expand_inputs([os.fspath(p) for p in paths])
-    found = sample_images()
-    files = [found[n] for n in PHOTO_NAMES if n in found]
-    if not files:
-        raise ConvscopeError("no images given and no bundled photos found (they ship with scikit-image and "
-                             "scikit-learn); pass image files or folders, or pip install scikit-image scikit-learn")
-    return files
+    return expand_inputs([os.fspath(p) for p in paths] if paths else [f"{SAMPLE_PREFIX}all"])
 
 
 def build_report(model: nn.Module, paths: Sequence[str | os.PathLike[str]] | None = None, out: Path = Path("out"),

@@ -158,6 +158,7 @@ def _train_epoch(model: DemoNet, opt, sched, gen: torch.Generator, x_train: torc
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed * 100_003 + epoch)
         model.train()
+        dev = next(model.parameters()).device
         order = torch.randperm(config.n_train, generator=gen)
         codes = torch.randint(0, 8, (config.n_train,), generator=gen)
         total = 0.0
@@ -166,7 +167,6 @@ def _train_epoch(model: DemoNet, opt, sched, gen: torch.Generator, x_train: torc
         for idx in bar:
             if len(idx) < 2:  # batch norm needs two samples; a last batch of one is skipped
                 continue
-            dev = next(model.parameters()).device
             xb = dihedral(to_input(x_train[idx].to(dev)), codes[idx].to(dev))
             loss = F.cross_entropy(model(xb), y_train[idx].to(dev), label_smoothing=config.label_smoothing)
             opt.zero_grad(set_to_none=True)

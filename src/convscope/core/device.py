@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
+import gc
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -69,3 +72,24 @@ def tune_cpu_allocator(mmap_threshold: int = 2**31 - 1, trim_threshold: int = 2*
     except (OSError, AttributeError):
         return False
     return bool(ok1 and ok2)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim`` (None elsewhere: musl, macOS, Windows)."""
+    try:
+        fn = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+    fn.argtypes = [ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def release_memory(collect: bool = True) -> bool:
+    """Hand freed heap memory back to the OS: ``gc.collect()`` (``collect``) then glibc's ``malloc_trim(0)``
+    (big freed buffers otherwise stay in malloc's arenas, and in the process's RSS). True when trimmed."""
+    if collect:
+        gc.collect()
+    trim = _malloc_trim()
+    return bool(trim is not None and trim(0) >= 0)

@@ -339,7 +339,11 @@ def expand_inputs(paths: PathLike | Sequence[PathLike]) -> list[Path]:
             name = text[len(SAMPLE_PREFIX):]
             if name == "all":
                 found = sample_images()
-                out.extend(found[n] for n in PHOTO_NAMES if n in found)
+                photos = [found[n] for n in PHOTO_NAMES if n in found]
+                if not photos:
+                    raise ConvscopeError("sample:all: no bundled photos found (they ship with scikit-image and "
+                                         "scikit-learn); pip install scikit-image scikit-learn, or pass image files")
+                out.extend(photos)
             else:
                 out.append(sample_image(name))
             continue
@@ -360,13 +364,13 @@ def expand_inputs(paths: PathLike | Sequence[PathLike]) -> list[Path]:
     return out
 
 
-def image_name(path: PathLike) -> str:
-    """A short display name for an image: the sample's name for a bundled photo, else the file's stem."""
+def image_name(path: PathLike, samples: dict[Path, str] | None = None) -> str:
+    """A short display name for an image: the sample's name for a bundled photo, else the file's stem.
+    ``samples`` (file -> sample name) saves looking the bundled files up again for every image."""
     p = Path(path)
-    for name, f in sample_images().items():
-        if f == p:
-            return name
-    return p.stem
+    if samples is None:
+        samples = {f: name for name, f in sample_images().items()}
+    return samples.get(p, p.stem)
 
 
 def unique_names(paths: Sequence[PathLike]) -> list[str]:
@@ -374,8 +378,9 @@ def unique_names(paths: Sequence[PathLike]) -> list[str]:
     overwrite each other when two folders hold files of the same name."""
     seen: set[str] = set()
     out: list[str] = []
+    samples = {f: name for name, f in sample_images().items()}  # looked up once, not per image
     for p in paths:
-        base = re.sub(r"[^A-Za-z0-9._-]+", "_", image_name(p)).strip("._") or "image"
+        base = re.sub(r"[^A-Za-z0-9._-]+", "_", image_name(p, samples)).strip("._") or "image"
         name, i = base, 1
         while name in seen:
             i += 1

@@ -10,21 +10,17 @@ pictures (a 37 KB PNG can hold 40 megapixels: 120 MB as RGB).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
-import gc
 import io
 import re
 import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
+from ..core.device import release_memory
 from ..core.images import ImageDecodeError, Preprocess, decode_rgb
 from ..errors import ConvscopeError
 
@@ -95,27 +91,6 @@ def pixel_limit(side: int) -> int:
     """The default largest upload (pixels) for a model that sees pictures resized to ``side``: ``(32 * side)^2``
     held between 16 and 40 megapixels (everything above is reduced away before the model sees it)."""
     return int(min(MAX_PIXEL_LIMIT, max(MIN_PIXEL_LIMIT, (PIXELS_PER_SIDE * side) ** 2)))
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim`` (None elsewhere: musl, macOS, Windows)."""
-    try:
-        fn = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError, TypeError):
-        return None
-    fn.argtypes = [ctypes.c_size_t]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-def release_memory(collect: bool = True) -> bool:
-    """Hand freed heap memory back to the OS: ``gc.collect()`` (``collect``) then glibc's ``malloc_trim(0)``
-    (big freed buffers otherwise stay in malloc's arenas, and in the process's RSS). True when trimmed."""
-    if collect:
-        gc.collect()
-    trim = _malloc_trim()
-    return bool(trim is not None and trim(0) >= 0)
 
 
 def _declared_pixels(data: bytes) -> int:
