@@ -8,11 +8,13 @@ STAMP  := $(VENV)/.convscope-installed
 
 .PHONY: demo test bench bench-quick lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml tests/requirements-peers.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: the local CPU build. An unpinned torch would pull gigabytes of CUDA packages.
 	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0
 	$(BIN)/pip install --disable-pip-version-check -q -e ".[test]"
+	# peers the tests compare against, without their dependencies (see tests/requirements-peers.txt)
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps -r tests/requirements-peers.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
