@@ -27,7 +27,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "Preprocess", "load_image", "load_images", "sample_image", "sample_images", "expand_inputs",
         "image_name", "unique_names",
     ),
-    ".core.layers": ("LayerInfo", "list_layers", "named_layers", "resolve_layer",),
+    ".core.layers": ("named_layers", "resolve_layer",),
+    ".core.model": ("LayerInfo", "list_layers",),
     ".core.probe": ("preserved_state", "probe",),
     ".core.render": ("apply_colormap", "filter_grid", "grid", "overlay", "save_png", "to_display", "to_pil",),
     ".core.report": ("HtmlReport",),
@@ -93,7 +94,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the same names
         sample_images,
         unique_names,
     )
-    from .core.layers import LayerInfo, list_layers, named_layers, resolve_layer
+    from .core.layers import named_layers, resolve_layer
+    from .core.model import LayerInfo, list_layers
     from .core.probe import preserved_state, probe
     from .core.render import apply_colormap, filter_grid, grid, overlay, save_png, to_display, to_pil
     from .core.report import HtmlReport

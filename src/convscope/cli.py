@@ -154,7 +154,7 @@ def add_samples(sub: Subparsers) -> None:
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
-    from .core.layers import list_layers
+    from .core.model import list_layers
 
     model = _load(args)
     size = tuple(args.size) if args.size else None
@@ -254,6 +254,7 @@ def _explain_one(model, x, args, targets: list[int], layer: str, progress: bool 
 def cmd_explain(args: argparse.Namespace) -> int:
     from .core.images import expand_inputs, load_images, unique_names
     from .core.layers import resolve_layer
+    from .core.model import input_denormalizer, model_classes, model_name
     from .core.progress import progress_bar
     from .core.render import grid, overlay, save_png, to_display
     from .core.report import HtmlReport
@@ -273,10 +274,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     spec = _explain_targets(args.target)
     files = expand_inputs(args.images)
     out = Path(args.out)
-    pre = getattr(model, "preprocess", None)
-    classes = getattr(model, "classes", None)
+    denormalize = input_denormalizer(model)
+    classes = model_classes(model)
     signed = entry.per_channel or method == "occlusion"
-    name = getattr(model, "zoo_name", type(model).__name__)
+    name = model_name(model)
     rep = HtmlReport(f"convscope explain: {method} on {name}", self_contained=args.self_contained)
     if method == "occlusion":
         legend = ("Colour (coolwarm, 0 is grey): red where hiding the region lowers the class score (the model relies "
@@ -301,7 +302,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         top = ranked[:5]
         targets = [p.index for p in ranked[:spec]] if isinstance(spec, int) else spec
         maps, extra = _explain_one(model, x, args, targets, layer, progress=None if len(files) == 1 else False)
-        pixels = (pre.denormalize(x) if pre is not None else x).clamp(0, 1).float().cpu()
+        pixels = denormalize(x).clamp(0, 1).float().cpu()
         maps = maps.detach().float().cpu()
         tiles, labels = [pixels[0]], ["input"]
         for k, c in enumerate(targets):
@@ -356,6 +357,7 @@ def _fraction(text: str) -> float:
 def cmd_adversarial(args: argparse.Namespace) -> int:
     from .applications.adversarial import run_adversarial
     from .core.images import expand_inputs
+    from .core.model import model_classes
     from .core.targets import top_class
 
     model = _load(args)
@@ -373,9 +375,9 @@ def cmd_adversarial(args: argparse.Namespace) -> int:
                           steps=args.steps, target=top_class if target is None else target,
                           targeted=args.targeted, layer=args.layer, n_units=args.units)
     r = run.result
+    names = model_classes(model)
     for path, ok, c0, c1, p1 in zip(files, r.success.tolist(), r.clean_class.tolist(), r.adv_class.tolist(),
                                     r.adv_prob.tolist()):
-        names = getattr(model, "classes", None)
         n0, n1 = (names[c0], names[c1]) if names else (str(c0), str(c1))
         print(f"{path.name}: {n0} -> {n1} ({p1:.1%}){'' if ok else '  (attack failed)'}")
     print(f"wrote {run.html}")
@@ -416,6 +418,7 @@ def cmd_maximize(args: argparse.Namespace) -> int:
 def cmd_dissect(args: argparse.Namespace) -> int:
     from .applications.dissect_report import dissect_report
     from .core.layers import resolve_layers
+    from .core.model import zoo_name
     from .data.broden import BrodenDataset
     from .methods.dissect import DissectConfig, compare, dissect
 
@@ -445,7 +448,7 @@ def cmd_dissect(args: argparse.Namespace) -> int:
     results = dissect(model, path, layers, config, out=out / "state")
     rep = dissect_report(model, BrodenDataset(path), results, out, top=args.top, max_units=args.max_units,
                          self_contained=args.self_contained)
-    print(compare({getattr(model, "zoo_name", "model"): results}).text())
+    print(compare({zoo_name(model) or "model": results}).text())
     print(f"wrote {', '.join(str(h) for h in rep.html)}")
     return 0
 

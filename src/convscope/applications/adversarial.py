@@ -19,6 +19,7 @@ from torch import nn
 from ..core.images import load_images
 from ..core.io import atomic_write_text
 from ..core.layers import resolve_layer
+from ..core.model import input_denormalizer, model_classes
 from ..core.render import apply_colormap, grid, save_png
 from ..core.report import HtmlReport
 from ..core.targets import Target, top_class
@@ -68,13 +69,13 @@ def run_adversarial(model: nn.Module, paths: list[Path], out: Path, eps: float =
     else:
         res = pgd(model, x, target, eps=eps, steps=steps, norm=norm, targeted=targeted)
     fc = feature_change(model, x, res.x, layer)
-    classes = getattr(model, "classes", None)
-    pre = getattr(model, "preprocess", None)
+    classes = model_classes(model)
+    denormalize = input_denormalizer(model)
 
     def name(c: int) -> str:
         return (classes[c] if classes is not None and c < len(classes) else f"class {c}")[:22]
 
-    clean_px = (pre.denormalize(x) if pre is not None else x).clamp(0, 1).float().cpu()
+    clean_px = denormalize(x).clamp(0, 1).float().cpu()
     adv_px = (clean_px + res.delta.float().cpu()).clamp(0, 1)
     tiles, labels = [], []
     for i in range(len(paths)):

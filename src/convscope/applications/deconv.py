@@ -29,9 +29,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..core.images import Preprocess, expand_inputs, load_images, sample_images
+from ..core.images import expand_inputs, load_images, sample_images
 from ..core.io import atomic_write_text
 from ..core.layers import resolve_layer
+from ..core.model import input_denormalizer, input_normalizer, lenient_preprocess, model_name, zoo_name
 from ..core.progress import progress_bar
 from ..core.render import grid, save_png, to_display, to_pil
 from ..core.report import HtmlReport
@@ -97,13 +98,12 @@ def synthetic_images(model: nn.Module, n: int = DEFAULT_SYNTHETIC, seed: int = 0
     space (its ``preprocess``; RGB in [0, 1] without one)."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConvscopeError(f"--synthetic {n!r}: give a positive number of images")
-    pre = getattr(model, "preprocess", None)
-    size = pre.input_size if isinstance(pre, Preprocess) and pre.input_size else (112, 112)
+    size = lenient_preprocess(model).input_size or (112, 112)
     if size[0] != size[1]:
         raise ConvscopeError(f"synthetic images are square; the model's input is {size[0]} x {size[1]}")
     arrays = render_arrays(start, n, size[0], seed, workers=2, progress=progress)
     pixels = torch.from_numpy(arrays.images).permute(0, 3, 1, 2).contiguous()  # uint8, 3 bytes a pixel
-    norm = pre.normalize if isinstance(pre, Preprocess) else (lambda t: t)
+    norm = input_normalizer(model)
     dev = _device(model)
 
     def load(ids: Sequence[int]) -> torch.Tensor:
@@ -134,7 +134,7 @@ def default_images(model: nn.Module, images: torch.Tensor | Sequence[str | Path]
         if synthetic:
             raise ConvscopeError("give either --images or --synthetic, not both")
         return file_images(list(images), model)
-    if synthetic is not None or getattr(model, "zoo_name", "") == "demo_net":
+    if synthetic is not None or zoo_name(model) == "demo_net":
         return synthetic_images(model, synthetic or DEFAULT_SYNTHETIC, progress=progress)
     photos = [p for name, p in sample_images().items() if name not in TEXTURES]
     if not photos:
@@ -191,7 +191,7 @@ def _check_k(k: int) -> int:
 
 
 def _model_name(model: nn.Module) -> str:
-    return getattr(model, "zoo_name", type(model).__name__)
+    return model_name(model)
 
 
 # --------------------------------------------------------------------------- deconv (Fig. 2)
@@ -217,8 +217,7 @@ def _map_figure(model: nn.Module, images: ImageSet, result: TopKActivations, uni
     x = images(ids)
     table = torch.tensor(units).repeat_interleave(k)[:, None]
     proj = deconvnet(model, x, result.layer, table, mode="map", batch_size=batch_size)[:, 0]
-    pre = getattr(model, "preprocess", None)
-    pixels = (pre.denormalize(x) if hasattr(pre, "denormalize") else x).clamp(0, 1).float().cpu()
+    pixels = input_denormalizer(model)(x).clamp(0, 1).float().cpu()
     shown = to_display(proj.float().cpu(), display)  # type: ignore[arg-type]
     nrow = math.ceil(math.sqrt(k))
     blocks = []

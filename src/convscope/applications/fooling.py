@@ -19,6 +19,7 @@ from pathlib import Path
 from torch import nn
 
 from ..core.io import atomic_write_text
+from ..core.model import model_name
 from ..core.render import grid, save_png
 from ..core.report import HtmlReport
 from ..errors import ConvscopeError
@@ -107,9 +108,9 @@ def run_fooling(model: nn.Module, targets: Sequence[int], out: str | Path = Path
     picture_grid = grid(list(images), nrow=ncol, cell_labels=[f"{lab}: {cap}" for lab, cap in zip(labels, captions)])
     grid_png = save_png(picture_grid, out / "fooling.png")
 
-    model_name = getattr(model, "zoo_name", type(model).__name__)
+    net_name = model_name(model)
     reached = sum(r["success"] for r in rows)
-    rep = HtmlReport(f"convscope fooling: {model_name}", self_contained=self_contained)
+    rep = HtmlReport(f"convscope fooling: {net_name}", self_contained=self_contained)
     rep.text(f"Gradient ascent on the {'class logit' if score == 'logit' else 'log-probability'} from noise "
              f"(Nguyen et al. 2015), regularization {regularize}, until the softmax probability of the target class "
              f"reaches {confidence:g} or {max_steps} steps; image size {tuple(images.shape[-2:])}, seed {seed}. "
@@ -121,6 +122,6 @@ def run_fooling(model: nn.Module, targets: Sequence[int], out: str | Path = Path
     rep.figure_row([(p, f"{p.name}: {r['name']} {percent(r['probability'])}") for p, r in zip(pictures, rows)])
     html = rep.write(out / "fooling.html")
     json_path = atomic_write_text(out / "fooling.json", json.dumps({
-        "model": model_name, "confidence": confidence, "max_steps": max_steps, "size": list(images.shape[-2:]),
+        "model": net_name, "confidence": confidence, "max_steps": max_steps, "size": list(images.shape[-2:]),
         "seed": seed, "score": score, "regularize": regularize, "reached": reached, "rows": rows}, indent=1))
     return FoolingRun(res, rows, grid_png, pictures, html, json_path)

@@ -21,6 +21,7 @@ from torch import nn
 from ..core.images import image_name, load_images, unique_names
 from ..core.io import atomic_write_text
 from ..core.layers import resolve_layer
+from ..core.model import input_denormalizer, model_name, zoo_name
 from ..core.render import grid, save_png
 from ..core.report import HtmlReport
 from ..errors import ConvscopeError
@@ -73,8 +74,7 @@ def run_invert(model: nn.Module, paths: Sequence[Path], layers: list[str], out: 
     paths = [Path(p) for p in paths]
     names = unique_names(paths)
     x = load_images(paths, model).to(next(model.parameters()).device)
-    pre = getattr(model, "preprocess", None)
-    originals = (pre.denormalize(x) if pre is not None else x).clamp(0, 1).float().cpu()
+    originals = input_denormalizer(model)(x).clamp(0, 1).float().cpu()
     if method == "regularized":
         layers = [resolve_layer(model, name)[0] for name in layers]
         res = invert(model, x, layers, steps=steps, seed=seed)
@@ -137,11 +137,11 @@ def run_style(model: nn.Module, content: Path, style: Path, out: Path, content_l
     xc, xs = load_images([content], model).to(dev), load_images([style], model).to(dev)
     res = style_transfer(model, xc, xs, content_layer=content_layer, style_layers=style_layers, alpha=alpha,
                          beta=beta, steps=steps, seed=seed)
-    beta = DEFAULT_BETA.get(getattr(model, "zoo_name", ""), 1e6) if beta is None else float(beta)
-    pre = getattr(model, "preprocess", None)
+    beta = DEFAULT_BETA.get(zoo_name(model), 1e6) if beta is None else float(beta)
+    denormalize = input_denormalizer(model)
 
     def px(t: torch.Tensor) -> torch.Tensor:
-        return (pre.denormalize(t) if pre is not None else t).clamp(0, 1).float().cpu()[0]
+        return denormalize(t).clamp(0, 1).float().cpu()[0]
 
     out = Path(out)
     result = res.images[0].float().cpu()
@@ -170,7 +170,7 @@ def run_style(model: nn.Module, content: Path, style: Path, out: Path, content_l
 
 
 def _model_name(model: nn.Module) -> str:
-    return getattr(model, "zoo_name", None) or type(model).__name__
+    return model_name(model)
 
 
 def _mean(values: list[float]) -> float:

@@ -29,9 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.images import Preprocess, sample_images
+from ..core.images import sample_images
 from ..core.io import atomic_write_text
 from ..core.layers import resolve_layer
+from ..core.model import lenient_preprocess, model_classes, model_name, zoo_name
 from ..core.probe import probe
 from ..core.render import grid, save_png
 from ..core.report import HtmlReport
@@ -57,7 +58,7 @@ class MaximizeRun:
 
 def _dataset(model: nn.Module, images: ImageSet | torch.Tensor | Sequence[str | Path] | None,
              synthetic: int | None) -> ImageSet:
-    if images is not None or synthetic is not None or getattr(model, "zoo_name", "") == "demo_net":
+    if images is not None or synthetic is not None or zoo_name(model) == "demo_net":
         if images is None and synthetic is None:
             return synthetic_images(model, progress=False)
         return default_images(model, images, synthetic, progress=False)
@@ -106,8 +107,7 @@ def _probabilities(model: nn.Module, rgb: torch.Tensor, classes: list[int], resi
                    ) -> tuple[list[float], list[int]]:
     """Softmax probability of each image's target class and the top-1 class, ``rgb`` (N x 3 x H x W in [0, 1])
     resized to the model's input size (``resize``; else as it is) and normalized by its preprocess."""
-    pre = getattr(model, "preprocess", None)
-    pre = pre if isinstance(pre, Preprocess) else Preprocess.identity()
+    pre = lenient_preprocess(model)
     x = rgb
     if resize and pre.input_size is not None and tuple(x.shape[-2:]) != tuple(pre.input_size):
         x = F.interpolate(x, size=pre.input_size, mode="bilinear", align_corners=False, antialias=True)
@@ -158,7 +158,7 @@ def maximize_report(
             raise ConvscopeError(f"preset {p!r}: use one of {', '.join(PRESETS)}")
     names = [n if n == LOGITS else resolve_layer(model, n)[0] for n in layers]
     out = Path(out)
-    model_name = getattr(model, "zoo_name", type(model).__name__)
+    net_name = model_name(model)
     data = _dataset(model, images, synthetic)
     stats = _dataset_stats(model, data, names, batch_size)
     transfer_models = [(t, load_model(t)) if isinstance(t, str) else (getattr(t, "zoo_name", None) or f"transfer{i}", t)
@@ -187,14 +187,14 @@ def maximize_report(
             captions, labels = [], []
             probs: dict[str, tuple[list[float], list[int]]] = {}
             if layer == LOGITS:
-                probs[model_name] = _probabilities(model, res.images, unit_list, resize=False)  # as optimized
+                probs[net_name] = _probabilities(model, res.images, unit_list, resize=False)  # as optimized
                 for tname, tm in transfer_models:
                     probs[tname] = _probabilities(tm, res.images, unit_list)
             for i, u in enumerate(unit_list):
                 ds_mean = float(stats[layer]["mean"][u])
                 ds_max = float(stats[layer]["max"][u])
                 value = float(res.activations[i])
-                row = {"model": model_name, "layer": layer, "preset": preset, "unit": u, "value": value,
+                row = {"model": net_name, "layer": layer, "preset": preset, "unit": u, "value": value,
                        "dataset_max": ds_mean, "ratio": value / ds_mean if ds_mean > 0 else None,
                        "spatial_max": float(spatial[i]), "dataset_spatial_max": ds_max,
                        "spatial_ratio": float(spatial[i]) / ds_max if ds_max > 0 else None}
@@ -204,19 +204,19 @@ def maximize_report(
                     for tname, (pv, top1) in probs.items():
                         row[f"p[{tname}]"] = pv[i]
                         row[f"top1[{tname}]"] = top1[i]
-                    captions.append(f"p={probs[model_name][0][i]:.2f}")
+                    captions.append(f"p={probs[net_name][0][i]:.2f}")
                     labels.append(_short(row["class"]))
                 else:
                     captions.append(f"{row['ratio']:.1f}x" if row["ratio"] is not None else "dead")
                     labels.append(f"unit {u}")
                 rows.append(row)
             pictures[(layer, preset)] = (res.images, captions, labels)
-    summary = _summary(rows, names, presets, [model_name, *[t for t, _ in transfer_models]])
+    summary = _summary(rows, names, presets, [net_name, *[t for t, _ in transfer_models]])
     pngs = _write_grids(pictures, names, presets, out, cell)
-    html = _write_html(out, model_name, data, names, presets, steps, pngs, summary, rows, size or "model's",
+    html = _write_html(out, net_name, data, names, presets, steps, pngs, summary, rows, size or "model's",
                        self_contained)
     json_path = atomic_write_text(out / "maximize.json", json.dumps({
-        "model": model_name, "layers": names, "presets": list(presets), "steps": steps,
+        "model": net_name, "layers": names, "presets": list(presets), "steps": steps,
         "size": size, "seed": seed, "dataset": data.source, "transfer": [t for t, _ in transfer_models],
         "hyperparameters": {p: PRESETS[p].__dict__ for p in presets},
         "summary": summary, "rows": rows}, indent=1, default=list))
@@ -276,9 +276,9 @@ def _write_grids(pictures: dict, layers: list[str], presets: Sequence[str], out:
     return pngs
 
 
-def _write_html(out: Path, model_name: str, data: ImageSet, layers: list[str], presets: Sequence[str], steps: int,
+def _write_html(out: Path, net_name: str, data: ImageSet, layers: list[str], presets: Sequence[str], steps: int,
                 pngs: list[Path], summary: list[dict], rows: list[dict], size: object, self_contained: bool) -> Path:
-    rep = HtmlReport(f"Activation maximization: {model_name}", self_contained=self_contained)
+    rep = HtmlReport(f"Activation maximization: {net_name}", self_contained=self_contained)
     rep.text(f"{steps} steps, size {size}, presets {', '.join(presets)}. Dataset for the comparison: {data.source}. "
              "ratio = the unit's channel-mean activation on its synthetic image / its highest channel mean over the "
              "dataset; spatial ratio the same for the strongest single position. Captions: ratio per unit, softmax "
@@ -348,7 +348,7 @@ def run_maximize(model: nn.Module, layer: str | None, units: list[int], out: Pat
 
     out = Path(out)
     tag = (layer or "logits").replace("/", "_")
-    classes = getattr(model, "classes", None)
+    classes = model_classes(model)
 
     def name(u: int) -> str:
         if layer is None and classes is not None and u < len(classes):
@@ -391,7 +391,7 @@ def run_maximize(model: nn.Module, layer: str | None, units: list[int], out: Pat
         "layer": layer, "units": units, "kind": kind, "steps": steps, "regularize": regularize, "facets": facets,
         "generator": str(generator) if generator else None, "activations": acts}, indent=1))
     settings: dict[str, object] = {
-        "model": getattr(model, "zoo_name", type(model).__name__), "layer": layer or "logits (classes)",
+        "model": model_name(model), "layer": layer or "logits (classes)",
         "units": ", ".join(map(str, units)), "objective": kind, "steps": steps, "regularization": regularize or "none",
         "seed": seed}
     if facets:

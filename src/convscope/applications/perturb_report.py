@@ -28,6 +28,7 @@ from torch import nn
 from ..core.images import expand_inputs, load_images, unique_names
 from ..core.io import atomic_write_text
 from ..core.layers import resolve_layer
+from ..core.model import input_denormalizer, model_name
 from ..core.render import grid, save_png
 from ..core.report import HtmlReport
 from ..errors import ConvscopeError
@@ -60,7 +61,7 @@ class PerturbationRun:
 
 
 def _model_name(model: nn.Module) -> str:
-    return getattr(model, "zoo_name", None) or type(model).__name__
+    return model_name(model)
 
 
 def run_perturbation(model: nn.Module, images: Sequence[str | Path], layer: str | None,
@@ -111,8 +112,7 @@ def run_perturbation(model: nn.Module, images: Sequence[str | Path], layer: str 
     kwargs = {} if dec is not None else {"steps": steps, "progress": progress}
     study = perturbation_study(model, x, name, perturbations, decoder=dec, seed=seed, **kwargs)
 
-    pre = getattr(model, "preprocess", None)
-    originals = (pre.denormalize(x) if pre is not None else x).clamp(0, 1).float().cpu()
+    originals = input_denormalizer(model)(x).clamp(0, 1).float().cpu()
     recs = study.images.float().cpu()  # K x N x 3 x H x W
     rows = [{"kind": kind, "image": str(path), "name": names[i],
              "feature_error": float(study.feature_error[k, i]), "image_error": float(study.image_error[k, i]),

@@ -22,6 +22,7 @@ from torch import nn
 from ..core.images import SAMPLE_PREFIX, expand_inputs, load_images, unique_names
 from ..core.io import atomic_write_text
 from ..core.layers import resolve_layer
+from ..core.model import model_name, zoo_name
 from ..core.probe import probe
 from ..core.progress import progress_bar
 from ..core.render import fit_text, grid, load_font, overlay, save_png
@@ -49,7 +50,7 @@ class ReportResult:
 
 def unit_layer(model: nn.Module) -> str:
     """The layer whose units the report shows."""
-    name = UNIT_LAYERS.get(getattr(model, "zoo_name", ""), "")
+    name = UNIT_LAYERS.get(zoo_name(model), "")
     if name:
         return name
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
@@ -92,7 +93,7 @@ def build_report(model: nn.Module, paths: Sequence[str | os.PathLike[str]] | Non
     k = cams.shape[1]  # top_classes, at most the number of classes
 
     result = ReportResult(html=out / "report.html", images=files, names=names)
-    rep = HtmlReport(f"convscope report: {getattr(model, 'zoo_name', type(model).__name__)}",
+    rep = HtmlReport(f"convscope report: {model_name(model)}",
                      self_contained=self_contained)
     rep.text(f"{len(files)} images. Grad-CAM at layer {cam_layer!r}; unit views at layer {layer!r}.")
     rep.heading("Predictions and Grad-CAM")

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..core.images import Preprocess
 from ..core.layers import resolve_layers
-from ..core.model import float_dtype, model_preprocess
+from ..core.model import float_dtype, model_preprocess, zoo_name
 from ..core.optim import Objective, make_generators, make_param, optimize_images
 from ..errors import ConvscopeError
 from ..methods.invert import feature_match, layer_features
@@ -78,7 +78,7 @@ class StyleResult:
 
 def default_layers(model: nn.Module) -> tuple[str, list[str]]:
     """Gatys-style content and style layers for a zoo model."""
-    name = getattr(model, "zoo_name", None)
+    name = zoo_name(model) or None
     if name not in DEFAULT_LAYERS:
         raise ConvscopeError(f"no default style-transfer layers for {name or type(model).__name__}; pass "
                              "content_layer= and style_layers= (one layer per resolution, from `convscope layers`)")
@@ -125,7 +125,7 @@ def style_transfer(
     weights = [1.0 / len(s_names)] * len(s_names) if style_weights is None else [float(w) for w in style_weights]
     if len(weights) != len(s_names):
         raise ConvscopeError(f"style_weights: {len(weights)} weights for {len(s_names)} style layers")
-    beta = DEFAULT_BETA.get(getattr(model, "zoo_name", ""), 1e6) if beta is None else float(beta)
+    beta = DEFAULT_BETA.get(zoo_name(model), 1e6) if beta is None else float(beta)
     if not alpha >= 0 or not beta >= 0 or alpha + beta == 0:
         raise ConvscopeError(f"alpha={alpha}, beta={beta}: use non-negative weights, not both 0")
     pre = model_preprocess(model, preprocess)

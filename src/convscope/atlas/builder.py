@@ -51,11 +51,12 @@ from torch import nn
 from ..applications.deconv import ImageSet, default_images
 from ..core.device import tune_cpu_allocator
 from ..core.layers import resolve_layers
+from ..core.model import model_hash
 from ..core.progress import progress_bar
 from ..core.render import to_pil
 from ..errors import ConvscopeError
 from ..methods.deconvnet import trace_calls
-from ..methods.dissect import DissectConfig, dissect, model_hash
+from ..methods.dissect import DissectConfig, dissect
 from ..methods.maximize import PRESETS, activation_maximization
 from ..methods.topk import (
     TopKActivations,

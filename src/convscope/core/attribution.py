@@ -2,7 +2,9 @@
 
 Saliency, gradient x input and SmoothGrad (``methods/saliency.py``), guided backpropagation, the DeconvNet rule
 and guided Grad-CAM (``methods/backprop.py``) differ only in the probe configuration (which ReLU backward rule)
-and in what they do with the gradient afterwards, so the loop lives here once.
+and in what they do with the gradient afterwards, so the loop lives here once. Methods that sum gradients over
+many altered copies of the images (SmoothGrad's noisy copies, Integrated Gradients' path points) share the
+batched loop :func:`summed_input_gradient`.
 
 Shape convention: gradients w.r.t. an ``N x C x H x W`` input are returned ``N x K x C x H x W`` (K targets per
 image, ``K = 1`` for a single class); for a non-image input ``N x D...`` they are ``N x K x D...``.
@@ -16,8 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import ConvscopeError
+from ..errors import ConvscopeError, TargetError
 from .probe import preserved_state, probe
+from .progress import progress_bar
 from .targets import Target, batched_grad, target_scores
 
 
@@ -91,3 +94,49 @@ def pinned_class(model: nn.Module, x: torch.Tensor, target: Target, what: str,
 def repeat_target(target: torch.Tensor | Callable, reps: int) -> torch.Tensor | Callable:
     """Indices ``N x K`` for a batch of ``reps`` copies of the N images laid out copy-major (row ``r * N + i``)."""
     return target.repeat(reps, 1) if isinstance(target, torch.Tensor) else target
+
+
+Copies = Callable[[int, int], torch.Tensor]
+"""``copies(s0, s1)``: the altered copies ``s0 .. s1 - 1`` of every image, ``(s1 - s0) x N x ...``."""
+
+
+def summed_input_gradient(model: nn.Module, x: torch.Tensor, target: torch.Tensor | Callable, n: int,
+                          copies: Copies, weights: torch.Tensor | None = None, batch_size: int = 32,
+                          relu_rule: str | None = None, progress: bool | None = None,
+                          desc: str = "gradient") -> torch.Tensor:
+    """``sum_s w_s * d score_k / d x`` at ``n`` altered copies of each image (SmoothGrad's noisy copies, Integrated
+    Gradients' path points): ``N x K x ...``, the input gradient taken at copy ``s`` of image ``i`` and summed
+    over ``s``.
+
+    Rows (copy ``s`` of image ``i``) run through :func:`input_gradient` at most ``batch_size`` at a time:
+    ``batch_size // N`` whole copies of the batch per pass, or, when ``N > batch_size``, one copy split into
+    slices of images. ``copies`` is called once per pass in increasing ``s`` (a random draw per copy stays in
+    order, so the result does not depend on ``batch_size``). ``target`` is already pinned
+    (:func:`pinned_target`: ``N x K`` indices, or a score callable applied to every copy's output). ``weights``:
+    ``n`` weights ``w_s`` (default 1). A progress bar counts the copies.
+    """
+    num = x.shape[0]
+    per = max(1, batch_size // num)
+    w_all = None if weights is None else weights.to(device=x.device, dtype=x.dtype)
+    total: torch.Tensor | None = None
+    with progress_bar(total=n, desc=desc, unit="step", progress=progress, leave=False) as bar:
+        for s0 in range(0, n, per):
+            m = min(per, n - s0)
+            points = copies(s0, s0 + m)
+            for i0 in range(0, num, batch_size):  # one slice unless N > batch_size (then m == 1)
+                i1 = min(num, i0 + batch_size)
+                rows = points[:, i0:i1].reshape(m * (i1 - i0), *x.shape[1:])  # row s * n_i + i
+                t = target[i0:i1] if isinstance(target, torch.Tensor) else target
+                g = input_gradient(model, rows, repeat_target(t, m), relu_rule).grads
+                g = g.reshape(m, i1 - i0, *g.shape[1:])
+                if w_all is not None:
+                    g = g * w_all[s0:s0 + m].reshape(m, *([1] * (g.dim() - 1)))
+                if total is None:
+                    total = torch.zeros(num, *g.shape[2:], dtype=g.dtype, device=g.device)
+                if total.shape[1:] != g.shape[2:]:
+                    raise TargetError(f"the target callable returned {g.shape[2]} scores per image on one pass but "
+                                      f"{total.shape[1]} on another; it must return the same number every time")
+                total[i0:i1] += g.sum(0)
+            bar.update(m)
+    assert total is not None  # n >= 1
+    return total

@@ -1,11 +1,11 @@
-"""Address layers by their ``named_modules()`` names (the names torchvision's feature extraction uses)."""
+"""Address layers by their ``named_modules()`` names (the names torchvision's feature extraction uses).
+
+The model facts built on them (the layer table, the default input size) live in :mod:`convscope.core.model`."""
 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from ..errors import ConvscopeError, LayerNotFoundError, closest
@@ -54,58 +54,7 @@ def resolve_layers(model: nn.Module, names: str | nn.Module | list) -> dict[str,
     return out
 
 
-@dataclass(frozen=True)
-class LayerInfo:
-    """One row of :func:`list_layers`: name, module type, output shape (without batch), unit count."""
-
-    name: str
-    type: str
-    output_shape: tuple[int, ...] | None
-    units: int | None
-    calls: int
-    params: int
-
-
 MAX_INPUT_SIDE = 4096  # a zero probe image larger than this costs gigabytes before the model even runs
-
-
-def list_layers(model: nn.Module, sample: torch.Tensor | None = None,
-                input_size: int | tuple[int, int] | None = None) -> list[LayerInfo]:
-    """Name, type, output shape and unit count (channels) of every layer, from one forward pass.
-
-    ``sample`` is an input batch; without it a zero image of ``input_size`` (or the model's preprocess size,
-    or 224x224) is used. Layers that never ran (``calls == 0``) have no shape. A size the model cannot take
-    (or a forward pass that fails) is a :class:`~convscope.errors.ConvscopeError` naming the size; the model is
-    left as it came.
-    """
-    from .probe import probe  # local: probe imports this module
-
-    if sample is None:
-        size = default_input_size(model, input_size)
-        sample = torch.zeros(1, 3, *size, device=model_device(model))
-        what = f"a zero image of {size[0]}x{size[1]}"
-        fix = "pass another input size (input_size=(H, W), --size H W)"
-    else:
-        if not isinstance(sample, torch.Tensor) or not sample.is_floating_point() or sample.dim() < 2:
-            raise ConvscopeError(f"list_layers(sample=...) needs a floating-point batch N x C x H x W, got "
-                                 f"{type(sample).__name__} {tuple(getattr(sample, 'shape', ()))}")
-        what = f"the sample of shape {tuple(sample.shape)}"
-        fix = "pass a sample the model accepts"
-    layers = named_layers(model)
-    try:
-        with probe(model, list(layers), keep_all_calls=True) as p, torch.no_grad():
-            model(sample)
-    except RuntimeError as exc:  # shape errors, out of memory: one line naming the input (probe restored the model)
-        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
-        raise ConvscopeError(f"{type(model).__name__} failed on {what} ({first}); {fix}") from exc
-    rows = []
-    for name, mod in layers.items():
-        outs = p.outputs(name)
-        shape = tuple(outs[-1].shape[1:]) if outs and isinstance(outs[-1], torch.Tensor) else None
-        units = shape[0] if shape else None
-        rows.append(LayerInfo(name, type(mod).__name__, shape, units, len(outs),
-                              sum(q.numel() for q in mod.parameters(recurse=False))))
-    return rows
 
 
 def check_input_size(size: object, what: str = "input_size") -> tuple[int, int]:
@@ -127,23 +76,3 @@ def check_input_size(size: object, what: str = "input_size") -> tuple[int, int]:
         raise ConvscopeError(f"{what} {h}x{w} is too large (at most {MAX_INPUT_SIDE} per side); give a smaller size, "
                              "e.g. the model's own input size")
     return h, w
-
-
-def default_input_size(model: nn.Module, input_size: int | tuple[int, int] | None = None) -> tuple[int, int]:
-    """The input size to probe a model with: explicit (validated), else its preprocess's, else 224x224."""
-    if input_size is not None:
-        return check_input_size(input_size)
-    pre = getattr(model, "preprocess", None)
-    size = getattr(pre, "input_size", None)
-    if size:
-        return tuple(size)  # type: ignore[return-value]
-    return (224, 224)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter or buffer (CPU for a parameterless model)."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")

@@ -28,6 +28,7 @@ from torch import nn
 from ..core.attribution import check_input, input_gradient, pinned_class
 from ..core.images import Preprocess
 from ..core.layers import resolve_layer
+from ..core.model import lenient_preprocess
 from ..core.probe import preserved_state, probe
 from ..core.targets import Target, top_class
 from ..errors import ConvscopeError
@@ -95,7 +96,7 @@ def pgd(model: nn.Module, x: torch.Tensor, target: Target | None = top_class, ep
     if not eps > 0 or steps < 1:
         raise ConvscopeError(f"need eps > 0 and steps >= 1, got eps={eps}, steps={steps}; eps is in pixel units "
                              "(RGB in [0, 1]), e.g. 8/255")
-    pre = preprocess if preprocess is not None else getattr(model, "preprocess", None) or Preprocess.identity()
+    pre = preprocess if preprocess is not None else lenient_preprocess(model)
     alpha = 2.5 * eps / steps if alpha is None else alpha
     if not alpha > 0:
         raise ConvscopeError(f"need a step alpha > 0, got alpha={alpha}; it is in pixel units like eps (default "

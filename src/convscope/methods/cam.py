@@ -97,7 +97,7 @@ def default_cam_layer(model: nn.Module) -> str:
     """The last module whose output is a 4-D feature map and that is not a pooling, dropout or identity layer
     (found with one forward pass): the last convolutional block's output, as Grad-CAM uses (Selvaraju et al. 2017,
     Sec. 3), e.g. ``head.act`` for EfficientNet, ``features.relu5`` for demo_net."""
-    from ..core.layers import list_layers
+    from ..core.model import list_layers
 
     rows = [r for r in list_layers(model) if r.output_shape is not None and len(r.output_shape) == 3
             and r.output_shape[1] > 1]

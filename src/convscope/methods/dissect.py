@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import io
 import json
 import math
@@ -55,8 +54,8 @@ import torch
 from torch import nn
 
 from ..core.io import atomic_write_bytes, atomic_write_text
-from ..core.layers import model_device, resolve_layers
-from ..core.model import input_normalizer
+from ..core.layers import resolve_layers
+from ..core.model import input_normalizer, lenient_preprocess, model_device, model_hash
 from ..core.progress import progress_bar
 from ..data.broden import BrodenDataset, broden_collate
 from ..errors import ConvscopeError, DataError
@@ -626,7 +625,7 @@ def open_dataset(dataset: BrodenDataset | str | os.PathLike[str], model: nn.Modu
     if isinstance(dataset, str | os.PathLike):
         size = config.image_size
         if size is None and model is not None:
-            size = getattr(getattr(model, "preprocess", None), "input_size", None)
+            size = lenient_preprocess(model).input_size
         return BrodenDataset(dataset, categories=config.categories, split=config.split, size=size,
                              seg_size=config.seg_size)
     if not isinstance(dataset, BrodenDataset):
@@ -679,16 +678,6 @@ def stream_dataset(model: nn.Module, dataset: BrodenDataset, layers: Sequence[st
     for _, acts in stream_layers(model, images(), list(layers), batch_size, progress=False,
                                  reduce=hook if reduce is not None else None):
         yield held["batch"], acts
-
-
-def model_hash(model: nn.Module) -> str:
-    """SHA-1 of the model's state dict (names and bytes): tells whether saved state belongs to these weights."""
-    h = hashlib.sha1()
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-                 if v.numel() else b"")
-    return h.hexdigest()
 
 
 class _Store:

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.images import Preprocess
-from ..core.layers import default_input_size, model_device, resolve_layer
-from ..core.model import float_dtype, model_preprocess
+from ..core.layers import resolve_layer
+from ..core.model import default_input_size, float_dtype, model_device, model_preprocess
 from ..core.optim import (
     OUTPUT,
     Blur,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..core.model import input_normalizer
 from ..core.probe import probe
 from ..core.progress import progress_bar
 from ..core.targets import Target, target_scores, top_class
@@ -178,10 +179,7 @@ def _fill(model: nn.Module, x: torch.Tensor, fill: Fill) -> torch.Tensor:
     if isinstance(fill, bool) or not isinstance(fill, int | float):
         raise ConvscopeError(f"occlusion(fill={fill!r}): use 'mean', a grey level in [0, 1] or a tensor")
     grey = torch.full((1, x.shape[1], 1, 1), float(fill), dtype=x.dtype, device=x.device)
-    pre = getattr(model, "preprocess", None)
-    if pre is not None and hasattr(pre, "normalize"):
-        grey = pre.normalize(grey)
-    return grey.expand_as(x)
+    return input_normalizer(model)(grey).expand_as(x)
 
 
 def _as_maps(act: torch.Tensor, layer: str) -> torch.Tensor:

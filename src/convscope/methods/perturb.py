@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..core.images import Preprocess
 from ..core.layers import resolve_layer
+from ..core.model import lenient_preprocess
 from ..core.optim import centre_rgb
 from ..errors import ConvscopeError
 from .invert import invert, layer_features
@@ -130,7 +130,7 @@ def perturbation_study(model: nn.Module, x: torch.Tensor, layer: str,
     target = phi0.repeat(len(kinds), *[1] * (phi0.dim() - 1))
     ferr = (feats - target).pow(2).flatten(1).sum(1) / target.pow(2).flatten(1).sum(1).clamp_min(1e-12)
     base = xs[:n].repeat(len(kinds), 1, 1, 1)
-    pre = getattr(model, "preprocess", None) or Preprocess.identity()
+    pre = lenient_preprocess(model)
     centre = pre.normalize(torch.tensor(centre_rgb(pre), dtype=xs.dtype, device=xs.device).view(1, 3, 1, 1))
     ierr = (xs - base).pow(2).flatten(1).sum(1) / (base - centre).pow(2).flatten(1).sum(1).clamp_min(1e-12)
     k = len(kinds)

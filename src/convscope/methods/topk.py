@@ -27,6 +27,7 @@ from PIL import Image
 from torch import nn
 
 from ..core.layers import resolve_layers
+from ..core.model import input_denormalizer
 from ..core.probe import probe
 from ..core.progress import progress_bar
 from ..core.render import grid, to_display
@@ -411,8 +412,7 @@ def top_k_patches(model: nn.Module, images: torch.Tensor | Callable[[torch.Tenso
         raise ConvscopeError("render_top_k(images=...): give the dataset tensor indexed by image id, or a function "
                              "from an id tensor to an n x C x H x W tensor")
     if denormalize is None:
-        pre = getattr(model, "preprocess", None)
-        denormalize = pre.denormalize if hasattr(pre, "denormalize") else (lambda t: t)
+        denormalize = input_denormalizer(model)
     boxes = receptive_fields(model, result.layer, locs, tuple(x.shape[-2:]), batch_size=batch_size)
     pixels = denormalize(x.detach()).clamp(0, 1)
     proj = None

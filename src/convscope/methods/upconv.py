@@ -33,7 +33,7 @@ from torch import nn
 from ..core.images import Preprocess
 from ..core.io import atomic_write_bytes
 from ..core.layers import resolve_layer
-from ..core.model import model_preprocess
+from ..core.model import model_name, model_preprocess
 from ..core.probe import probe
 from ..core.progress import progress_bar
 from ..errors import ConvscopeError, ModelLoadError
@@ -204,7 +204,7 @@ def train_upconv(
     decoder: UpconvNet | None = None
     opt: torch.optim.Optimizer | None = None
     losses: list[float] = []
-    model_name = getattr(model, "zoo_name", None) or type(model).__name__
+    net_name = model_name(model)
     bar = progress_bar(range(epochs), desc=f"upconv {name}", unit="epoch", progress=progress, leave=False)
     for _ in bar:
         total, count = 0.0, 0
@@ -217,7 +217,7 @@ def train_upconv(
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(seed)
                     decoder = UpconvNet(tuple(feats.shape[1:]), tuple(xb.shape[-2:]), upsample=upsample, width=width,
-                                        max_width=max_width, kernel=kernel, layer=name, model_name=model_name,
+                                        max_width=max_width, kernel=kernel, layer=name, model_name=net_name,
                                         mean=pre.mean, std=pre.std)
                 decoder.to(xb.device, xb.dtype)
                 decoder.code_scale.fill_(1.0 / float(feats.pow(2).mean().sqrt().clamp_min(1e-8)))

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..core.model import model_classes
 from ..core.probe import preserved_state
 
 
@@ -35,7 +36,7 @@ def rank_logits(logits: torch.Tensor, classes: Sequence[str] | None, k: int = 5)
 
 def predict(model: nn.Module, x: torch.Tensor, k: int = 5, batch_size: int = 32) -> list[list[Prediction]]:
     """The top-``k`` classes of each image (softmax probabilities and logits), model left as it came."""
-    classes = getattr(model, "classes", None)
+    classes = model_classes(model)
     rows: list[list[Prediction]] = []
     with preserved_state(model), torch.no_grad():
         for chunk in x.split(batch_size):

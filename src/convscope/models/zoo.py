@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from ..core.device import resolve_device
-from ..core.images import Preprocess
+from ..core.model import lenient_preprocess, model_classes
+from ..core.preprocess import Preprocess
 from ..errors import ModelLoadError, closest
 from . import demo_net as _demo
 from . import efficientnet as _eff
@@ -340,11 +341,9 @@ def _first_line(exc: BaseException) -> str:
 
 def get_preprocess(model: nn.Module) -> Preprocess:
     """The model's preprocess, or RGB in [0, 1] at the data's own size for a bare module."""
-    pre = getattr(model, "preprocess", None)
-    return pre if isinstance(pre, Preprocess) else Preprocess.identity()
+    return lenient_preprocess(model)
 
 
 def get_classes(model: nn.Module) -> tuple[str, ...] | None:
     """Class names where known."""
-    classes = getattr(model, "classes", None)
-    return tuple(classes) if classes is not None else None
+    return model_classes(model)

@@ -29,7 +29,7 @@ from torch import nn
 from ..applications.report import unit_layer
 from ..atlas.store import Atlas, AtlasError
 from ..core.images import PHOTO_NAMES, Preprocess, load_image, sample_images
-from ..core.layers import default_input_size, list_layers, model_device
+from ..core.model import default_input_size, list_layers, model_device, model_name
 from ..core.probe import probe
 from ..core.render import colormap, overlay, to_display, to_pil
 from ..errors import ConvscopeError, LayerNotFoundError, TargetError
@@ -207,7 +207,7 @@ class Explorer:
                  image_capacity: int = 128, frame_capacity: int = 32, max_pixels: int | None = None,
                  top_k: int = 5, decode_slots: int = 2) -> None:
         self.model = model
-        self.name = name or getattr(model, "zoo_name", None) or type(model).__name__
+        self.name = name or model_name(model)
         self.device = model_device(model)
         self.classes = get_classes(model)
         self.top_k = top_k
