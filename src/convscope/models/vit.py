@@ -1,0 +1,205 @@
+"""Vision Transformer (Dosovitskiy et al. 2021, "An Image is Worth 16x16 Words"), with torchvision's names.
+
+Module and parameter names are those of ``torchvision.models.vit_b_16`` so its checkpoints load strictly:
+``conv_proj`` (the patch embedding, Eq. 1), ``class_token``, ``encoder.pos_embedding``,
+``encoder.layers.encoder_layer_<i>.{ln_1, self_attention, dropout, ln_2, mlp.0, mlp.1, mlp.3}`` (Eq. 2-3),
+``encoder.ln`` (Eq. 4) and ``heads.head``. Written from the paper and torchvision's source; no torchvision import.
+
+Differences from torchvision, none of which changes the outputs at the trained size:
+
+* other input sizes: any height and width that are multiples of the patch size are accepted; the position
+  embeddings of the patch grid are interpolated (bicubic, ``align_corners=True``, as torchvision's
+  ``interpolate_embeddings`` does for checkpoints) to the new grid on every forward pass, the class token's own
+  embedding is kept;
+* attention weights: ``EncoderBlock.need_weights`` (default ``False``) makes the block call
+  ``self_attention(..., need_weights=True, average_attn_weights=False)``, so a forward hook on
+  ``encoder.layers.encoder_layer_<i>.self_attention`` receives ``(output, weights N x heads x T x T)``
+  (for attention rollout, Abnar & Zuidema 2020). :func:`need_attention_weights` switches it on for a block of
+  code and restores it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConvscopeError
+
+LayerNorm6 = partial(nn.LayerNorm, eps=1e-6)
+
+
+class MLPBlock(nn.Sequential):
+    """The transformer MLP (Eq. 3): ``0`` Linear, ``1`` GELU, ``2`` Dropout, ``3`` Linear, ``4`` Dropout."""
+
+    def __init__(self, in_dim: int, mlp_dim: int, dropout: float) -> None:
+        super().__init__(nn.Linear(in_dim, mlp_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(mlp_dim, in_dim),
+                         nn.Dropout(dropout))
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.normal_(m.bias, std=1e-6)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm encoder block (Eq. 2-3): ``x + MSA(LN(x))``, then ``+ MLP(LN(.))``.
+
+    ``need_weights``: when True, ``self_attention`` is asked for per-head attention weights
+    (``average_attn_weights=False``) so that a hook on it can read them; the block's output is the same up to
+    float rounding (PyTorch then takes its explicit softmax path instead of the fused kernel)."""
+
+    def __init__(self, num_heads: int, hidden_dim: int, mlp_dim: int, dropout: float, attention_dropout: float,
+                 norm_layer: Callable[..., nn.Module] = LayerNorm6) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.need_weights = False
+        self.ln_1 = norm_layer(hidden_dim)
+        self.self_attention = nn.MultiheadAttention(hidden_dim, num_heads, dropout=attention_dropout,
+                                                    batch_first=True)
+        self.dropout = nn.Dropout(dropout)
+        self.ln_2 = norm_layer(hidden_dim)
+        self.mlp = MLPBlock(hidden_dim, mlp_dim, dropout)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.dim() != 3:
+            raise ConvscopeError(f"a ViT encoder block takes N x tokens x {self.ln_1.normalized_shape[0]}, got "
+                                 f"{tuple(input.shape)}; feed images to the whole model")
+        x = self.ln_1(input)
+        x, _ = self.self_attention(x, x, x, need_weights=self.need_weights, average_attn_weights=False)
+        x = self.dropout(x) + input
+        return x + self.mlp(self.ln_2(x))
+
+
+class Encoder(nn.Module):
+    """Position embeddings, the encoder blocks ``layers.encoder_layer_<i>`` and the final LayerNorm ``ln``."""
+
+    def __init__(self, seq_length: int, num_layers: int, num_heads: int, hidden_dim: int, mlp_dim: int,
+                 dropout: float, attention_dropout: float,
+                 norm_layer: Callable[..., nn.Module] = LayerNorm6) -> None:
+        super().__init__()
+        self.pos_embedding = nn.Parameter(torch.empty(1, seq_length, hidden_dim).normal_(std=0.02))  # from BERT
+        self.dropout = nn.Dropout(dropout)
+        self.layers = nn.Sequential(OrderedDict(
+            (f"encoder_layer_{i}", EncoderBlock(num_heads, hidden_dim, mlp_dim, dropout, attention_dropout,
+                                                norm_layer))
+            for i in range(num_layers)))
+        self.ln = norm_layer(hidden_dim)
+
+    def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
+        """``1 x (1 + gh*gw) x D``: the class token's embedding, then the patch embeddings resized to ``grid``
+        (bicubic with ``align_corners=True``, torchvision's ``interpolate_embeddings`` rule)."""
+        pos = self.pos_embedding
+        side = math.isqrt(pos.shape[1] - 1)
+        if tuple(grid) == (side, side):
+            return pos
+        d = pos.shape[2]
+        patches = pos[:, 1:].reshape(1, side, side, d).permute(0, 3, 1, 2)
+        patches = F.interpolate(patches, size=tuple(grid), mode="bicubic", align_corners=True)
+        return torch.cat([pos[:, :1], patches.flatten(2).transpose(1, 2)], dim=1)
+
+    def forward(self, input: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        if grid is None:  # a square grid, as torchvision assumes
+            side = math.isqrt(input.shape[1] - 1)
+            grid = (side, side)
+        return self.ln(self.layers(self.dropout(input + self.position_embedding(grid))))
+
+
+class VisionTransformer(nn.Module):
+    """ViT classifier (Dosovitskiy et al. 2021, Eq. 1-4) with ``torchvision.models.VisionTransformer``'s names.
+
+    Takes ``N x 3 x H x W`` with ``H`` and ``W`` multiples of ``patch_size`` (the position embeddings are
+    interpolated when the grid differs from ``image_size // patch_size``); returns ``N x num_classes`` logits
+    read from the class token. ``representation_size`` adds torchvision's ``heads.pre_logits`` + ``heads.act``."""
+
+    def __init__(self, image_size: int = 224, patch_size: int = 16, num_layers: int = 12, num_heads: int = 12,
+                 hidden_dim: int = 768, mlp_dim: int = 3072, dropout: float = 0.0, attention_dropout: float = 0.0,
+                 num_classes: int = 1000, representation_size: int | None = None,
+                 norm_layer: Callable[..., nn.Module] = LayerNorm6) -> None:
+        super().__init__()
+        if image_size % patch_size:
+            raise ConvscopeError(f"ViT image_size {image_size} is not a multiple of patch_size {patch_size}; "
+                                 "choose sizes where patch_size divides image_size")
+        if hidden_dim % num_heads:
+            raise ConvscopeError(f"ViT hidden_dim {hidden_dim} is not divisible by num_heads {num_heads}; "
+                                 "choose num_heads dividing hidden_dim")
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.hidden_dim = hidden_dim
+        self.mlp_dim = mlp_dim
+        self.num_classes = num_classes
+        self.representation_size = representation_size
+        self.conv_proj = nn.Conv2d(3, hidden_dim, kernel_size=patch_size, stride=patch_size)
+        self.seq_length = (image_size // patch_size) ** 2 + 1
+        self.class_token = nn.Parameter(torch.zeros(1, 1, hidden_dim))
+        self.encoder = Encoder(self.seq_length, num_layers, num_heads, hidden_dim, mlp_dim, dropout,
+                               attention_dropout, norm_layer)
+        heads: OrderedDict[str, nn.Module] = OrderedDict()
+        if representation_size is None:
+            heads["head"] = nn.Linear(hidden_dim, num_classes)
+        else:
+            heads["pre_logits"] = nn.Linear(hidden_dim, representation_size)
+            heads["act"] = nn.Tanh()
+            heads["head"] = nn.Linear(representation_size, num_classes)
+        self.heads = nn.Sequential(heads)
+        # torchvision's initialization
+        fan_in = 3 * patch_size * patch_size
+        nn.init.trunc_normal_(self.conv_proj.weight, std=math.sqrt(1 / fan_in))
+        nn.init.zeros_(self.conv_proj.bias)
+        if representation_size is not None:
+            nn.init.trunc_normal_(self.heads.pre_logits.weight, std=math.sqrt(1 / hidden_dim))
+            nn.init.zeros_(self.heads.pre_logits.bias)
+        nn.init.zeros_(self.heads.head.weight)
+        nn.init.zeros_(self.heads.head.bias)
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """The patch grid ``(H / patch, W / patch)`` of an input size; a one-line error when it does not divide."""
+        p = self.patch_size
+        if height % p or width % p or height < p or width < p:
+            raise ConvscopeError(f"ViT input {height}x{width} is not a positive multiple of its patch size {p}; "
+                                 f"resize or crop to multiples of {p} (e.g. {self.image_size}x{self.image_size})")
+        return height // p, width // p
+
+    def _process_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ConvscopeError(f"ViT takes images N x 3 x H x W, got {tuple(x.shape)}; pass an RGB batch")
+        grid = self.grid(x.shape[2], x.shape[3])
+        x = self.conv_proj(x)  # N D gh gw
+        return x.flatten(2).transpose(1, 2), grid  # N (gh gw) D, row-major patches
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, grid = self._process_input(x)
+        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.encoder(x, grid)
+        return self.heads(x[:, 0])
+
+
+def vit_b_16(num_classes: int = 1000, image_size: int = 224, **kwargs: object) -> VisionTransformer:
+    """ViT-B/16 (Dosovitskiy et al. 2021, Table 1): 12 layers, 12 heads, width 768, MLP 3072, 16 px patches.
+    Other ``VisionTransformer`` arguments (``num_layers``, ``hidden_dim``, ...) override for small test nets."""
+    cfg: dict[str, object] = dict(patch_size=16, num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072)
+    cfg.update(kwargs)
+    return VisionTransformer(image_size=image_size, num_classes=num_classes, **cfg)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def need_attention_weights(model: nn.Module) -> Iterator[list[str]]:
+    """Within the block, every :class:`EncoderBlock` of ``model`` asks its ``self_attention`` for per-head weights
+    (a forward hook on ``<block>.self_attention`` then gets ``(output, N x heads x T x T)``); yields the names of
+    the blocks. Each block's ``need_weights`` is restored on exit, also when the body raises."""
+    blocks = [(name, m, m.need_weights) for name, m in model.named_modules() if isinstance(m, EncoderBlock)]
+    if not blocks:
+        raise ConvscopeError(f"{type(model).__name__} has no convscope ViT EncoderBlock; attention weights are "
+                             "available for convscope.models.vit models (torchvision's blocks never return them)")
+    try:
+        for _, m, _ in blocks:
+            m.need_weights = True
+        yield [name for name, _, _ in blocks]
+    finally:
+        for _, m, flag in blocks:
+            m.need_weights = flag
