@@ -7,9 +7,10 @@ neuron ``i`` to a neuron ``j`` is ``a_i w_ji`` (activation times weight, the Had
 
 * fully connected layer after a fully connected layer: every input neuron with a positive contribution to a kept
   neuron is kept;
-* fully connected layer on a flattened feature volume (the first FC layer): each kept neuron keeps its most
-  contributing input (channel, row, column), as in the authors' released code (keeping every positive one there
-  would keep most of the volume);
+* fully connected layer on a flattened feature volume with spatial extent (the first FC layer of AlexNet / VGG):
+  each kept neuron keeps its most contributing input (channel, row, column), as in the authors' released code
+  (keeping every positive one there would keep most of the volume); after global pooling (1 x 1 maps) the
+  features count as fully connected ones;
 * convolution: each kept neuron ``(c, y, x)`` keeps, within its receptive field, the input channel with the largest
   total contribution, at the position of its largest contribution in that field;
 * max pooling: the winning location of the window; average pooling (also adaptive, also global): the largest input
@@ -231,7 +232,10 @@ def _from_volume(node: Any, gm: fx.GraphModule, values: dict[fx.Node, Any]) -> b
                 node.op == "call_function" and node.target is torch.flatten or \
                 node.op == "call_method" and node.target in RESHAPE_METHODS:
             src = node.args[0]
-            return isinstance(src, fx.Node) and isinstance(values.get(src), torch.Tensor) and values[src].dim() > 2
+            v = values.get(src) if isinstance(src, fx.Node) else None
+            # a volume with spatial extent; 1 x 1 maps (after global pooling) are plain features, as the authors'
+            # code squeezes them
+            return isinstance(v, torch.Tensor) and v.dim() > 2 and v[0, 0].numel() > 1
         passing = (node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), PASS_MODULES)) or \
             (node.op == "call_function" and node.target in PASS_FUNCTIONS) or \
             (node.op == "call_method" and node.target in PASS_METHODS)
