@@ -20,7 +20,7 @@ from convscope.models.swin import (
     shifted_window_attention,
     swin_t,
 )
-from convscope.models.vit import VisionTransformer, need_attention_weights, vit_b_16
+from convscope.models.vit import VisionTransformer, need_attention_weights, rename_legacy_keys, vit_b_16
 
 from .helpers import assert_untouched, snapshot
 
@@ -94,6 +94,16 @@ def test_random_state_dict_loads_strictly_and_drives_the_output(factory):
     assert torch.equal(a(x), b(x))
     with pytest.raises(RuntimeError):
         b.load_state_dict({k: v for k, v in state.items() if "head" not in k}, strict=True)
+
+
+def test_legacy_vit_checkpoint_keys_are_renamed():
+    model = tiny_vit()
+    state = model.state_dict()
+    legacy = {k.replace(".mlp.0.", ".mlp.linear_1.").replace(".mlp.3.", ".mlp.linear_2."): v for k, v in state.items()}
+    assert "encoder.layers.encoder_layer_1.mlp.linear_2.bias" in legacy
+    renamed = rename_legacy_keys(legacy)
+    assert list(renamed) == list(state)
+    model.load_state_dict(renamed, strict=True)
 
 
 def test_vit_forward_matches_hand_computation():

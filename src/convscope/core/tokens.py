@@ -10,11 +10,21 @@ Three layouts occur in image models:
   :func:`from_feature_map` can put them back.
 
 :func:`as_feature_map` returns a view (slice / reshape / permute) of its input, so gradients taken with respect
-to the map flow back to the tokens (Grad-CAM on a ViT block: Chefer et al. 2021, Sec. 4 baseline) and an edit of
-the map made in the forward pass reaches the rest of the network through :func:`from_feature_map`.
+to the map flow back to the tokens (Grad-CAM on a ViT block: weights = mean gradient per channel over the patch
+grid, class token dropped) and an edit of the map made in the forward pass reaches the rest of the network through
+:func:`from_feature_map`.
 
-``layout="auto"`` decides from the shape, the input image size and the patch size; where that is ambiguous or
-impossible it raises a one-line :class:`~convscope.errors.ConvscopeError` naming the ``layout=`` to pass.
+``layout="auto"`` decides from the shape, the input image size and the patch size:
+
+* 4-D with ``input_size``: the reading whose map ``H x W`` has the input's aspect (one stride, each side within
+  ``SLACK`` of input / stride); when both do, the one an integer stride gives exactly; else an error.
+  Without ``input_size``: ``N x a x a x c`` (a square grid second) is channels-last, anything else ``nchw``;
+* 3-D: tokens; the extra-token count ``E`` (0..``MAX_EXTRA_TOKENS``) and the grid follow from ``input_size`` and
+  ``patch_size`` (``grid = (H // p, W // p)``), from ``input_size`` alone (the grids one square patch cuts the
+  input into, exact tilings first), or without either from a square grid.
+
+Where that is ambiguous or impossible it raises a one-line :class:`~convscope.errors.ConvscopeError` naming the
+``layout=`` to pass.
 """
 
 from __future__ import annotations

@@ -179,6 +179,18 @@ class VisionTransformer(nn.Module):
         return self.heads(x[:, 0])
 
 
+def rename_legacy_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Today's keys for a ViT checkpoint saved before torchvision 0.13 (e.g. the released ``vit_b_16-c867db91.pth``),
+    whose MLP blocks were ``mlp.linear_1`` / ``mlp.linear_2``: renamed to ``mlp.0`` / ``mlp.3`` (torchvision's
+    ``MLPBlock._load_from_state_dict`` does the same). Other keys pass unchanged."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        for old, new in ((".mlp.linear_1.", ".mlp.0."), (".mlp.linear_2.", ".mlp.3.")):
+            key = key.replace(old, new)
+        out[key] = value
+    return out
+
+
 def vit_b_16(num_classes: int = 1000, image_size: int = 224, **kwargs: object) -> VisionTransformer:
     """ViT-B/16 (Dosovitskiy et al. 2021, Table 1): 12 layers, 12 heads, width 768, MLP 3072, 16 px patches.
     Other ``VisionTransformer`` arguments (``num_layers``, ``hidden_dim``, ...) override for small test nets."""
