@@ -145,3 +145,54 @@ def test_bad_input_is_one_clear_error():
     with pytest.raises(ConvscopeError, match="scalar"):
         loss_landscape(net, x, y, steps=3, loss=lambda o, t: F.cross_entropy(o, t, reduction="none"))
     assert_untouched(net, before)
+
+
+# --------------------------------------------------------------------------- the report page
+
+
+def test_landscape_report_writes_contour_curve_interpolation_html_and_json(tmp_path):
+    import json
+
+    from convscope.applications.landscape_report import labelled_data, landscape_report
+
+    from .helpers import linked_images
+
+    net, (x, y) = tiny_net(), data()
+    torch.save({"x": x, "y": y}, tmp_path / "data.pt")
+    xs, ys, _ = labelled_data(tmp_path / "data.pt", net)
+    assert torch.equal(xs, x) and torch.equal(ys, y)
+    before = snapshot(net)
+    run = landscape_report(net, out=tmp_path / "land", data=str(tmp_path / "data.pt"), dims=2, steps=5, span=0.5,
+                           other=tiny_net(1), batch_size=8)
+    assert_untouched(net, before)
+    page = json.loads(run.json.read_text())
+    assert page["origin_loss"] == pytest.approx(eval_loss(net, x, y), rel=1e-6)
+    assert len(page["losses"]) == 5 and len(page["losses"][0]) == 5
+    inter = page["interpolation"]  # from the model itself (alpha 0) to another net: the model's own loss at alpha 0
+    assert inter["alphas"] == [-0.5, 0.0, 0.5, 1.0, 1.5]
+    assert inter["losses"][1] == pytest.approx(page["origin_loss"], rel=1e-9)
+    assert inter["losses"][3] == pytest.approx(eval_loss(tiny_net(1), x, y), rel=1e-6)
+    assert {p.name for p in linked_images(run.html)} == {"landscape_2d.png", "landscape_1d.png", "interpolation.png"}
+    with pytest.raises(ConvscopeError, match="synthetic:N"):
+        labelled_data("synthetic:0", net)
+    with pytest.raises(ConvscopeError, match="no such file"):
+        labelled_data(tmp_path / "missing.pt", net)
+
+
+def test_pictures_show_overflowed_points_white_and_refuse_all_nonfinite():
+    from convscope.applications.landscape_report import contour_picture, curve_picture
+    from convscope.methods.landscape import LandscapeResult
+
+    c = torch.linspace(-1, 1, 5, dtype=torch.float64)
+    losses = 1 + c[:, None] ** 2 + c[None, :] ** 2
+    losses[0, 0] = float("inf")  # alpha = -1, beta = -1: the bottom-left corner
+    res = LandscapeResult(c, c.clone(), losses, [], 1.0)
+    assert res.nonfinite == 1 and res.origin_loss == 1.0
+    img = contour_picture(res, size=100).convert("RGB")
+    left, top = 44, 8  # the plot's offsets without a title
+    assert img.getpixel((left + 2, top + 97)) == (255, 255, 255)  # overflowed corner
+    assert img.getpixel((left + 97, top + 97)) != (255, 255, 255)  # the finite corner is coloured
+    curve = curve_picture(c, torch.tensor([1.0, float("nan"), 0.5, 1.0, 2.0]))
+    assert curve.width > 100
+    with pytest.raises(ConvscopeError, match="inf or NaN"):
+        curve_picture(c, torch.full((5,), float("nan")))

@@ -254,3 +254,40 @@ def test_unit_correlation_equals_numpy_corrcoef_and_greedy_differs_from_hungaria
     assert match_from_correlation(corr, "hungarian").tolist() == [[0, 1], [1, 0]]  # 0.8 + 0.85 > 0.9 + 0.1
     assert match_from_correlation(corr, "greedy").tolist() == [[0, 0], [1, 1]]
     assert match_from_correlation(corr, "semi").tolist() == [[0, 0], [1, 0]]
+
+
+# --------------------------------------------------------------------------- the report page
+
+
+def test_similarity_report_writes_heatmap_matching_html_and_json(tmp_path):
+    import json
+
+    from convscope.applications.similarity_report import similarity_report
+
+    from .helpers import linked_images
+
+    net, x = tiny_net(), images(24)
+    other = copy.deepcopy(net)
+    perm = torch.arange(7, -1, -1)
+    with torch.no_grad():
+        other[0].weight.copy_(net[0].weight[perm])
+        other[0].bias.copy_(net[0].bias[perm])
+        other[2].weight.copy_(net[2].weight[:, perm])
+    before = snapshot(net)
+    run = similarity_report(net, other, x, tmp_path / "sim", layers_a=LAYERS, layers_b=LAYERS, batch_size=8,
+                            match=("1", "1"), n_pairs=3, k=2, label_a="net", label_b="permuted")
+    assert_untouched(net, before)
+    data = json.loads(run.json.read_text())
+    assert data["layers_a"] == LAYERS and np.allclose(data["matrix"], run.result.matrix.numpy())
+    assert np.allclose(np.diag(data["matrix"]), 1.0, atol=1e-6)  # a permutation of channels changes no CKA
+    assert data["matching"]["pairs"] == [[i, 7 - i] for i in range(8)]
+    files = {p.name for p in linked_images(run.html)}
+    assert files == {"similarity.png", "matching.png"}
+    from PIL import Image
+
+    with Image.open(run.png) as im:
+        assert im.width > 3 * 30 and im.height > 3 * 30
+    with Image.open(run.matching_png) as im:  # 3 rows of pairs, 2 columns
+        assert im.height > 3 * 8
+    with pytest.raises(ConvscopeError, match="match="):
+        similarity_report(net, other, x, tmp_path / "bad", match="1")

@@ -225,7 +225,7 @@ def loss_landscape(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dims: int
             raise ConvscopeError(f"dims={dims} needs {dims} direction(s), got {len(dirs)}; give one dict per axis")
         for d in dirs:
             check_direction(d, params)
-        dirs = [{n: d[n].detach().to(p.device, p.dtype) for n, p in params.items()} for d in dirs]
+        dirs = [{n: d[n].detach().to(p.device, p.dtype, copy=True) for n, p in params.items()} for d in dirs]
     coords = torch.linspace(-span, span, steps, dtype=torch.float64)
     coords[(coords.abs() < 1e-12 * span)] = 0.0  # the origin exactly where the grid has it
     points = [(float(a),) for a in coords] if dims == 1 else [(float(a), float(b)) for a in coords for b in coords]
@@ -248,7 +248,7 @@ def _state_of(state: Mapping[str, torch.Tensor] | nn.Module, model: nn.Module, w
     from ..models.zoo import state_mismatch  # local: the zoo imports many modules
 
     if isinstance(state, nn.Module):
-        state = state.state_dict()
+        state = state.state_dict()  # may be the model itself: interpolate() copies the end points
     if not isinstance(state, Mapping):
         raise ConvscopeError(f"{what} must be a state dict or a model, got {type(state).__name__}; load a checkpoint "
                              "with torch.load(path)['state_dict'] or pass the model")
@@ -287,7 +287,7 @@ def interpolate(model: nn.Module, state_a: Mapping[str, torch.Tensor] | nn.Modul
     losses = torch.empty(steps, dtype=torch.float64)
     with restored_weights(model) as live:
         names = [k for k, v in live.items() if v.is_floating_point()]
-        ends = {k: (a[k].detach().to(live[k]), b[k].detach().to(live[k])) for k in names}
+        ends = {k: (a[k].detach().to(live[k], copy=True), b[k].detach().to(live[k], copy=True)) for k in names}
         with torch.no_grad():
             for i, alpha in enumerate(progress_bar(alphas.tolist(), desc="interpolate", unit="point",
                                                    progress=progress)):
