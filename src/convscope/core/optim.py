@@ -48,7 +48,7 @@ from .probe import Probe, StopForward, preserved_state, probe
 from .progress import progress_bar
 
 OUTPUT = "@output"  # the layer name objectives use for the model's output (class logits)
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("adam", "sgd", "normalized")
 PIXEL_NOISE_STD = 10 / 255  # Yosinski et al.'s "mean_plus_rand" start: N(0, 10) on the 0..255 pixel scale
 FOURIER_NOISE_STD = 0.01  # Olah et al. 2017 (Lucid's fft_image default sd)
 # Square root of the colour covariance of ImageNet, as an SVD (Olah et al. 2017; Lucid's color_correlation_svd_sqrt)
@@ -116,6 +116,14 @@ class Objective:
 
 def _is_scalar(v: object) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def activation_l2(layer: str) -> Objective:
+    """``0.5 * ||A_layer(x)||_2^2`` per image: the squared L2 norm of a whole layer's activation, whose gradient
+    at the layer is the activation itself (DeepDream's ``objective_L2``, Mordvintsev et al. 2015)."""
+    def fn(acts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return 0.5 * acts[layer].flatten(1).pow(2).sum(1)
+    return Objective(fn, [layer], f"l2({layer!r})")
 
 
 # --------------------------------------------------------------------------- parametrizations
@@ -728,6 +736,13 @@ def _check_objective(value: torch.Tensor, n: int) -> torch.Tensor:
     return value
 
 
+def mean_abs_normalized(grad: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Each row (image) of ``grad`` divided by its mean absolute value, so a step of ``lr`` moves the pixels by
+    ``lr`` on average (DeepDream's normalized ascent step, Mordvintsev et al. 2015)."""
+    scale = grad.abs().flatten(1).mean(1).clamp_min(eps)
+    return grad / scale.view(-1, *([1] * (grad.dim() - 1)))
+
+
 def optimize_images(model: nn.Module, objective: Objective, param: ImageParam, *, steps: int, lr: float,
                     optimizer: str = "adam", transforms: Sequence[Transform] = (),
                     regularizers: Sequence[Regularizer] = (), generators: Generators | None = None,
@@ -737,10 +752,12 @@ def optimize_images(model: nn.Module, objective: Objective, param: ImageParam, *
 
     One forward and one backward pass per step for the whole batch; the forward pass stops after the deepest layer
     the objective reads (unless it reads the output). ``optimizer``: ``"adam"`` (Kingma & Ba 2015) or ``"sgd"``,
-    plain gradient ascent ``x <- x + lr * dJ/dx`` (survey Eq. 8). ``stop(acts)`` (on the untransformed images,
-    before each update) returns a boolean ``N``: images for which it is true keep their current pixels from then
-    on, and the loop ends when all are done. ``progress``: a bar with an ETA (``True``, ``False``, or ``None``: once
-    the loop has run for 2 s; see :func:`~convscope.core.progress.progress_bar`).
+    plain gradient ascent ``x <- x + lr * dJ/dx`` (survey Eq. 8), or ``"normalized"``: gradient ascent with each
+    image's gradient divided by its mean absolute value (:func:`mean_abs_normalized`; DeepDream). ``stop(acts)``
+    (on the untransformed images, before each update) returns a boolean ``N``: images for which it is true keep
+    their current pixels from then on, and the loop ends when all are done. ``progress``: a bar with an ETA
+    (``True``, ``False``, or ``None``: once the loop has run for 2 s;
+    see :func:`~convscope.core.progress.progress_bar`).
     """
     if not isinstance(steps, int) or steps < 0:
         raise ConvscopeError(f"steps={steps!r}: use an int >= 0")
@@ -797,7 +814,7 @@ def optimize_images(model: nn.Module, objective: Objective, param: ImageParam, *
             history.append(value.detach())
             keep = [q.detach()[done.to(q.device)].clone() for q in params] if bool(done.any()) else None
             for q, g in zip(params, grads):
-                q.grad = g
+                q.grad = mean_abs_normalized(g) if optimizer == "normalized" else g
             opt.step()
             opt.zero_grad(set_to_none=True)
             with torch.no_grad():
