@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from convscope.data import BrodenDataset, generate, mask_iou, pointing_game, render_sample, target_mask, target_masks
+from convscope.data.groundtruth import pointing_chance
 from convscope.errors import DataError
 
 
@@ -29,6 +30,20 @@ def test_pointing_game_hits_misses_and_tolerance():
     assert pointing_game(maps, masks).tolist() == [True, False, True, True]  # (25,15) is 6 px below the mask
     assert pointing_game(maps, masks, tolerance_px=5).tolist() == [True, False, False, True]
     assert pointing_game(maps, masks, tolerance_px=6).tolist() == [True, False, True, True]
+
+
+def test_pointing_chance_is_the_hit_rate_of_a_peak_at_every_pixel():
+    size = 24
+    masks = torch.zeros(2, size, size, dtype=torch.bool)
+    masks[0, 3:9, 5:12] = True  # a rectangle
+    masks[1, 20:, 0:3] = True  # a corner piece: its tolerance band is clipped by the border
+    peaks = torch.eye(size * size).view(size * size, 1, size, size)  # one map per pixel position
+    for tol in (0, 2, 3.5):
+        chance = pointing_chance(masks, tolerance_px=tol)
+        for i in range(2):
+            hits = pointing_game(peaks, masks[i].expand(size * size, -1, -1), tolerance_px=tol)
+            assert float(chance[i]) == pytest.approx(float(hits.float().mean()), abs=1e-6)
+    assert float(pointing_chance(masks, 0)[0]) == pytest.approx(42 / size**2)
 
 
 def test_pointing_game_flat_map_points_at_the_first_pixel():

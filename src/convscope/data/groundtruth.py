@@ -4,6 +4,7 @@
   by the synthetic generator: the dominant object, whose class is the scene label).
 * :func:`pointing_game` — Zhang et al., "Top-down Neural Attention by Excitation Backprop"
   (ECCV 2016): a hit when the map's maximum lies on the object, within a tolerance (15 px).
+* :func:`pointing_chance` — the pointing game's chance level: the hit rate of a uniformly random point.
 * :func:`mask_iou` — IoU of the map's top region with the object mask, the localisation
   score of Network Dissection (Bau et al. 2017) and of Grad-CAM's box evaluation applied to masks.
 """
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from convscope.data.broden import TARGET_FILE, BrodenDataset
 from convscope.errors import DataError
 
-__all__ = ["mask_iou", "pixel_ranks", "pointing_game", "target_mask", "target_masks"]
+__all__ = ["mask_iou", "pixel_ranks", "pointing_chance", "pointing_game", "target_mask", "target_masks"]
 
 
 def target_mask(dataset: BrodenDataset, index: int) -> np.ndarray:
@@ -91,6 +92,20 @@ def pointing_game(maps: torch.Tensor, masks: torch.Tensor, tolerance_px: float =
     xx = torch.arange(w, device=maps.device, dtype=torch.float32).view(1, 1, w)
     d2 = (yy - py.view(n, 1, 1)) ** 2 + (xx - px.view(n, 1, 1)) ** 2
     return (masks & (d2 <= float(tolerance_px) ** 2)).flatten(1).any(dim=1)
+
+
+def pointing_chance(masks: torch.Tensor, tolerance_px: float = 15) -> torch.Tensor:
+    """Chance level of :func:`pointing_game` (float N): the share of each image's pixels within ``tolerance_px``
+    (Euclidean, the game's rule) of the mask, i.e. the hit probability of a map whose maximum falls on a uniformly
+    random pixel. Its mean is what a method that ignores the image scores on average."""
+    masks = torch.as_tensor(masks)
+    masks = masks[:, 0] if masks.ndim == 4 and masks.shape[1] == 1 else masks
+    _, masks = _prepare(torch.zeros(masks.shape, dtype=torch.float32), masks)
+    r = int(float(tolerance_px))
+    off = torch.arange(-r, r + 1, dtype=torch.float32)
+    disc = (off[:, None] ** 2 + off[None, :] ** 2 <= float(tolerance_px) ** 2).float()[None, None]
+    near = F.conv2d(masks[:, None].float(), disc, padding=r)[:, 0] > 0.5
+    return near.flatten(1).float().mean(1)
 
 
 def pixel_ranks(maps: torch.Tensor) -> torch.Tensor:

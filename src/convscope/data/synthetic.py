@@ -96,6 +96,13 @@ class SynthConfig:
     Sizes are fractions of the image side; texture periods are pixels at 112 px and scale with
     the image.  ``distractor_counts[k]`` is the probability of k distractors.  Label numbers
     are assigned in order color, object, scene, texture (see :meth:`label_names`).
+
+    ``centre_at_chance`` (a distance, as a fraction of the side; None: off): place the dominant object so that the
+    image centre lies within that distance of it exactly as often as a uniformly random pixel would, i.e. with
+    probability the fraction of the image within that distance of the object (drawn per image); otherwise the
+    object is placed, fully visible, farther than that from the centre.  A saliency map that points at the centre
+    then scores chance in the pointing game (with that tolerance).  Every object must then be able to clear the
+    centre: ``target_radius`` high end at most ``(0.5 - distance) / 1.65`` (then only from the corners).
     """
 
     colors: tuple[tuple[str, tuple[int, int, int]], ...] = DEFAULT_COLORS
@@ -118,6 +125,7 @@ class SynthConfig:
     angle_jitter: float = 7.0
     val_fraction: float = 0.2
     scene_suffix: str = "-s"
+    centre_at_chance: float | None = None
 
     def __post_init__(self) -> None:
         if len(self.colors) < 4:
@@ -152,6 +160,14 @@ class SynthConfig:
             raise DataError(
                 f"SynthConfig.distractor_counts must be probabilities summing to 1, got {self.distractor_counts}"
             )
+        if self.centre_at_chance is not None:
+            t = self.centre_at_chance
+            if isinstance(t, bool) or not isinstance(t, int | float) or not 0.0 <= t < 0.25:
+                raise DataError(f"SynthConfig.centre_at_chance must be None or a fraction of the side in [0, 0.25), "
+                                f"got {t!r}")
+            if self.target_radius[1] > (0.5 - t) / 1.65:
+                raise DataError(f"SynthConfig.target_radius {self.target_radius} is too large for centre_at_chance="
+                                f"{t}: objects must fit off-centre; use a high end <= {(0.5 - t) / 1.65:.3f}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise DataError(f"SynthConfig.val_fraction must lie in [0, 1), got {self.val_fraction}")
         names = [n for cat in self.vocabulary.values() for n in cat]
@@ -480,6 +496,46 @@ def _background(p: _Painter) -> tuple[frozenset[int], frozenset[int]]:
     return colors, textures
 
 
+def _centre_distance(mask: np.ndarray) -> float:
+    """Distance in pixels from the image's centre pixel (the first maximum of a centred map, ``size // 2 - 1`` for
+    even sizes) to the nearest pixel of ``mask``."""
+    c = (mask.shape[0] - 1) // 2
+    ys, xs = np.nonzero(mask)
+    return float(np.sqrt(((ys - c) ** 2 + (xs - c) ** 2).min())) if len(ys) else math.inf
+
+
+def _place_at_chance(rng: np.random.Generator, shape: str, size: int, r: float, angle: float,
+                     tol: float) -> tuple[float, float]:
+    """Centre of the dominant object (``SynthConfig.centre_at_chance``), fully inside the image: a position where
+    the image centre is farther than ``tol`` px from the object, or, with probability ``pi``, one where it is
+    within ``tol``.  ``pi = f_o / (1 - f_c + f_o)``, with ``f_c`` / ``f_o`` the share of the image within ``tol`` of
+    the object at the centre / at the off-centre position (border-clipped), makes the centre's hit rate equal the
+    expected hit rate of a uniformly random pixel: ``pi = pi f_c + (1 - pi) f_o``."""
+    from scipy.ndimage import distance_transform_edt
+
+    def near_share(cy: float, cx: float) -> float:
+        return float((distance_transform_edt(~shape_mask(shape, size, cy, cx, r, angle)) <= tol).mean())
+
+    c = (size - 1) // 2
+    lo, hi = r + 1, size - 2 - r
+
+    def draw(cover: bool) -> tuple[float, float]:
+        for _ in range(200):
+            if cover:  # offsets that can bring the object within tol of the centre, uniform in a disc
+                rho, phi = (r + tol + 1) * math.sqrt(rng.random()), rng.uniform(0, 2 * math.pi)
+                cy, cx = c + rho * math.sin(phi), c + rho * math.cos(phi)
+            else:
+                cy, cx = rng.uniform(lo, hi, size=2)
+            if lo <= cy <= hi and lo <= cx <= hi and (
+                    _centre_distance(shape_mask(shape, size, cy, cx, r, angle)) <= tol) == cover:
+                return float(cy), float(cx)
+        return (float(c), float(c)) if cover else (float(lo), float(lo))
+
+    off = draw(False)
+    f_o, f_c = near_share(*off), near_share(c, c)
+    return draw(True) if rng.random() < f_o / (1 - f_c + f_o) else off
+
+
 def _render(index: int, size: int, seed: int, cfg: SynthConfig) -> tuple[SynthSample, int]:
     """Render sample ``index``; also return the target object's label number."""
     rng = np.random.default_rng([seed, index])
@@ -490,7 +546,12 @@ def _render(index: int, size: int, seed: int, cfg: SynthConfig) -> tuple[SynthSa
     n_shapes = len(cfg.shapes)
     cls = int(rng.integers(n_shapes))
     big_r = rng.uniform(*cfg.target_radius) * size
-    cy, cx = rng.uniform(big_r + 1, size - 2 - big_r, size=2)
+    if cfg.centre_at_chance is None:
+        target_angle = None
+        cy, cx = rng.uniform(big_r + 1, size - 2 - big_r, size=2)
+    else:
+        target_angle = rng.uniform(0, 2 * math.pi)
+        cy, cx = _place_at_chance(rng, cfg.shapes[cls], size, big_r, target_angle, cfg.centre_at_chance * size)
     placed = [(cy, cx, big_r)]
     distractors = []
     for _ in range(int(rng.choice(len(cfg.distractor_counts), p=cfg.distractor_counts))):
@@ -511,7 +572,8 @@ def _render(index: int, size: int, seed: int, cfg: SynthConfig) -> tuple[SynthSa
         mask = shape_mask(cfg.shapes[d_cls], size, y, x, r, angle)
         p.paint(mask, p.fill(False, bg_colors, bg_textures), voc.number[("object", cfg.shapes[d_cls])])
     shape = cfg.shapes[cls]
-    target = shape_mask(shape, size, cy, cx, big_r, rng.uniform(0, 2 * math.pi))
+    target = shape_mask(shape, size, cy, cx, big_r, rng.uniform(0, 2 * math.pi) if target_angle is None
+                         else target_angle)
     obj_num = voc.number[("object", shape)]
     p.paint(target, p.fill(False, bg_colors, bg_textures), obj_num)
 
@@ -653,7 +715,7 @@ def generate(
         "n": int(n),
         "size": int(size),
         "seed": int(seed),
-        "config": asdict(cfg),
+        "config": {k: v for k, v in asdict(cfg).items() if not (k == "centre_at_chance" and v is None)},
     }
     atomic_write_bytes(root / "synth.json", json.dumps(meta, indent=1).encode("utf-8"))
     voc = _vocab(cfg)

@@ -17,12 +17,22 @@ threshold, ``1[A_k > T_k]`` (``P(A_k > T_k) = quantile``; our reading of the pap
 with SGD and momentum.  All concepts train at once as one batched linear map ``C x K`` (a ``1 x 1`` convolution),
 each concept's loss averaged over the pixels of images annotated for its category (as in dissection), then summed.
 
+Decision: the paper thresholds ``M_c > 0.5`` (``decision="paper"``).  Under the balanced loss that threshold sits
+where ``P(L_c = 1 | x)`` equals the concept's base rate, not where IoU is best: for a concept the features barely
+predict (colours at demo_net's relu5) the mask spreads over half the image or more and its IoU lands on the
+trivial mask's.  The default ``decision="iou"`` keeps the learned ranking ``w . I(x) + b`` and picks, per concept,
+the logit threshold ``tau_c`` that maximizes the set IoU on the *training* images (a 1024-bin histogram of their
+logits); held-out images never choose anything.
+
 Evaluation on held-out images (the dataset's ``val`` split, else the last ``val_fraction`` of the images): the set
-IoU of ``M_c > 0.5`` with the concept (``IoU_com``, sums over all held-out images annotated for the category),
-against the best single unit's IoU on the same images (NetDissect's ``IoU_{f,c}``, computed by
-:func:`~convscope.methods.dissect.tally_batch`).  ``units_needed``: the smallest ``k`` such that keeping only the
-``k`` weights of largest ``|w_ck|`` (the others set to 0, no retraining, same bias) reaches ``coverage`` (90 %) of
-``IoU_com``; ``0`` if the trained combination is not positive.
+IoU of ``w . I(x) + b > tau_c`` with the concept (``IoU_com``, sums over all held-out images annotated for the
+category), beside the two trivial baselines on the same images: the best single unit (NetDissect's ``IoU_{f,c}``,
+computed by :func:`~convscope.methods.dissect.tally_batch`; chosen on the held-out images, which favours it) and
+the mask of every annotated pixel (``iou_all``, the concept's share of them).  ``gain`` is ``IoU_com`` minus the
+better baseline, with a bootstrap interval over held-out images (``bootstrap`` resamples, ``confidence``);
+``beats_baselines`` is true when the interval's lower end exceeds ``margin``.  ``units_needed``: the smallest
+``k`` such that keeping only the ``k`` weights of largest ``|w_ck|`` (the others set to 0, no retraining, same
+bias and ``tau_c``) reaches ``coverage`` (90 %) of ``IoU_com``; ``0`` if the trained combination is not positive.
 
 Memory: the layer's activations of every image are cached (``images x units x h x w`` float32) with the label maps
 (``images x layers x H x W`` int32); ``max_cache_mb`` bounds it, with an error naming the fix.
@@ -30,8 +40,9 @@ Memory: the layer's activations of every image are cached (``images x units x h 
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +80,10 @@ class Net2VecConfig:
         epochs, lr, momentum, batch_size: SGD over the cached training images.
         val_split: the held-out split; without such rows, the last ``val_fraction`` of the images.
         coverage: ``units_needed`` reaches this fraction of ``IoU_com``.
+        balance: weight the loss by ``alpha_c`` (Eq. 21); False: plain per-pixel cross-entropy.
+        decision: ``"iou"`` (threshold of best training IoU) or ``"paper"`` (``M_c > 0.5``).
+        bootstrap, confidence: resamples of the held-out images and level of the ``gain`` interval;
+        margin: ``beats_baselines`` needs the interval's lower end above it (IoU points).
         categories: concept categories (None: all); ``seg_size``: label resolution (None: the dataset's).
         seed: shuffling of the training images.
         workers: DataLoader workers; max_cache_mb: cap on the cached activations and labels.
@@ -83,6 +98,11 @@ class Net2VecConfig:
     val_split: str = "val"
     val_fraction: float = 0.2
     coverage: float = 0.9
+    balance: bool = True
+    decision: str = "iou"
+    bootstrap: int = 1000
+    confidence: float = 0.95
+    margin: float = 0.0
     categories: tuple[str, ...] | None = None
     seg_size: int | tuple[int, int] | None = None
     seed: int = 0
@@ -92,6 +112,14 @@ class Net2VecConfig:
     def __post_init__(self) -> None:
         if self.inputs not in ("binary", "raw"):
             raise ConvscopeError(f"Net2VecConfig(inputs={self.inputs!r}): use 'binary' or 'raw'")
+        if self.decision not in ("iou", "paper"):
+            raise ConvscopeError(f"Net2VecConfig(decision={self.decision!r}): use 'iou' (threshold of best training "
+                                 "IoU) or 'paper' (M > 0.5)")
+        if isinstance(self.bootstrap, bool) or not isinstance(self.bootstrap, int) or self.bootstrap < 0:
+            raise ConvscopeError(f"Net2VecConfig(bootstrap={self.bootstrap!r}): use an int >= 0 (0: no interval)")
+        if not (0 < self.confidence < 1 and -1 < self.margin < 1):
+            raise ConvscopeError(f"Net2VecConfig: need 0 < confidence < 1 and -1 < margin < 1 (got "
+                                 f"{self.confidence}, {self.margin})")
         if not 0.0 < float(self.quantile) < 1.0:
             raise ConvscopeError(f"Net2VecConfig(quantile={self.quantile!r}): use a fraction in (0, 1)")
         for name in ("epochs", "batch_size"):
@@ -110,8 +138,10 @@ class Net2VecConfig:
 class ConceptVector:
     """One concept's Net2Vec result: held-out ``iou_com`` of the learned combination, the best single unit and its
     held-out IoU, ``units_needed`` (see the module doc), and ``iou_all``: the held-out IoU of the trivial mask that
-    marks every annotated pixel (the concept's share of them; a combination near it has learned little, which
-    happens for whole-image concepts such as scenes under the class-balanced loss)."""
+    marks every annotated pixel (the concept's share of them).  ``gain``: ``iou_com`` minus the better of the two
+    baselines, ``gain_low`` / ``gain_high`` its bootstrap interval over held-out images; ``beats_baselines``:
+    ``gain_low > margin``.  ``threshold``: the logit ``tau_c`` of the decision; ``positive_fraction``: the share of
+    the held-out annotated pixels the combination marks (near 1: it has learned "everything")."""
 
     concept: str
     category: str
@@ -120,13 +150,21 @@ class ConceptVector:
     best_unit_iou: float
     units_needed: int
     iou_all: float = 0.0
+    gain: float = 0.0
+    gain_low: float = 0.0
+    gain_high: float = 0.0
+    beats_baselines: bool = False
+    margin: float = 0.0
+    threshold: float = 0.0
+    positive_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
 class Net2VecResult:
     """Net2Vec of one layer: ``weights`` ``C x K`` (the concept embeddings) and ``bias`` ``C``, per-concept
     ``iou_com``, ``single_iou`` ``K x C`` (each unit's held-out IoU), ``iou_by_units`` ``C x K`` (IoU keeping the
-    top-k weights, k = 1..K), ``rows`` one :class:`ConceptVector` per concept, ``loss`` per epoch."""
+    top-k weights, k = 1..K), ``rows`` one :class:`ConceptVector` per concept, ``loss`` per epoch, ``decision``
+    ``C``: the logit thresholds ``tau_c`` (a pixel is marked where ``w_c . I(x) + b_c > tau_c``)."""
 
     layer: str
     concepts: list[str]
@@ -141,6 +179,7 @@ class Net2VecResult:
     loss: list[float] = field(default_factory=list)
     train_images: int = 0
     val_images: int = 0
+    decision: torch.Tensor | None = None
 
     def row(self, concept: str) -> ConceptVector:
         """The row of ``concept`` (by name)."""
@@ -283,7 +322,15 @@ def net2vec(model: nn.Module, dataset: BrodenDataset | str | os.PathLike[str], l
                         "use more images")
     sel = torch.tensor(chosen)
     c = len(chosen)
-    alpha = (1.0 - pos[0, sel] / tot[0, sel].clamp(min=1)).float()
+    alpha = (1.0 - pos[0, sel] / tot[0, sel].clamp(min=1)).float() if config.balance else torch.full((c,), 0.5)
+
+    def logits_of(idx: torch.Tensor, w: torch.Tensor, b: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, BatchLabels]:
+        """``w . I(x) + b`` (``B x C x P``, Eq. 20 before the sigmoid), the concept masks and annotation flags."""
+        lab = cache.labels(idx)
+        x = _features(cache.acts[idx], thresholds, cache.size, config.inputs)  # B x K x P
+        logits = torch.einsum("bkp,ck->bcp", x, w) + b[None, :, None]
+        return logits, _targets(lab, c_all)[:, sel], lab.annotated[:, sel], lab
 
     # training: one batched linear map C x K, SGD with momentum (Eq. 21)
     w = torch.zeros(c, k, requires_grad=True)
@@ -297,11 +344,8 @@ def net2vec(model: nn.Module, dataset: BrodenDataset | str | os.PathLike[str], l
             total = 0.0
             for s in range(0, len(order), config.batch_size):
                 idx = order[s:s + config.batch_size]
-                lab = cache.labels(idx)
-                x = _features(cache.acts[idx], thresholds, cache.size, config.inputs)  # B x K x P
-                y = _targets(lab, c_all)[:, sel]  # B x C x P
-                ann = lab.annotated[:, sel].float()  # B x C
-                logits = torch.einsum("bkp,ck->bcp", x, w) + b[None, :, None]
+                logits, y, ann, _ = logits_of(idx, w, b)
+                ann = ann.float()
                 weight = ann[:, :, None] * (alpha[None, :, None] * y + (1 - alpha[None, :, None]) * (1 - y))
                 per = F.binary_cross_entropy_with_logits(logits, y, weight=weight, reduction="none")
                 loss = (per.sum((0, 2)) / (ann.sum(0) * p).clamp(min=1)).sum()
@@ -313,44 +357,117 @@ def net2vec(model: nn.Module, dataset: BrodenDataset | str | os.PathLike[str], l
                 total += float(loss.detach()) * len(idx)
             losses.append(total / len(train_idx))
     w, b = w.detach(), b.detach()
+    tau = (torch.zeros(c) if config.decision == "paper"
+           else _iou_thresholds(lambda idx: logits_of(idx, w, b)[:3], train_idx, c, config.batch_size))
 
-    # held-out evaluation: combination, single units (NetDissect IoU), top-k truncations
+    # held-out evaluation: combination, single units (NetDissect IoU), top-k truncations, per-image counts
     order_w = w.abs().argsort(1, descending=True)  # C x K
     inter_k = torch.zeros(c, k, dtype=torch.float64)
     union_k = torch.zeros(c, k, dtype=torch.float64)
     s_inter = torch.zeros(k, c_all, dtype=torch.float64)
     s_act = torch.zeros(k, c_all, dtype=torch.float64)
     s_truth = torch.zeros(c_all, dtype=torch.float64)
+    nv = len(val_idx)
+    counts = torch.zeros(3, 2, nv, c, dtype=torch.float64)  # (combination, best unit, all pixels) x (I, U) x image
+    marked = torch.zeros(c, dtype=torch.float64)
     chunk = max(1, int(2**26 // max(1, k * p)))  # concepts per step: about 256 MiB of cumulative sums
-    for s in range(0, len(val_idx), config.batch_size):
+    for s in range(0, nv, config.batch_size):
         idx = val_idx[s:s + config.batch_size]
-        lab = cache.labels(idx)
+        logits, y, ann, lab = logits_of(idx, w, b)
         i1, a1, _ = tally_batch(cache.acts[idx], thresholds, lab)
         s_inter += i1
         s_act += a1
         s_truth += lab.truth
         x = _features(cache.acts[idx], thresholds, cache.size, config.inputs)
-        y = _targets(lab, c_all)[:, sel].bool()
-        ann = lab.annotated[:, sel]
+        y = y.bool()
+        m = ann.double()
+        pred = logits > tau[None, :, None]
+        counts[0, 0, s:s + len(idx)] = (pred & y).sum(2).double() * m
+        counts[0, 1, s:s + len(idx)] = (pred | y).sum(2).double() * m
+        counts[2, 0, s:s + len(idx)] = y.sum(2).double() * m
+        counts[2, 1, s:s + len(idx)] = p * m
+        marked += (pred.sum(2).double() * m).sum(0)
         for img in range(len(idx)):  # one image at a time bounds memory: C x K x P partial sums
             for c0 in range(0, c, chunk):
                 cs = slice(c0, c0 + chunk)
                 wo = w[cs].gather(1, order_w[cs])  # c' x K, weights by decreasing |w|
                 xo = x[img][order_w[cs]]  # c' x K x P, the units in that order
-                pred = (torch.cumsum(wo[:, :, None] * xo, 1) + b[cs, None, None]) > 0  # c' x K x P
+                pk = (torch.cumsum(wo[:, :, None] * xo, 1) + b[cs, None, None]) > tau[cs, None, None]  # c' x K x P
                 yy = y[img, cs][:, None, :]
-                m = ann[img, cs].double()[:, None]
-                inter_k[cs] += (pred & yy).sum(2).double() * m
-                union_k[cs] += (pred | yy).sum(2).double() * m
+                inter_k[cs] += (pk & yy).sum(2).double() * m[img, cs, None]
+                union_k[cs] += (pk | yy).sum(2).double() * m[img, cs, None]
     iou_k = torch.where(union_k > 0, inter_k / union_k.clamp(min=1), torch.zeros_like(inter_k))
     iou_com = iou_k[:, -1].clone()
     single = iou_from_counts(s_inter, s_act, s_truth)[:, sel]  # K x C
     best_iou, best_unit = single.max(0)
+    for s in range(0, nv, config.batch_size):  # the best unit's per-image counts, for the interval
+        idx = val_idx[s:s + config.batch_size]
+        lab = cache.labels(idx)
+        on = _features(cache.acts[idx], thresholds, cache.size, "binary")[:, best_unit].bool()  # B x C x P
+        y = _targets(lab, c_all)[:, sel].bool()
+        m = lab.annotated[:, sel].double()
+        counts[1, 0, s:s + len(idx)] = (on & y).sum(2).double() * m
+        counts[1, 1, s:s + len(idx)] = (on | y).sum(2).double() * m
+    iou_all = pos[1, sel] / tot[1, sel].clamp(min=1)
+    gain = iou_com - torch.maximum(best_iou, iou_all)
+    low, high = _gain_interval(counts, config, gain)
     rows = []
     for j, col in enumerate(chosen):
         reach = (iou_k[j] >= config.coverage * iou_com[j]).nonzero().flatten()
         need = int(reach[0]) + 1 if iou_com[j] > 0 and len(reach) else 0
         rows.append(ConceptVector(space.names[col], space.category[col], float(iou_com[j]), int(best_unit[j]),
-                                  float(best_iou[j]), need, float(pos[1, col] / tot[1, col].clamp(min=1))))
+                                  float(best_iou[j]), need, float(iou_all[j]), float(gain[j]), float(low[j]),
+                                  float(high[j]), bool(low[j] > config.margin), config.margin, float(tau[j]),
+                                  float(marked[j] / tot[1, col].clamp(min=1))))
     return Net2VecResult(layer, [space.names[i] for i in chosen], [space.category[i] for i in chosen], w, b,
-                         iou_com, single, iou_k, thresholds, rows, losses, len(train_idx), len(val_idx))
+                         iou_com, single, iou_k, thresholds, rows, losses, len(train_idx), len(val_idx), tau)
+
+
+def _iou_thresholds(logits_of: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                    idx: torch.Tensor, c: int, batch_size: int, bins: int = 1024) -> torch.Tensor:
+    """Per concept, the logit threshold ``tau`` whose mask ``logit > tau`` has the largest set IoU on the images
+    ``idx`` (two passes: the logits' range, then 1024-bin histograms of the positive and negative pixels); the
+    lowest candidate marks every pixel, so the trivial mask is among the choices."""
+    lo = torch.full((c,), math.inf, dtype=torch.float64)
+    hi = torch.full((c,), -math.inf, dtype=torch.float64)
+    for s in range(0, len(idx), batch_size):
+        logits, _, ann = logits_of(idx[s:s + batch_size])
+        lo = torch.minimum(lo, logits.double().masked_fill(~ann[:, :, None], math.inf).amin((0, 2)))
+        hi = torch.maximum(hi, logits.double().masked_fill(~ann[:, :, None], -math.inf).amax((0, 2)))
+    lo, hi = torch.where(torch.isfinite(lo), lo, 0.0), torch.where(torch.isfinite(hi), hi, 0.0)
+    span = (hi - lo).clamp(min=1e-6)
+    edges = (lo[:, None] + span[:, None] * torch.arange(bins + 1, dtype=torch.float64) / bins).float()
+    edges[:, 0] = torch.nextafter((lo - 1e-3 * span).float(), torch.tensor(-math.inf))  # below every logit
+    hist = torch.zeros(2, c, bins + 2, dtype=torch.float64)  # (positive, negative) x concept x bucket
+    for s in range(0, len(idx), batch_size):
+        logits, y, ann = logits_of(idx[s:s + batch_size])
+        for j in range(c):
+            keep = ann[:, j, None].expand_as(y[:, j])
+            bucket = torch.bucketize(logits[:, j][keep], edges[j])  # edges[i-1] < logit <= edges[i]
+            pos = y[:, j][keep] > 0
+            hist[0, j] += torch.bincount(bucket[pos], minlength=bins + 2).double()
+            hist[1, j] += torch.bincount(bucket[~pos], minlength=bins + 2).double()
+    above = hist.flip(2).cumsum(2).flip(2)[:, :, 1:]  # [., ., t]: pixels with logit > edges[t]
+    truth = hist[0].sum(1, keepdim=True)
+    inter, marked = above[0], above[0] + above[1]
+    iou = torch.where(truth + marked - inter > 0, inter / (truth + marked - inter).clamp(min=1), 0.0)
+    return edges.gather(1, iou.argmax(1, keepdim=True))[:, 0]
+
+
+def _gain_interval(counts: torch.Tensor, config: Net2VecConfig, gain: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bootstrap interval (images resampled with replacement, ``config.bootstrap`` times, seeded) of the gain of the
+    combination over the better baseline, from per-image intersections and unions ``3 x 2 x N x C``; without
+    resamples, the point estimate at both ends."""
+    n = counts.shape[2]
+    if config.bootstrap == 0 or n == 0:
+        return gain.clone(), gain.clone()
+    gen = torch.Generator().manual_seed(config.seed)
+    draws = torch.randint(n, (config.bootstrap, n), generator=gen)
+    weight = torch.zeros(config.bootstrap, n, dtype=torch.float64).scatter_add_(
+        1, draws, torch.ones(config.bootstrap, n, dtype=torch.float64))
+    sums = torch.einsum("rn,abnc->abrc", weight, counts)  # 3 x 2 x R x C
+    iou = torch.where(sums[:, 1] > 0, sums[:, 0] / sums[:, 1].clamp(min=1e-12), 0.0)  # 3 x R x C
+    g = iou[0] - torch.maximum(iou[1], iou[2])
+    a = (1 - config.confidence) / 2
+    return torch.quantile(g, a, dim=0), torch.quantile(g, 1 - a, dim=0)
