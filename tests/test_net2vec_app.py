@@ -8,7 +8,14 @@ import json
 import pytest
 import torch
 
-from convscope.applications.net2vec_report import held_out_indices, run_net2vec, segment, synthetic_dataset
+from convscope.applications.net2vec_report import (
+    held_out_indices,
+    iou_chart,
+    run_net2vec,
+    segment,
+    summary,
+    synthetic_dataset,
+)
 from convscope.errors import ConvscopeError
 from convscope.methods.dissect import DissectConfig, open_dataset
 from convscope.methods.net2vec import Net2VecConfig, net2vec
@@ -37,7 +44,9 @@ def test_files_and_numbers_match_the_method(demo, broden, tmp_path):
     for row, r, j in zip(run.rows, ref.rows, range(3)):
         assert (row["iou_com"], row["best_unit"], row["best_unit_iou"], row["iou_all"], row["units_needed"]) == (
             r.iou_com, r.best_unit, r.best_unit_iou, r.iou_all, r.units_needed)
-        assert row["gain"] == pytest.approx(r.iou_com - r.best_unit_iou)
+        assert row["gain"] == pytest.approx(r.iou_com - max(r.best_unit_iou, r.iou_all))
+        assert (row["beats_baselines"], row["gain_ci"]) == (r.beats_baselines, [r.gain_low, r.gain_high])
+        assert row["beats_baselines"] == (row["gain_ci"][0] > CFG.margin)
         assert row["iou_top1"] == float(ref.iou_by_units[j, 0]) and row["iou_top5"] == float(ref.iou_by_units[j, 4])
         top = ref.weights[j].abs().topk(5).indices.tolist()
         assert [u["unit"] for u in row["top_units"]] == top
@@ -48,7 +57,10 @@ def test_files_and_numbers_match_the_method(demo, broden, tmp_path):
     html = run.html.read_text()
     for row in run.rows:
         assert row["concept"] in html and f"{row['iou_com']:.4g}" in html and f"{row['best_unit_iou']:.4g}" in html
-    assert "segment_red.png" in html and "net2vec_iou.png" in html
+    assert "segment_red.png" in html and "net2vec_iou.png" in html and "beats baselines" in html
+    for row in run.rows:  # the flag is on the page, beside the concept
+        cells = html.split(f"<td>{row['concept']}</td>", 1)[1].split("</tr>", 1)[0]
+        assert ("<td>yes</td>" if row["beats_baselines"] else "<td>NO</td>") in cells
     data = json.loads(run.json.read_text())
     assert data["rows"] == run.rows and data["loss"] == ref.loss and data["val_images"] == ref.val_images
     assert data["pictures"] == {"red": "segment_red.png", "blue": "segment_blue.png"}
@@ -80,3 +92,16 @@ def test_dataset_is_reused_and_errors_name_the_fix(demo, broden, tmp_path):
     with pytest.raises(ConvscopeError, match="no concept 'rouge'"):
         run_net2vec(demo, broden, LAYER, tmp_path / "out", ["rouge"], CFG, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_summary_and_chart_show_the_flag():
+    rows = [{"concept": "ring", "category": "object", "iou_com": 0.19, "best_unit": 69, "best_unit_iou": 0.07,
+             "iou_all": 0.03, "gain": 0.12, "gain_ci": [0.1, 0.14], "beats_baselines": True},
+            {"concept": "brown", "category": "color", "iou_com": 0.09, "best_unit": 3, "best_unit_iou": 0.03,
+             "iou_all": 0.09, "gain": 0.0, "gain_ci": [-0.002, 0.003], "beats_baselines": False}]
+    text = summary(rows, margin=0.01).splitlines()
+    assert text[1].startswith("ring") and text[1].endswith("yes") and "+0.120 [+0.100, +0.140]" in text[1]
+    assert text[2].startswith("brown") and text[2].endswith("NO")
+    assert text[-1].startswith("1 of 2 concepts do not beat") and "0.01" in text[-1]
+    flagged, plain = iou_chart(rows), iou_chart([{**r, "beats_baselines": True} for r in rows])
+    assert flagged.size == plain.size and flagged.tobytes() != plain.tobytes()  # the grey "(trivial)" label

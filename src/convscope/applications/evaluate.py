@@ -1,7 +1,9 @@
 """``convscope evaluate attribution``: score every attribution method on held-out synthetic images.
 
-For ``n`` images of the synthetic concept dataset that training never saw, each method explains the true scene
-class (the dominant object's shape) and is scored by
+For ``n`` images of the synthetic concept dataset that training never saw (by default the ``off-centre`` set of
+:data:`EVAL_SETS`: the dominant object at radii 16-26 % of the side, placed so that the image centre is on it only
+as often as a random pixel is), each method explains the true scene class (the dominant object's shape) and is
+scored by
 
 * the pointing game (Zhang et al. 2016) against the dominant object's pixel mask, tolerance 15 px at 224 px
   scaled to the image size;
@@ -12,8 +14,12 @@ class (the dominant object's shape) and is scored by
   images (lower is better: the map depends on what the network learned).
 
 Two reference maps calibrate the scores: ``random`` (uniform noise) and ``center`` (a Gaussian at the image
-centre, which needs no network at all). Writes ``evaluation.md`` (the table), ``evaluation.json``,
-``evaluation.html`` with example overlays and a randomization cascade, into ``out/``.
+centre, which needs no network at all); the pointing game's chance level is the share of the image within the
+tolerance of the object (:func:`~convscope.data.groundtruth.pointing_chance`). Every figure comes with a 95 %
+bootstrap interval over images (seeded; the same resamples for every method, so differences are paired), and each
+method is flagged on the metrics where it is not better than the better reference map beyond that interval.
+Writes ``evaluation.md`` (the table), ``evaluation.json``, ``evaluation.html`` with example overlays and a
+randomization cascade, into ``out/``.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from ..core.io import atomic_write_text
 from ..core.progress import progress_bar
 from ..core.render import grid, overlay, save_png, to_display
 from ..core.report import HtmlReport
-from ..data.groundtruth import mask_iou, pointing_game
+from ..data.groundtruth import mask_iou, pointing_chance, pointing_game
 from ..data.synthetic import HELD_OUT_START, SynthConfig, render_arrays
 from ..errors import ConvscopeError
 from ..methods.cam import default_cam_layer
@@ -110,6 +116,67 @@ def method_cost(name: str, size: int) -> float:
     return {"smoothgrad": 49.0, "guided_gradcam": 6.0, "random": 0.1, "center": 0.1}.get(name, 3.0)
 
 
+POINTING_TOLERANCE = 15 / 224
+"""The pointing game's tolerance as a fraction of the image side (Zhang et al.: 15 px at 224 px)."""
+
+EVAL_SETS: dict[str, SynthConfig] = {
+    "off-centre": SynthConfig(target_radius=(0.16, 0.26), distractor_radius=(0.05, 0.10),
+                              centre_at_chance=POINTING_TOLERANCE),
+    "centred": SynthConfig(),
+}
+"""Evaluation sets: ``off-centre`` (default) draws the dominant object at several scales and places it so that the
+image centre lies within the pointing tolerance of it as often as a uniformly random pixel does (a centre prior
+scores chance); ``centred`` is the training distribution (large objects, centre near the object: a centred Gaussian
+points at it 85 % of the time)."""
+
+METRICS: tuple[tuple[str, int], ...] = (("pointing_game", 1), ("mask_iou", 1), ("deletion_auc", -1),
+                                        ("insertion_auc", 1), ("spearman_top_layer", -1), ("spearman_all_layers", -1))
+"""The scored figures and their direction (1: higher is better, -1: lower is better)."""
+
+BASELINES = ("random", "center")
+"""The reference maps a method must beat."""
+
+
+def bootstrap_means(values: torch.Tensor, resamples: int = 1000, seed: int = 0) -> torch.Tensor:
+    """Means of ``values`` (``N x M``: N images, M methods) over ``resamples`` bootstrap resamples of the images
+    (``resamples x M``), the same resampled images for every column; NaN entries (e.g. a constant map's rank
+    correlation) are left out of each mean."""
+    n = values.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    draws = torch.randint(n, (resamples, n), generator=gen)
+    weight = torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(
+        1, draws, torch.ones(resamples, n, dtype=torch.float64))
+    v = values.double()
+    ok = ~torch.isnan(v)
+    return (weight @ torch.where(ok, v, 0.0)) / (weight @ ok.double()).clamp(min=1e-12)
+
+
+def intervals(per_image: dict[str, dict[str, torch.Tensor]], resamples: int = 1000, seed: int = 0,
+              confidence: float = 0.95) -> dict[str, dict]:
+    """Per method: for every metric of :data:`METRICS`, the ``confidence`` bootstrap interval of its mean
+    (``<metric>_ci``), and ``not_beyond_baseline``: the metrics on which it is not better than the better of the
+    reference maps (:data:`BASELINES`, by their mean) beyond the interval of the paired difference (empty for
+    the reference maps themselves, None for all when no reference map was scored)."""
+    names = list(per_image)
+    a = (1 - confidence) / 2
+    out: dict[str, dict] = {m: {"not_beyond_baseline": [] if any(b in names for b in BASELINES) else None}
+                            for m in names}
+    for j, (metric, sign) in enumerate(METRICS):
+        values = torch.stack([per_image[m][metric].double().cpu() for m in names], 1)  # N x M
+        means = bootstrap_means(values, resamples, seed + j)  # R x M
+        lo, hi = torch.quantile(means, a, dim=0), torch.quantile(means, 1 - a, dim=0)
+        refs = [i for i, m in enumerate(names) if m in BASELINES]
+        best = max(refs, key=lambda i: sign * float(values[:, i].nanmean())) if refs else None
+        for i, m in enumerate(names):
+            out[m][f"{metric}_ci"] = [float(lo[i]), float(hi[i])]
+            if best is None or m in BASELINES:
+                continue
+            diff = sign * (means[:, i] - means[:, best])
+            if not float(torch.quantile(diff, a)) > 0:
+                out[m]["not_beyond_baseline"].append(metric)
+    return out
+
+
 @dataclass(frozen=True)
 class Evaluation:
     """One row per method, the table as Markdown, and the files written."""
@@ -121,9 +188,14 @@ class Evaluation:
 
 
 def synthetic_eval_set(n: int, size: int, seed: int = 0, start: int = HELD_OUT_START, workers: int = 2,
-                       progress: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``n`` held-out synthetic images (uint8 ``N x 3 x H x W``), their scene classes and dominant-object masks."""
-    arrays = render_arrays(start, n, size, seed, workers=workers, masks=True, progress=progress is not False)
+                       progress: bool | None = None, eval_set: str = "off-centre"
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``n`` held-out synthetic images (uint8 ``N x 3 x H x W``) of ``eval_set`` (:data:`EVAL_SETS`), their scene
+    classes and dominant-object masks."""
+    if eval_set not in EVAL_SETS:
+        raise ConvscopeError(f"unknown evaluation set {eval_set!r}; choose from {', '.join(EVAL_SETS)}")
+    arrays = render_arrays(start, n, size, seed, workers=workers, masks=True, progress=progress is not False,
+                           config=EVAL_SETS[eval_set])
     images = torch.from_numpy(arrays.images).permute(0, 3, 1, 2).contiguous()
     return images, torch.from_numpy(arrays.scenes), torch.from_numpy(arrays.target_masks)
 
@@ -146,9 +218,11 @@ def channels_last_inputs(model: nn.Module) -> Iterator[None]:
 
 def evaluate_attribution(model: nn.Module, out: Path, n: int = 200, methods: list[str] | None = None,
                          layer: str = "", n_curve: int = 50, n_sanity: int = 8, steps: int = 32,
-                         batch_size: int = 50, progress: bool | None = True) -> Evaluation:
+                         batch_size: int = 50, progress: bool | None = True, eval_set: str = "off-centre",
+                         resamples: int = 1000, seed: int = 0) -> Evaluation:
     """Score ``methods`` (default: all of :data:`METHODS`) on ``model``, which must classify the 8 synthetic scene
-    classes (``demo_net``, or a network trained with ``convscope train-demo``).
+    classes (``demo_net``, or a network trained with ``convscope train-demo``), on ``n`` images of ``eval_set``
+    (:data:`EVAL_SETS`), with ``resamples`` bootstrap resamples (seeded by ``seed``) for the 95 % intervals.
 
     Three stages, each with a progress bar and an ETA (``progress``: ``True``, ``False``, or ``None``: bars that
     appear once a stage has run 2 s): every method's maps (``batch_size`` images per call), then the deletion /
@@ -156,6 +230,10 @@ def evaluate_attribution(model: nn.Module, out: Path, n: int = 200, methods: lis
     cascade (top layer and all layers; every stage for Grad-CAM, for the figure).
     """
     names = list(METHODS) if methods is None else methods
+    if eval_set not in EVAL_SETS:
+        raise ConvscopeError(f"unknown evaluation set {eval_set!r}; choose from {', '.join(EVAL_SETS)}")
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 1:
+        raise ConvscopeError(f"evaluate_attribution(resamples={resamples!r}): use a positive int, e.g. 1000")
     unknown = [m for m in names if m not in METHODS]
     if unknown:
         raise ConvscopeError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
@@ -167,7 +245,7 @@ def evaluate_attribution(model: nn.Module, out: Path, n: int = 200, methods: lis
     pre = getattr(model, "preprocess", None)
     size = (pre.input_size or (112, 112))[0] if pre is not None else 112
     device = next(model.parameters()).device
-    images, labels, masks = synthetic_eval_set(n, size, progress=progress)
+    images, labels, masks = synthetic_eval_set(n, size, progress=progress, eval_set=eval_set)
     x = images.float().div(255)
     x = (pre.normalize(x) if pre is not None else x).to(device)
     labels = labels.to(device)
@@ -197,25 +275,31 @@ def evaluate_attribution(model: nn.Module, out: Path, n: int = 200, methods: lis
         cascade = (model_randomization(model, x[:s], explainers["gradcam"], progress=progress,
                                        desc="randomization (gradcam cascade)")
                    if "gradcam" in names else None)
-    tol = 15 * size / 224
+    tol = POINTING_TOLERANCE * size
+    per_image = {name: {"pointing_game": pointing_game(maps[name], masks, tolerance_px=tol).float(),
+                        "mask_iou": mask_iou(maps[name], masks), "deletion_auc": curves[name].deletion_auc,
+                        "insertion_auc": curves[name].insertion_auc,
+                        "spearman_top_layer": rand[name].spearman_abs[0],
+                        "spearman_all_layers": rand[name].spearman_abs[-1]} for name in names}
+    ci = intervals(per_image, resamples, seed)
+    chance = pointing_chance(masks, tol).double()
+    chance_ci = torch.quantile(bootstrap_means(chance[:, None], resamples, seed)[:, 0],
+                               torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     rows = []
     for name in names:
-        hits = pointing_game(maps[name], masks, tolerance_px=tol).float().mean()
-        iou = mask_iou(maps[name], masks).mean()
-        rows.append({"method": name, "pointing_game": float(hits), "mask_iou": float(iou),
-                     "deletion_auc": float(curves[name].deletion_auc.mean()),
-                     "insertion_auc": float(curves[name].insertion_auc.mean()),
-                     "spearman_top_layer": float(rand[name].spearman_abs[0].nanmean()),
-                     "spearman_all_layers": float(rand[name].spearman_abs[-1].nanmean()),
-                     "ms_per_image": 1000 * seconds[name]})
+        row = {"method": name, **{m: float(per_image[name][m].double().nanmean()) for m, _ in METRICS},
+               "ms_per_image": 1000 * seconds[name]}
+        rows.append({**row, **ci[name]})
     examples: dict = {m: maps[m][:6] for m in names}
     if cascade is not None:
         examples["_cascade"] = (cascade.layers, [mp[0] for mp in cascade.maps])
-    md = _markdown(rows, n, k, s, acc, layer, getattr(model, "zoo_name", ""))
+    pointing = {"chance": float(chance.mean()), "chance_ci": chance_ci, "tolerance_px": tol}
+    md = _markdown(rows, n, k, s, acc, layer, getattr(model, "zoo_name", ""), eval_set, pointing)
     out = Path(out)
     files = [atomic_write_text(out / "evaluation.md", md),
              atomic_write_text(out / "evaluation.json", json.dumps({
-                 "n": n, "n_curve": k, "n_sanity": s, "steps": steps, "layer": layer,
+                 "n": n, "n_curve": k, "n_sanity": s, "steps": steps, "layer": layer, "eval_set": eval_set,
+                 "resamples": resamples, "seed": seed, "pointing_game": pointing,
                  "accuracy": acc, "rows": rows}, indent=1))]
     files += _html(out, rows, md, examples, images[:6].float().div(255), masks[:6], layer)
     return Evaluation(rows, md, acc, files)
@@ -227,18 +311,44 @@ def _explainer(name: str, labels: torch.Tensor, layer: str, progress: bool | Non
     return lambda m, xx: fn(m, xx, labels, layer, progress)
 
 
-def _markdown(rows: list[dict], n: int, n_curve: int, n_sanity: int, acc: float, layer: str, model: str) -> str:
-    head = (f"Attribution methods on {n} held-out synthetic images ({model or 'model'}, top-1 accuracy {acc:.1%}); "
-            f"target: the true scene class; CAM layer `{layer}`. Pointing game and mask IoU against the dominant "
-            f"object's mask; deletion (lower is better) / insertion (higher is better) AUC of the class probability "
-            f"on {n_curve} images; Spearman rank correlation of |map| with the original after randomizing the top "
-            f"layer / all layers (Adebayo et al. 2018; lower is better) on {n_sanity} images.\n\n")
-    lines = ["| method | pointing game | mask IoU | deletion AUC | insertion AUC | rand. top layer | rand. all "
-             "| ms / image |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['method']} | {r['pointing_game']:.3f} | {r['mask_iou']:.3f} | {r['deletion_auc']:.3f} | "
-                     f"{r['insertion_auc']:.3f} | {r['spearman_top_layer']:.2f} | {r['spearman_all_layers']:.2f} | "
-                     f"{r['ms_per_image']:.1f} |")
+def _cell(r: dict, key: str, digits: int) -> str:
+    """A figure with its interval: ``0.690 [0.62, 0.75]``."""
+    lo, hi = r.get(f"{key}_ci", (float("nan"), float("nan")))
+    return f"{r[key]:.{digits}f} [{lo:.{digits - 1}f}, {hi:.{digits - 1}f}]"
+
+
+SHORT = {"pointing_game": "pointing", "mask_iou": "IoU", "deletion_auc": "deletion", "insertion_auc": "insertion",
+         "spearman_top_layer": "rand. top", "spearman_all_layers": "rand. all"}
+
+HEADER = ["method", "pointing game", "mask IoU", "deletion AUC", "insertion AUC", "rand. top layer", "rand. all",
+          "ms / image", "not beyond the references"]
+
+
+def _cells(r: dict) -> list[str]:
+    flag = r.get("not_beyond_baseline")
+    flagged = ("(reference)" if r["method"] in BASELINES else "-" if flag is None
+               else ", ".join(SHORT[m] for m in flag) or "none")
+    return [r["method"], _cell(r, "pointing_game", 3), _cell(r, "mask_iou", 3), _cell(r, "deletion_auc", 3),
+            _cell(r, "insertion_auc", 3), _cell(r, "spearman_top_layer", 2), _cell(r, "spearman_all_layers", 2),
+            f"{r['ms_per_image']:.1f}", flagged]
+
+
+def _markdown(rows: list[dict], n: int, n_curve: int, n_sanity: int, acc: float, layer: str, model: str,
+              eval_set: str = "off-centre", pointing: dict | None = None) -> str:
+    pointing = pointing or {}
+    chance = (f" Pointing-game chance (a random point, {pointing['tolerance_px']:.1f} px tolerance): "
+              f"{pointing['chance']:.3f} [{pointing['chance_ci'][0]:.2f}, {pointing['chance_ci'][1]:.2f}]."
+              if pointing else "")
+    head = (f"Attribution methods on {n} held-out synthetic images of the `{eval_set}` set ({model or 'model'}, "
+            f"top-1 accuracy {acc:.1%}); target: the true scene class; CAM layer `{layer}`. Pointing game and mask "
+            f"IoU against the dominant object's mask; deletion (lower is better) / insertion (higher is better) AUC "
+            f"of the class probability on {n_curve} images; Spearman rank correlation of |map| with the original "
+            f"after randomizing the top layer / all layers (Adebayo et al. 2018; lower is better) on {n_sanity} "
+            f"images. Brackets: 95 % bootstrap intervals over images; last column: the figures on which the method "
+            f"is not better than the better of `random` / `center` beyond the interval of the paired difference."
+            f"{chance}\n\n")
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
     return head + "\n".join(lines) + "\n"
 
 
@@ -246,11 +356,7 @@ def _html(out: Path, rows: list[dict], md: str, examples: dict, pixels: torch.Te
           layer: str) -> list[Path]:
     rep = HtmlReport("convscope evaluate attribution")
     rep.text(md.split("\n\n")[0])
-    rep.table([[r["method"], f"{r['pointing_game']:.3f}", f"{r['mask_iou']:.3f}", f"{r['deletion_auc']:.3f}",
-                f"{r['insertion_auc']:.3f}", f"{r['spearman_top_layer']:.2f}", f"{r['spearman_all_layers']:.2f}",
-                f"{r['ms_per_image']:.1f}"] for r in rows],
-              header=["method", "pointing game", "mask IoU", "deletion AUC", "insertion AUC", "rand. top layer",
-                      "rand. all", "ms / image"])
+    rep.table([_cells(r) for r in rows], header=HEADER)
     methods = [m for m in examples if not m.startswith("_")]
     tiles = []
     for i in range(pixels.shape[0]):

@@ -5,13 +5,18 @@
 :func:`synthetic_dataset`) and writes, atomically, into ``out/``:
 
 * ``net2vec_iou.png``: per concept, the held-out IoU of the learned combination against the best single unit's
-  (NetDissect's IoU), with the trivial "every annotated pixel" mask's IoU as a tick;
+  (NetDissect's IoU), with the trivial "every annotated pixel" mask's IoU as a tick; concepts where the combination
+  does not beat both baselines beyond the margin are marked ``(trivial)`` in grey;
 * ``segment_<concept>.png`` for the concepts where the combination adds most (or the ones asked for): the
   held-out images with the most pixels of the concept, each as image | ground truth | the combination's mask
   (``w . I(x) + b > 0``) | the best unit's mask (``A_u > T_u``), captioned with the image's IoU;
 * ``net2vec.html`` (settings, chart, a table row per concept: IoU of the combination, of the best unit, of the top-1
-  and top-5 weighted units alone, of the trivial mask, units needed for ``coverage`` of the combination's IoU, the
-  largest weights; then the segmentations; PNGs linked, or embedded when ``self_contained``) and ``net2vec.json``.
+  and top-5 weighted units alone, of the trivial mask, the gain over the better baseline with its bootstrap
+  interval and whether it beats both, the share of pixels the combination marks, units needed for ``coverage`` of
+  the combination's IoU, the largest weights; then the segmentations; PNGs linked, or embedded when
+  ``self_contained``) and ``net2vec.json``.
+
+:func:`summary` is the plain-text table the CLI prints.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from ..errors import ConvscopeError
 from ..methods.dissect import DissectConfig, batch_labels, concept_space, open_dataset
 from ..methods.net2vec import Net2VecConfig, Net2VecResult, net2vec
 
-__all__ = ["ConceptMasks", "Net2VecRun", "held_out_indices", "iou_chart", "run_net2vec", "segment",
+__all__ = ["ConceptMasks", "Net2VecRun", "held_out_indices", "iou_chart", "run_net2vec", "segment", "summary",
            "synthetic_dataset"]
 
 COMBINATION_COLOR = (67, 147, 195)
@@ -61,7 +66,7 @@ class Net2VecRun:
 @dataclass(frozen=True)
 class ConceptMasks:
     """Masks of one concept on some images at the label resolution: ``images`` (``N x 3 x H x W`` RGB in [0, 1]),
-    ``truth``, ``combination`` (Net2Vec's ``M_c > 0.5``), ``unit`` (the best single unit's ``A_u > T_u``), each
+    ``truth``, ``combination`` (Net2Vec's ``w . I(x) + b > tau``), ``unit`` (the best single unit's ``A_u > T_u``), each
     ``N x h x w`` bool, ``annotated`` (``N``: the image has labels of the concept's category)."""
 
     images: torch.Tensor
@@ -135,7 +140,8 @@ def segment(model: nn.Module, dataset: BrodenDataset | str | os.PathLike[str], r
         else:
             x = up / t.float().clamp(min=1e-6)[None, :, None, None]
         logit = torch.einsum("nkp,k->np", x.flatten(2), result.weights[j])
-        comb.append((logit + result.bias[j] > 0).view(-1, *lab.size))
+        tau = float(result.decision[j]) if result.decision is not None else 0.0
+        comb.append((logit + result.bias[j] > tau).view(-1, *lab.size))
         single.append(up[:, unit].double() > t[unit])
         truth.append((lab.cols == col).any(1).view(-1, *lab.size) | (lab.image_level[:, col] > 0)[:, None, None])
         annotated.append(lab.annotated[:, col].bool())
@@ -159,9 +165,10 @@ def _highlight(img: torch.Tensor, mask: torch.Tensor, color: tuple[int, int, int
 
 def iou_chart(rows: Sequence[dict], title: str = "held-out IoU") -> Image.Image:
     """Horizontal bars per concept: the combination's IoU (blue), the best single unit's (red), a black tick at the
-    trivial mask's IoU (``iou_com``, ``best_unit_iou``, ``iou_all`` of each row)."""
+    trivial mask's IoU (``iou_com``, ``best_unit_iou``, ``iou_all`` of each row); a row whose ``beats_baselines`` is
+    false has its name in grey with ``(trivial)``."""
     font, small = load_font(13), load_font(11)
-    name_w = max([text_size(small, r["concept"])[0] for r in rows] + [40]) + 12
+    name_w = max([text_size(small, r["concept"] + " (trivial)")[0] for r in rows] + [40]) + 12
     bar_w, bar_h, gap, top = 360, 8, 6, 44
     vmax = max([0.05] + [max(r["iou_com"], r["best_unit_iou"], r["iou_all"]) for r in rows])
     width = name_w + bar_w + 60
@@ -178,7 +185,9 @@ def iou_chart(rows: Sequence[dict], title: str = "held-out IoU") -> Image.Image:
     scale = bar_w / vmax
     for i, r in enumerate(rows):
         y = top + i * (2 * bar_h + gap)
-        d.text((8, y + bar_h - 6), r["concept"], fill=(0, 0, 0), font=small)
+        beats = r.get("beats_baselines", True)
+        d.text((8, y + bar_h - 6), r["concept"] + ("" if beats else " (trivial)"),
+               fill=(0, 0, 0) if beats else (150, 150, 150), font=small)
         for k, (key, color) in enumerate((("iou_com", COMBINATION_COLOR), ("best_unit_iou", UNIT_COLOR))):
             d.rectangle([name_w, y + k * bar_h, name_w + max(1, round(r[key] * scale)), y + (k + 1) * bar_h - 1],
                         fill=color)
@@ -191,6 +200,23 @@ def iou_chart(rows: Sequence[dict], title: str = "held-out IoU") -> Image.Image:
     for v in (0.0, vmax / 2, vmax):
         d.text((name_w + round(v * scale) - 8, y + 3), f"{v:.2f}", fill=(0, 0, 0), font=small)
     return img
+
+
+def summary(rows: Sequence[dict], margin: float = 0.0) -> str:
+    """The per-concept table the CLI prints: IoU of the combination, the best unit, the all-pixels mask, the gain
+    over the better baseline with its interval, and ``beats`` (``yes`` / ``NO``); a last line counts the concepts
+    that do not beat the baselines."""
+    w = max([len(r["concept"]) for r in rows] + [7])
+    lines = [f"{'concept':<{w}}  IoU combination  best unit (IoU)  all pixels  gain [95% CI]              beats"]
+    for r in rows:
+        lo, hi = r["gain_ci"]
+        lines.append(f"{r['concept']:<{w}}  {r['iou_com']:15.3f}  {r['best_unit']:>5} ({r['best_unit_iou']:.3f})  "
+                     f"{r['iou_all']:10.3f}  {r['gain']:+.3f} [{lo:+.3f}, {hi:+.3f}]  "
+                     f"{'yes' if r['beats_baselines'] else 'NO'}")
+    trivial = sum(not r["beats_baselines"] for r in rows)
+    lines.append(f"{trivial} of {len(rows)} concepts do not beat both trivial baselines (best single unit, every "
+                 f"annotated pixel) by more than {margin:g} IoU at the interval's lower end")
+    return "\n".join(lines)
 
 
 def _slug(text: str) -> str:
@@ -224,9 +250,11 @@ def run_net2vec(model: nn.Module, dataset_path: BrodenDataset | str | os.PathLik
         w = res.weights[j]
         order = w.abs().argsort(descending=True)[:top_units].tolist()
         rows.append({"concept": r.concept, "category": r.category, "iou_com": r.iou_com, "best_unit": r.best_unit,
-                     "best_unit_iou": r.best_unit_iou, "gain": r.iou_com - r.best_unit_iou,
+                     "best_unit_iou": r.best_unit_iou, "iou_all": r.iou_all, "gain": r.gain,
+                     "gain_ci": [r.gain_low, r.gain_high], "beats_baselines": r.beats_baselines,
+                     "positive_fraction": r.positive_fraction, "threshold": r.threshold,
                      "iou_top1": float(res.iou_by_units[j, 0]), "iou_top5": float(res.iou_by_units[j, min(5, k) - 1]),
-                     "iou_all": r.iou_all, "units_needed": r.units_needed, "bias": float(res.bias[j]),
+                     "units_needed": r.units_needed, "bias": float(res.bias[j]),
                      "top_units": [{"unit": u, "weight": float(w[u])} for u in order]})
     out = Path(out)
     model_name = getattr(model, "zoo_name", None) or type(model).__name__
@@ -234,8 +262,7 @@ def run_net2vec(model: nn.Module, dataset_path: BrodenDataset | str | os.PathLik
                      out / "net2vec_iou.png")
 
     chosen = list(dict.fromkeys(concepts))[:pictures] if concepts else [  # where the combination adds most
-        r["concept"] for r in sorted(rows, key=lambda r: -(r["iou_com"] - max(r["best_unit_iou"], r["iou_all"])))
-        if r["iou_com"] > 0][:pictures]
+        r["concept"] for r in sorted(rows, key=lambda r: -r["gain"]) if r["iou_com"] > 0][:pictures]
     picture_paths: dict[str, Path] = {}
     if chosen:
         ds = open_dataset(dataset_path, model, _config(config))
@@ -261,12 +288,21 @@ def run_net2vec(model: nn.Module, dataset_path: BrodenDataset | str | os.PathLik
 
     rep = HtmlReport(f"convscope net2vec: {model_name} {res.layer}", self_contained=self_contained)
     inputs = "binarized at" if config.inputs == "binary" else "divided by"
+    decision = ("sigmoid(w . I(x) + b) > 0.5" if config.decision == "paper" else
+                "w . I(x) + b > tau, tau the threshold of best IoU on the training images")
     rep.text("Net2Vec (Fong & Vedaldi 2018) learns, for every concept, weights over all units of the layer and "
-             "segments with sigmoid(w . I(x) + b) > 0.5, I(x) the units' maps upsampled to the label resolution and "
+             f"segments with {decision}, I(x) the units' maps upsampled to the label resolution and "
              f"{inputs} their NetDissect thresholds (the top {config.quantile:g} of activations). IoU on held-out "
              "images: the combination, the best single unit (NetDissect's IoU), the top-1 / top-5 weighted units "
-             "alone (no retraining), and the trivial mask of every annotated pixel; units needed: the fewest top "
+             "alone (no retraining), and the trivial mask of every annotated pixel; gain: the combination minus the "
+             f"better of the two baselines, with its {config.confidence:.0%} bootstrap interval over held-out images; "
+             f"a concept beats the baselines when that interval's lower end exceeds {config.margin:g}; marked: the "
+             "share of annotated pixels the combination marks; units needed: the fewest top "
              f"weights reaching {config.coverage:.0%} of the combination's IoU.")
+    trivial = [r["concept"] for r in rows if not r["beats_baselines"]]
+    if trivial:
+        rep.text(f"{len(trivial)} of {len(rows)} concepts do not beat the trivial baselines (beyond the margin): "
+                 f"{', '.join(trivial)}. Their IoU says nothing about how the layer encodes them.")
     seg = config.seg_size if config.seg_size is not None else "the dataset's"
     source = str(Path(getattr(dataset_path, "root", dataset_path)))
     loss = f"{res.loss[0]:.4g} / {res.loss[-1]:.4g}" if res.loss else ""
@@ -274,15 +310,20 @@ def run_net2vec(model: nn.Module, dataset_path: BrodenDataset | str | os.PathLik
                ["training images", res.train_images], ["held-out images", res.val_images], ["concepts", len(rows)],
                ["quantile", config.quantile], ["inputs", config.inputs], ["label resolution", seg],
                ["epochs", config.epochs], ["lr / momentum", f"{config.lr} / {config.momentum}"],
+               ["loss", "class-balanced (Eq. 21)" if config.balance else "plain cross-entropy"],
+               ["decision", config.decision], ["margin", config.margin],
                ["loss (first / last epoch)", loss]], header=["setting", "value"])
     rep.image(chart, caption=f"{chart.name}: held-out IoU per concept; bars: combination (blue), best single unit "
                              "(red); tick: every annotated pixel")
     rep.heading("Per concept")
-    rep.table([[r["concept"], r["category"], r["iou_com"], r["best_unit"], r["best_unit_iou"], r["gain"],
-                r["iou_top1"], r["iou_top5"], r["iou_all"], r["units_needed"],
+    rep.table([[r["concept"], r["category"], r["iou_com"], r["best_unit"], r["best_unit_iou"], r["iou_all"],
+                f"{r['gain']:+.3f} [{r['gain_ci'][0]:+.3f}, {r['gain_ci'][1]:+.3f}]",
+                "yes" if r["beats_baselines"] else "NO", f"{r['positive_fraction']:.0%}",
+                r["iou_top1"], r["iou_top5"], r["units_needed"],
                 ", ".join(f"{u['unit']}: {u['weight']:+.2f}" for u in r["top_units"])] for r in rows],
-              header=["concept", "category", "IoU combination", "best unit", "IoU best unit", "gain",
-                      "IoU top-1 weight", "IoU top-5 weights", "IoU all pixels", "units needed", "largest weights"])
+              header=["concept", "category", "IoU combination", "best unit", "IoU best unit", "IoU all pixels",
+                      "gain over baselines [CI]", "beats baselines", "marked", "IoU top-1 weight",
+                      "IoU top-5 weights", "units needed", "largest weights"])
     if picture_paths:
         rep.heading("Segmentations on held-out images")
         rep.text("Per concept, the held-out images with the most pixels of it: the image (its dataset index), the "
