@@ -286,7 +286,9 @@ def test_fooling_reaches_the_confidence_on_demo_net(demo):
     first = int(r.steps.argmin())
     alone = fooling_image(demo, [targets[first]], max_steps=300, seed=first, progress=False)
     assert alone.steps.tolist() == [int(r.steps[first])]
-    assert torch.allclose(alone.x[0], r.x[first], atol=1e-5)
+    # float32 convolutions round differently at batch 1 and batch 2 on some CPUs (AVX2 vs AVX-512 kernels), and
+    # Adam's normalized steps amplify that to ~1e-3 after a few steps: equal up to that, not bit for bit
+    assert torch.allclose(alone.x[0], r.x[first], atol=5e-3)
     assert_untouched(demo, before)
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from convscope.core.layers import named_layers
 from convscope.core.probe import probe
-from convscope.errors import LayerNotFoundError
+from convscope.errors import ConvscopeError, LayerNotFoundError
 
 from .helpers import assert_untouched, snapshot
 
@@ -255,3 +255,78 @@ def test_probe_leaves_parameters_bitwise_identical(demo):
         p.gradients(out.sum(), ["features.conv5"])
     for k, v in demo.state_dict().items():
         assert torch.equal(v, ref[k]), k
+
+
+# --------------------------------------------------------------------------- shared modules: one name per call
+
+
+class _TwiceReLU(torch.nn.Module):
+    """conv -> relu -> conv -> the same relu: ``relu`` runs twice per forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.relu = torch.nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.conv2(self.relu(self.conv1(x)))).mean((2, 3))
+
+
+def test_each_call_of_a_shared_module_has_its_own_name():
+    from convscope.core.stream import layer_features
+
+    model = _TwiceReLU()
+    x = torch.randn(2, 3, 8, 8)
+    feats = layer_features(model, x, ["relu:0", "relu:1"])
+    with torch.no_grad():
+        first = torch.relu(model.conv1(x))
+        second = torch.relu(model.conv2(first))
+    assert torch.equal(feats["relu:0"], first) and torch.equal(feats["relu:1"], second)
+    with pytest.raises(ConvscopeError, match=r"more than once.*relu:0 or relu:1"):
+        layer_features(model, x, ["relu"])
+    with pytest.raises(ConvscopeError, match="did not run"):
+        layer_features(model, x, ["relu:2"])
+    assert model.relu.inplace  # restored
+
+
+def test_gradients_at_one_call_of_a_shared_module():
+    model = _TwiceReLU().double()
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    with probe(model, ["relu:0"]) as p:
+        out = model(x)
+        g = p.gradients(out[:, 1].sum(), ["relu:0"])["relu:0"]
+        a = p.activations["relu:0"]
+    # by hand: d out_1 / d relu0 = conv2^T (1[conv2(a) > 0] * 1/(H W)) for channel 1
+    a2 = a.detach().clone().requires_grad_(True)
+    torch.relu(model.conv2(a2))[:, 1].mean((1, 2)).sum().backward()
+    assert torch.allclose(g, a2.grad, atol=1e-12)
+
+
+def test_a_detached_capture_survives_a_later_in_place_add():
+    class InPlaceResidual(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = torch.nn.BatchNorm2d(3).eval()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.bn(x)
+            out += x  # torchvision's residual add, in place on the captured output
+            return out
+
+    model = InPlaceResidual()
+    x = torch.randn(1, 3, 4, 4)
+    with torch.no_grad(), probe(model, "bn", detach=True) as p:
+        model(x)
+        captured = p.activations["bn"]
+    with torch.no_grad():
+        assert torch.allclose(captured, model.bn(x))
+
+
+def test_list_layers_lists_each_call_of_a_shared_module():
+    from convscope.core.model import list_layers
+
+    rows = {r.name: r for r in list_layers(_TwiceReLU(), input_size=(8, 8))}
+    assert rows["relu"].calls == 2 and rows["relu:0"].calls == 1 and rows["relu:1"].output_shape == (4, 8, 8)
+    assert list(rows).index("relu:0") == list(rows).index("relu") + 1

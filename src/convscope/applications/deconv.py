@@ -36,9 +36,10 @@ from ..core.model import input_denormalizer, input_normalizer, lenient_preproces
 from ..core.progress import progress_bar
 from ..core.render import grid, save_png, to_display, to_pil
 from ..core.report import HtmlReport
+from ..core.stream import layer_features
 from ..data.synthetic import HELD_OUT_START, render_arrays
 from ..errors import ConvscopeError
-from ..methods.deconvnet import deconvnet, trace_calls
+from ..methods.deconvnet import deconvnet
 from ..methods.filters import first_conv, first_layer_filters
 from ..methods.topk import TopKActivations, dead_units, render_top_k, top_k_activations, top_k_patches
 from ..models.zoo import load_model, load_weights
@@ -160,8 +161,7 @@ def parse_units(spec: str) -> list[int]:
 
 def layer_units(model: nn.Module, layer: str, x: torch.Tensor) -> int:
     """How many units (channels) ``layer`` has, from one forward pass of ``x[:1]``."""
-    _, _, acts = trace_calls(model, x[:1], [layer], stop_after=layer)
-    act = acts.get(layer)
+    act = layer_features(model, x[:1], layer)[layer]
     if not isinstance(act, torch.Tensor) or act.dim() not in (2, 4):
         shape = tuple(act.shape) if isinstance(act, torch.Tensor) else "nothing"
         raise ConvscopeError(f"layer {layer!r} outputs {shape}; pick a convolutional (N x C x H x W) or linear layer "

@@ -34,10 +34,10 @@ from ..core.io import atomic_write_text
 from ..core.model import input_normalizer
 from ..core.render import fit_text, grid, label_strip, load_font, save_png, text_size
 from ..core.report import HtmlReport
+from ..core.stream import stream_layers
 from ..data.broden import BrodenDataset
 from ..errors import ConvscopeError
 from ..methods.dissect import Comparison, DissectConfig, LayerDissection, compare, dissect, float32_below
-from ..methods.topk import stream_layers
 
 __all__ = ["CheckpointComparison", "DissectReport", "category_chart", "comparison_chart", "dissect_checkpoints",
            "dissect_report", "unit_images"]

@@ -80,8 +80,7 @@ def _dataset_stats(model: nn.Module, data: ImageSet, layers: list[str], batch_si
         v = v.detach().float().cpu().amax(0)
         d[what] = v if what not in d else torch.maximum(d[what], v)
 
-    with torch.no_grad(), probe(model, names, detach=True,
-                                stop_after=None if LOGITS in layers else _deepest(model, names, data)) as p:
+    with torch.no_grad(), probe(model, names, detach=True, stop_early=LOGITS not in layers) as p:
         for x in data.batches(batch_size):
             p.clear()
             out = p.forward(model, x)
@@ -95,12 +94,6 @@ def _dataset_stats(model: nn.Module, data: ImageSet, layers: list[str], batch_si
                 fold(LOGITS, "max", logits)
                 fold(LOGITS, "prob", F.softmax(logits.float(), 1))
     return stats
-
-
-def _deepest(model: nn.Module, names: list[str], data: ImageSet) -> str | None:
-    from ..core.optim import last_layer
-
-    return last_layer(model, names, data.load([0])) if names else None
 
 
 def _probabilities(model: nn.Module, rgb: torch.Tensor, classes: list[int], resize: bool = True,

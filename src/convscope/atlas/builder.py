@@ -54,8 +54,8 @@ from ..core.layers import resolve_layers
 from ..core.model import model_hash
 from ..core.progress import progress_bar
 from ..core.render import to_pil
+from ..core.stream import layer_features
 from ..errors import ConvscopeError
-from ..methods.deconvnet import trace_calls
 from ..methods.dissect import DissectConfig, dissect
 from ..methods.maximize import PRESETS, activation_maximization
 from ..methods.topk import (
@@ -417,7 +417,7 @@ def build_atlas(
     if not names:
         raise ConvscopeError("layers: give at least one layer name (`convscope layers MODEL` lists them)")
     data = default_images(net, images, synthetic, progress)
-    _, _, acts = trace_calls(net, data.load([0]), names)
+    acts = layer_features(net, data.load([0]), names)
     order = {n: i for i, (n, _) in enumerate(net.named_modules())}
     records = []
     for n in names:

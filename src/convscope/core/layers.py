@@ -16,6 +16,18 @@ def named_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: mod for name, mod in model.named_modules() if name}
 
 
+CALL_SEPARATOR = ":"
+"""``"name:k"`` addresses the k-th call (from 0) of a module that runs several times in one forward pass."""
+
+
+def split_call(name: str) -> tuple[str, int | None]:
+    """``"layer1.0.relu:1"`` -> ``("layer1.0.relu", 1)``; a plain name -> ``(name, None)``."""
+    base, sep, call = name.rpartition(CALL_SEPARATOR)
+    if sep and base and call.isdigit():
+        return base, int(call)
+    return name, None
+
+
 def resolve_layer(model: nn.Module, name: str | nn.Module,
                   layers: dict[str, nn.Module] | None = None) -> tuple[str, nn.Module]:
     """``(name, module)`` for a layer given by name (or by module object).
@@ -32,6 +44,9 @@ def resolve_layer(model: nn.Module, name: str | nn.Module,
                                  "pass one of model.named_modules() or its name")
     if name in layers:
         return name, layers[name]
+    base, call = split_call(name)
+    if call is not None and base in layers:
+        return name, layers[base]
     hint = closest(name, layers)
     listing = ", ".join(hint) if hint else ", ".join(list(layers)[:12]) + (", ..." if len(layers) > 12 else "")
     raise LayerNotFoundError(

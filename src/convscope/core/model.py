@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import ConvscopeError
-from .layers import check_input_size, named_layers
+from .layers import CALL_SEPARATOR, check_input_size, named_layers
 from .preprocess import Preprocess
 from .probe import probe
 
@@ -126,7 +126,8 @@ class LayerInfo:
 
 def list_layers(model: nn.Module, sample: torch.Tensor | None = None,
                 input_size: int | tuple[int, int] | None = None) -> list[LayerInfo]:
-    """Name, type, output shape and unit count (channels) of every layer, from one forward pass.
+    """Name, type, output shape and unit count (channels) of every layer, from one forward pass. A module that
+    runs several times (a shared module) has a row with its call count, then one row per call, ``name:k``.
 
     ``sample`` is an input batch; without it a zero image of ``input_size`` (or the model's preprocess size,
     or 224x224) is used. Layers that never ran (``calls == 0``) have no shape. A size the model cannot take
@@ -154,8 +155,13 @@ def list_layers(model: nn.Module, sample: torch.Tensor | None = None,
     rows = []
     for name, mod in layers.items():
         outs = p.outputs(name)
-        shape = tuple(outs[-1].shape[1:]) if outs and isinstance(outs[-1], torch.Tensor) else None
-        units = shape[0] if shape else None
-        rows.append(LayerInfo(name, type(mod).__name__, shape, units, len(outs),
-                              sum(q.numel() for q in mod.parameters(recurse=False))))
+        params = sum(q.numel() for q in mod.parameters(recurse=False))
+
+        def row(row_name: str, out: object, calls: int) -> LayerInfo:
+            shape = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else None
+            return LayerInfo(row_name, type(mod).__name__, shape, shape[0] if shape else None, calls, params)
+
+        rows.append(row(name, outs[-1] if outs else None, len(outs)))
+        if len(outs) > 1:  # a shared module: one row per call, each addressable as "name:k"
+            rows.extend(row(f"{name}{CALL_SEPARATOR}{k}", out, 1) for k, out in enumerate(outs))
     return rows

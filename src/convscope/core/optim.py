@@ -44,8 +44,9 @@ from torch import nn
 from ..errors import ConvscopeError
 from .imageops import gaussian_blur
 from .images import Preprocess
-from .probe import Probe, StopForward, preserved_state, probe
+from .probe import Probe, preserved_state, probe
 from .progress import progress_bar
+from .stream import last_layer
 
 OUTPUT = "@output"  # the layer name objectives use for the model's output (class logits)
 OPTIMIZERS = ("adam", "sgd", "normalized")
@@ -702,30 +703,6 @@ def _run(p: Probe, model: nn.Module, x: torch.Tensor, layers: Sequence[str], nee
                                  "forward() returns N x classes")
         acts[OUTPUT] = out
     return acts
-
-
-def last_layer(model: nn.Module, layers: Sequence[str], x: torch.Tensor) -> str:
-    """The layer among ``layers`` that runs last in the forward pass (one forward pass of ``x``, recorded by the
-    probe), so the optimization can stop right after it."""
-    if len(layers) == 1:
-        return layers[0]
-    order: list[str] = []
-
-    def recorder(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-        def rec(t: torch.Tensor) -> torch.Tensor:
-            order.append(name)
-            if set(order) >= set(layers):
-                raise StopForward  # every layer has run: nothing after it is needed
-            return t
-        return rec
-
-    with torch.no_grad(), probe(model, list(layers), edit={n: recorder(n) for n in layers}, detach=True) as p:
-        p.forward(model, x)
-    missing = [n for n in layers if n not in order]
-    if missing:
-        raise ConvscopeError(f"layer(s) {', '.join(map(repr, missing))} did not run in the forward pass; pick a "
-                             "layer from `convscope layers MODEL` that the model's forward() calls")
-    return order[-1]
 
 
 def _check_objective(value: torch.Tensor, n: int) -> torch.Tensor:

@@ -28,9 +28,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
-from .layers import resolve_layers
+from ..errors import ConvscopeError
+from .layers import resolve_layers, split_call
+from .rules import BackwardRule, RuleMode
+from .rules import relu_rule as rule_named
 
 EditFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -106,74 +108,6 @@ class _GradEdit(torch.autograd.Function):
         return ctx.fn(grad), None
 
 
-class _RuleReLU(torch.autograd.Function):
-    """Clamp to ``[lo, hi]`` in the forward pass; a ReLU backward rule in the backward pass.
-
-    ``rule="guided"``: grad_in = max(grad_out, 0) * 1[lo < x < hi]   (Springenberg et al. 2015, Eq. in Fig. 1)
-    ``rule="deconvnet"``: grad_in = max(grad_out, 0)                  (Zeiler & Fergus 2014, Sec. 2.1 "rectification")
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, lo: float, hi: float | None, rule: str) -> torch.Tensor:  # type: ignore[override]
-        ctx.rule, ctx.lo, ctx.hi = rule, lo, hi
-        y = x.clamp(min=lo, max=hi)
-        if rule == "guided":
-            # the mask lo < x < hi equals lo < y < hi; saving y (not x) lets an in-place relu_ overwrite x
-            ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:  # type: ignore[override]
-        g = grad.clamp(min=0)
-        if ctx.rule == "guided":
-            (y,) = ctx.saved_tensors
-            mask = y > ctx.lo
-            if ctx.hi is not None:
-                mask &= y < ctx.hi
-            g = g * mask
-        return g, None, None, None
-
-
-RELU_RULES = ("guided", "deconvnet")
-
-
-class _ReLURuleMode(TorchFunctionMode):
-    """Routes every ReLU-like call (module or functional, in place or not) through :class:`_RuleReLU`."""
-
-    def __init__(self, rule: str) -> None:
-        super().__init__()
-        self.rule = rule
-        F = torch.nn.functional
-        self._relu = {F.relu, torch.relu, torch.Tensor.relu}
-        self._relu_ = {torch.relu_, torch.Tensor.relu_, F.relu_}
-        self._hardtanh = {F.hardtanh, F.relu6}
-        self._hardtanh_ = {F.hardtanh_, torch._C._nn.hardtanh_} if hasattr(torch._C._nn, "hardtanh_") else {F.hardtanh_}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in self._relu or func in self._relu_:
-            inplace = func in self._relu_ or kwargs.get("inplace", False) or (len(args) > 1 and args[1] is True)
-            return self._apply(args[0], 0.0, None, inplace)
-        if func in self._hardtanh or func in self._hardtanh_:
-            if func is torch.nn.functional.relu6:
-                lo, hi = 0.0, 6.0
-                inplace = kwargs.get("inplace", args[1] if len(args) > 1 else False)
-            else:
-                lo = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
-                hi = kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
-                inplace = func in self._hardtanh_ or kwargs.get("inplace", args[3] if len(args) > 3 else False)
-            if lo == 0.0:  # a ReLU6-style clamp; other hardtanh ranges are not ReLUs
-                return self._apply(args[0], float(lo), float(hi), bool(inplace))
-        return func(*args, **kwargs)
-
-    def _apply(self, x: torch.Tensor, lo: float, hi: float | None, inplace: bool) -> torch.Tensor:
-        y = _RuleReLU.apply(x, lo, hi, self.rule)
-        if inplace:
-            with torch.no_grad() if not x.requires_grad else contextlib.nullcontext():
-                return x.copy_(y)
-        return y
-
-
 @contextlib.contextmanager
 def preserved_state(model: nn.Module, eval_mode: bool = True, freeze: bool = True) -> Iterator[nn.Module]:
     """Put ``model`` in eval mode with frozen parameters and out-of-place activations; restore all on exit."""
@@ -201,8 +135,11 @@ def preserved_state(model: nn.Module, eval_mode: bool = True, freeze: bool = Tru
 @contextlib.contextmanager
 def probe(model: nn.Module, layers: str | Sequence[str] | None = None, *, edit: dict[str, EditFn] | None = None,
           grad_edit: dict[str, EditFn] | None = None, relu_rule: str | None = None,
-          stop_after: str | None = None, eval_mode: bool = True, freeze: bool = True, detach: bool = False,
-          keep_all_calls: bool = False, reduce: Callable[[str, torch.Tensor], Any] | None = None) -> Iterator[Probe]:
+          rules: Sequence[BackwardRule] = (),
+          stop_after: str | None = None, stop_early: bool = False, check_first_pass: bool = True,
+          eval_mode: bool = True, freeze: bool = True,
+          detach: bool = False, keep_all_calls: bool = False,
+          reduce: Callable[[str, torch.Tensor], Any] | None = None) -> Iterator[Probe]:
     """Capture/edit the outputs of named layers for the forward passes run inside the block.
 
     Args:
@@ -212,10 +149,17 @@ def probe(model: nn.Module, layers: str | Sequence[str] | None = None, *, edit: 
         grad_edit: ``{layer: fn}``; the gradient flowing back into the layer's output is replaced by
             ``fn(grad)``.
         relu_rule: ``"guided"`` or ``"deconvnet"`` to swap the backward rule of every ReLU/ReLU6.
+        rules: more backward rules (:mod:`convscope.core.rules`), e.g. ``LRN_PASS_THROUGH``; the first rule that
+            handles a function wins, ``relu_rule`` first.
         stop_after: a layer name; the forward pass ends right after it (use :meth:`Probe.forward`).
+        stop_early: end each forward pass as soon as every one of ``layers`` has produced an output (the deepest
+            requested layer), whatever the execution order (use :meth:`Probe.forward`). The first pass still runs
+            the whole model (``check_first_pass``), so a shared module asked for by its bare name is caught.
         eval_mode, freeze: put the model in eval mode / set ``requires_grad=False`` on its parameters.
         detach: record detached outputs (no graph kept: cheaper for pure feature extraction).
-        keep_all_calls: keep every call of a module that runs several times (shared modules).
+        keep_all_calls: keep every call of a module that runs several times (shared modules). Without it, a
+            shared module named by its bare name is an error naming its calls: ``"name:k"`` is its k-th call (from
+            0) in each ``model(x)`` pass (count by calling the model, not its submodules).
         reduce: ``fn(layer, output) -> value``: record ``value`` (computed on the detached output inside the hook)
             instead of the output itself, so a large activation is not kept alive after the next layer has
             consumed it (its buffer is reused at once) and is read while a later in-place op has not changed it.
@@ -227,44 +171,88 @@ def probe(model: nn.Module, layers: str | Sequence[str] | None = None, *, edit: 
     wanted = [] if layers is None else ([layers] if isinstance(layers, str) else list(layers))
     extra = [n for n in [*edit, *grad_edit, *([stop_after] if stop_after else [])] if n not in wanted]
     resolved = resolve_layers(model, wanted + extra) if (wanted or extra) else {}
-    if relu_rule is not None and relu_rule not in RELU_RULES:
-        raise ValueError(f"relu_rule must be one of {RELU_RULES} or None, not {relu_rule!r}")
+    all_rules = ([rule_named(relu_rule)] if relu_rule is not None else []) + list(rules)
     p = Probe(list(resolved), keep_all_calls)
     p.stop_after = stop_after
+    # one hook per module; a shared module may be asked for by several call names ("relu:0", "relu:1")
+    by_module: dict[str, list[tuple[str, int | None]]] = {}
+    for name in resolved:
+        base, call = split_call(name)
+        by_module.setdefault(base, []).append((name, call))
+    calls = dict.fromkeys(by_module, 0)  # calls of each module so far in this forward pass
+    pending: set[str] = set()  # with stop_early: the layers this forward pass has still to run
+    passes = [0]
     handles = []
 
-    def make_hook(name: str) -> Callable:
-        def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
-            new = output
-            if isinstance(new, torch.Tensor):
-                if name in edit:
-                    new = edit[name](new)
-                if name in grad_edit and new.requires_grad:
-                    new = _GradEdit.apply(new, grad_edit[name])
-                if not detach and not new.requires_grad and torch.is_grad_enabled():
-                    # nothing upstream needs a gradient (frozen parameters, plain input): start the graph
-                    # here, so gradients at this layer exist and the backward pass stops at it
-                    new = new.detach().requires_grad_(True)
-                recorded = new.detach() if detach else new
-                if reduce is not None:
-                    recorded = reduce(name, new.detach())
-                if not detach and new.requires_grad:
-                    # downstream gets a copy: a later in-place op (functional relu_) cannot rewrite the
-                    # recorded value, and gradients w.r.t. the recorded tensor flow through the copy
-                    new = new.clone()
+    def start_pass(module: nn.Module, args: Any) -> None:
+        for base in calls:
+            calls[base] = 0
+        pending.clear()
+        # the first pass runs the whole model, so a shared module asked for by its bare name is caught
+        if stop_early and (passes[0] > 0 or not check_first_pass):
+            pending.update(resolved)
+        passes[0] += 1
+
+    def process(name: str, new: Any) -> Any:
+        if isinstance(new, torch.Tensor):
+            if name in edit:
+                new = edit[name](new)
+            if name in grad_edit and new.requires_grad:
+                new = _GradEdit.apply(new, grad_edit[name])
+            if not detach and not new.requires_grad and torch.is_grad_enabled():
+                # nothing upstream needs a gradient (frozen parameters, plain input): start the graph
+                # here, so gradients at this layer exist and the backward pass stops at it
+                new = new.detach().requires_grad_(True)
+            if reduce is not None:
+                recorded = reduce(name, new.detach())
+            elif detach:
+                # a copy: a later in-place op of the model (torchvision's ``out += identity``) cannot rewrite it
+                recorded = new.detach().clone()
             else:
                 recorded = new
-            p._record(name, recorded)
-            if name == p.stop_after:
-                raise StopForward
+            if not detach and new.requires_grad:
+                # downstream gets a copy: a later in-place op (functional relu_) cannot rewrite the
+                # recorded value, and gradients w.r.t. the recorded tensor flow through the copy
+                new = new.clone()
+        else:
+            recorded = new
+        p._record(name, recorded)
+        return new
+
+    def make_hook(base: str, entries: list[tuple[str, int | None]]) -> Callable:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
+            k = calls[base]
+            calls[base] = k + 1
+            new = output
+            done: list[str] = []
+            for name, call in entries:
+                if call is None:
+                    if k > 0 and passes[0] and not keep_all_calls:  # pass boundaries known: model(x) ran
+                        raise ConvscopeError(
+                            f"layer {base!r} runs more than once per forward pass (a module shared by several places "
+                            f"in the network); name one call, e.g. {base}:0 or {base}:1 (`convscope layers MODEL` "
+                            "lists every call), or use a module that runs once")
+                elif call != k:
+                    continue
+                new = process(name, new)
+                done.append(name)
+            for name in done:
+                if name == p.stop_after:
+                    raise StopForward
+                if stop_early and pending:
+                    pending.discard(name)
+                    if not pending:
+                        raise StopForward
             return new if new is not output else None
         return hook
 
-    mode = _ReLURuleMode(relu_rule) if relu_rule else contextlib.nullcontext()
+    mode = RuleMode(all_rules) if all_rules else contextlib.nullcontext()
     with preserved_state(model, eval_mode, freeze):
         try:
-            for name, mod in resolved.items():
-                handles.append(mod.register_forward_hook(make_hook(name)))
+            if resolved:
+                handles.append(model.register_forward_pre_hook(start_pass))
+            for base, entries in by_module.items():
+                handles.append(resolved[entries[0][0]].register_forward_hook(make_hook(base, entries)))
             with mode:
                 yield p
         finally:

@@ -1,12 +1,13 @@
 """Attribution and visualization methods; each a function on tensors, batched over images and targets."""
 
+from ..core.stream import layer_features
 from .adversarial import AdversarialResult, FeatureChange, feature_change, fgsm, pgd
 from .backprop import deconvnet_rule, guided_backprop, guided_gradcam
 from .cam import cam, default_cam_layer, gradcam, gradcam_pp
 from .deconvnet import deconvnet
 from .dissect import Comparison, DissectConfig, LayerDissection, UnitLabel, compare, dissect, unit_thresholds
 from .filters import first_layer_filters
-from .invert import InversionResult, feature_match, invert, layer_features
+from .invert import InversionResult, feature_match, invert
 from .maximize import (
     PRESETS,
     FoolingResult,

@@ -29,7 +29,8 @@ from ..core.attribution import check_input, input_gradient, pinned_class
 from ..core.images import Preprocess
 from ..core.layers import resolve_layer
 from ..core.model import lenient_preprocess
-from ..core.probe import preserved_state, probe
+from ..core.probe import preserved_state
+from ..core.stream import layer_features
 from ..core.targets import Target, top_class
 from ..errors import ConvscopeError
 
@@ -183,9 +184,7 @@ def feature_change(model: nn.Module, x_clean: torch.Tensor, x_adv: torch.Tensor,
         raise ConvscopeError(f"clean and adversarial batches differ in shape: {tuple(x_clean.shape)} vs "
                              f"{tuple(x_adv.shape)}")
     name, _ = resolve_layer(model, layer)
-    with torch.no_grad(), probe(model, name, stop_after=name, detach=True) as p:
-        p.forward(model, torch.cat([x_clean.detach(), x_adv.detach()]))
-        acts = p.activations[name]
+    acts = layer_features(model, torch.cat([x_clean.detach(), x_adv.detach()]), name)[name]
     if acts.dim() < 2:
         raise ConvscopeError(f"layer {name!r} outputs shape {tuple(acts.shape)}; need N x C x ...")
     a, b = acts.float().chunk(2)

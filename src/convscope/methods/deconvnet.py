@@ -41,7 +41,6 @@ all units of those images; the autograd path runs one forward and one backward p
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -49,11 +48,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from ..core.attribution import check_input
 from ..core.layers import resolve_layer
 from ..core.probe import preserved_state, probe
+from ..core.rules import DECONVNET, LRN_PASS_THROUGH
 from ..errors import ConvscopeError, TargetError
 
 Units = int | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor
@@ -220,7 +219,7 @@ def chain_down(chain: Chain, signal: torch.Tensor, switches: dict[int, torch.Ten
                     out_pad.append(size - ((r.shape[2 + d] - 1) * s - 2 * p + dil * (k - 1) + 1))
                 r = F.conv_transpose2d(r, m.weight, None, m.stride, m.padding, tuple(out_pad), m.groups, m.dilation)
             elif step.kind == "relu":
-                r = r.clamp(min=0)  # rectification of the backward signal
+                r = DECONVNET.backward(r, None)  # rectification of the backward signal
             elif step.kind == "pool":
                 idx = switches[i][rows].flatten(2)
                 c, h, w = step.in_shape
@@ -282,17 +281,6 @@ def _check_units(table: torch.Tensor, act: torch.Tensor, layer: str) -> None:
 
 
 # --------------------------------------------------------------------------- the public function
-
-
-class _LRNPassThrough(TorchFunctionMode):
-    """Local response normalization keeps its forward value but passes the backward signal through unchanged."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func is F.local_response_norm:
-            x = args[0]
-            return x + (out - x).detach()
-        return out
 
 
 def _prepare(model: nn.Module, x: torch.Tensor, layer: str, units: Units, mode: Mode, batch_size: int,
@@ -384,8 +372,8 @@ def _autograd(model: nn.Module, layer: str, x: torch.Tensor, table: torch.Tensor
     n, u = table.shape
     rows_img = torch.arange(n, device=x.device).repeat_interleave(u)
     rows_unit = table.reshape(-1)
-    lrn = _LRNPassThrough() if rule == "deconvnet" else contextlib.nullcontext()
-    with torch.enable_grad(), probe(model, layer, relu_rule=rule, stop_after=layer) as p, lrn:
+    rules = [LRN_PASS_THROUGH] if rule == "deconvnet" else []
+    with torch.enable_grad(), probe(model, layer, relu_rule=rule, rules=rules, stop_after=layer) as p:
         for r0 in range(0, n * u, batch_size):
             ri, ru = rows_img[r0:r0 + batch_size], rows_unit[r0:r0 + batch_size]
             xx = x[ri].clone().requires_grad_(True)

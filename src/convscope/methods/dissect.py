@@ -57,9 +57,10 @@ from ..core.io import atomic_write_bytes, atomic_write_text
 from ..core.layers import resolve_layers
 from ..core.model import input_normalizer, lenient_preprocess, model_device, model_hash
 from ..core.progress import progress_bar
+from ..core.stream import stream_layers
 from ..data.broden import BrodenDataset, broden_collate
 from ..errors import ConvscopeError, DataError
-from .topk import RunningTopK, TopKActivations, stream_layers
+from .topk import RunningTopK, TopKActivations
 
 __all__ = [
     "ConceptSpace",

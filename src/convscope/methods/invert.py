@@ -40,6 +40,7 @@ from ..core.optim import (
     optimize_images,
 )
 from ..core.probe import probe
+from ..core.stream import layer_features
 from ..errors import ConvscopeError
 
 B_PIXELS = 80 / 255  # Mahendran & Vedaldi's typical pixel magnitude B = 80 (0..255 scale), as RGB in [0, 1]
@@ -161,22 +162,6 @@ def _check_images(x: torch.Tensor, what: str) -> None:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ConvscopeError(f"{what}: x must be N x 3 x H x W floats in the model's input space (e.g. from "
                              f"cs.load_images(paths, model)), got {shape}")
-
-
-def layer_features(model: nn.Module, x: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Detached outputs of ``layers`` for ``x`` (one forward pass under the probe, stopped after the deepest)."""
-    from ..core.optim import last_layer
-
-    names = list(layers)
-    stop = last_layer(model, names, x[:1]) if len(names) > 1 else names[0]
-    with torch.no_grad(), probe(model, names, stop_after=stop, detach=True) as p:
-        p.forward(model, x)
-        acts = p.activations
-    missing = [n for n in names if n not in acts]
-    if missing:
-        raise ConvscopeError(f"layer(s) {', '.join(map(repr, missing))} did not run in the forward pass; pick a "
-                             "layer from `convscope layers MODEL` that the model's forward() calls")
-    return {n: acts[n] for n in names}
 
 
 def invert(

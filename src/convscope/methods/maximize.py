@@ -56,6 +56,7 @@ from ..core.optim import (
     optimize_images,
 )
 from ..core.probe import probe
+from ..core.stream import stream_layers
 from ..errors import ConvscopeError, TargetError
 
 Units = int | Sequence[int] | torch.Tensor
@@ -543,8 +544,6 @@ def _pca(x: torch.Tensor, dims: int) -> torch.Tensor:
 def encode(model: nn.Module, layer: str, x: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
     """The output of ``layer`` for images ``x`` (no gradients, detached): e.g. the code of a real image for an
     UpconvNet decoder trained from that layer, to start :func:`dgn_am` from."""
-    from .topk import stream_layers
-
     name = resolve_layer(model, layer)[0]
     return torch.cat([acts[name] for _, acts in stream_layers(model, x, [name], batch_size, progress=False)])
 
@@ -577,7 +576,7 @@ class MultifacetedResult:
 
 def _gather(images: object, ids: torch.Tensor, batch_size: int) -> torch.Tensor:
     """The images with ``ids`` (sorted, unique), from a tensor or by iterating a re-iterable stream again."""
-    from .topk import image_batches
+    from ..core.stream import image_batches
 
     if isinstance(images, torch.Tensor):
         return images[ids.to(images.device)]
@@ -630,7 +629,7 @@ def multifaceted(
     bad = set(am_kwargs) & {"init", "size", "units", "objective", "batch_size", "layer"}
     if bad:
         raise ConvscopeError(f"multifaceted() sets {', '.join(sorted(bad))} itself; drop them")
-    from .topk import stream_layers, top_k_activations
+    from .topk import top_k_activations
 
     found = top_k_activations(model, images, name, k=top, batch_size=batch_size, progress=progress)[name]
     n_units = found.values.shape[0]

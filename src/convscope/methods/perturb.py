@@ -24,8 +24,9 @@ from torch import nn
 from ..core.layers import resolve_layer
 from ..core.model import lenient_preprocess
 from ..core.optim import centre_rgb
+from ..core.stream import layer_features
 from ..errors import ConvscopeError
-from .invert import invert, layer_features
+from .invert import invert
 
 PERTURBATIONS = ("binarize", "dropout", "drop_least")
 

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from ..core.attribution import check_input, input_gradient, pinned_target, repeat_target
-from ..core.probe import RELU_RULES
 from ..core.progress import progress_bar
+from ..core.rules import RELU_RULES
 from ..core.targets import Target, top_class
 from ..errors import ConvscopeError
 

@@ -17,9 +17,8 @@ layer, going down), or from the gradient's support for any network.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,12 +28,10 @@ from torch import nn
 from ..core.layers import resolve_layers
 from ..core.model import input_denormalizer
 from ..core.probe import probe
-from ..core.progress import progress_bar
 from ..core.render import grid, to_display
+from ..core.stream import Images, layer_features, stream_layers
 from ..errors import ConvscopeError, DataError
-from .deconvnet import Chain, build_chain, deconvnet, spatial_max, trace_calls
-
-Images = torch.Tensor | Iterable[torch.Tensor] | Iterable[tuple[torch.Tensor, Sequence[int] | torch.Tensor]]
+from .deconvnet import Chain, build_chain, deconvnet, spatial_max
 
 
 @dataclass(frozen=True)
@@ -153,73 +150,6 @@ class RunningTopK:
         return TopKActivations(self.layer, self.values, self.ids, self.locs, self.shape, self.seen)
 
 
-def image_batches(images: Images, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``(batch N x C x H x W, image ids N)`` from a tensor, or from an iterable of batches / ``(batch, ids)``."""
-    if isinstance(images, torch.Tensor):
-        if images.dim() != 4 or not images.is_floating_point():
-            raise ConvscopeError(f"expected a float tensor of images N x C x H x W, got {images.dtype} "
-                                 f"{tuple(images.shape)}; use cs.load_images(paths, model)")
-        for s in range(0, len(images), batch_size):
-            chunk = images[s:s + batch_size]
-            yield chunk, torch.arange(s, s + len(chunk))
-        return
-    offset = 0
-    for item in images:
-        ids = None
-        if isinstance(item, tuple | list) and len(item) == 2 and isinstance(item[0], torch.Tensor):
-            item, ids = item
-        if not isinstance(item, torch.Tensor) or item.dim() not in (3, 4) or not item.is_floating_point():
-            raise ConvscopeError("each item of the image stream must be a float tensor N x C x H x W (or C x H x W), "
-                                 f"or a (tensor, image ids) pair; got {type(item).__name__} "
-                                 f"{tuple(getattr(item, 'shape', ()))}")
-        item = item if item.dim() == 4 else item[None]
-        if ids is None:
-            ids_t = torch.arange(offset, offset + len(item))
-        else:
-            try:
-                ids_t = torch.as_tensor(ids)
-            except (TypeError, ValueError, RuntimeError):
-                ids_t = torch.empty(0)
-            if ids_t.is_floating_point() or ids_t.dim() != 1 or len(ids_t) != len(item):
-                raise ConvscopeError(f"image ids must be {len(item)} integers for a batch of {len(item)} images, got "
-                                     f"{ids!r}; use integer positions and keep your own list of names")
-            ids_t = ids_t.long()
-        offset += len(item)
-        yield item, ids_t
-
-
-def stream_layers(model: nn.Module, images: Images, layers: str | Sequence[str], batch_size: int = 32,
-                  progress: bool | None = None, reduce: Callable[[str, torch.Tensor], object] | None = None,
-                  desc: str = "top-k") -> Iterator[tuple[torch.Tensor, dict[str, object]]]:
-    """For every batch: ``(image ids, {layer: detached output})``, one forward pass per batch (no gradients),
-    stopping after the deepest of ``layers`` (known from the first pass, which runs the whole model). With
-    ``reduce``, ``{layer: reduce(layer, output)}`` instead, computed inside the forward hook so each full
-    activation is freed as soon as the next layer has consumed it. The model is restored when the stream ends or
-    fails."""
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ConvscopeError(f"batch_size={batch_size!r}: use a positive int")
-    names = list(resolve_layers(model, layers))
-    total = math.ceil(len(images) / batch_size) if isinstance(images, torch.Tensor) else None
-    with contextlib.ExitStack() as stack:
-        p = None
-        for x, ids in progress_bar(image_batches(images, batch_size), total=total, desc=desc, unit="batch",
-                                   progress=progress):
-            if p is None:
-                stack.enter_context(torch.no_grad())
-                p = stack.enter_context(probe(model, names, detach=True, reduce=reduce))
-            p.forward(model, x)
-            if p.stop_after is None:
-                ran = list(dict.fromkeys(p.called))
-                missing = [n for n in names if n not in ran]
-                if missing:
-                    raise ConvscopeError(f"layer {missing[0]!r} never ran in the forward pass; pick a layer that "
-                                         "computes the output (`convscope layers MODEL` lists them)")
-                p.stop_after = max(names, key=ran.index)  # later passes end after the deepest chosen layer
-            acts = p.activations
-            p.clear()
-            yield ids, {n: acts[n] for n in names}
-
-
 def top_k_activations(model: nn.Module, images: Images, layers: str | Sequence[str], k: int = 9,
                       batch_size: int = 32, progress: bool | None = None) -> dict[str, TopKActivations]:
     """The ``k`` strongest activations of every unit of each layer over a dataset (Zeiler & Fergus 2014, Fig. 2).
@@ -241,7 +171,8 @@ def top_k_activations(model: nn.Module, images: Images, layers: str | Sequence[s
         raise ConvscopeError(f"top_k_activations(k={k!r}): use a positive int")
     names = list(resolve_layers(model, layers))
     state = {n: RunningTopK(n, k) for n in names}
-    for ids, cands in stream_layers(model, images, names, batch_size, progress, reduce=RunningTopK.candidates):
+    for ids, cands in stream_layers(model, images, names, batch_size, progress, reduce=RunningTopK.candidates,
+                                    desc="top-k"):
         for n in names:
             state[n].merge(*cands[n], ids)
     if any(s.values is None for s in state.values()):
@@ -349,8 +280,8 @@ def receptive_fields(model: nn.Module, layer: str, locations: torch.Tensor | Seq
     chain = build_chain(model, x, layer) if method != "gradient" else "method='gradient' was asked for"
     if isinstance(chain, str) and method == "analytic":
         raise ConvscopeError(f"receptive_field(method='analytic'): {chain}; use method='gradient' (or 'auto')")
-    _, _, acts = trace_calls(model, x, [layer], stop_after=layer)
-    shape = tuple(acts[layer].shape[2:]) if acts[layer].dim() == 4 else (1, 1)
+    act = layer_features(model, x, layer)[layer]
+    shape = tuple(act.shape[2:]) if act.dim() == 4 else (1, 1)
     if len(locs) and ((locs < 0).any() or (locs >= torch.tensor(shape)).any()):
         raise ConvscopeError(f"location outside layer {layer!r}'s {shape[0]} x {shape[1]} map; "
                              f"give (y, x) with 0 <= y < {shape[0]}, 0 <= x < {shape[1]}")
@@ -464,4 +395,4 @@ def render_patches(found: TopKPatches, display: str = "signed", scale: int | Non
 
 
 __all__ = ["DeadUnits", "TopKActivations", "TopKPatches", "dead_units", "receptive_field", "receptive_fields",
-           "render_patches", "render_top_k", "stream_layers", "top_k_activations", "top_k_patches"]
+           "render_patches", "render_top_k", "top_k_activations", "top_k_patches"]

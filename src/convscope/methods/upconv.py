@@ -34,10 +34,10 @@ from ..core.images import Preprocess
 from ..core.io import atomic_write_bytes
 from ..core.layers import resolve_layer
 from ..core.model import model_name, model_preprocess
-from ..core.probe import probe
 from ..core.progress import progress_bar
+from ..core.stream import layer_features
 from ..errors import ConvscopeError, ModelLoadError
-from .invert import InversionResult, layer_features
+from .invert import InversionResult
 
 UPSAMPLING = ("unpool", "transposed")
 LEAK = 0.2
@@ -163,15 +163,6 @@ def augment_batch(x: torch.Tensor, gen: torch.Generator, flip: bool = True, crop
     return x
 
 
-def _features(model: nn.Module, x: torch.Tensor, layer: str) -> torch.Tensor:
-    with torch.no_grad(), probe(model, layer, stop_after=layer, detach=True) as p:
-        p.forward(model, x)
-        if layer not in p.activations:
-            raise ConvscopeError(f"layer {layer!r} did not run in the forward pass; pick one from "
-                                 "`convscope layers MODEL`")
-        return p.activations[layer]
-
-
 def train_upconv(
     model: nn.Module, layer: str, images: Images, *, epochs: int = 10, lr: float = 1e-3, batch_size: int = 32,
     augment: bool = True, crop: int = 8, upsample: str = "unpool", width: int = 16, max_width: int = 256,
@@ -212,7 +203,7 @@ def train_upconv(
             xb = xb.detach()
             if augment:
                 xb = augment_batch(xb, gen, crop=crop)
-            feats = _features(model, xb, name)
+            feats = layer_features(model, xb, name)[name]
             if decoder is None:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(seed)
@@ -292,7 +283,7 @@ def reconstruct(model: nn.Module, decoder: UpconvNet, x: torch.Tensor, error: bo
         raise ConvscopeError(f"decoder must be an UpconvNet (train_upconv / load_upconv), not {type(decoder).__name__}")
     name = resolve_layer(model, decoder.layer)[0]
     x = x.detach()
-    phi0 = _features(model, x, name)
+    phi0 = layer_features(model, x, name)[name]
     xr = decode(decoder, phi0)
     if error:
         phi = layer_features(model, xr, [name])[name]
