@@ -8,7 +8,9 @@
   needed): random weights (seeded, with a logged warning) unless ``weights=`` names a torchvision state dict;
 * an ``nn.Module`` object (returned unchanged);
 * ``torchvision:NAME`` / ``timm:NAME`` when those packages are installed;
-* a TorchScript file;
+* a ``torch.export`` archive (``.pt2``): rebuilt with its original layer names, so every layer method works
+  (:mod:`convscope.models.exported`; ``export_model`` writes one with the preprocess and classes);
+* a TorchScript file (layer-free methods only: gradients, occlusion; layer methods refuse it in one line);
 * ``package.module:factory`` (a callable returning an ``nn.Module``);
 and, for every kind, ``weights=FILE``: a state dict loaded with ``weights_only=True``.
 Zoo models carry ``.preprocess`` (a :class:`~convscope.core.images.Preprocess`), ``.classes`` and ``.zoo_name``.
@@ -40,6 +42,7 @@ from . import convnext as _convnext
 from . import demo_net as _demo
 from . import densenet as _densenet
 from . import efficientnet as _eff
+from . import exported as _exported
 from . import mobilenetv3 as _mnv3
 from . import resnet as _resnet
 from . import vgg as _vgg
@@ -121,7 +124,10 @@ def list_models() -> list[dict[str, object]]:
     for pkg in ("torchvision", "timm"):
         rows.append({"name": f"{pkg}:NAME", "description": f"any {pkg} model (weights via --weights FILE)",
                      "available": importlib.util.find_spec(pkg) is not None, "install": f"pip install {pkg}"})
-    rows.append({"name": "FILE.pt", "description": "a TorchScript archive", "available": True, "install": ""})
+    rows.append({"name": "FILE.pt2", "description": "a torch.export archive (every method, original layer names)",
+                 "available": True, "install": ""})
+    rows.append({"name": "FILE.pt", "description": "a TorchScript archive (gradients and occlusion only)",
+                 "available": True, "install": ""})
     rows.append({"name": "package.module:factory", "description": "your own factory, weights via --weights FILE",
                  "available": True, "install": ""})
     return rows
@@ -145,7 +151,7 @@ def load_model(spec: str | nn.Module, weights: str | Path | None = None,
         model = _load_zoo(spec, weights)
     elif spec.startswith(("torchvision:", "timm:")):
         model = _load_hub(spec, weights)
-    elif Path(spec).suffix in (".pt", ".pth", ".ts", ".jit") or Path(spec).is_file():
+    elif Path(spec).suffix in (".pt", ".pth", ".ts", ".jit", ".pt2") or Path(spec).is_file():
         model = _load_file(Path(spec), weights)
     elif ":" in spec:
         model = _load_factory(spec, weights)
@@ -154,7 +160,7 @@ def load_model(spec: str | nn.Module, weights: str | Path | None = None,
         raise ModelLoadError(
             f"unknown model {spec!r}. Zoo models: {', '.join(ZOO)}"
             + (f" (did you mean {hint[0]!r}?)" if hint else "")
-            + "; or use torchvision:NAME, timm:NAME, a TorchScript file, or package.module:factory."
+            + "; or use torchvision:NAME, timm:NAME, a .pt2 export, a TorchScript file, or package.module:factory."
         )
     return model.to(dev).eval()
 
@@ -286,6 +292,9 @@ def _read_checkpoint(path: Path) -> dict:
 def _unreadable(path: Path, exc: Exception) -> str:
     """One line for a checkpoint that torch.load cannot read (never torch's advice to unpickle unsafely)."""
     text = str(exc)
+    if _exported.is_export_archive(path):
+        return (f"weights file {str(path)!r} is a torch.export archive (.pt2), not a state dict; load it as the "
+                f"model (load_model({str(path)!r}), convscope MODEL) or save {_RESAVE}")
     if "TorchScript" in text:
         return (f"weights file {str(path)!r} is a TorchScript model, not a state dict; load it as the model "
                 f"(load_model({str(path)!r}), convscope MODEL) or save {_RESAVE}")
@@ -369,8 +378,16 @@ def _load_file(path: Path, weights: str | Path | None) -> nn.Module:
     if not path.is_file():
         raise ModelLoadError(f"model file {str(path)!r} does not exist")
     if not zipfile.is_zipfile(path):
-        raise ModelLoadError(f"{str(path)!r} is not a TorchScript archive; for a state dict pass its "
+        raise ModelLoadError(f"{str(path)!r} is not a TorchScript or torch.export archive; for a state dict pass its "
                              "architecture as package.module:factory with --weights FILE")
+    if _exported.is_export_archive(path):
+        model = _exported.load_exported(path)
+        if weights is not None:
+            load_weights(model, weights)
+        return model
+    if path.suffix == ".pt2":
+        raise ModelLoadError(f"{str(path)!r} is a zip file but not a torch.export archive (no archive_format entry); "
+                             "save it with torch.export.save(torch.export.export(model.eval(), (x,)), PATH)")
     try:
         model = torch.jit.load(str(path), map_location="cpu")
     except RuntimeError as exc:
