@@ -11,7 +11,16 @@
   true output;
 * optionally every ReLU / ReLU6 call (module or functional) uses a modified backward rule
   (``relu_rule="guided"`` for guided backpropagation, Springenberg et al. 2015; ``"deconvnet"`` for the
-  DeconvNet rectification, Zeiler & Fergus 2014).
+  DeconvNet rectification, Zeiler & Fergus 2014); a whole forward pass that met no ReLU at all (a transformer's
+  GELU, SiLU nets) is an error at the end of the block, since the result would silently be the plain gradient;
+* token and channels-last layers are read as maps (``layout=``, default ``"auto"``): a ViT block's
+  ``N x T x D`` tokens or a Swin stage's ``N x H x W x C`` output is recorded as its ``N x C x H x W`` view
+  (:func:`convscope.core.tokens.as_feature_map`, the input size from the model's input, the patch size from a
+  ``patch_size`` attribute of the model), so every method sees channels and a spatial grid; gradients taken
+  w.r.t. the recorded map flow back through the tokens, ``edit`` functions work in map space and their result
+  is written back (:func:`~convscope.core.tokens.from_feature_map`, extra tokens such as a class token put back
+  unchanged), and :attr:`Probe.token_info` tells how each layer was read (dropped extra tokens included).
+  Convolutional ``N x C x H x W`` and ``N x C`` outputs are untouched.
 
 On exit, always (also when the body raises): hooks are removed, every module's train/eval flag, every
 parameter's ``requires_grad`` and every ``inplace`` attribute are restored. Parameters are never modified.
@@ -23,7 +32,8 @@ Gradients at a layer are taken with ``torch.autograd.grad`` on the captured outp
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -33,8 +43,12 @@ from ..errors import ConvscopeError
 from .layers import resolve_layers, split_call
 from .rules import BackwardRule, RuleMode
 from .rules import relu_rule as rule_named
+from .tokens import TokenInfo, as_feature_map, check_layout, from_feature_map
 
 EditFn = Callable[[torch.Tensor], torch.Tensor]
+Layout = str | Mapping[str, str] | None
+"""``layout=`` of :func:`probe`: ``"auto"``, one layout for every layer (``"nchw"``, ``"nhwc"``, ``"tokens"``,
+``"tokens:E"``), ``{layer: layout}`` (other layers ``"auto"``), or ``None`` (outputs recorded as they are)."""
 
 
 class StopForward(Exception):
@@ -50,6 +64,8 @@ class Probe:
         self._keep_all = keep_all_calls
         self.stop_after: str | None = None
         self.called: list[str] = []  # layer names in the order their outputs arrived (since the last clear)
+        self.token_info: dict[str, TokenInfo] = {}  # how each layer's last output was read as a map
+        self.layout_errors: dict[str, str] = {}  # why "auto" left a 3-D / 4-D output as it was
 
     @property
     def activations(self) -> dict[str, torch.Tensor]:
@@ -65,6 +81,8 @@ class Probe:
         for c in self._calls.values():
             c.clear()
         self.called.clear()
+        self.token_info.clear()
+        self.layout_errors.clear()
 
     def _record(self, name: str, out: Any) -> None:
         self.called.append(name)
@@ -139,7 +157,7 @@ def probe(model: nn.Module, layers: str | Sequence[str] | None = None, *, edit: 
           stop_after: str | None = None, stop_early: bool = False, check_first_pass: bool = True,
           eval_mode: bool = True, freeze: bool = True,
           detach: bool = False, keep_all_calls: bool = False,
-          reduce: Callable[[str, torch.Tensor], Any] | None = None) -> Iterator[Probe]:
+          reduce: Callable[[str, torch.Tensor], Any] | None = None, layout: Layout = "auto") -> Iterator[Probe]:
     """Capture/edit the outputs of named layers for the forward passes run inside the block.
 
     Args:
@@ -163,6 +181,13 @@ def probe(model: nn.Module, layers: str | Sequence[str] | None = None, *, edit: 
         reduce: ``fn(layer, output) -> value``: record ``value`` (computed on the detached output inside the hook)
             instead of the output itself, so a large activation is not kept alive after the next layer has
             consumed it (its buffer is reused at once) and is read while a later in-place op has not changed it.
+        layout: how 3-D / 4-D outputs are read (see :data:`Layout`). ``"auto"`` (default) reads an output as a map
+            only when the pass's input is an image batch and :func:`~convscope.core.tokens.as_feature_map` finds
+            one reading: ``N x T x D`` tokens (extra tokens dropped, ``Probe.token_info[layer].extra``) and
+            ``N x H x W x C`` channels-last maps become ``N x C x H x W``; convolutional maps, ``N x C`` vectors and
+            outputs no reading fits (``Probe.layout_errors[layer]`` says why) are recorded as they are. An
+            explicit layout is applied to every tensor output of the layers it names (a mismatch is an error).
+            ``edit`` / ``grad_edit`` / ``reduce`` then see the map, and ``edit``'s map is written back.
 
     ``Probe.stop_after`` may be changed between forward passes (for example once the first pass has shown which
     layer runs last).
@@ -172,6 +197,8 @@ def probe(model: nn.Module, layers: str | Sequence[str] | None = None, *, edit: 
     extra = [n for n in [*edit, *grad_edit, *([stop_after] if stop_after else [])] if n not in wanted]
     resolved = resolve_layers(model, wanted + extra) if (wanted or extra) else {}
     all_rules = ([rule_named(relu_rule)] if relu_rule is not None else []) + list(rules)
+    layout_of = _layouts(layout, list(resolved))
+    patch = declared_patch_size(model) if any(layout_of.values()) else None
     p = Probe(list(resolved), keep_all_calls)
     p.stop_after = stop_after
     # one hook per module; a shared module may be asked for by several call names ("relu:0", "relu:1")
@@ -182,18 +209,69 @@ def probe(model: nn.Module, layers: str | Sequence[str] | None = None, *, edit: 
     calls = dict.fromkeys(by_module, 0)  # calls of each module so far in this forward pass
     pending: set[str] = set()  # with stop_early: the layers this forward pass has still to run
     passes = [0]
+    completed = [0]  # forward passes of the whole model that ran to the end
+    image_size: list[tuple[int, int] | None] = [None]  # the input's H x W in this forward pass (an image batch)
     handles = []
 
     def start_pass(module: nn.Module, args: Any) -> None:
         for base in calls:
             calls[base] = 0
         pending.clear()
+        first = args[0] if args else None
+        image_size[0] = (int(first.shape[-2]), int(first.shape[-1])) \
+            if isinstance(first, torch.Tensor) and first.dim() == 4 else None
         # the first pass runs the whole model, so a shared module asked for by its bare name is caught
         if stop_early and (passes[0] > 0 or not check_first_pass):
             pending.update(resolved)
         passes[0] += 1
 
+    def read_map(name: str, t: torch.Tensor) -> tuple[torch.Tensor, TokenInfo] | None:
+        """The map view of ``t`` and how it was read, or ``None`` to keep ``t`` as it is."""
+        spec = layout_of.get(name)
+        if spec is None:
+            return None
+        if spec == "auto":
+            if t.dim() not in (3, 4) or image_size[0] is None:
+                return None
+            try:
+                m, info = as_feature_map(t, "auto", image_size[0], patch if t.dim() == 3 else None)
+            except ConvscopeError as exc:
+                p.layout_errors[name] = str(exc)
+                return None
+        else:
+            m, info = as_feature_map(t, spec, image_size[0], patch if t.dim() == 3 else None)
+        p.token_info[name] = info if info.extra is None or not (detach or reduce is not None) else \
+            dataclasses.replace(info, extra=info.extra.detach().clone())
+        return None if info.layout == "nchw" else (m, info)
+
+    def process_map(name: str, out: torch.Tensor, m: torch.Tensor, info: TokenInfo) -> Any:
+        """:func:`process` in map space: edit, gradient edit, graph start and record on the map; downstream gets
+        the (edited) map written back into the layer's layout."""
+        if name in edit:
+            m = edit[name](m)
+        if name in grad_edit and m.requires_grad:
+            m = _GradEdit.apply(m, grad_edit[name])
+        if not detach and not m.requires_grad and torch.is_grad_enabled():
+            m = m.detach().requires_grad_(True)  # as in process(): the graph starts at this layer's map
+        if reduce is not None:
+            recorded = reduce(name, m.detach())
+        elif detach:
+            recorded = m.detach().clone(memory_format=torch.contiguous_format)
+        else:
+            recorded = m
+        p._record(name, recorded)
+        if name not in edit and name not in grad_edit and (detach or not m.requires_grad):
+            return out  # nothing changed and no gradient is wanted at the map: the output as it was
+        back = from_feature_map(m, info)
+        if back.untyped_storage().data_ptr() == m.untyped_storage().data_ptr():
+            back = back.clone()  # a view of the recorded map: a later in-place op must not rewrite the record
+        return back
+
     def process(name: str, new: Any) -> Any:
+        if isinstance(new, torch.Tensor) and layout_of:
+            read = read_map(name, new)
+            if read is not None:
+                return process_map(name, new, *read)
         if isinstance(new, torch.Tensor):
             if name in edit:
                 new = edit[name](new)
@@ -246,15 +324,66 @@ def probe(model: nn.Module, layers: str | Sequence[str] | None = None, *, edit: 
             return new if new is not output else None
         return hook
 
-    mode = RuleMode(all_rules) if all_rules else contextlib.nullcontext()
+    def end_pass(module: nn.Module, args: Any, output: Any) -> None:
+        completed[0] += 1
+
+    mode = CountingRuleMode(all_rules) if all_rules else None
     with preserved_state(model, eval_mode, freeze):
         try:
             if resolved:
                 handles.append(model.register_forward_pre_hook(start_pass))
+            if relu_rule is not None:
+                handles.append(model.register_forward_hook(end_pass))
             for base, entries in by_module.items():
                 handles.append(resolved[entries[0][0]].register_forward_hook(make_hook(base, entries)))
-            with mode:
+            with mode if mode is not None else contextlib.nullcontext():
                 yield p
+            if relu_rule is not None and mode is not None and completed[0] and not mode.hits[relu_rule]:
+                raise ConvscopeError(
+                    f"relu_rule={relu_rule!r} changed nothing: {type(model).__name__} ran no ReLU / ReLU6 (GELU, SiLU "
+                    "and other activations keep their own gradient), so the result would be the plain gradient; "
+                    "use a ReLU network, or the plain gradient (saliency) for this model")
         finally:
             for h in handles:
                 h.remove()
+
+
+class CountingRuleMode(RuleMode):
+    """:class:`~convscope.core.rules.RuleMode` that also counts, per rule name, the calls each rule handled."""
+
+    def __init__(self, rules: Sequence[BackwardRule]) -> None:
+        super().__init__(rules)
+        self.hits: dict[str, int] = {r.name: 0 for r in rules}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        rule = self.table.get(func)
+        if rule is not None:
+            self.hits[rule.name] = self.hits.get(rule.name, 0) + 1
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def declared_patch_size(model: nn.Module) -> int | tuple[int, int] | None:
+    """The patch side a model declares (``patch_size`` of the model or of its first submodule that has one, e.g.
+    a ViT's 16), which fixes the token grid of its layers to ``(H // p, W // p)``; ``None`` when none does."""
+    for m in model.modules():
+        ps = getattr(m, "patch_size", None)
+        if isinstance(ps, int) and not isinstance(ps, bool) and ps > 0:
+            return ps
+        if isinstance(ps, (tuple, list)) and len(ps) == 2 and all(isinstance(v, int) and v > 0 for v in ps):
+            return (int(ps[0]), int(ps[1]))
+    return None
+
+
+def _layouts(layout: Layout, names: Sequence[str]) -> dict[str, str]:
+    """``{layer: layout string}`` for the probed layers (empty for ``layout=None``), checked up front."""
+    if layout is None:
+        return {}
+    if isinstance(layout, str):
+        return dict.fromkeys(names, check_layout(layout))
+    if not isinstance(layout, Mapping):
+        raise ConvscopeError(f"layout={layout!r}: give 'auto', one layout string, a {{layer: layout}} dict or None")
+    unknown = [k for k in layout if k not in names]
+    if unknown:
+        raise ConvscopeError(f"layout= names layer(s) {', '.join(map(repr, unknown))} that are not probed; key the "
+                             f"dict by the probed layers ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})")
+    return {n: check_layout(layout.get(n, "auto")) for n in names}

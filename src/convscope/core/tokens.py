@@ -127,6 +127,12 @@ def from_feature_map(m: torch.Tensor, info: TokenInfo, extra: torch.Tensor | Non
     return torch.cat([extra.to(seq.dtype), seq], dim=1)
 
 
+def check_layout(layout: object) -> str:
+    """``layout`` when it is one of :data:`LAYOUTS` (``"tokens:E"`` with a count), else a one-line error."""
+    _parse(layout)
+    return layout  # type: ignore[return-value]
+
+
 def _apply(t: torch.Tensor, kind: str, extra: int, grid: tuple[int, int]) -> tuple[torch.Tensor, TokenInfo]:
     shape = tuple(t.shape)
     if kind == "nchw":

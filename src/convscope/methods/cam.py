@@ -15,6 +15,13 @@ The gradient CAMs share one template: a weighting turns activations ``A`` and gr
 one forward pass, K backward passes batched (Score-CAM: the masked forwards batched, all K targets read from
 them). The backward stops at the chosen layer (parameters frozen by the probe). Returns ``N x K x H x W`` maps at
 the input's resolution (``upsample=False``: the layer's resolution), unnormalized.
+
+Transformers: the probe reads a ViT block's ``N x T x D`` tokens and a Swin stage's ``N x H x W x C`` output as
+``N x C x H x W`` maps (``layout=``, default ``"auto"``; :mod:`convscope.core.tokens`), so every CAM works on them
+with the class token dropped. ``layer="auto"`` (:func:`resolve_cam_layer`) is the last spatial map before global
+pooling whose patch positions reach the classifier: on a ViT not the last block's output (the head reads only the
+class token, and after the last attention the patch tokens never reach it, so their gradients are exactly zero)
+but the last block's ``ln_1`` (the input of its attention; pytorch-grad-cam's choice too).
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ from torch import nn
 
 from ..core.attribution import check_input, pinned_target
 from ..core.layers import resolve_layer
-from ..core.probe import preserved_state, probe
+from ..core.model import default_input_size, float_dtype, list_layers, model_device
+from ..core.probe import Layout, preserved_state, probe
 from ..core.progress import progress_bar
 from ..core.targets import Target, batched_grad, target_scores, top_class
 from ..errors import ConvscopeError, TargetError
@@ -36,6 +44,8 @@ Weighting = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``(A: N C h w, G: K N C h w) -> K N C`` per-channel weights, or ``K N C h w`` per-pixel weights."""
 
 SCORECAM_SCORES = ("logit", "probability")
+AUTO = "auto"
+"""``layer=`` value (also ``""``) that picks the layer with :func:`default_cam_layer`."""
 
 
 def gradcam_weights(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
@@ -57,14 +67,11 @@ def layercam_weights(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
 
 
 def _class_activation_map(model: nn.Module, x: torch.Tensor, target: Target, layer: str, weighting: Weighting,
-                          relu: bool, upsample: bool) -> torch.Tensor:
-    with torch.enable_grad(), probe(model, layer) as p:  # works inside torch.no_grad() too
+                          relu: bool, upsample: bool, layout: Layout) -> torch.Tensor:
+    with torch.enable_grad(), probe(model, layer, layout=layout) as p:  # works inside torch.no_grad() too
         out = model(x)
         scores, _ = target_scores(out, target)
-        acts = p.activations[layer]
-        if acts.dim() != 4:
-            raise ConvscopeError(f"layer {layer!r} outputs shape {tuple(acts.shape)}; CAMs need a convolutional "
-                                 "layer with N x C x H x W output")
+        acts = _map_of(p.activations.get(layer), layer, p.layout_errors.get(layer))
         (grads,) = batched_grad(scores, [acts])  # K N C h w
     return weighted_maps(weighting(acts.detach(), grads), acts.detach(), relu, x.shape[-2:] if upsample else None)
 
@@ -87,27 +94,31 @@ def weighted_maps(weights: torch.Tensor, acts: torch.Tensor, relu: bool = True,
     return maps
 
 
-def gradcam(model: nn.Module, x: torch.Tensor, target: Target = top_class, layer: str = "",
-            upsample: bool = True) -> torch.Tensor:
+def gradcam(model: nn.Module, x: torch.Tensor, target: Target = top_class, layer: str = AUTO,
+            upsample: bool = True, layout: Layout = "auto") -> torch.Tensor:
     """Grad-CAM maps ``N x K x H x W`` (Selvaraju et al. 2017)."""
-    return _class_activation_map(model, x, target, _layer(model, layer), gradcam_weights, True, upsample)
+    return _class_activation_map(model, x, target, _layer(model, layer), gradcam_weights, True, upsample,
+                                 layout)
 
 
-def gradcam_pp(model: nn.Module, x: torch.Tensor, target: Target = top_class, layer: str = "",
-               upsample: bool = True) -> torch.Tensor:
+def gradcam_pp(model: nn.Module, x: torch.Tensor, target: Target = top_class, layer: str = AUTO,
+               upsample: bool = True, layout: Layout = "auto") -> torch.Tensor:
     """Grad-CAM++ maps ``N x K x H x W`` (Chattopadhay et al. 2018)."""
-    return _class_activation_map(model, x, target, _layer(model, layer), gradcam_pp_weights, True, upsample)
+    return _class_activation_map(model, x, target, _layer(model, layer), gradcam_pp_weights, True, upsample,
+                                 layout)
 
 
-def layercam(model: nn.Module, x: torch.Tensor, target: Target = top_class, layer: str = "",
-             upsample: bool = True) -> torch.Tensor:
+def layercam(model: nn.Module, x: torch.Tensor, target: Target = top_class, layer: str = AUTO,
+             upsample: bool = True, layout: Layout = "auto") -> torch.Tensor:
     """Layer-CAM maps ``N x K x H x W`` (Jiang et al. 2021, Eq. 4-6): ``ReLU(sum_k ReLU(g_k) * A_k)``, the
     activations weighted position by position by their positive gradients; works on early layers too."""
-    return _class_activation_map(model, x, target, _layer(model, layer), layercam_weights, True, upsample)
+    return _class_activation_map(model, x, target, _layer(model, layer), layercam_weights, True, upsample,
+                                 layout)
 
 
-def scorecam(model: nn.Module, x: torch.Tensor, target: Target = top_class, layer: str = "", batch_size: int = 64,
-             upsample: bool = True, score: str = "logit", progress: bool | None = None) -> torch.Tensor:
+def scorecam(model: nn.Module, x: torch.Tensor, target: Target = top_class, layer: str = AUTO, batch_size: int = 64,
+             upsample: bool = True, score: str = "logit", progress: bool | None = None,
+             layout: Layout = "auto") -> torch.Tensor:
     """Score-CAM maps ``N x K x H x W`` (Wang et al. 2020): gradient-free, one masked forward pass per channel.
 
     For every channel ``k`` of ``layer``: ``H_k = s(Up(A_k))``, the map upsampled bilinearly to the input size
@@ -136,12 +147,9 @@ def scorecam(model: nn.Module, x: torch.Tensor, target: Target = top_class, laye
     layer = _layer(model, layer)
     x = x.detach()
     num, size = x.shape[0], x.shape[-2:]
-    with torch.no_grad(), probe(model, layer, detach=True, reduce=lambda _name, a: a.clone()) as p:
+    with torch.no_grad(), probe(model, layer, detach=True, reduce=lambda _name, a: a.clone(), layout=layout) as p:
         out = model(x)  # a copy of the activations is kept: a later in-place op cannot change it
-        acts = p.activations[layer]
-    if not isinstance(acts, torch.Tensor) or acts.dim() != 4:
-        raise ConvscopeError(f"layer {layer!r} outputs shape {tuple(getattr(acts, 'shape', ()))}; CAMs need a "
-                             "convolutional layer with N x C x H x W output")
+        acts = _map_of(p.activations.get(layer), layer, p.layout_errors.get(layer))
     fixed = pinned_target(model, x, target, output=out)
     k = target_scores(out, fixed)[0].shape[1]
     channels = acts.shape[1]
@@ -170,21 +178,28 @@ def scorecam(model: nn.Module, x: torch.Tensor, target: Target = top_class, laye
     return weighted_maps(alpha.to(acts.dtype), acts, True, size if upsample else None)
 
 
-def cam(model: nn.Module, x: torch.Tensor, target: Target = top_class, layer: str = "",
-        classifier: str | None = None, upsample: bool = True) -> torch.Tensor:
+def cam(model: nn.Module, x: torch.Tensor, target: Target = top_class, layer: str = AUTO,
+        classifier: str | None = None, upsample: bool = True, layout: Layout = "auto") -> torch.Tensor:
     """CAM ``N x K x H x W`` (Zhou et al. 2016) for a net whose ``layer`` is global-average-pooled into a linear
-    ``classifier`` (default: the model's last ``nn.Linear``)."""
+    ``classifier`` (default: the model's last ``nn.Linear``). On a token layer with extra tokens (a ViT block) the
+    premise is checked: the logits must equal ``classifier(mean of the patch map)``, which fails where the head
+    reads a class token."""
     layer = _layer(model, layer)
     fc = _classifier(model, classifier)
-    with torch.no_grad(), probe(model, layer) as p:
+    with torch.no_grad(), probe(model, layer, layout=layout) as p:
         out = model(x)
         _, idx = target_scores(out, target)
-        acts = p.activations[layer]
+        acts = _map_of(p.activations.get(layer), layer, p.layout_errors.get(layer))
+        info = p.token_info.get(layer)
     if idx is None:
         raise ConvscopeError("CAM needs class indices as targets (its weights are classifier rows), not scores")
     if acts.dim() != 4 or acts.shape[1] != fc.in_features:
         raise ConvscopeError(f"CAM needs layer {layer!r} ({tuple(acts.shape[1:])}) to feed the classifier by global "
                              f"average pooling ({fc.in_features} inputs); use gradcam for other layers")
+    if info is not None and info.extra_tokens and not torch.allclose(
+            fc(acts.mean((2, 3))), out.reshape(len(out), -1), rtol=1e-4, atol=1e-4):
+        raise ConvscopeError(f"CAM needs the classifier to read the global average of layer {layer!r}'s map, but this "
+                             f"model's head reads its {info.extra_tokens} extra (class) token(s); use gradcam")
     weights = fc.weight[idx]  # N K C
     maps = torch.einsum("nkc,nchw->nkhw", weights, acts)
     if upsample:
@@ -193,22 +208,90 @@ def cam(model: nn.Module, x: torch.Tensor, target: Target = top_class, layer: st
 
 
 def default_cam_layer(model: nn.Module) -> str:
-    """The last module whose output is a 4-D feature map and that is not a pooling, dropout or identity layer
+    """The last module whose output is a spatial feature map and that is not a pooling, dropout or identity layer
     (found with one forward pass): the last convolutional block's output, as Grad-CAM uses (Selvaraju et al. 2017,
-    Sec. 3), e.g. ``head.act`` for EfficientNet, ``features.relu5`` for demo_net."""
-    from ..core.model import list_layers
+    Sec. 3), e.g. ``head.act`` for EfficientNet, ``features.relu5`` for demo_net, ``permute`` for Swin.
 
-    rows = [r for r in list_layers(model) if r.output_shape is not None and len(r.output_shape) == 3
+    Token layers count as maps (the probe's ``layout="auto"``). When the last one is a token layer, a second pass
+    with gradients keeps only layers whose patch positions reach the classifier's input (the last ``nn.Linear``,
+    random weights on its inputs, so an all-zero head does not hide them): on a ViT the layers after the last
+    attention carry the class token alone to the head, and the choice is the last block's ``ln_1``."""
+    size = _sample_size(model)
+    rows = [r for r in list_layers(model, input_size=size) if r.output_shape is not None and len(r.output_shape) == 3
             and r.output_shape[1] > 1]
     if not rows:
         raise ConvscopeError("this model has no layer with a spatial feature map; pass layer= explicitly")
     skip = ("Pool", "Dropout", "Identity", "Flatten")
     kept = [r for r in rows if not any(k in r.type for k in skip)]
-    return (kept or rows)[-1].name
+    names = [r.name for r in (kept or rows)]
+    return _last_reaching(model, names, size)
+
+
+def _sample_size(model: nn.Module) -> tuple[int, int]:
+    """The input size of the layer search: the model's declared ``image_size`` (a ViT's), else its preprocess size
+    or 224 x 224."""
+    size = getattr(model, "image_size", None)
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return (size, size)
+    return default_input_size(model)
+
+
+def _last_reaching(model: nn.Module, names: list[str], size: tuple[int, int]) -> str:
+    """The last of ``names`` unless it is a token layer; then the last layer that is not a token layer or whose
+    patch map reaches the classifier's input (a random projection of it has a non-zero gradient there)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, *size, generator=gen).to(model_device(model), float_dtype(model))
+    with torch.no_grad(), probe(model, names[-1], detach=True, stop_after=names[-1]) as p:
+        p.forward(model, x)
+        info = p.token_info.get(names[-1])
+    if info is None or info.layout != "tokens":
+        return names[-1]
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    seen: list[torch.Tensor] = []
+    handle = linears[-1].register_forward_pre_hook(lambda _m, args: seen.append(args[0])) if linears else None
+    try:
+        with torch.enable_grad(), probe(model, names) as p:
+            out = model(x)
+            feats = seen[-1] if seen else out
+            r = torch.randn(feats.shape, generator=gen).to(feats)
+            acts = p.activations
+            tokens = [n for n in names if n in p.token_info and p.token_info[n].layout == "tokens"]
+            grads = dict(zip(tokens, torch.autograd.grad((feats * r).sum(), [acts[n] for n in tokens],
+                                                         allow_unused=True)))
+    finally:
+        if handle is not None:
+            handle.remove()
+    for name in reversed(names):
+        g = grads.get(name)
+        if name not in grads or (g is not None and bool(g.abs().amax() > 0)):
+            return name
+    return names[-1]
+
+
+def resolve_cam_layer(model: nn.Module, layer: str = AUTO) -> str:
+    """The layer a CAM uses: ``layer``'s canonical name, or for ``"auto"`` / ``""`` :func:`default_cam_layer`'s
+    choice (so reports can print it)."""
+    if layer in (AUTO, "") or layer is None:
+        return default_cam_layer(model)
+    return resolve_layer(model, layer)[0]
 
 
 def _layer(model: nn.Module, layer: str) -> str:
-    return resolve_layer(model, layer)[0] if layer else default_cam_layer(model)
+    return resolve_cam_layer(model, layer)
+
+
+def _map_of(acts: object, layer: str, why: str | None) -> torch.Tensor:
+    """The layer's recorded map, or a one-line error naming the fix."""
+    if isinstance(acts, torch.Tensor) and acts.dim() == 4:
+        return acts
+    if acts is None:
+        raise ConvscopeError(f"layer {layer!r} did not run in the forward pass; pick a layer from `convscope layers "
+                             "MODEL` that the model's forward() calls")
+    shape = tuple(getattr(acts, "shape", ())) or type(acts).__name__
+    reason = f" ({why.split(';')[0]})" if why else ""
+    raise ConvscopeError(f"layer {layer!r} outputs {shape}{reason}; CAMs need a convolutional layer's N x C x H x W "
+                         "map (or tokens / channels-last ones, read with layout='tokens:E' / 'nhwc'): pass layout= or "
+                         "choose another layer")
 
 
 def _classifier(model: nn.Module, name: str | None) -> nn.Linear:
