@@ -15,16 +15,20 @@ flush with the far edge when the strides do not reach it, so every pixel is cove
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
 from ..core.model import input_normalizer
-from ..core.probe import probe
+from ..core.probe import preserved_state, probe
 from ..core.progress import progress_bar
 from ..core.targets import Target, target_scores, top_class
 from ..errors import ConvscopeError, TargetError
+from .incremental import IncrementalRunner, make_batch, plan_incremental
 
 Fill = str | float | torch.Tensor
 
@@ -47,6 +51,8 @@ class OcclusionResult:
         strongest_unit: ``N x P_h x P_w``, that feature map's activation summed over space with the window at each
             position (Fig. 7 (b)); None without ``layer``.
         unit_activation: ``N``, the same sum on the unoccluded image (the reference level of ``strongest_unit``).
+        path: one line saying how the occluded copies were computed: incremental inference on dirty boxes
+            (:mod:`convscope.methods.incremental`), or full forward passes and why.
     """
 
     maps: torch.Tensor
@@ -61,6 +67,7 @@ class OcclusionResult:
     unit: torch.Tensor | None = None
     strongest_unit: torch.Tensor | None = None
     unit_activation: torch.Tensor | None = None
+    path: str = "full forward passes"
 
 
 def window_positions(size: int, window: int, stride: int) -> list[int]:
@@ -76,7 +83,7 @@ def window_positions(size: int, window: int, stride: int) -> list[int]:
 
 def occlusion(model: nn.Module, x: torch.Tensor, target: Target = top_class, window: int | tuple[int, int] = 16,
               stride: int | tuple[int, int] = 8, fill: Fill = 0.5, batch_size: int = 64, layer: str | None = None,
-              progress: bool | None = None) -> OcclusionResult:
+              progress: bool | None = None, incremental: bool | Literal["auto"] = "auto") -> OcclusionResult:
     """Occlusion sensitivity maps for a batch of images ``N x C x H x W`` (Zeiler & Fergus 2014, Sec. 4.2).
 
     Args:
@@ -92,10 +99,17 @@ def occlusion(model: nn.Module, x: torch.Tensor, target: Target = top_class, win
         layer: also record the strongest feature map of this layer (``strongest_unit``, Fig. 7 (b)).
         progress: a progress bar with an ETA, counting occluded copies: ``True``, ``False``, or ``None`` (default:
             once the work has run for 2 s).
+        incremental: ``"auto"`` (default) computes each occluded copy by incremental inference (Nakandala et al.
+            2019: only the receptive-field cone of the window is recomputed, from cached clean activations; exact
+            up to float rounding) when the model is made of supported layers, else full forward passes
+            (``result.path`` says which and why). ``True``: the same, with a warning when it has to fall back.
+            ``False``: always one full forward pass per copy (the reference).
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point() or x.shape[0] == 0:
         raise ConvscopeError(f"occlusion expects a float batch of images N x C x H x W, got "
                              f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+    if incremental not in (True, False, "auto"):
+        raise ConvscopeError(f"occlusion(incremental={incremental!r}): use 'auto', True or False")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConvscopeError(f"occlusion(batch_size={batch_size!r}): use a positive int")
     x = x.detach()
@@ -112,38 +126,57 @@ def occlusion(model: nn.Module, x: torch.Tensor, target: Target = top_class, win
     n_pos = len(rows) * len(cols)
     total = num * n_pos
 
-    with torch.no_grad(), probe(model, layer, detach=True) as p, \
+    with torch.no_grad(), preserved_state(model), \
             progress_bar(total=total, desc="occlusion", unit="copy", progress=progress, leave=False) as bar:
-        out = model(x)
+        with probe(model, layer, detach=True) as p:
+            out = model(x)
+            layer_clean = p.activations[layer] if layer is not None else None
         clean, idx = target_scores(out, target)
         k = clean.shape[1]
         unit = unit_act = None
         if layer is not None:
-            act = _as_maps(p.activations[layer], layer)
+            act = _as_maps(layer_clean, layer)
             unit = act.flatten(2).amax(2).argmax(1)  # N: the feature map with the strongest response
             unit_act = act[torch.arange(num), unit].flatten(1).sum(1)
+        runner, path = None, "full forward passes (incremental=False)"
+        if incremental is not False:
+            plan, path = plan_incremental(model, x, out, rows, cols, (wh, ww), layer, layer_clean)
+            if plan is not None:
+                runner = IncrementalRunner(plan, filled)
+            elif incremental is True:
+                warnings.warn(f"occlusion: {path}", stacklevel=2)
         scores = torch.empty(total, k, dtype=clean.dtype, device=clean.device)
         predicted = torch.empty(total, dtype=torch.long, device=x.device)
         unit_sums = torch.empty(total, dtype=x.dtype, device=x.device) if layer is not None else None
-        for start in range(0, total, batch_size):
-            flat = torch.arange(start, min(start + batch_size, total), device=x.device)
-            img, pos = flat // n_pos, flat % n_pos  # row order: image-major, then window row, then window column
-            mask = (row_in[pos // len(cols)][:, :, None] & col_in[pos % len(cols)][:, None, :])[:, None]
-            occluded = torch.where(mask, filled[img], x[img])
-            o = model(occluded)
-            if idx is not None:
-                s = o.reshape(len(flat), -1).gather(1, idx[img])
-            else:
-                s, _ = target_scores(o, target)
-                if s.shape[1] != k:
-                    raise TargetError(f"the target callable returned {s.shape[1]} scores per image on occluded "
-                                      f"copies but {k} on the clean images; it must return the same number")
-            scores[flat] = s
-            predicted[flat] = o.reshape(len(flat), -1).argmax(1)
-            if unit_sums is not None and unit is not None:
-                a = _as_maps(p.activations[layer], layer)
-                unit_sums[flat] = a[torch.arange(len(flat), device=x.device), unit[img]].flatten(1).sum(1).to(x.dtype)
-            bar.update(len(flat))
+        with contextlib.ExitStack() as stack:
+            p = stack.enter_context(probe(model, layer, detach=True)) if runner is None else None
+            for start in range(0, total, batch_size):
+                flat = torch.arange(start, min(start + batch_size, total), device=x.device)
+                img = flat // n_pos  # row order: image-major, then window row, then window column
+                if runner is not None:
+                    batch = make_batch(flat, n_pos, len(cols))
+                    o, layer_out = runner.run(batch)
+                    if unit_sums is not None and unit is not None and layer_out is not None:
+                        unit_sums[flat] = runner.unit_sums(layer_out, unit, batch).to(x.dtype)
+                else:
+                    assert p is not None
+                    pos = flat % n_pos
+                    mask = (row_in[pos // len(cols)][:, :, None] & col_in[pos % len(cols)][:, None, :])[:, None]
+                    o = model(torch.where(mask, filled[img], x[img]))
+                    if unit_sums is not None and unit is not None:
+                        a = _as_maps(p.activations[layer], layer)
+                        unit_sums[flat] = a[torch.arange(len(flat), device=x.device), unit[img]].flatten(1).sum(
+                            1).to(x.dtype)
+                if idx is not None:
+                    s = o.reshape(len(flat), -1).gather(1, idx[img])
+                else:
+                    s, _ = target_scores(o, target)
+                    if s.shape[1] != k:
+                        raise TargetError(f"the target callable returned {s.shape[1]} scores per image on occluded "
+                                          f"copies but {k} on the clean images; it must return the same number")
+                scores[flat] = s
+                predicted[flat] = o.reshape(len(flat), -1).argmax(1)
+                bar.update(len(flat))
 
     grid = (num, len(rows), len(cols))
     scores_g = scores.reshape(*grid, k).permute(0, 3, 1, 2)  # N K Ph Pw
@@ -154,7 +187,7 @@ def occlusion(model: nn.Module, x: torch.Tensor, target: Target = top_class, win
     return OcclusionResult(
         maps=maps, scores=scores_g, clean_scores=clean, targets=idx, predicted=predicted.reshape(grid),
         rows=rows, cols=cols, window=(wh, ww), layer=layer, unit=unit,
-        strongest_unit=None if unit_sums is None else unit_sums.reshape(grid), unit_activation=unit_act)
+        strongest_unit=None if unit_sums is None else unit_sums.reshape(grid), unit_activation=unit_act, path=path)
 
 
 def _pair(v: int | tuple[int, int], name: str) -> tuple[int, int]:
