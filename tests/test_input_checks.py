@@ -15,6 +15,7 @@ from convscope.core.checks import (
     check_model_input,
     first_conv,
     first_nonfinite_layer,
+    input_channels,
 )
 from convscope.errors import ConvscopeError
 
@@ -82,6 +83,7 @@ def test_first_conv_is_cached_and_rescanned_when_the_stem_is_replaced():
     assert first_conv(model)[1] is model[0]
     x = torch.rand(1, 1, 16, 16)
     assert check_model_input(model, x) is x
+    assert input_channels(model) == 1 and input_channels(_net(4)) == 4 and input_channels(nn.Linear(2, 2)) == 3
 
 
 def test_forward_pre_hook_checks_every_call_and_leaves_the_model():

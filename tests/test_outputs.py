@@ -15,6 +15,7 @@ from convscope.core.targets import (
     OutputTarget,
     output,
     pinned,
+    scores_of,
     select_output,
     target_scores,
     tensor_leaves,
@@ -128,6 +129,7 @@ def test_targets_on_containers():
     s, _ = target_scores(((-logits)[1:], logits[1:]), p[1:])  # output 1, class 0 of image 1
     assert torch.equal(s, logits[1:, :1])
     assert torch.equal(pinned(top_class, torch.tensor([[1]])), torch.tensor([[1]]))
+    assert scores_of(two, p) is two[1] and scores_of(out, top_class) is logits
     assert output("logits").__name__ == "output('logits', top_class)"
     with pytest.raises(TargetError, match="a target callable returned scores of shape"):
         target_scores(two, lambda o: o[0].sum())  # a scalar for a container output: which image?

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -53,9 +54,18 @@ def _still_there(model: nn.Module, entry: tuple[str, nn.Module] | None) -> bool:
         return False
 
 
+def input_channels(model: nn.Module, default: int = 3) -> int:
+    """The channel count the model takes: its first convolution's ``in_channels`` (``default`` without one), for
+    code that builds a sample input (``torch.zeros(1, input_channels(model), H, W)``)."""
+    stem = first_conv(model)
+    if stem is None or _lazy(stem[1]):
+        return default
+    return int(stem[1].in_channels)  # type: ignore[arg-type]
+
+
 def model_float(model: nn.Module) -> tuple[torch.dtype, torch.device] | None:
     """dtype and device of the model's first floating-point parameter or buffer (None for a model without one)."""
-    for t in [*model.parameters(), *model.buffers()]:
+    for t in itertools.chain(model.parameters(), model.buffers()):  # lazily: usually the first one answers
         if t.is_floating_point():
             return t.dtype, t.device
     return None

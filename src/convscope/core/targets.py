@@ -185,6 +185,12 @@ def pinned(target: Target, indices: torch.Tensor) -> torch.Tensor | OutputTarget
     return OutputTarget(target.output, indices) if isinstance(target, OutputTarget) else indices
 
 
+def scores_of(out: Any, target: Target) -> torch.Tensor:
+    """The tensor of a model output that ``target`` reads: the :func:`output` target's choice, else the default
+    :func:`select_output` (for methods that read the output beside :func:`target_scores`, e.g. a softmax)."""
+    return select_output(out, target.output if isinstance(target, OutputTarget) else None)
+
+
 def top_class(output: Any) -> torch.Tensor:
     """The highest-scoring class of each image (of the scores tensor :func:`select_output` picks)."""
     return select_output(output).argmax(dim=1)
