@@ -18,8 +18,10 @@ layer, going down), or from the gradient's support for any network.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from PIL import Image
@@ -258,6 +260,29 @@ def _gradient_boxes(model: nn.Module, layer: str, locations: torch.Tensor, x: to
     return boxes
 
 
+BoxCache = dict[tuple[int, int], torch.Tensor]
+_BOXES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], BoxCache]] = weakref.WeakKeyDictionary()
+
+
+def weights_version(model: nn.Module) -> tuple[tuple[int, int], ...]:
+    """Identity and in-place version counter of every parameter and buffer: changes whenever the weights do."""
+    return tuple((t.data_ptr(), t._version) for t in [*model.parameters(), *model.buffers()])
+
+
+def box_cache(model: nn.Module, layer: str, size: tuple[int, int], dtype: torch.dtype,
+              device: torch.device) -> BoxCache:
+    """The gradient receptive-field boxes already found for ``layer`` at input ``size``, by location ``(y, x)``:
+    a box depends on (weights, layer, input size, location) only, so every call (every atlas chunk of units,
+    every top-k row at the same location) shares it. Forgotten with the model, or when its weights change."""
+    per_model = _BOXES.setdefault(model, {})
+    key = (layer, size, dtype, str(device), weights_version(model))
+    if key not in per_model:
+        for old in [k for k in per_model if k[:4] == key[:4]]:  # stale weights
+            del per_model[old]
+        per_model[key] = {}
+    return per_model[key]
+
+
 def receptive_fields(model: nn.Module, layer: str, locations: torch.Tensor | Sequence[Sequence[int]],
                      input_size: tuple[int, int], method: str = "auto", batch_size: int = 32) -> torch.Tensor:
     """Input-pixel boxes ``L x 4`` = ``(top, left, bottom, right)``, half-open, of unit locations ``L x 2`` (y, x).
@@ -266,7 +291,8 @@ def receptive_fields(model: nn.Module, layer: str, locations: torch.Tensor | Seq
     networks: the explicit DeconvNet chain); ``"gradient"``: the bounding box of the gradient's support, unioned
     over 4 random images (any network; it can be smaller than the theoretical field where units are inactive on
     all of them, and it is the whole image for globally pooled or attention layers); ``"auto"``: analytic where
-    possible. Boxes are clipped to the image.
+    possible. Boxes are clipped to the image. Gradient boxes are computed once per (layer, input size, location)
+    and kept with the model while its weights do not change (:func:`box_cache`).
     """
     if method not in ("auto", "analytic", "gradient"):
         raise ConvscopeError(f"receptive_field(method={method!r}): use 'auto', 'analytic' or 'gradient'")
@@ -290,8 +316,15 @@ def receptive_fields(model: nn.Module, layer: str, locations: torch.Tensor | Seq
     if not len(locs):
         return torch.empty(0, 4, dtype=torch.long)
     distinct, back = torch.unique(locs, dim=0, return_inverse=True)  # top-k locations repeat: one pass each
-    rand = torch.randn(4, x.shape[1], *size, generator=gen).to(dev, dtype)
-    return _gradient_boxes(model, layer, distinct.to(dev), rand, batch_size)[back]
+    cache = box_cache(model, layer, size, dtype, dev)
+    keys = [(int(y), int(x_)) for y, x_ in distinct.tolist()]
+    missing = [i for i, key in enumerate(keys) if key not in cache]
+    if missing:
+        rand = torch.randn(4, x.shape[1], *size, generator=gen).to(dev, dtype)
+        found = _gradient_boxes(model, layer, distinct[missing].to(dev), rand, batch_size)
+        for i, box in zip(missing, found):
+            cache[keys[i]] = box
+    return torch.stack([cache[key] for key in keys])[back]
 
 
 def receptive_field(model: nn.Module, layer: str, location: tuple[int, int], input_size: tuple[int, int],
