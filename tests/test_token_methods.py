@@ -163,7 +163,7 @@ def test_gradcam_on_vit_and_swin_equals_independent_computations(x):
     swin = tiny_swin()
     for f in (gradcam, gradcam_pp, layercam):  # Swin's channels-last norm output vs its own N x C x H x W permute
         torch.testing.assert_close(f(swin, x, layer="norm"), f(swin, x, layer="permute"))
-    torch.testing.assert_close(scorecam(swin, x, layer="norm"), scorecam(swin, x, layer="permute"))
+    torch.testing.assert_close(scorecam(swin, x[:1], layer="norm"), scorecam(swin, x[:1], layer="permute"))
 
 
 @pytest.mark.parametrize("make", [tiny_vit, tiny_swin], ids=["vit", "swin"])

@@ -26,6 +26,7 @@ but the last block's ``ln_1`` (the input of its attention; pytorch-grad-cam's ch
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -46,6 +47,8 @@ Weighting = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 SCORECAM_SCORES = ("logit", "probability")
 AUTO = "auto"
 """``layer=`` value (also ``""``) that picks the layer with :func:`default_cam_layer`."""
+_AUTO_LAYERS: weakref.WeakKeyDictionary[nn.Module, tuple[object, str]] = weakref.WeakKeyDictionary()
+"""default_cam_layer's choice per model, kept while the model's module structure and the sample size are the same."""
 
 
 def gradcam_weights(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
@@ -215,8 +218,13 @@ def default_cam_layer(model: nn.Module) -> str:
     Token layers count as maps (the probe's ``layout="auto"``). When the last one is a token layer, a second pass
     with gradients keeps only layers whose patch positions reach the classifier's input (the last ``nn.Linear``,
     random weights on its inputs, so an all-zero head does not hide them): on a ViT the layers after the last
-    attention carry the class token alone to the head, and the choice is the last block's ``ln_1``."""
+    attention carry the class token alone to the head, and the choice is the last block's ``ln_1``. The choice is
+    cached per model while its module structure (names and types) stays the same."""
     size = _sample_size(model)
+    key = (size, tuple((n, type(m).__name__) for n, m in model.named_modules()))
+    cached = _AUTO_LAYERS.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
     rows = [r for r in list_layers(model, input_size=size) if r.output_shape is not None and len(r.output_shape) == 3
             and r.output_shape[1] > 1]
     if not rows:
@@ -224,7 +232,9 @@ def default_cam_layer(model: nn.Module) -> str:
     skip = ("Pool", "Dropout", "Identity", "Flatten")
     kept = [r for r in rows if not any(k in r.type for k in skip)]
     names = [r.name for r in (kept or rows)]
-    return _last_reaching(model, names, size)
+    chosen = _last_reaching(model, names, size)
+    _AUTO_LAYERS[model] = (key, chosen)
+    return chosen
 
 
 def _sample_size(model: nn.Module) -> tuple[int, int]:
