@@ -202,7 +202,7 @@ def test_sparse_tally_equals_dense_upsampling(src, dst, layout, chunk, monkeypat
     from convscope.methods.dissect import BatchLabels, tally_batch
 
     if chunk:  # interpolate a few blocks at a time: chunks must stay inside their group of equal-shaped blocks
-        monkeypatch.setattr(importlib.import_module("convscope.methods.dissect"), "_TALLY_CHUNK", chunk)
+        monkeypatch.setattr(importlib.import_module("convscope.methods.dissect.tally"), "_TALLY_CHUNK", chunk)
     g = torch.Generator().manual_seed(src[0] * 100 + dst[1])
     n, u, c, layers = 4, 6, 5, 2
     act = torch.randn(n, u, *src, generator=g).relu()
