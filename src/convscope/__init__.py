@@ -24,8 +24,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ".atlas.store": ("Atlas", "AtlasError", "open_atlas",),
     ".core.device": ("resolve_device", "tune_cpu_allocator",),
     ".core.images": (
-        "Preprocess", "load_image", "load_images", "sample_image", "sample_images", "expand_inputs",
-        "image_name", "unique_names",
+        "Preprocess", "load_image", "load_images", "sample_image", "sample_images", "expand_inputs", "image_name",
+        "unique_names",
     ),
     ".core.layers": ("named_layers", "resolve_layer",),
     ".core.model": ("LayerInfo", "list_layers",),
@@ -38,15 +38,14 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ),
     ".methods.adversarial": ("AdversarialResult", "FeatureChange", "feature_change", "fgsm", "pgd",),
     ".methods.backprop": ("deconvnet_rule", "guided_backprop", "guided_gradcam",),
-    ".methods.cam": ("cam", "gradcam", "gradcam_pp",),
+    ".methods.cam": ("cam", "gradcam", "gradcam_pp", "layercam", "scorecam",),
     ".methods.deconvnet": ("deconvnet", "unit_backprop",),
     ".methods.dissect": ("Comparison", "DissectConfig", "LayerDissection", "UnitLabel", "compare", "dissect",),
     ".methods.filters": ("first_layer_filters",),
     ".methods.invert": ("InversionResult", "invert",),
     ".methods.maximize": (
         "FoolingResult", "GeneratorResult", "MaximizationResult", "MultifacetedResult", "Regularization",
-        "activation_maximization", "channel", "dgn_am", "encode", "fooling_image", "logit", "multifaceted",
-        "neuron",
+        "activation_maximization", "channel", "dgn_am", "encode", "fooling_image", "logit", "multifaceted", "neuron",
     ),
     ".methods.net2vec": ("ConceptVector", "Net2VecConfig", "Net2VecResult", "net2vec",),
     ".methods.occlusion": ("OcclusionResult", "occlusion",),
@@ -60,6 +59,26 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ".models": ("get_classes", "get_preprocess", "imagenet_classes", "list_models", "load_model", "load_weights",),
     ".models.predict": ("Prediction", "predict",),
     ".applications.monitor": ("EvolutionMonitor",),
+    ".methods.integrated_gradients": ("IntegratedGradientsResult", "integrated_gradients",),
+    ".methods.lrp": ("lrp",),
+    ".methods.visual_backprop": ("visual_backprop",),
+    ".methods.cnn_fixations": ("FixationResult", "cnn_fixations",),
+    ".methods.prediction_difference": ("prediction_difference",),
+    ".methods.graph": ("GraphNode", "ModelGraph", "model_graph",),
+    ".methods.embed": ("Embedding", "embed",),
+    ".methods.dream": ("DreamResult", "deep_dream",),
+    ".applications.graph_report": ("graph_report",),
+    ".applications.embed_report": ("embed_report",),
+    ".applications.dream_report": ("dream_report",),
+    ".core.stream": ("layer_features", "stream_layers",),
+    ".methods.similarity": (
+        "SimilarityResult", "UnitMatching", "layer_similarity", "linear_cka", "match_units", "rbf_cka", "svcca",
+    ),
+    ".methods.landscape": (
+        "InterpolationResult", "LandscapeResult", "interpolate", "loss_landscape", "random_direction",
+    ),
+    ".applications.similarity_report": ("similarity_report",),
+    ".applications.landscape_report": ("landscape_report",),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)
@@ -78,8 +97,13 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
 
 
-if TYPE_CHECKING:  # static analysers and IDEs see the same names
+if TYPE_CHECKING:  # static analysers and IDEs see the same names (generated from _EXPORTS)
+    from .applications.dream_report import dream_report
+    from .applications.embed_report import embed_report
+    from .applications.graph_report import graph_report
+    from .applications.landscape_report import landscape_report
     from .applications.monitor import EvolutionMonitor
+    from .applications.similarity_report import similarity_report
     from .applications.style import StyleResult, gram, style_transfer
     from .atlas.builder import build_atlas
     from .atlas.store import Atlas, AtlasError, open_atlas
@@ -99,22 +123,23 @@ if TYPE_CHECKING:  # static analysers and IDEs see the same names
     from .core.probe import preserved_state, probe
     from .core.render import apply_colormap, filter_grid, grid, overlay, save_png, to_display, to_pil
     from .core.report import HtmlReport
+    from .core.stream import layer_features, stream_layers
     from .core.targets import target_scores, top_class, top_k
-    from .errors import (
-        ConvscopeError,
-        DataError,
-        ImageLoadError,
-        LayerNotFoundError,
-        ModelLoadError,
-        TargetError,
-    )
+    from .errors import ConvscopeError, DataError, ImageLoadError, LayerNotFoundError, ModelLoadError, TargetError
     from .methods.adversarial import AdversarialResult, FeatureChange, feature_change, fgsm, pgd
     from .methods.backprop import deconvnet_rule, guided_backprop, guided_gradcam
-    from .methods.cam import cam, gradcam, gradcam_pp
+    from .methods.cam import cam, gradcam, gradcam_pp, layercam, scorecam
+    from .methods.cnn_fixations import FixationResult, cnn_fixations
     from .methods.deconvnet import deconvnet, unit_backprop
     from .methods.dissect import Comparison, DissectConfig, LayerDissection, UnitLabel, compare, dissect
+    from .methods.dream import DreamResult, deep_dream
+    from .methods.embed import Embedding, embed
     from .methods.filters import first_layer_filters
+    from .methods.graph import GraphNode, ModelGraph, model_graph
+    from .methods.integrated_gradients import IntegratedGradientsResult, integrated_gradients
     from .methods.invert import InversionResult, invert
+    from .methods.landscape import InterpolationResult, LandscapeResult, interpolate, loss_landscape, random_direction
+    from .methods.lrp import lrp
     from .methods.maximize import (
         FoolingResult,
         GeneratorResult,
@@ -133,7 +158,17 @@ if TYPE_CHECKING:  # static analysers and IDEs see the same names
     from .methods.net2vec import ConceptVector, Net2VecConfig, Net2VecResult, net2vec
     from .methods.occlusion import OcclusionResult, occlusion
     from .methods.perturb import PerturbationStudy, perturbation_study
+    from .methods.prediction_difference import prediction_difference
     from .methods.saliency import gradient, input_x_gradient, saliency, smoothgrad
+    from .methods.similarity import (
+        SimilarityResult,
+        UnitMatching,
+        layer_similarity,
+        linear_cka,
+        match_units,
+        rbf_cka,
+        svcca,
+    )
     from .methods.topk import (
         DeadUnits,
         TopKActivations,
@@ -146,5 +181,6 @@ if TYPE_CHECKING:  # static analysers and IDEs see the same names
         top_k_patches,
     )
     from .methods.upconv import UpconvNet, load_upconv, reconstruct, train_upconv
+    from .methods.visual_backprop import visual_backprop
     from .models import get_classes, get_preprocess, imagenet_classes, list_models, load_model, load_weights
     from .models.predict import Prediction, predict

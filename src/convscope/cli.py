@@ -1092,10 +1092,156 @@ def add_perturb(sub: Subparsers) -> None:
     p.set_defaults(func=cmd_perturb)
 
 
+def cmd_graph(args: argparse.Namespace) -> int:
+    from .applications.graph_report import graph_report
+
+    model = _load(args)
+    run = graph_report(model, Path(args.out), input_size=tuple(args.size) if args.size else None, png=args.png)
+    g = run.graph
+    print(f"{len(g.module_calls)} module calls, {len(g.joins)} joins, {g.params:,} parameters; wrote {run.svg} and "
+          f"{run.html}")
+    return 0
+
+
+def add_graph(sub: Subparsers) -> None:
+    p = sub.add_parser("graph", help="the model's computation graph: SVG, HTML with collapsible modules, JSON")
+    _model_args(p, positional=True)
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="input size to trace (default: the model's)")
+    p.add_argument("--png", action="store_true", help="also write graph.png (the drawing rasterized)")
+    p.add_argument("--out", "-o", default="out/graph", help="output folder (default out/graph/)")
+    p.set_defaults(func=cmd_graph)
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from .applications.embed_report import run_embed
+
+    model = _load(args)
+    run = run_embed(model, args.layer, Path(args.out), images=args.images or None, synthetic=args.synthetic,
+                    method=args.method, seed=args.seed, batch_size=args.batch_size)
+    print(f"{len(run.embedding.coords)} images, {run.embedding.method} of {run.embedding.layer}; wrote {run.png} and "
+          f"{run.html}")
+    return 0
+
+
+def add_embed(sub: Subparsers) -> None:
+    p = sub.add_parser("embed", help="t-SNE / UMAP / PCA map of a dataset by a layer's pooled features, with "
+                                     "thumbnails")
+    _model_args(p, positional=True)
+    p.add_argument("--layer", required=True, help="layer whose global-average-pooled features are embedded")
+    p.add_argument("--images", nargs="*", help="image files or folders (points coloured by predicted class)")
+    p.add_argument("--synthetic", type=int, help="N held-out synthetic scenes (coloured by their scene label)")
+    p.add_argument("--method", choices=["tsne", "umap", "pca"], default="tsne",
+                   help="projection (default tsne; umap needs pip install umap-learn)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the projection (default 0)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--out", "-o", default="out/embed", help="output folder (default out/embed/)")
+    p.set_defaults(func=cmd_embed)
+
+
+def cmd_dream(args: argparse.Namespace) -> int:
+    from .applications.dream_report import dream_report
+
+    model = _load(args)
+    run = dream_report(model, args.photo, Path(args.out), args.layer, steps=args.steps, lr=args.lr / 255,
+                       octaves=args.octaves, octave_scale=args.octave_scale, jitter=args.jitter, seed=args.seed,
+                       size=args.size, self_contained=args.self_contained)
+    r = run.result
+    print(f"||{r.layer}|| {float(r.norm_before[0]):.4g} -> {float(r.norm_after[0]):.4g}; wrote {run.after} and "
+          f"{run.html}")
+    return 0
+
+
+def add_dream(sub: Subparsers) -> None:
+    p = sub.add_parser("dream", help="DeepDream (Mordvintsev et al.): a photo with what a layer sees amplified")
+    p.add_argument("photo", help="one image file or sample:NAME")
+    _model_args(p)
+    p.add_argument("--layer", required=True, help="layer whose activation norm is amplified")
+    p.add_argument("--steps", type=int, default=10, help="ascent steps per octave (default 10)")
+    p.add_argument("--lr", type=float, default=1.5, help="step size on the 0-255 pixel scale (default 1.5)")
+    p.add_argument("--octaves", type=int, default=4, help="scales, smallest first (default 4)")
+    p.add_argument("--octave-scale", type=float, default=1.4, help="size ratio between octaves (default 1.4)")
+    p.add_argument("--jitter", type=int, default=32, help="random shift per step in pixels (default 32)")
+    p.add_argument("--size", type=int, help="resize and crop the photo to SIZE px (default: the model's input size)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the jitter (default 0)")
+    p.add_argument("--out", "-o", default="out/dream", help="output folder (default out/dream/)")
+    _html_args(p)
+    p.set_defaults(func=cmd_dream)
+
+
+def cmd_similarity(args: argparse.Namespace) -> int:
+    from .applications.similarity_report import similarity_report
+    from .models import load_model
+
+    a = _load(args)
+    b = (load_model(args.model_b or args.model, weights=args.weights_b, device=args.device)
+         if (args.model_b or args.weights_b) else a)
+    run = similarity_report(a, b, args.data or None, Path(args.out), layers_a=_names(args.layers) or None,
+                            layers_b=_names(args.layers_b or args.layers) or None, method=args.method,
+                            reduce=args.reduce, batch_size=args.batch_size,
+                            match=tuple(_names(args.match)) if args.match else None,
+                            match_method=args.match_method, synthetic=args.synthetic)
+    print(f"wrote {run.png}, {run.html}, {run.json}")
+    return 0
+
+
+def add_similarity(sub: Subparsers) -> None:
+    p = sub.add_parser("similarity", help="layer x layer similarity of two models or checkpoints (CKA, SVCCA) and "
+                                          "convergent-learning unit matching")
+    _model_args(p, positional=True)
+    p.add_argument("model_b", nargs="?", help="the second model (default: the first, e.g. with --weights-b)")
+    p.add_argument("--weights-b", help="state-dict file for the second model (another checkpoint)")
+    p.add_argument("--layers", default="", help="comma-separated layers of the first model (default: its conv "
+                                                 "and linear outputs)")
+    p.add_argument("--layers-b", default="", help="layers of the second model (default: --layers)")
+    p.add_argument("--data", nargs="*", help="image files or folders")
+    p.add_argument("--synthetic", type=int, help="N held-out synthetic scenes (default when no --data)")
+    p.add_argument("--method", choices=["linear_cka", "rbf_cka", "svcca"], default="linear_cka",
+                   help="similarity index (default linear_cka)")
+    p.add_argument("--reduce", choices=["flatten", "mean"], default="flatten",
+                   help="conv features: flatten C x H x W (Kornblith et al.) or average over positions")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--match", help="LAYER_A,LAYER_B: also match units one to one (Li et al. 2016)")
+    p.add_argument("--match-method", choices=["hungarian", "greedy", "semi"], default="hungarian",
+                   help="unit matching (default hungarian)")
+    p.add_argument("--out", "-o", default="out/similarity", help="output folder (default out/similarity/)")
+    p.set_defaults(func=cmd_similarity)
+
+
+def cmd_landscape(args: argparse.Namespace) -> int:
+    from .applications.landscape_report import landscape_report
+    from .models import load_model
+
+    model = _load(args)
+    other = load_model(args.model, weights=args.to, device=args.device) if args.to else None
+    run = landscape_report(model, out=Path(args.out), data=args.data, dims=args.dims, steps=args.steps,
+                           span=args.span, seed=args.seed, batch_size=args.batch_size, log_scale=not args.linear,
+                           other=other, other_label=Path(args.to).name if args.to else "other checkpoint")
+    print(f"wrote {run.html}")
+    return 0
+
+
+def add_landscape(sub: Subparsers) -> None:
+    p = sub.add_parser("landscape", help="the loss around the weights along filter-normalized random directions "
+                                         "(Li et al. 2018), or along the path to another checkpoint")
+    _model_args(p, positional=True)
+    p.add_argument("--data", default="synthetic:64", help="synthetic:N held-out scenes (default synthetic:64) or a "
+                                                          ".pt file holding (images, labels)")
+    p.add_argument("--dims", type=int, choices=[1, 2], default=2, help="1-D curve or 2-D surface (default 2)")
+    p.add_argument("--steps", type=int, default=21, help="grid points per direction (default 21)")
+    p.add_argument("--span", type=float, default=1.0, help="the grid covers -span..span (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random directions (default 0)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
+    p.add_argument("--to", help="CHECKPOINT.pt: interpolate from the weights to this checkpoint instead")
+    p.add_argument("--linear", action="store_true", help="linear colour scale (default: log)")
+    p.add_argument("--out", "-o", default="out/landscape", help="output folder (default out/landscape/)")
+    p.set_defaults(func=cmd_landscape)
+
+
 COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     add_models, add_samples, add_layers, add_predict, add_report, add_serve, add_explain, add_adversarial,
     add_evaluate, add_deconv, add_filters, add_evolution, add_maximize, add_dissect, add_invert, add_upconv,
-    add_style, add_fooling, add_net2vec, add_perturb, add_atlas, add_data, add_train_demo,
+    add_style, add_fooling, add_net2vec, add_perturb, add_atlas, add_data, add_train_demo, add_graph, add_embed,
+    add_dream, add_similarity, add_landscape,
 )
 
 

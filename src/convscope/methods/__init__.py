@@ -3,11 +3,18 @@
 from ..core.stream import layer_features
 from .adversarial import AdversarialResult, FeatureChange, feature_change, fgsm, pgd
 from .backprop import deconvnet_rule, guided_backprop, guided_gradcam
-from .cam import cam, default_cam_layer, gradcam, gradcam_pp
+from .cam import cam, default_cam_layer, gradcam, gradcam_pp, layercam, scorecam
+from .cnn_fixations import FixationResult, cnn_fixations
 from .deconvnet import deconvnet
 from .dissect import Comparison, DissectConfig, LayerDissection, UnitLabel, compare, dissect, unit_thresholds
+from .dream import DreamResult, deep_dream
+from .embed import Embedding, embed
 from .filters import first_layer_filters
+from .graph import GraphNode, ModelGraph, model_graph
+from .integrated_gradients import IntegratedGradientsResult, integrated_gradients
 from .invert import InversionResult, feature_match, invert
+from .landscape import InterpolationResult, LandscapeResult, interpolate, loss_landscape, random_direction
+from .lrp import lrp
 from .maximize import (
     PRESETS,
     FoolingResult,
@@ -30,7 +37,9 @@ from .maximize import (
 from .net2vec import ConceptVector, Net2VecConfig, Net2VecResult, net2vec
 from .occlusion import OcclusionResult, occlusion
 from .perturb import PERTURBATIONS, PerturbationStudy, binarize, drop_least, dropout, perturb, perturbation_study
+from .prediction_difference import prediction_difference
 from .saliency import gradient, input_x_gradient, saliency, smoothgrad
+from .similarity import SimilarityResult, UnitMatching, layer_similarity, linear_cka, match_units, rbf_cka, svcca
 from .topk import (
     DeadUnits,
     TopKActivations,
@@ -43,8 +52,14 @@ from .topk import (
     top_k_patches,
 )
 from .upconv import UpconvNet, decode, load_upconv, reconstruct, save_upconv, train_upconv, unpool2x
+from .visual_backprop import visual_backprop
 
 __all__ = [
+    "SimilarityResult", "UnitMatching", "layer_similarity", "linear_cka", "match_units", "rbf_cka", "svcca",
+    "InterpolationResult", "LandscapeResult", "interpolate", "loss_landscape", "random_direction",
+    "layercam", "scorecam", "FixationResult", "cnn_fixations", "DreamResult", "deep_dream", "Embedding", "embed",
+    "GraphNode", "ModelGraph", "model_graph", "IntegratedGradientsResult", "integrated_gradients", "lrp",
+    "prediction_difference", "visual_backprop",
     "AdversarialResult", "FeatureChange", "OcclusionResult", "cam", "deconvnet_rule", "default_cam_layer",
     "feature_change", "fgsm", "gradcam", "gradcam_pp", "gradient", "guided_backprop", "guided_gradcam",
     "input_x_gradient", "occlusion", "pgd", "saliency", "smoothgrad",

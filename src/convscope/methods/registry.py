@@ -15,9 +15,14 @@ from torch import nn
 
 from ..errors import ConvscopeError
 from .backprop import deconvnet_rule, guided_backprop, guided_gradcam
-from .cam import cam, gradcam, gradcam_pp
+from .cam import cam, gradcam, gradcam_pp, layercam, scorecam
+from .cnn_fixations import cnn_fixations
+from .integrated_gradients import integrated_gradients
+from .lrp import lrp
 from .occlusion import occlusion
+from .prediction_difference import prediction_difference
 from .saliency import gradient, input_x_gradient, saliency, smoothgrad
+from .visual_backprop import visual_backprop
 
 __all__ = ["ATTRIBUTION_METHODS", "AttributionMethod", "attribution_method"]
 
@@ -63,6 +68,24 @@ _METHODS = (
     AttributionMethod("guided-gradcam", guided_gradcam, True, True, "guided Grad-CAM", "Selvaraju et al. 2017"),
     AttributionMethod("occlusion", occlusion, False, False,
                       "occlusion sensitivity: drop in the class score under a grey square", "Zeiler & Fergus 2014"),
+    AttributionMethod("integrated-gradients", integrated_gradients, False, True,
+                      "integrated gradients: gradients along the path from a baseline, times (x - baseline)",
+                      "Sundararajan et al. 2017"),
+    AttributionMethod("scorecam", scorecam, True, False,
+                      "Score-CAM: feature maps weighted by the class score of the input they mask", "Wang et al. 2020"),
+    AttributionMethod("layercam", layercam, True, False,
+                      "Layer-CAM: feature maps weighted per position by their positive gradients", "Jiang et al. 2021"),
+    AttributionMethod("lrp", lrp, False, True, "layer-wise relevance propagation (epsilon rule)",
+                      "Bach et al. 2015; Montavon et al. 2018"),
+    AttributionMethod("visual-backprop", visual_backprop, False, False,
+                      "VisualBackProp: averaged ReLU maps deconvolved, multiplied down to the input (class-agnostic)",
+                      "Bojarski et al. 2016"),
+    AttributionMethod("cnn-fixations", cnn_fixations, False, False,
+                      "CNN fixations: the forward pass unravelled from the class neuron to pixels, blurred",
+                      "Mopuri et al. 2017"),
+    AttributionMethod("prediction-difference", prediction_difference, False, False,
+                      "prediction difference analysis: weight of evidence (bits) of each window, conditional sampling",
+                      "Zintgraf et al. 2017"),
 )
 
 ATTRIBUTION_METHODS: dict[str, AttributionMethod] = {m.name: m for m in _METHODS}
