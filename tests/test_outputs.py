@@ -170,3 +170,19 @@ def test_output_target_picks_one_of_several_score_tensors():
     (g,) = torch.autograd.grad(scores.gather(1, scores.argmax(1, keepdim=True)).sum(), xx)
     torch.testing.assert_close(aux[:, 0], g)
     assert_untouched(net, before)
+
+
+def test_path_and_window_methods_on_a_two_head_model_equal_the_plain_model():
+    """Methods that read the output beside the target (IG's endpoints, prediction difference's softmax, SmoothGrad's
+    pinned classes) read the chosen head too."""
+    import convscope as cs
+
+    x = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    net, plain = MultiOut("two_scores"), MultiOut("tensor")
+    t = output("logits")
+    torch.testing.assert_close(cs.integrated_gradients(net, x, target=t, steps=4),
+                               cs.integrated_gradients(plain, x, steps=4))
+    torch.testing.assert_close(cs.smoothgrad(net, x, target=t, n=2), cs.smoothgrad(plain, x, n=2))
+    kw = dict(window=6, stride=6, samples=2)
+    torch.testing.assert_close(cs.prediction_difference(net, x, target=t, **kw),
+                               cs.prediction_difference(plain, x, **kw))

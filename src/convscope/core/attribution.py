@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import ConvscopeError, TargetError
 from .probe import preserved_state, probe
 from .progress import progress_bar
-from .targets import Target, batched_grad, target_scores
+from .targets import OutputTarget, Target, batched_grad, pinned, target_scores
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def pinned_target(model: nn.Module, x: torch.Tensor, target: Target,
         with torch.no_grad(), preserved_state(model):
             output = model(x)
     _, idx = target_scores(output, target)
-    return target if idx is None else idx
+    return target if idx is None else pinned(target, idx)
 
 
 def pinned_class(model: nn.Module, x: torch.Tensor, target: Target, what: str,
@@ -93,7 +93,7 @@ def pinned_class(model: nn.Module, x: torch.Tensor, target: Target, what: str,
 
 def repeat_target(target: torch.Tensor | Callable, reps: int) -> torch.Tensor | Callable:
     """Indices ``N x K`` for a batch of ``reps`` copies of the N images laid out copy-major (row ``r * N + i``)."""
-    return target.repeat(reps, 1) if isinstance(target, torch.Tensor) else target
+    return target.repeat(reps, 1) if isinstance(target, (torch.Tensor, OutputTarget)) else target
 
 
 Copies = Callable[[int, int], torch.Tensor]
@@ -126,7 +126,7 @@ def summed_input_gradient(model: nn.Module, x: torch.Tensor, target: torch.Tenso
             for i0 in range(0, num, batch_size):  # one slice unless N > batch_size (then m == 1)
                 i1 = min(num, i0 + batch_size)
                 rows = points[:, i0:i1].reshape(m * (i1 - i0), *x.shape[1:])  # row s * n_i + i
-                t = target[i0:i1] if isinstance(target, torch.Tensor) else target
+                t = target[i0:i1] if isinstance(target, (torch.Tensor, OutputTarget)) else target
                 g = input_gradient(model, rows, repeat_target(t, m), relu_rule).grads
                 g = g.reshape(m, i1 - i0, *g.shape[1:])
                 if w_all is not None:

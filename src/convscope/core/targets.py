@@ -90,6 +90,8 @@ def select_output(out: Any, output: OutputKey | None = None, dim: int = 2) -> to
         what = f"{len(fits)} of them {dim}-D" if fits else f"none {dim}-D"
         raise TargetError(f"the model returned {len(leaves)} tensors ({listing}), {what}; say which holds the "
                           "scores: target=cs.targets.output(KEY) (CLI: --output KEY)")
+    if isinstance(out, torch.Tensor) and not callable(output):
+        return out  # a bare tensor is already the scores (e.g. picked earlier by scores_of): keys apply to containers
     if callable(output) and not isinstance(output, (str, int)):
         picked = output(out)
         where = getattr(output, "__name__", "the output= callable")
@@ -183,6 +185,14 @@ def pinned(target: Target, indices: torch.Tensor) -> torch.Tensor | OutputTarget
     """Class indices fixed on the clean images, kept on the same output when ``target`` was an :func:`output`
     target (for :func:`convscope.core.attribution.pinned_target`)."""
     return OutputTarget(target.output, indices) if isinstance(target, OutputTarget) else indices
+
+
+def pinned_indices(target: Target) -> torch.Tensor | None:
+    """The ``N x K`` class indices a pinned target holds (an index tensor, or an :func:`output` target pinned by
+    :func:`pinned`), else ``None`` (a score function)."""
+    if isinstance(target, OutputTarget):
+        return target.target if isinstance(target.target, torch.Tensor) else None
+    return target if isinstance(target, torch.Tensor) else None
 
 
 def scores_of(out: Any, target: Target) -> torch.Tensor:

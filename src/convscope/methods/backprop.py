@@ -23,7 +23,7 @@ from torch import nn
 
 from ..core.attribution import check_input, input_gradient
 from ..core.layers import resolve_layer
-from ..core.targets import Target, top_class
+from ..core.targets import Target, pinned, top_class
 from .cam import default_cam_layer, gradcam
 
 
@@ -52,5 +52,6 @@ def guided_gradcam(model: nn.Module, x: torch.Tensor, target: Target = top_class
     check_input(x, "guided_gradcam")
     layer = resolve_layer(model, layer)[0] if layer else default_cam_layer(model)  # a bad name fails before any pass
     guided = input_gradient(model, x, target, relu_rule="guided")
-    cam = gradcam(model, x, target=guided.indices if guided.indices is not None else target, layer=layer)
+    cam = gradcam(model, x, target=pinned(target, guided.indices) if guided.indices is not None else target,
+                  layer=layer)
     return guided.grads * cam.unsqueeze(2)

@@ -28,7 +28,7 @@ from torch import nn
 from ..core.attribution import check_input, pinned_target, summed_input_gradient
 from ..core.model import input_normalizer
 from ..core.probe import preserved_state
-from ..core.targets import Target, target_scores, top_class
+from ..core.targets import Target, scores_of, target_scores, top_class
 from ..errors import ConvscopeError
 
 METHODS = ("gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle")
@@ -110,7 +110,7 @@ def integrated_gradients(model: nn.Module, x: torch.Tensor, target: Target = top
     base = _baseline(model, x, baseline)
     num = x.shape[0]
     with torch.no_grad(), preserved_state(model):
-        out = model(torch.cat([x, base]))
+        out = scores_of(model(torch.cat([x, base])), target)
     fixed = pinned_target(model, x, target, output=out[:num])
     scores, idx = target_scores(out[:num], fixed)
     base_scores, _ = target_scores(out[num:], fixed)

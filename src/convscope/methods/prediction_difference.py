@@ -36,7 +36,7 @@ from torch import nn
 from ..core.attribution import check_input, pinned_target
 from ..core.probe import preserved_state
 from ..core.progress import progress_bar
-from ..core.targets import Target, top_class
+from ..core.targets import Target, pinned_indices, scores_of, top_class
 from ..errors import ConvscopeError
 from .occlusion import window_positions
 
@@ -174,14 +174,16 @@ def prediction_difference(model: nn.Module, x: torch.Tensor, target: Target = to
             return win.reshape(num, samples, chans, window, window)
 
     with torch.no_grad(), preserved_state(model):
-        out = model(x)
-    fixed = pinned_target(model, x, target, output=out)
-    if not isinstance(fixed, torch.Tensor):
+        out = scores_of(model(x), target)
+    pinned_ = pinned_target(model, x, target, output=out)
+    fixed = pinned_indices(pinned_)
+    if fixed is None:
         raise ConvscopeError("prediction_difference needs class indices as the target (an int, one per image, "
                              "N x K, top_class or top_k), not a score function: it explains class probabilities")
     classes = out.reshape(num, -1).shape[1]
     clean = F.softmax(out.reshape(num, -1).to(torch.float64), dim=1).gather(1, fixed)  # N x K
-    prob_sum = _masked_probabilities(model, x, fixed, rows, cols, window, samples, draw, batch_size, progress)
+    prob_sum = _masked_probabilities(model, x, fixed, rows, cols, window, samples, draw, batch_size, progress,
+                                     target)
     we = laplace_log_odds(clean, train_size, classes)[None] \
         - laplace_log_odds(prob_sum / samples, train_size, classes)   # P x N x K
     k = fixed.shape[1]
@@ -196,7 +198,7 @@ def prediction_difference(model: nn.Module, x: torch.Tensor, target: Target = to
 
 def _masked_probabilities(model: nn.Module, x: torch.Tensor, fixed: torch.Tensor, rows: list[int], cols: list[int],
                           window: int, samples: int, draw: Callable[[int, int], torch.Tensor], batch_size: int,
-                          progress: bool | None) -> torch.Tensor:
+                          progress: bool | None, target: Target = top_class) -> torch.Tensor:
     """``P x N x K``: the sum over samples of the target probabilities with window ``p`` replaced by its draws.
 
     Copies are laid out window by window, image-major, then sample; they run ``batch_size`` rows at a time and the
@@ -223,7 +225,7 @@ def _masked_probabilities(model: nn.Module, x: torch.Tensor, fixed: torch.Tensor
                 if int(flat[sel[-1]]) % per_window == per_window - 1:  # the window's last copy: free its draws
                     del drawn[p]
                     bar.update(1)
-            probs = F.softmax(model(copies).reshape(len(flat), -1).to(torch.float64), dim=1)
+            probs = F.softmax(scores_of(model(copies), target).reshape(len(flat), -1).to(torch.float64), dim=1)
             sums.index_put_((pos, img), probs.gather(1, fixed[img]), accumulate=True)
     return sums
 
