@@ -15,6 +15,8 @@ from convscope.models.exported import export_model, is_export_archive, name_map,
 
 from .helpers import assert_untouched, snapshot
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny inputs: a second thread only adds contention
+
 PROBE_PATCH = ("needs the lead's two probe.py lines from the h11 report (refuse_scripted in probe(); ScriptModules "
                "skipped in preserved_state's inplace list); remove this mark once they are in")
 
