@@ -122,3 +122,44 @@ if hasattr(cs, "invert"):
     register("UpconvNet reconstruction from blocks.10", _upconv_reconstruct, work=F_, shapes=IMAGE_SHAPES,
              note="encoder forward to blocks.10 + one decoder pass (an untrained decoder of the same shape; "
                   "regularized inversion needs ~200 steps of the row above)")
+
+# The attribution methods of issue 19. Work per call in units of the paired baseline: IG one F+B(input) per path
+# point, Score-CAM one forward per channel of the CAM layer, prediction difference one forward per window x sample.
+IG_STEPS = 32
+SCORECAM_BATCH = 64
+PD_WINDOW, PD_STRIDE, PD_SAMPLES = 16, 16, 4  # the sampler's Gaussian is over (16 + 2 x 2)^2 pixels per channel
+CAM_CHANNELS = {"efficientnet_lite0": 1280, "demo_net": 128}  # channels of CAM_LAYER
+PD_WINDOWS = {"efficientnet_lite0": 14 * 14, "demo_net": 7 * 7}  # 224 px and 112 px at window 16, stride 16
+BOTH = ("efficientnet_lite0", "demo_net")
+FEW = (SINGLE, Shape("8 imgs", 8, 1))  # for the many-pass methods: 32 images x 32 IG steps is 32 F+B at batch 32
+if hasattr(cs, "integrated_gradients"):
+    register(f"integrated_gradients ({IG_STEPS} steps)",
+             lambda m, x, t: cs.integrated_gradients(m, x, t.convscope, steps=IG_STEPS, progress=False),
+             work=FB_INPUT, models=BOTH, shapes=FEW, per_call=IG_STEPS, unit="step",
+             note="Gauss-Legendre, zero baseline, batch_size 32 rows (images x steps); ratio per path point")
+    for model in BOTH:
+        register("scorecam", lambda m, x, t: cs.scorecam(m, x, t.convscope, layer=cam_layer(m),
+                                                         batch_size=SCORECAM_BATCH, progress=False),
+                 work=F_, models=[model], per_call=CAM_CHANNELS[model], unit="channel",
+                 shapes=[SINGLE] if model != "demo_net" else [*IMAGE_SHAPES, Shape("1 img × 8 tgts", 1, 8)],
+                 note=f"one masked forward per channel of the CAM layer ({CAM_CHANNELS[model]}), "
+                      f"{SCORECAM_BATCH} per batch; all targets read from the same outputs")
+        register(f"prediction_difference {PD_WINDOW}/{PD_STRIDE} ×{PD_SAMPLES}",
+                 lambda m, x, t: cs.prediction_difference(m, x, t.convscope, window=PD_WINDOW, stride=PD_STRIDE,
+                                                          samples=PD_SAMPLES, progress=False),
+                 work=F_, models=[model], shapes=[SINGLE], per_call=PD_WINDOWS[model] * PD_SAMPLES + 1,
+                 unit="window sample",
+                 note=f"conditional Gaussian sampler (fitted on the image, padding 2), {PD_WINDOWS[model]} windows "
+                      f"× {PD_SAMPLES} samples + the clean pass")
+    register("layercam", lambda m, x, t: cs.layercam(m, x, t.convscope, layer=cam_layer(m)), work=FB_INPUT,
+             models=BOTH, shapes=many_shapes(MANY, TARGETS), note="backward stops at the CAM layer")
+    register("lrp (epsilon)", lambda m, x, t: cs.lrp(m, x, t.convscope), work=FB_INPUT, models=BOTH,
+             shapes=many_shapes(MANY, TARGETS), note="a tracing forward, a forward with the rules, K batched "
+                                                     "backward passes; BN folded into the conv before it")
+    register("lrp (epsilon_plus_flat)", lambda m, x, t: cs.lrp(m, x, t.convscope, composite="epsilon_plus_flat"),
+             work=FB_INPUT, models=BOTH, shapes=IMAGE_SHAPES, note="z+ on convolutions, flat on the first layer")
+    register("visual_backprop", lambda m, x, t: cs.visual_backprop(m, x), work=F_, models=BOTH, shapes=IMAGE_SHAPES,
+             note="class-agnostic: one forward capturing every ReLU output, then the averaged maps deconvolved")
+    register("cnn_fixations", lambda m, x, t: cs.cnn_fixations(m, x, t.convscope).density, work=F_, models=BOTH,
+             shapes=[*IMAGE_SHAPES, Shape("1 img × 8 tgts", 1, 8)],
+             note="torch.fx trace + one recorded forward, then the fixations unravelled layer by layer (max rule)")

@@ -1,11 +1,12 @@
-"""Peer tools timed on the same model, inputs and targets as convscope: Captum, pytorch-grad-cam, torch-lucent.
+"""Peer tools timed on the same model, inputs and targets as convscope: Captum, pytorch-grad-cam, torch-lucent, zennit.
 
 They are installed into the same venv without their dependencies (``pip install --no-deps -r
 benchmarks/requirements-peers.txt``), so they can never pull another torch. pytorch-grad-cam and lucent import
 ``torchvision``; the only PyPI torchvision is a CUDA build that cannot load beside the CPU torch, so
 ``benchmarks/shims/`` stands in for the few pure-PyTorch helpers they import (only when the real package is not
-importable, only in this process). A tool that still fails to import is reported as "not runnable here: <reason>"
-and its cases are skipped.
+importable, only in this process). zennit imports two torchvision classes for its ResNet canonizers: empty stand-ins
+take their place while it is imported (as ``tests/peers.py`` does). A tool that still fails to import is reported as
+"not runnable here: <reason>" and its cases are skipped.
 
 Every peer case names the convscope method its maps should match (``agree_with``); the runner computes the
 per-map Pearson correlation between the two on the same images and targets.
@@ -13,20 +14,23 @@ per-map Pearson correlation between the two on the same images and targets.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import importlib.metadata
 import importlib.util
 import sys
+import types
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from cases import IMAGE_SHAPES, MANY, TARGETS, cam_layer
-from harness import FB_ALL, FB_INPUT, SINGLE, Case, Shape, Targets, register
+from cases import CAM_CHANNELS, FEW, IG_STEPS, IMAGE_SHAPES, MANY, SCORECAM_BATCH, TARGETS, cam_layer
+from harness import F_, FB_ALL, FB_INPUT, SINGLE, Case, Shape, Targets, register
 
 SHIMS = Path(__file__).resolve().parent / "shims"
 INSTALL_HINT = "pip install --no-deps -r benchmarks/requirements-peers.txt"
@@ -37,6 +41,7 @@ PEERS = {
     "captum": ["captum.attr"],
     "grad-cam": ["pytorch_grad_cam", "pytorch_grad_cam.utils.model_targets"],
     "torch-lucent": ["lucent.optvis.render", "lucent.optvis.objectives"],
+    "zennit": ["zennit.attribution", "zennit.canonizers", "zennit.composites", "zennit.rules"],
 }
 
 
@@ -52,6 +57,32 @@ def enable_shims() -> list[str]:
     return missing
 
 
+@contextlib.contextmanager
+def zennit_stand_ins() -> Iterator[None]:
+    """While open, ``torchvision.models.resnet`` has the two empty classes zennit imports (when the real torchvision
+    is not importable); the stand-in modules are removed again on exit, the benchmark shim (if loaded) is kept."""
+    try:
+        importlib.import_module("torchvision.models.resnet")
+        yield
+        return
+    except Exception:  # not installed, or the benchmark shim without a models.resnet
+        pass
+    names = ("torchvision", "torchvision.models", "torchvision.models.resnet")
+    saved = {n: sys.modules[n] for n in names if n in sys.modules}
+    resnet = types.ModuleType("torchvision.models.resnet")
+    resnet.BasicBlock = type("BasicBlock", (nn.Module,), {})  # type: ignore[attr-defined]
+    resnet.Bottleneck = type("Bottleneck", (nn.Module,), {})  # type: ignore[attr-defined]
+    models = saved.get("torchvision.models") or types.ModuleType("torchvision.models")
+    root = saved.get("torchvision") or types.ModuleType("torchvision")
+    sys.modules.update({"torchvision": root, "torchvision.models": models, "torchvision.models.resnet": resnet})
+    try:
+        yield
+    finally:
+        for n in names:
+            sys.modules.pop(n, None)
+        sys.modules.update(saved)
+
+
 def peer_status() -> dict[str, str]:
     """``{tool: "captum 0.9.0"}`` when importable, else ``{tool: "not runnable here: <reason>"}``."""
     shimmed = enable_shims()
@@ -63,8 +94,9 @@ def peer_status() -> dict[str, str]:
             out[dist] = f"not runnable here: not installed ({INSTALL_HINT})"
             continue
         try:
-            for m in modules:
-                importlib.import_module(m)
+            with zennit_stand_ins() if dist == "zennit" else contextlib.nullcontext():
+                for m in modules:
+                    importlib.import_module(m)
         except Exception as exc:  # report any import failure, keep benchmarking the rest
             out[dist] = f"not runnable here: import fails ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
             continue
@@ -138,6 +170,70 @@ def captum_gbp_is_plain_gradient(model: nn.Module, x: torch.Tensor, t: Targets) 
     return f"max|GBP − gradient| = {diff:.3g}"
 
 
+def captum_ig(model: nn.Module, x: torch.Tensor, t: Targets) -> torch.Tensor:
+    """IntegratedGradients with convscope's settings: Gauss-Legendre, zero baseline, 32 rows per batch."""
+    from captum.attr import IntegratedGradients
+
+    return IntegratedGradients(model).attribute(x, target=t.indices[:, 0].tolist(), n_steps=IG_STEPS,
+                                                method="gausslegendre", internal_batch_size=32)
+
+
+def _captum_lrp_setup(model: nn.Module) -> nn.Module:
+    """A copy of the model with rules on the leaves Captum has none for, passing relevance through unchanged as
+    convscope does: the identity rule on LRN, the epsilon rule on Flatten (the identity rule would hand back the
+    flat relevance to a 4-d input). Captum's other layers get its default epsilon rule."""
+    from captum.attr._utils.lrp_rules import EpsilonRule, IdentityRule
+
+    peer = copy.deepcopy(model)
+    for m in peer.modules():
+        if isinstance(m, nn.LocalResponseNorm):
+            m.rule = IdentityRule()
+        elif isinstance(m, nn.Flatten):
+            m.rule = EpsilonRule()
+    return peer
+
+
+def captum_lrp(model: nn.Module, x: torch.Tensor, t: Targets) -> torch.Tensor:
+    from captum.attr import LRP
+
+    return LRP(model).attribute(x, target=t.indices[:, 0].tolist())
+
+
+# --------------------------------------------------------------------------------------------- zennit
+
+
+def bn_pairs(model: nn.Module) -> list[tuple[list[str], str]]:
+    """``[([conv name], batch norm name)]`` for every batch norm registered right after a conv/linear sibling
+    (EfficientNet-Lite: conv -> bn in each ConvBNAct / MBConv); what convscope's LRP folds, for zennit's
+    ``NamedMergeBatchNorm``."""
+    pairs = []
+    for prefix, parent in model.named_modules():
+        kids = list(parent.named_children())
+        for (a, ma), (b, mb) in zip(kids, kids[1:]):
+            if isinstance(ma, (nn.Conv2d, nn.Linear)) and isinstance(mb, nn.BatchNorm2d | nn.BatchNorm1d):
+                pairs.append(([f"{prefix}.{a}" if prefix else a], f"{prefix}.{b}" if prefix else b))
+    return pairs
+
+
+def _zennit_lrp(composite: str) -> Any:
+    def fn(model: nn.Module, x: torch.Tensor, t: Targets) -> torch.Tensor:
+        with zennit_stand_ins():
+            from zennit import attribution, canonizers, composites, rules
+            from zennit import types as ztypes
+
+        canon = [canonizers.NamedMergeBatchNorm(bn_pairs(model))]
+        if composite == "epsilon":
+            comp = composites.LayerMapComposite(composites.layer_map_base() + [
+                (ztypes.Convolution, rules.Epsilon()), (nn.Linear, rules.Epsilon())], canonizers=canon)
+        else:
+            comp = composites.EpsilonPlusFlat(canonizers=canon)
+        idx = t.indices[:, 0]
+        with attribution.Gradient(model, comp) as attributor:
+            _, rel = attributor(x.clone(), lambda out: out * torch.nn.functional.one_hot(idx, out.shape[1]).to(out))
+        return rel
+    return fn
+
+
 # --------------------------------------------------------------------------------------------- pytorch-grad-cam
 
 
@@ -147,13 +243,22 @@ def _gradcam_setup(cls_name: str) -> Any:
 
         layer = dict(model.named_modules())[cam_layer(model)]
         cam = getattr(pytorch_grad_cam, cls_name)(model=model, target_layers=[layer])
-        return {"cam": cam, "model": model}
+        ctx = {"cam": cam, "model": model}
+        if cls_name == "ScoreCAM":
+            cam.batch_size = SCORECAM_BATCH  # masked copies per forward, as convscope's case
+            module = importlib.import_module("pytorch_grad_cam.score_cam")
+            ctx["tqdm"] = (module, module.tqdm)  # no progress bar per image in the timing log
+            module.tqdm = types.SimpleNamespace(tqdm=lambda it, *a, **k: it)
+        return ctx
     return setup
 
 
 def _gradcam_teardown(ctx: Any) -> None:
     ctx["cam"].activations_and_grads.release()
     _zero_grads(ctx["model"])
+    if "tqdm" in ctx:
+        module, original = ctx["tqdm"]
+        module.tqdm = original
 
 
 def _gradcam_call(ctx: Any, x: torch.Tensor, classes: list[int]) -> torch.Tensor:
@@ -224,6 +329,34 @@ def register_peers(registry: list[Case], status: dict[str, str]) -> None:
                   "note": "backward into all parameters; cv2 upsample + min-max"}
             register(cls, gradcam_images, work=FB_INPUT, shapes=many, **kw)
             register(f"{cls}, image ×{TARGETS} + target list", gradcam_expanded, work=FB_INPUT, shapes=[multi], **kw)
+    both = ["efficientnet_lite0", "demo_net"]
+    if runnable(status, "captum"):
+        register(f"IntegratedGradients ({IG_STEPS} steps)", captum_ig, work=FB_INPUT, shapes=FEW, per_call=IG_STEPS,
+                 unit="step", tool="captum", models=both, registry=registry,
+                 agree_with=f"integrated_gradients ({IG_STEPS} steps)",
+                 note="gausslegendre, zero baseline, internal_batch_size 32")
+        register("LRP", captum_lrp, work=FB_INPUT, shapes=IMAGE_SHAPES, tool="captum", models=["demo_net"],
+                 registry=registry, agree_with="lrp (epsilon)", setup=_captum_lrp_setup,
+                 note="epsilon rule (1e-9) everywhere, identity on LRN and Flatten; EfficientNet-Lite is refused "
+                      "(no rule for ReLU6, functional residual adds)")
+    if runnable(status, "zennit"):
+        for comp, ours in (("epsilon", "lrp (epsilon)"), ("EpsilonPlusFlat", "lrp (epsilon_plus_flat)")):
+            register(f"LRP {comp}", _zennit_lrp(comp), work=FB_INPUT,
+                     shapes=IMAGE_SHAPES, tool="zennit", models=both, registry=registry, agree_with=ours,
+                     note="NamedMergeBatchNorm of each conv -> bn pair; a residual a + b sends its relevance to "
+                          "both summands (no Sum module in the model), convscope splits it")
+    if runnable(status, "grad-cam"):
+        for model in both:
+            register("ScoreCAM", gradcam_images, work=F_, models=[model], per_call=CAM_CHANNELS[model],
+                     unit="channel", shapes=[SINGLE] if model != "demo_net" else many, tool="grad-cam",
+                     registry=registry, agree_with="scorecam", setup=_gradcam_setup("ScoreCAM"),
+                     teardown=_gradcam_teardown,
+                     note=f"batch_size {SCORECAM_BATCH}; all masked copies of an image built at once in memory")
+        kw = {"tool": "grad-cam", "models": both, "registry": registry, "agree_with": "layercam",
+              "setup": _gradcam_setup("LayerCAM"), "teardown": _gradcam_teardown,
+              "note": "backward into all parameters; cv2 upsample + min-max"}
+        register("LayerCAM", gradcam_images, work=FB_INPUT, shapes=many, **kw)
+        register(f"LayerCAM, image ×{TARGETS} + target list", gradcam_expanded, work=FB_INPUT, shapes=[multi], **kw)
     if runnable(status, "torch-lucent"):
         register(f"render_vis {LUCENT_LAYER}:0, {LUCENT_STEPS} steps", lucent_render, work=FB_ALL,
                  shapes=[Shape(f"1 channel × {LUCENT_STEPS} steps", 1, 1)], per_call=LUCENT_STEPS, unit="step",
