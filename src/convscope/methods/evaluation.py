@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.attribution import check_input, pinned_class
+from ..core.batching import BatchSize, check_batch_size, resolve_batch_size
 from ..core.imageops import gaussian_blur, spearman
 from ..core.layers import resolve_layer
 from ..core.probe import preserved_state
@@ -51,18 +52,19 @@ class DeletionInsertion:
 
 
 def deletion_insertion(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, target: Target = top_class,
-                       steps: int = 32, batch_size: int = 64, deletion_baseline: torch.Tensor | float = 0.0,
+                       steps: int = 32, batch_size: BatchSize = "auto", deletion_baseline: torch.Tensor | float = 0.0,
                        blur_sigma: float | None = None, progress: bool | None = None) -> DeletionInsertion:
     """Deletion and insertion curves of saliency ``maps`` (``N x H x W`` or ``N x 1 x h x w``, resized
     bilinearly to the input) for one target per image. Costs ``2 * (steps - 1) + 3`` forward passes per image,
-    batched ``batch_size`` images at a time. ``blur_sigma`` (default: 1/20 of the image side) sets the
+    batched ``batch_size`` images at a time (``"auto"``: :mod:`convscope.core.batching`). ``blur_sigma``
+    (default: 1/20 of the image side) sets the
     insertion start. ``progress``: a bar over the forward passes (``None``: once the work has run for 2 s)."""
     return deletion_insertion_many(model, x, {"": maps}, target, steps, batch_size, deletion_baseline, blur_sigma,
                                    progress)[""]
 
 
 def deletion_insertion_many(model: nn.Module, x: torch.Tensor, maps: Mapping[str, torch.Tensor],
-                            target: Target = top_class, steps: int = 32, batch_size: int = 64,
+                            target: Target = top_class, steps: int = 32, batch_size: BatchSize = "auto",
                             deletion_baseline: torch.Tensor | float = 0.0, blur_sigma: float | None = None,
                             progress: bool | None = None) -> dict[str, DeletionInsertion]:
     """:func:`deletion_insertion` for several methods' maps of the same images (``{name: maps}``), in one batched
@@ -74,8 +76,7 @@ def deletion_insertion_many(model: nn.Module, x: torch.Tensor, maps: Mapping[str
         raise ConvscopeError(f"deletion_insertion needs images N x C x H x W, got {tuple(x.shape)}")
     if not isinstance(steps, int) or steps < 1:
         raise ConvscopeError(f"steps must be an int >= 1, got {steps!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ConvscopeError(f"deletion_insertion(batch_size={batch_size!r}): use a positive int")
+    check_batch_size(batch_size, "deletion_insertion")
     if not maps:
         raise ConvscopeError("deletion_insertion_many needs at least one set of maps, e.g. {'gradcam': maps}")
     x = x.detach()
@@ -86,6 +87,7 @@ def deletion_insertion_many(model: nn.Module, x: torch.Tensor, maps: Mapping[str
     counts = torch.tensor([round(t * hw / steps) for t in range(steps + 1)], device=x.device)
     inner = steps - 1  # points 1 .. steps - 1 of each curve depend on the map
     n_jobs = len(maps) * 2 * inner * n
+    batch_size = resolve_batch_size(batch_size, model, x, "deletion_insertion", limit=max(3 * n, n_jobs))
     probs = torch.empty(len(maps), 2, steps + 1, n)
     with torch.no_grad(), preserved_state(model), \
             progress_bar(total=3 * n + n_jobs, desc="deletion/insertion", unit="image", progress=progress) as bar:

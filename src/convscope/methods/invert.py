@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..core.batching import BatchSize, check_batch_size, resolve_batch_size
 from ..core.images import Preprocess
 from ..core.layers import named_layers, resolve_layers
 from ..core.model import float_dtype, model_preprocess
@@ -117,7 +118,8 @@ def layer_depths(model: nn.Module, layers: Sequence[str], x: torch.Tensor) -> di
             return t
         return f
 
-    with torch.no_grad(), probe(model, watch, edit={n: rec(n) for n in watch}, detach=True) as p:
+    with torch.no_grad(), probe(model, watch, edit={n: rec(n) for n in watch}, detach=True,
+                                keep_all_calls=True) as p:
         p.forward(model, x[:1])
     out = {}
     for name in layers:
@@ -170,9 +172,13 @@ def invert(
     jitter: int | None = None, lr: float | None = None, B: float = B_PIXELS, V: float | None = None,
     target_features: Mapping[str, torch.Tensor] | None = None, init: str | torch.Tensor = "noise",
     seed: int | Sequence[int] = 0, progress: bool | None = None, preprocess: Preprocess | None = None,
+    batch_size: BatchSize = "auto",
 ) -> InversionResult:
     """Reconstruct each image of ``x`` from each layer's code by regularized inversion (Mahendran & Vedaldi 2015,
-    survey Eq. 13-15); all ``len(layers) * N`` reconstructions in one optimization batch.
+    survey Eq. 13-15); the ``len(layers) * N`` reconstructions are optimized ``batch_size`` rows at a time (whole
+    images: at least the ``len(layers)`` rows of one image per batch; rows are independent, so the result does not
+    depend on it). ``"auto"`` (default): from the model's activation sizes and the allocator
+    (:mod:`convscope.core.batching`).
 
     Args:
         x: ``N x 3 x H x W`` images in the model's input space (``cs.load_images(paths, model)``).
@@ -192,6 +198,7 @@ def invert(
             ``seed[i]`` for a list of N seeds.
     """
     _check_images(x, "invert")
+    check_batch_size(batch_size, "invert")
     names = list(resolve_layers(model, layers))
     if not names:
         raise ConvscopeError("invert: give at least one layer, e.g. layers='features.relu3'")
@@ -239,20 +246,35 @@ def invert(
         seeds = list(seed)
         if len(seeds) != n or not all(isinstance(s, int) for s in seeds):
             raise ConvscopeError(f"seed: give an int or {n} ints (one per image), got {seed!r}")
-    gens = make_generators([s for _ in names for s in seeds], rows)
     like = torch.zeros((), dtype=dtype, device=x.device)
-    if isinstance(init, torch.Tensor) and init.dim() == 4 and init.shape[0] == n and len(names) > 1:
-        init = init.repeat(len(names), 1, 1, 1)
-    param = make_param("pixel", init, rows, tuple(x.shape[-2:]), pre, gens, like)
-    objective = per_rows([feature_match(k, targets[k]) for k in names], [n] * len(names))
+    per_image = isinstance(init, torch.Tensor) and init.dim() == 4 and init.shape[0] == n
     amplitudes = [j for *_, j in blocks]
-    transforms = [_RowJitter(amplitudes, n)] if any(amplitudes) else []
-    res = optimize_images(model, objective, param, steps=steps, lr=lr if lr is not None else DEFAULT_LR,
-                          transforms=transforms, regularizers=[_BlockPenalty([regs for _, regs, _ in blocks], n)],
-                          generators=gens, progress=progress, desc="invert")
-    err = -res.values.cpu()  # the data term alone, on the final (unjittered) images
-    return InversionResult(images=res.images, x=res.x, error=err, layers=[k for k in names for _ in range(n)],
-                           image_index=torch.arange(n).repeat(len(names)), history=-res.history.cpu())
+    step = max(1, resolve_batch_size(batch_size, model, x, "invert", grad=True, limit=rows) // len(names))
+    parts = []
+    for i0 in range(0, n, step):  # images i0 .. i1 - 1 with all their layers: rows (l, i), layer-major
+        i1 = min(n, i0 + step)
+        m = i1 - i0
+        gens = make_generators([s for _ in names for s in seeds[i0:i1]], len(names) * m)
+        start = init
+        if per_image:
+            start = init[i0:i1].repeat(len(names), 1, 1, 1)  # type: ignore[index]
+        param = make_param("pixel", start, len(names) * m, tuple(x.shape[-2:]), pre, gens, like)
+        objective = per_rows([feature_match(k, targets[k][i0:i1]) for k in names], [m] * len(names))
+        transforms = [_RowJitter(amplitudes, m)] if any(amplitudes) else []
+        parts.append(optimize_images(model, objective, param, steps=steps, lr=lr if lr is not None else DEFAULT_LR,
+                                     transforms=transforms, regularizers=[_BlockPenalty([r for _, r, _ in blocks], m)],
+                                     generators=gens, progress=progress, desc="invert"))
+
+    def layer_major(ts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+        """Per-chunk rows (l, i in chunk) -> rows (l, i) over all images."""
+        split = [t.unflatten(dim, (len(names), -1)) for t in ts]
+        return torch.cat(split, dim + 1).flatten(dim, dim + 1)
+
+    err = -layer_major([r.values for r in parts]).cpu()  # the data term alone, on the final (unjittered) images
+    return InversionResult(images=layer_major([r.images for r in parts]), x=layer_major([r.x for r in parts]),
+                           error=err, layers=[k for k in names for _ in range(n)],
+                           image_index=torch.arange(n).repeat(len(names)),
+                           history=-layer_major([r.history for r in parts], 1).cpu())
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.batching import BatchSize, check_batch_size, resolve_batch_size
 from ..core.images import Preprocess
 from ..core.layers import resolve_layer
 from ..core.model import default_input_size, float_dtype, model_device, model_preprocess
@@ -346,7 +347,8 @@ def activation_maximization(
     blur_sigma: float | None = None, theta_n_pct: float | None = None, theta_c_pct: float | None = None,
     jitter: int | None = None, scales: Sequence[float] | None = None,
     parametrization: ParamSpec = "pixel", init: str | torch.Tensor = "noise", size: int | tuple[int, int] | None = None,
-    seed: Seed = 0, batch_size: int = 64, progress: bool | None = None, preprocess: Preprocess | None = None,
+    seed: Seed = 0, batch_size: BatchSize = "auto", progress: bool | None = None,
+    preprocess: Preprocess | None = None,
 ) -> MaximizationResult:
     """Synthesize one image per unit that maximizes it (Erhan et al. 2009; regularized per Simonyan et al. 2014,
     Yosinski et al. 2015 or Olah et al. 2017). All units of a batch are optimized together.
@@ -371,7 +373,8 @@ def activation_maximization(
         seed: image i draws its start and transforms from a generator seeded ``seed + i`` (so a batch equals its
             units run one at a time with those seeds); or one seed per image.
         batch_size: at most this many images are optimized jointly (more units run in successive batches; the
-            results do not depend on it).
+            results do not depend on it); ``"auto"`` (default): from the model's activation sizes at ``size`` and
+            the allocator (:mod:`convscope.core.batching`).
     """
     pre = model_preprocess(model, preprocess)
     hw = _size(model, size, init)
@@ -381,12 +384,14 @@ def activation_maximization(
         scales=tuple(scales) if scales is not None else None))
     extra_regs, extra_trans = _split(regularizers)
     lr = _default_lr(parametrization) if lr is None else lr
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ConvscopeError(f"batch_size={batch_size!r}: use a positive int")
+    check_batch_size(batch_size, "activation_maximization")
+    like = torch.zeros((1, 3, *hw), dtype=float_dtype(model), device=model_device(model))
     if objective is not None:
         objs = [objective] if isinstance(objective, Objective) else list(objective)
         if not objs or not all(isinstance(o, Objective) for o in objs):
             raise ConvscopeError("objective must be an Objective or a list of them (channel(), neuron(), logit())")
+        batch_size = resolve_batch_size(batch_size, model, like, "activation_maximization", grad=True,
+                                        limit=len(objs))
         unit_list, name = None, None
         names = [o.name for o in objs]
         chunks = [(start, per_image(objs[start:start + batch_size]) if len(objs) > 1 else objs[0],
@@ -394,6 +399,8 @@ def activation_maximization(
     else:
         name = None if layer is None else resolve_layer(model, layer)[0]
         unit_list = _all_units(model, name, hw) if units is None else _unit_list(units)
+        batch_size = resolve_batch_size(batch_size, model, like, "activation_maximization", grad=True,
+                                        limit=len(unit_list))
         names = [_label(kind if name is not None else "logit", name or OUTPUT, u) for u in unit_list]
         chunks = [(start, _objective_for(name, unit_list[start:start + batch_size], kind),
                    len(unit_list[start:start + batch_size])) for start in range(0, len(unit_list), batch_size)]
@@ -541,10 +548,15 @@ def _pca(x: torch.Tensor, dims: int) -> torch.Tensor:
     return x @ v[:dims].T
 
 
-def encode(model: nn.Module, layer: str, x: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+def encode(model: nn.Module, layer: str, x: torch.Tensor, batch_size: BatchSize = "auto") -> torch.Tensor:
     """The output of ``layer`` for images ``x`` (no gradients, detached): e.g. the code of a real image for an
-    UpconvNet decoder trained from that layer, to start :func:`dgn_am` from."""
+    UpconvNet decoder trained from that layer, to start :func:`dgn_am` from. ``batch_size``: images per forward
+    pass (``"auto"``: :mod:`convscope.core.batching`)."""
     name = resolve_layer(model, layer)[0]
+    check_batch_size(batch_size, "encode")
+    if isinstance(x, torch.Tensor) and x.dim() == 4:
+        batch_size = resolve_batch_size(batch_size, model, x, "encode", limit=len(x))
+    batch_size = batch_size if isinstance(batch_size, int) else 32
     return torch.cat([acts[name] for _, acts in stream_layers(model, x, [name], batch_size, progress=False)])
 
 
@@ -595,7 +607,7 @@ def _gather(images: object, ids: torch.Tensor, batch_size: int) -> torch.Tensor:
 def multifaceted(
     model: nn.Module, layer: str, units: Units, images: torch.Tensor | Sequence[torch.Tensor] | object,
     facets: int = 4, *, top: int = 50, embed_layer: str | None = None, pca_dims: int = 50, kind: str = "channel",
-    steps: int = 256, regularize: str | Regularization | None = None, seed: Seed = 0, batch_size: int = 32,
+    steps: int = 256, regularize: str | Regularization | None = None, seed: Seed = 0, batch_size: BatchSize = "auto",
     progress: bool | None = None, **am_kwargs: object,
 ) -> MultifacetedResult:
     """Multifaceted feature visualization (Nguyen, Yosinski & Clune 2016, "Multifaceted feature visualization:
@@ -631,6 +643,10 @@ def multifaceted(
         raise ConvscopeError(f"multifaceted() sets {', '.join(sorted(bad))} itself; drop them")
     from .topk import top_k_activations
 
+    check_batch_size(batch_size, "multifaceted")
+    if isinstance(images, torch.Tensor) and images.dim() == 4:
+        batch_size = resolve_batch_size(batch_size, model, images, "multifaceted", limit=len(images))
+    batch_size = batch_size if isinstance(batch_size, int) else 32  # a stream's own batches are used as given
     found = top_k_activations(model, images, name, k=top, batch_size=batch_size, progress=progress)[name]
     n_units = found.values.shape[0]
     for u in unit_list:
@@ -703,7 +719,7 @@ def dgn_am(
     code_init: str | torch.Tensor = "zeros", code_shape: Sequence[int] | None = None, lambda_code: float = 1e-3,
     output: str = "rgb", code_range: tuple[float, float] | None = None, steps: int = 200, lr: float = 0.05,
     optimizer: str = "adam", regularizers: Sequence[Regularizer | Transform] = (), seed: Seed = 0,
-    batch_size: int = 64, progress: bool | None = None, preprocess: Preprocess | None = None,
+    batch_size: BatchSize = "auto", progress: bool | None = None, preprocess: Preprocess | None = None,
 ) -> GeneratorResult:
     """Activation maximization through a deep generator network, DGN-AM (Nguyen et al. 2016, "Synthesizing the
     preferred inputs for neurons in neural networks via deep generator networks"; survey Eq. 10):
@@ -731,8 +747,7 @@ def dgn_am(
         raise ConvscopeError(f"generator must be an nn.Module mapping codes to images, not {type(generator).__name__}")
     if not lambda_code >= 0:
         raise ConvscopeError(f"lambda_code={lambda_code!r}: use a weight >= 0")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ConvscopeError(f"batch_size={batch_size!r}: use a positive int")
+    check_batch_size(batch_size, "dgn_am")
     if code_shape is None:
         if isinstance(code_init, torch.Tensor):
             if code_init.dim() < 2:
@@ -746,22 +761,24 @@ def dgn_am(
     spec = GeneratorParam(generator, tuple(int(s) for s in code_shape), output, code_range)
     extra_regs, extra_trans = _split(regularizers)
     like = torch.zeros((), dtype=float_dtype(model), device=model_device(model))
+    probe_code = spec.build("zeros", 1, (1, 1), pre, make_generators(0, 1), like)
+    with torch.no_grad():
+        sample = probe_code().detach()  # one generated image: the model's input shape
     if objective is not None:
         objs = [objective] if isinstance(objective, Objective) else list(objective)
         if not objs or not all(isinstance(o, Objective) for o in objs):
             raise ConvscopeError("objective must be an Objective or a list of them (channel(), neuron(), logit())")
+        batch_size = resolve_batch_size(batch_size, model, sample, "dgn_am", grad=True, limit=len(objs))
         unit_list, name, names = None, None, [o.name for o in objs]
         chunks = [(s, per_image(objs[s:s + batch_size]) if len(objs) > 1 else objs[0], min(batch_size, len(objs) - s))
                   for s in range(0, len(objs), batch_size)]
     else:
         name = None if layer is None else resolve_layer(model, layer)[0]
         if units is None:
-            probe_code = spec.build("zeros", 1, (1, 1), pre, make_generators(0, 1), like)
-            with torch.no_grad():
-                hw = tuple(probe_code().shape[-2:])
-            unit_list = _all_units(model, name, hw)  # type: ignore[arg-type]
+            unit_list = _all_units(model, name, tuple(sample.shape[-2:]))  # type: ignore[arg-type]
         else:
             unit_list = _unit_list(units)
+        batch_size = resolve_batch_size(batch_size, model, sample, "dgn_am", grad=True, limit=len(unit_list))
         names = [_label(kind if name is not None else "logit", name or OUTPUT, u) for u in unit_list]
         chunks = [(s, _objective_for(name, unit_list[s:s + batch_size], kind), len(unit_list[s:s + batch_size]))
                   for s in range(0, len(unit_list), batch_size)]

@@ -20,10 +20,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..core.attribution import check_input, input_gradient, pinned_target, repeat_target
-from ..core.progress import progress_bar
+from ..core.attribution import check_input, input_gradient, pinned_target, summed_input_gradient
+from ..core.batching import BatchSize, check_batch_size, resolve_batch_size
 from ..core.rules import RELU_RULES
-from ..core.targets import Target, top_class
+from ..core.targets import Target, pinned_indices, top_class
 from ..errors import ConvscopeError
 
 REDUCTIONS = ("max", "sum", "mean")
@@ -58,19 +58,20 @@ def input_x_gradient(model: nn.Module, x: torch.Tensor, target: Target = top_cla
 
 
 def smoothgrad(model: nn.Module, x: torch.Tensor, target: Target = top_class, n: int = 50, sigma: float = 0.15,
-               seed: int | torch.Generator = 0, batch_size: int = 32, relu_rule: str | None = None,
+               seed: int | torch.Generator = 0, batch_size: BatchSize = "auto", relu_rule: str | None = None,
                progress: bool | None = None) -> torch.Tensor:
     """SmoothGrad (Smilkov et al. 2017): the input gradient averaged over ``n`` noisy copies, ``N x K x C x H x W``.
 
     Noise is Gaussian with standard deviation ``sigma * (x.max() - x.min())`` per image. Samples are drawn from a
     ``torch.Generator`` (``seed`` an int, or a generator you pass), never the global RNG, one ``x``-shaped draw
     per sample in order, so the result does not depend on ``batch_size``. Noisy copies run through the model
-    ``batch_size`` rows at a time (rows = images x samples; at least one copy of every image per pass), which
-    bounds memory. Targets are fixed on the clean
-    images first (``top_class`` is the clean image's top class for every noisy copy); a callable returning scores
-    is applied to each noisy copy's output. ``relu_rule="guided"`` smooths guided backpropagation instead of the
-    gradient (the paper's Fig. 5). ``sigma=0`` gives the plain gradient. ``progress``: a bar with an ETA over the
-    noise samples (``True``, ``False``, or ``None``: once the work has run for 2 s).
+    ``batch_size`` rows at a time (rows = images x samples, through
+    :func:`~convscope.core.attribution.summed_input_gradient`), which bounds memory; ``"auto"`` (default) picks it
+    from the model's activation sizes and the allocator (:mod:`convscope.core.batching`). Targets are fixed on the
+    clean images first (``top_class`` is the clean image's top class for every noisy copy); a callable returning
+    scores is applied to each noisy copy's output. ``relu_rule="guided"`` smooths guided backpropagation instead of
+    the gradient (the paper's Fig. 5). ``sigma=0`` gives the plain gradient. ``progress``: a bar with an ETA over
+    the noise samples (``True``, ``False``, or ``None``: once the work has run for 2 s).
 
     For a saliency-style map, reduce the channels: ``smoothgrad(...).abs().amax(2)``.
     """
@@ -79,8 +80,7 @@ def smoothgrad(model: nn.Module, x: torch.Tensor, target: Target = top_class, n:
         raise ConvscopeError(f"smoothgrad(n={n!r}): the number of noise samples must be a positive int")
     if not sigma >= 0:
         raise ConvscopeError(f"smoothgrad(sigma={sigma!r}): sigma is a fraction of the input range, >= 0 (0.1-0.2)")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ConvscopeError(f"smoothgrad(batch_size={batch_size!r}): use a positive int")
+    check_batch_size(batch_size, "smoothgrad")
     if relu_rule is not None and relu_rule not in RELU_RULES:
         raise ConvscopeError(f"smoothgrad(relu_rule={relu_rule!r}): use None or one of {', '.join(RELU_RULES)}")
     gen = seed if isinstance(seed, torch.Generator) else torch.Generator(device=x.device).manual_seed(int(seed))
@@ -89,18 +89,17 @@ def smoothgrad(model: nn.Module, x: torch.Tensor, target: Target = top_class, n:
     span = x.reshape(num, -1)
     std = (sigma * (span.amax(1) - span.amin(1))).reshape(num, *([1] * (x.dim() - 1)))
     fixed = pinned_target(model, x, target)
-    per_chunk = max(1, batch_size // num)
-    total = torch.zeros(())
-    with progress_bar(total=n, desc="smoothgrad", unit="sample", progress=progress, leave=False) as bar:
-        for start in range(0, n, per_chunk):
-            m = min(per_chunk, n - start)
-            noise = torch.stack([torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-                                 for _ in range(m)])
-            noisy = (x + std * noise).reshape(m * num, *x.shape[1:])  # row s * N + i: sample s of image i
-            g = input_gradient(model, noisy, repeat_target(fixed, m), relu_rule).grads
-            g = g.reshape(m, num, *g.shape[1:]).sum(0)
-            total = g if start == 0 else total + g
-            bar.update(m)
+    idx = pinned_indices(fixed)
+    rows = resolve_batch_size(batch_size, model, x, "smoothgrad", multiplier=1 if idx is None else idx.shape[1],
+                              grad=True, limit=n * num)
+
+    def noisy(s0: int, s1: int) -> torch.Tensor:  # samples s0 .. s1 - 1, one x-shaped draw each, in order
+        noise = torch.stack([torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+                             for _ in range(s1 - s0)])
+        return x + std * noise
+
+    total = summed_input_gradient(model, x, fixed, n, noisy, batch_size=rows, relu_rule=relu_rule,
+                                  progress=progress, desc="smoothgrad")
     return total / n
 
 

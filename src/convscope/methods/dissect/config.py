@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ...core.batching import BatchSize, check_batch_size
 from ...errors import ConvscopeError
 
 # --------------------------------------------------------------------------- configuration
@@ -18,7 +19,8 @@ class DissectConfig:
     Attributes:
         quantile: ``P(a_f > T_f)``, the top fraction of each unit's activations that forms its mask (Eq. 18).
         iou_threshold: a unit detects its best concept when ``IoU > iou_threshold``.
-        batch_size: images per forward pass.
+        batch_size: images per forward pass; ``"auto"`` (default) picks it from the model's activation sizes and
+            the allocator (:mod:`convscope.core.batching`), once per run (a resumed run keeps its first choice).
         seg_size: label maps are resized (nearest) to this (int or ``(h, w)``); None keeps the dataset's.
         image_size: when ``dataset`` is a path, images are resized to this; None: the model's preprocess size.
         categories: the concept categories to score (None: all in the dataset).
@@ -31,7 +33,7 @@ class DissectConfig:
 
     quantile: float = 0.005
     iou_threshold: float = 0.04
-    batch_size: int = 16
+    batch_size: BatchSize = "auto"
     seg_size: int | tuple[int, int] | None = None
     image_size: int | tuple[int, int] | None = None
     categories: tuple[str, ...] | None = None
@@ -47,7 +49,8 @@ class DissectConfig:
         if not 0.0 <= float(self.iou_threshold) < 1.0:
             raise ConvscopeError(f"DissectConfig(iou_threshold={self.iou_threshold!r}): use a value in [0, 1), "
                                  "e.g. 0.04")
-        for name in ("batch_size", "top_images", "checkpoint_every"):
+        check_batch_size(self.batch_size, "DissectConfig")
+        for name in ("top_images", "checkpoint_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConvscopeError(f"DissectConfig({name}={v!r}): use a positive int")

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...core.batching import resolve_batch_size
 from ...core.io import atomic_write_bytes, atomic_write_text
 from ...core.layers import resolve_layers
 from ...core.model import input_normalizer, lenient_preprocess, model_device, model_hash
@@ -47,6 +48,20 @@ def open_dataset(dataset: BrodenDataset | str | os.PathLike[str], model: nn.Modu
         dataset = copy.copy(dataset)
         dataset.seg_size = config.seg_size
     return dataset
+
+
+def batch_rows(model: nn.Module, dataset: BrodenDataset, config: DissectConfig,
+               state: Mapping[str, Any] | None = None) -> int:
+    """Images per forward pass: the one a saved pass ran with (``state["batch_size"]``, so a resumed run reads the
+    same batches), else ``config.batch_size`` resolved for one image of ``dataset`` (``"auto"``:
+    :mod:`convscope.core.batching`)."""
+    if state and state.get("batch_size"):
+        return int(state["batch_size"])
+    if not isinstance(config.batch_size, str) or len(dataset) == 0:
+        return int(config.batch_size) if not isinstance(config.batch_size, str) else 1
+    image = torch.from_numpy(dataset.load_image(0)).permute(2, 0, 1)[None].float().div(255)
+    sample = input_normalizer(model)(image).to(model_device(model))
+    return resolve_batch_size(config.batch_size, model, sample, "dissect", limit=len(dataset))
 
 
 def stream_dataset(model: nn.Module, dataset: BrodenDataset, layers: Sequence[str], batch_size: int, workers: int,
@@ -139,6 +154,7 @@ def _pass_thresholds(model: nn.Module, ds: BrodenDataset, names: list[str], conf
         tops = {n: _restore_top(n, config.top_images, state["top"][n]).result() for n in names}
         return dict(state["thresholds"]), tops
     start = int(state["batches"]) if state else 0
+    rows = batch_rows(model, ds, config, state)
     bufs: dict[str, TopBuffer] = {}
     tops: dict[str, RunningTopK] = {n: RunningTopK(n, config.top_images) for n in names}
     if state:
@@ -149,7 +165,7 @@ def _pass_thresholds(model: nn.Module, ds: BrodenDataset, names: list[str], conf
 
     def snapshot(done: bool) -> dict[str, Any]:
         s: dict[str, Any] = {
-            "batches": batches, "done": done, "buffers": {n: bufs[n].state() for n in names},
+            "batches": batches, "batch_size": rows, "done": done, "buffers": {n: bufs[n].state() for n in names},
             "top": {n: {"values": t.values, "ids": t.ids, "locs": t.locs, "shape": list(t.shape), "seen": t.seen}
                     for n, t in tops.items()},
         }
@@ -163,7 +179,7 @@ def _pass_thresholds(model: nn.Module, ds: BrodenDataset, names: list[str], conf
         bufs[n].update(act)
         tops[n].update(act, batch["index"])
 
-    for _ in stream_dataset(model, ds, names, config.batch_size, config.workers, start, "dissect 1/2 thresholds",
+    for _ in stream_dataset(model, ds, names, rows, config.workers, start, "dissect 1/2 thresholds",
                             show, reduce=on_layer):
         batches += 1
         if store and batches % config.checkpoint_every == 0:
@@ -220,6 +236,7 @@ def dissect(model: nn.Module, dataset: BrodenDataset | str | os.PathLike[str], l
 
     state = store.load("pass2") if store else None
     start = int(state["batches"]) if state else 0
+    rows = batch_rows(model, ds, config, state)
     c = len(space)
     inter = dict(state["inter"]) if state else {}
     activated = dict(state["activated"]) if state else {}
@@ -228,8 +245,8 @@ def dissect(model: nn.Module, dataset: BrodenDataset | str | os.PathLike[str], l
     batches = start
 
     def snapshot(done: bool) -> dict[str, Any]:
-        return {"batches": batches, "done": done, "inter": inter, "activated": activated, "truth": truth,
-                "seg_size": list(seg_size) if seg_size else None}
+        return {"batches": batches, "batch_size": rows, "done": done, "inter": inter, "activated": activated,
+                "truth": truth, "seg_size": list(seg_size) if seg_size else None}
 
     if not (state and state.get("done")):
         size = ds.seg_size
@@ -245,7 +262,7 @@ def dissect(model: nn.Module, dataset: BrodenDataset | str | os.PathLike[str], l
             inter[n] = inter[n] + i if n in inter else i
             activated[n] = activated[n] + a if n in activated else a
 
-        for batch, _ in stream_dataset(model, ds, names, config.batch_size, config.workers, start,
+        for batch, _ in stream_dataset(model, ds, names, rows, config.workers, start,
                                        "dissect 2/2 IoU", progress, reduce=on_layer):
             labels = labels_of(batch)
             seg_size = labels.size
