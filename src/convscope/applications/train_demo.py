@@ -1,4 +1,4 @@
-"""Train ``demo_net`` on the synthetic concept dataset's scene labels, reproducibly, on 2 CPU cores.
+"""Train ``demo_net`` (or ``demo_vit``) on the synthetic concept dataset's scene labels, reproducibly, on 2 CPU cores.
 
 Images are rendered in memory from ``convscope.data.synthetic`` (deterministic per seed and index): training
 images are indices ``0 .. n_train-1``, test images the next ``n_test`` indices.  The network trains with batch
@@ -9,29 +9,41 @@ scene label, the dominant shape's class, does not depend on orientation).
 After every epoch ``epoch_XX.pt`` is written atomically with the folded, classic weights (``epoch_00.pt`` is the
 untrained network, for the training-evolution views of Zeiler & Fergus Fig. 4), and ``resume.pt`` with the full
 training state, so a run that is stopped resumes where it was and ends with the same bytes.
+
+``demo_vit`` (:class:`VitConfig`, ``convscope train-demo --arch vit``) is a small Vision Transformer
+(Dosovitskiy et al. 2021; :func:`convscope.models.vit.demo_vit`) trained by the same loop on the same images and
+held-out split: the same augmentation (the 16 px patch grid of a 112 px image maps onto itself under the 8
+symmetries), AdamW with warm-up + cosine, label smoothing; no weight decay on biases, norms, the class token and
+the position embeddings. Its weights are saved as trained (float32; the conv stem keeps torchvision's batch norm).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..core.device import resolve_device
 from ..core.io import atomic_path, atomic_write_text
 from ..core.progress import progress_bar
 from ..data.synthetic import SynthConfig, render_arrays
 from ..models.demo_net import INPUT_SIZE, DemoNet, fold_batchnorm
+from ..models.vit import DEMO_VIT_CONFIG, DEMO_VIT_STEM, demo_vit
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that determines the trained weights."""
+    """Everything that determines the trained weights (of ``demo_net``; :class:`VitConfig` for ``demo_vit``)."""
 
+    name: ClassVar[str] = "demo_net"  # the zoo name, and the final file's stem
     n_train: int = 12000
     n_test: int = 1000
     epochs: int = 12
@@ -44,6 +56,47 @@ class TrainConfig:
     seed: int = 0
     data_seed: int = 0
     size: int = INPUT_SIZE
+
+
+@dataclass(frozen=True)
+class VitConfig(TrainConfig):
+    """``demo_vit``'s recipe: the same images and loop as demo_net, ViT hyper-parameters (measured on 2 CPU cores)."""
+
+    name: ClassVar[str] = "demo_vit"
+    epochs: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    dropout: float = 0.0
+    label_smoothing: float = 0.1
+    patch_size: int = DEMO_VIT_CONFIG["patch_size"]
+    num_layers: int = DEMO_VIT_CONFIG["num_layers"]
+    num_heads: int = DEMO_VIT_CONFIG["num_heads"]
+    hidden_dim: int = DEMO_VIT_CONFIG["hidden_dim"]
+    mlp_dim: int = DEMO_VIT_CONFIG["mlp_dim"]
+    stem: tuple[int, ...] = DEMO_VIT_STEM
+
+
+def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
+    """The trainable network of a recipe (demo_net with batch norm, or demo_vit), initialized from the global RNG."""
+    if isinstance(config, VitConfig):
+        return demo_vit(num_classes, image_size=config.size, dropout=config.dropout, patch_size=config.patch_size,
+                        num_layers=config.num_layers, num_heads=config.num_heads, hidden_dim=config.hidden_dim,
+                        mlp_dim=config.mlp_dim, stem=tuple(config.stem))
+    return DemoNet(num_classes=num_classes, dropout=config.dropout, batch_norm=True)
+
+
+def plain_model(model: nn.Module) -> nn.Module:
+    """The network to ship, in eval mode: demo_net with its batch norm folded, a ViT as it is."""
+    return fold_batchnorm(model.eval()) if isinstance(model, DemoNet) else model.eval()
+
+
+NO_DECAY = ("class_token", "encoder.pos_embedding")  # ViT parameters kept free of weight decay (with all 1-D ones)
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the rendering workers), user + system."""
+    return sum(os.times()[:4])
 
 
 @dataclass
@@ -69,7 +122,7 @@ def to_input(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def accuracy(model: DemoNet, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> float:
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> float:
     """Top-1 accuracy in eval mode (mode restored)."""
     was = model.training
     model.eval()
@@ -89,9 +142,10 @@ def _save(path: Path, obj: dict) -> Path:
 
 def train_demo(out: Path, config: TrainConfig = TrainConfig(), workers: int = 2,
                progress: bool | None = True, device: str | torch.device = "cpu") -> TrainResult:
-    """Train demo_net; writes ``out/epoch_XX.pt``, ``out/resume.pt``, ``out/demo_net.pt`` (folded weights + classes)
-    and ``out/train.json``. The bundled weights were trained on the CPU (same bytes on every CPU run); CUDA trains
-    the same recipe, not the same bytes."""
+    """Train demo_net (``VitConfig()``: demo_vit); writes ``out/epoch_XX.pt``, ``out/resume.pt``,
+    ``out/<name>.pt`` (shipped weights + classes) and ``out/train.json``. The bundled weights were trained on the CPU
+    (same bytes on every CPU run); CUDA trains the same recipe, not the same bytes."""
+    wall, cpu = time.perf_counter(), cpu_seconds()
     dev = resolve_device(device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -101,9 +155,9 @@ def train_demo(out: Path, config: TrainConfig = TrainConfig(), workers: int = 2,
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        model = DemoNet(num_classes=len(classes), dropout=config.dropout, batch_norm=True).to(dev)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]  # no weight decay on biases and BN affine
-    rest = [p for n, p in model.named_parameters() if p.ndim <= 1]
+        model = build_model(config, len(classes)).to(dev)
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and n not in NO_DECAY]  # none on biases, norms
+    rest = [p for n, p in model.named_parameters() if p.ndim <= 1 or n in NO_DECAY]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                              {"params": rest, "weight_decay": 0.0}], lr=config.lr)
     steps = config.epochs * math.ceil(config.n_train / config.batch_size)
@@ -132,13 +186,17 @@ def train_demo(out: Path, config: TrainConfig = TrainConfig(), workers: int = 2,
                                   "scheduler": sched.state_dict(), "generator": gen.get_state(), "epoch": epoch,
                                   "history": json.dumps(history), "config": json.dumps(asdict(config))})
 
-    plain = fold_batchnorm(model.eval()).to(dev)
+    plain = plain_model(model).to(dev)
     test_acc = accuracy(plain, x_test, y_test)
-    weights = _save(out / "demo_net.pt", {
-        "state_dict": {k: v.cpu().half() if v.is_floating_point() else v.cpu() for k, v in plain.state_dict().items()},
-        "classes": list(classes), "test_accuracy": test_acc, "config": json.dumps(asdict(config))})
+    half = isinstance(plain, DemoNet)  # demo_net ships float16; demo_vit (small) float32, exactly as trained
+    seconds = {"wall_seconds": round(time.perf_counter() - wall, 1), "cpu_seconds": round(cpu_seconds() - cpu, 1)}
+    weights = _save(out / f"{config.name}.pt", {
+        "state_dict": {k: v.cpu().half() if half and v.is_floating_point() else v.cpu()
+                       for k, v in plain.state_dict().items()},
+        "classes": list(classes), "test_accuracy": test_acc, "config": json.dumps(asdict(config)),
+        "epochs": config.epochs, "seed": config.seed, **seconds})
     atomic_write_text(out / "train.json", json.dumps({"config": asdict(config), "history": history,
-                                                     "test_accuracy": test_acc}, indent=1))
+                                                     "test_accuracy": test_acc, **seconds}, indent=1))
     return TrainResult(weights, sorted(out.glob("epoch_*.pt")), history, test_acc)
 
 
@@ -151,7 +209,7 @@ def dihedral(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     return torch.where(m & 4 == 4, x.transpose(-1, -2), x)
 
 
-def _train_epoch(model: DemoNet, opt, sched, gen: torch.Generator, x_train: torch.Tensor,  # noqa: ANN001
+def _train_epoch(model: nn.Module, opt, sched, gen: torch.Generator, x_train: torch.Tensor,  # noqa: ANN001
                  y_train: torch.Tensor, epoch: int, config: TrainConfig, progress: bool | None) -> float:
     """One epoch, returning the mean training loss. Dropout draws from a global RNG seeded from (seed, epoch)
     inside ``fork_rng``, so a resumed run is identical to an uninterrupted one and the caller's RNG is untouched."""
@@ -178,9 +236,9 @@ def _train_epoch(model: DemoNet, opt, sched, gen: torch.Generator, x_train: torc
     return total / config.n_train
 
 
-def _save_epoch(out: Path, model: DemoNet, epoch: int, history: list[dict], classes, config) -> Path:  # noqa: ANN001
-    """``epoch_XX.pt``: the folded classic weights (loadable by ``DemoNet()``) with the history so far."""
-    plain = fold_batchnorm(model.eval())
+def _save_epoch(out: Path, model: nn.Module, epoch: int, history: list[dict], classes, config) -> Path:  # noqa: ANN001
+    """``epoch_XX.pt``: the shipped form (demo_net's folded classic weights) with the history so far."""
+    plain = plain_model(model)
     return _save(out / f"epoch_{epoch:02d}.pt", {
         "state_dict": {k: v.cpu() for k, v in plain.state_dict().items()}, "epoch": epoch,
         "history": json.dumps(history), "classes": list(classes), "config": json.dumps(asdict(config))})
