@@ -215,13 +215,32 @@ def bn_pairs(model: nn.Module) -> list[tuple[list[str], str]]:
     return pairs
 
 
+def _mbconv_sum_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """EfficientNet-Lite's MBConv forward with its residual ``h + x`` through zennit's ``Sum`` module (as zennit's
+    ResNet canonizers do for torchvision's blocks), so relevance is split between the summands as convscope does."""
+    h = x
+    if self.has_expand:
+        h = self.act0(self.bn0(self.expand_conv(h)))
+    h = self.act1(self.bn1(self.depthwise_conv(h)))
+    h = self.bn2(self.project_conv(h))
+    return self.canonizer_sum(torch.stack([h, x], dim=-1))
+
+
+def _mbconv_attributes(name: str, module: nn.Module) -> dict[str, Any] | None:
+    from zennit.layer import Sum
+
+    if type(module).__name__ == "MBConv" and getattr(module, "residual", False):
+        return {"forward": _mbconv_sum_forward.__get__(module), "canonizer_sum": Sum()}
+    return None
+
+
 def _zennit_lrp(composite: str) -> Any:
     def fn(model: nn.Module, x: torch.Tensor, t: Targets) -> torch.Tensor:
         with zennit_stand_ins():
             from zennit import attribution, canonizers, composites, rules
             from zennit import types as ztypes
 
-        canon = [canonizers.NamedMergeBatchNorm(bn_pairs(model))]
+        canon = [canonizers.NamedMergeBatchNorm(bn_pairs(model)), canonizers.AttributeCanonizer(_mbconv_attributes)]
         if composite == "epsilon":
             comp = composites.LayerMapComposite(composites.layer_map_base() + [
                 (ztypes.Convolution, rules.Epsilon()), (nn.Linear, rules.Epsilon())], canonizers=canon)
@@ -343,8 +362,8 @@ def register_peers(registry: list[Case], status: dict[str, str]) -> None:
         for comp, ours in (("epsilon", "lrp (epsilon)"), ("EpsilonPlusFlat", "lrp (epsilon_plus_flat)")):
             register(f"LRP {comp}", _zennit_lrp(comp), work=FB_INPUT,
                      shapes=IMAGE_SHAPES, tool="zennit", models=both, registry=registry, agree_with=ours,
-                     note="NamedMergeBatchNorm of each conv -> bn pair; a residual a + b sends its relevance to "
-                          "both summands (no Sum module in the model), convscope splits it")
+                     note="canonizers: NamedMergeBatchNorm of each conv -> bn pair, MBConv residuals through "
+                          "zennit's Sum (split in proportion, as convscope)")
     if runnable(status, "grad-cam"):
         for model in both:
             register("ScoreCAM", gradcam_images, work=F_, models=[model], per_call=CAM_CHANNELS[model],
