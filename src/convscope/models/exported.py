@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import re
+import warnings
 import zipfile
 from collections.abc import Iterable, Mapping
 from functools import cache
@@ -174,7 +175,9 @@ def hookable(program: ExportedProgram, meta: Mapping[str, Any] | None = None) ->
         raise ModelLoadError(f"the exported program runs {', '.join(bad)} in training mode (batch statistics / "
                              "active dropout), so its outputs change with the batch; export the model in eval mode: "
                              "torch.export.export(model.eval(), ...)")
-    model = torch.export.unflatten(program)
+    with warnings.catch_warnings():  # torch's own deprecation notice about its pytree specs: not the user's
+        warnings.simplefilter("ignore", FutureWarning)
+        model = torch.export.unflatten(program)
     types = module_types(program)
     for name, mod in model.named_modules():
         if name and name in types and type(mod).__name__ in ("InterpreterModule", "InterpreterModuleDispatcher"):
