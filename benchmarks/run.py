@@ -3,7 +3,7 @@
 
     python benchmarks/run.py                      # full run: 4 zoo models, batches 1 8 32, both allocators
     python benchmarks/run.py --quick              # about 2 min: lite0 + demo_net, fewer repeats, tuned allocator
-    python benchmarks/run.py --peers --allocator both --update-readme   # what benchmarks/README.md shows
+    python benchmarks/run.py --peers --update-readme   # what benchmarks/README.md shows (always both allocators)
 
 Prints markdown tables of medians and ratios and the machine, writes JSON (``--out``), and with
 ``--update-readme`` rewrites the generated section of ``benchmarks/README.md``. Not part of the test suite.
@@ -79,7 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--allocator", choices=["tuned", "default", "both"], default=None,
                     help="tuned: convscope.tune_cpu_allocator() (what the CLI does); default: glibc as is "
                          "(CONVSCOPE_MALLOC=default); both: the whole suite once each, in subprocesses "
-                         "(default: both for full runs, tuned for --quick)")
+                         "(default: both for full runs and --update-readme, tuned for --quick; the peer rows always "
+                         "run in the same process, under the same allocator as convscope's)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: usable CPUs)")
     ap.add_argument("--methods", nargs="+", default=None, help="only cases whose name contains one of these")
@@ -97,7 +98,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.peers is None:
         args.peers = not args.quick
     if args.allocator is None:
-        args.allocator = "tuned" if args.quick else "both"
+        args.allocator = "tuned" if args.quick and not args.update_readme else "both"
+    if args.update_readme and args.allocator != "both":
+        ap.error("the published table shows what Python users (glibc defaults) and CLI users (tuned) each get; "
+                 "drop --allocator or pass --allocator both with --update-readme")
     if args.wait_quiet is None:
         args.wait_quiet = 20.0 if args.quick else 180.0
     if args.threads is None:
