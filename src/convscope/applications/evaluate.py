@@ -41,7 +41,7 @@ from ..core.report import HtmlReport
 from ..data.groundtruth import mask_iou, pointing_chance, pointing_game
 from ..data.synthetic import HELD_OUT_START, SynthConfig, render_arrays
 from ..errors import ConvscopeError
-from ..methods.cam import default_cam_layer
+from ..methods.cam import resolve_cam_layer
 from ..methods.evaluation import deletion_insertion_many, model_randomization, model_randomization_many
 from ..methods.occlusion import occlusion, window_positions
 from ..methods.registry import ATTRIBUTION_METHODS, AttributionMethod
@@ -249,7 +249,7 @@ def evaluate_attribution(model: nn.Module, out: Path, n: int = 200, methods: lis
     x = images.float().div(255)
     x = (pre.normalize(x) if pre is not None else x).to(device)
     labels = labels.to(device)
-    layer = layer or default_cam_layer(model)
+    layer = resolve_cam_layer(model, layer)
     inner = False if progress is False else None  # the slow methods' own bars: when they run long
     k, s = min(n_curve, n), min(n_sanity, n)
     with channels_last_inputs(model):
@@ -314,7 +314,7 @@ def _explainer(name: str, labels: torch.Tensor, layer: str, progress: bool | Non
 def _cell(r: dict, key: str, digits: int) -> str:
     """A figure with its interval: ``0.690 [0.62, 0.75]``."""
     lo, hi = r.get(f"{key}_ci", (float("nan"), float("nan")))
-    return f"{r[key]:.{digits}f} [{lo:.{digits - 1}f}, {hi:.{digits - 1}f}]"
+    return f"{r[key]:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
 SHORT = {"pointing_game": "pointing", "mask_iou": "IoU", "deletion_auc": "deletion", "insertion_auc": "insertion",
@@ -337,7 +337,7 @@ def _markdown(rows: list[dict], n: int, n_curve: int, n_sanity: int, acc: float,
               eval_set: str = "off-centre", pointing: dict | None = None) -> str:
     pointing = pointing or {}
     chance = (f" Pointing-game chance (a random point, {pointing['tolerance_px']:.1f} px tolerance): "
-              f"{pointing['chance']:.3f} [{pointing['chance_ci'][0]:.2f}, {pointing['chance_ci'][1]:.2f}]."
+              f"{pointing['chance']:.3f} [{pointing['chance_ci'][0]:.3f}, {pointing['chance_ci'][1]:.3f}]."
               if pointing else "")
     head = (f"Attribution methods on {n} held-out synthetic images of the `{eval_set}` set ({model or 'model'}, "
             f"top-1 accuracy {acc:.1%}); target: the true scene class; CAM layer `{layer}`. Pointing game and mask "

@@ -83,7 +83,7 @@ class Net2VecConfig:
         balance: weight the loss by ``alpha_c`` (Eq. 21); False: plain per-pixel cross-entropy.
         decision: ``"iou"`` (threshold of best training IoU) or ``"paper"`` (``M_c > 0.5``).
         bootstrap, confidence: resamples of the held-out images and level of the ``gain`` interval;
-        margin: ``beats_baselines`` needs the interval's lower end above it (IoU points).
+        margin: ``beats_baselines`` needs the interval's lower end above it (IoU, default 0.01).
         categories: concept categories (None: all); ``seg_size``: label resolution (None: the dataset's).
         seed: shuffling of the training images.
         workers: DataLoader workers; max_cache_mb: cap on the cached activations and labels.
@@ -102,7 +102,7 @@ class Net2VecConfig:
     decision: str = "iou"
     bootstrap: int = 1000
     confidence: float = 0.95
-    margin: float = 0.0
+    margin: float = 0.01
     categories: tuple[str, ...] | None = None
     seg_size: int | tuple[int, int] | None = None
     seed: int = 0
