@@ -119,7 +119,7 @@ def test_explicit_layout_resolves_the_ambiguity():
 def test_vit_and_swin_layer_outputs_read_as_maps():
     vit = tiny_vit()
     x = torch.randn(2, 3, 32, 48, dtype=torch.float64)
-    with torch.no_grad(), probe(vit, [BLOCK, "conv_proj"]) as p:
+    with torch.no_grad(), probe(vit, [BLOCK, "conv_proj"], layout=None) as p:
         vit(x)
     m, info = as_feature_map(p.activations[BLOCK], input_size=x.shape[-2:], patch_size=vit.patch_size)
     assert m.shape == (2, 6, 4, 6) and info.extra_tokens == 1
@@ -128,7 +128,7 @@ def test_vit_and_swin_layer_outputs_read_as_maps():
     swin = swin_t(num_classes=3, embed_dim=12, depths=[2, 2], num_heads=[2, 2], window_size=[4, 4]).eval()
     x = torch.randn(1, 3, 32, 64)
     layers = ["features.0.0", "features.1.1", "features.3", "norm", "permute"]
-    with torch.no_grad(), probe(swin, layers) as p:
+    with torch.no_grad(), probe(swin, layers, layout=None) as p:
         swin(x)
     got = {n: as_feature_map(p.activations[n], input_size=(32, 64)) for n in layers}
     assert {n: (i.layout, tuple(m.shape)) for n, (m, i) in got.items()} == {
@@ -147,10 +147,10 @@ def test_gradients_flow_through_the_map_into_the_tokens():
         maps.append(m)
         return from_feature_map(m, info)
 
-    with probe(vit, BLOCK) as p:
+    with probe(vit, BLOCK, layout=None) as p:
         plain = vit(x)[0, 2]
         g_plain, gx_plain = torch.autograd.grad(plain, [p.activations[BLOCK], x])
-    with probe(vit, BLOCK, edit={BLOCK: through_map}) as p:
+    with probe(vit, BLOCK, edit={BLOCK: through_map}, layout=None) as p:
         score = vit(x)[0, 2]
         g_map, g_tokens, gx = torch.autograd.grad(score, [maps[0], p.activations[BLOCK], x])
     torch.testing.assert_close(score, plain, rtol=0, atol=0)
@@ -159,8 +159,9 @@ def test_gradients_flow_through_the_map_into_the_tokens():
     assert g_map.shape == (1, 6, 4, 4) and g_map.abs().sum() > 0
     torch.testing.assert_close(g_map, as_feature_map(g_plain, layout="tokens:1")[0])  # d score / d map
     # an edit of the map reaches the output
-    with probe(vit, BLOCK, edit={BLOCK: lambda t: from_feature_map(as_feature_map(t, layout="tokens:1")[0] * 0,
-                                                                   as_feature_map(t, layout="tokens:1")[1])}):
+    with probe(vit, BLOCK, layout=None,
+               edit={BLOCK: lambda t: from_feature_map(as_feature_map(t, layout="tokens:1")[0] * 0,
+                                                       as_feature_map(t, layout="tokens:1")[1])}):
         assert not torch.allclose(vit(x)[0, 2], plain)
 
 
@@ -169,7 +170,7 @@ def test_gradcam_on_a_vit_block_matches_an_explicit_loop():
     float64 loop over channels and patches (class token dropped, weights = mean gradient over the patch grid)."""
     vit = tiny_vit()
     x = torch.randn(2, 3, 32, 48, dtype=torch.float64)
-    with torch.enable_grad(), probe(vit, BLOCK) as p:
+    with torch.enable_grad(), probe(vit, BLOCK, layout=None) as p:
         scores, _ = target_scores(vit(x), [[0, 3], [1, 2]])
         tokens = p.activations[BLOCK]
         (grads,) = batched_grad(scores, [tokens])  # K N T D

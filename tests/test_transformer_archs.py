@@ -165,7 +165,7 @@ def test_vit_attention_weights_on_request_without_changing_outputs():
     x = torch.randn(2, 3, 32, 32)
     before = snapshot(model)
     name = "encoder.layers.encoder_layer_1.self_attention"
-    with torch.no_grad(), probe(model, [name, "encoder.layers.encoder_layer_0"]) as p:
+    with torch.no_grad(), probe(model, [name, "encoder.layers.encoder_layer_0"], layout=None) as p:
         plain = model(x)
         assert p.activations[name][1] is None  # torchvision's default: no weights
         with need_attention_weights(model) as blocks:
@@ -259,7 +259,7 @@ def test_swin_layouts_and_sizes():
     model = tiny_swin()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     names = ["features.0.0", "features.0.2", "features.1", "features.2", "features.3", "norm", "permute"]
-    with torch.no_grad(), probe(model, names) as p:
+    with torch.no_grad(), probe(model, names, layout=None) as p:
         out = model(x)
     shapes = {n: tuple(a.shape) for n, a in p.activations.items()}
     assert shapes == {"features.0.0": (2, 12, 8, 8), "features.0.2": (2, 8, 8, 12), "features.1": (2, 8, 8, 12),

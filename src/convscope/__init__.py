@@ -38,7 +38,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ),
     ".methods.adversarial": ("AdversarialResult", "FeatureChange", "feature_change", "fgsm", "pgd",),
     ".methods.backprop": ("deconvnet_rule", "guided_backprop", "guided_gradcam",),
-    ".methods.cam": ("cam", "gradcam", "gradcam_pp", "layercam", "scorecam",),
+    ".methods.cam": ("cam", "gradcam", "gradcam_pp", "layercam", "scorecam", "resolve_cam_layer",),
     ".methods.deconvnet": ("deconvnet", "unit_backprop",),
     ".methods.dissect": ("Comparison", "DissectConfig", "LayerDissection", "UnitLabel", "compare", "dissect",),
     ".methods.filters": ("first_layer_filters",),
@@ -79,6 +79,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ),
     ".applications.similarity_report": ("similarity_report",),
     ".applications.landscape_report": ("landscape_report",),
+    ".methods.rollout": ("attention_maps", "attention_rollout",),
+    ".core.tokens": ("as_feature_map", "from_feature_map", "TokenInfo",),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)
@@ -125,10 +127,11 @@ if TYPE_CHECKING:  # static analysers and IDEs see the same names (generated fro
     from .core.report import HtmlReport
     from .core.stream import layer_features, stream_layers
     from .core.targets import target_scores, top_class, top_k
+    from .core.tokens import TokenInfo, as_feature_map, from_feature_map
     from .errors import ConvscopeError, DataError, ImageLoadError, LayerNotFoundError, ModelLoadError, TargetError
     from .methods.adversarial import AdversarialResult, FeatureChange, feature_change, fgsm, pgd
     from .methods.backprop import deconvnet_rule, guided_backprop, guided_gradcam
-    from .methods.cam import cam, gradcam, gradcam_pp, layercam, scorecam
+    from .methods.cam import cam, gradcam, gradcam_pp, layercam, resolve_cam_layer, scorecam
     from .methods.cnn_fixations import FixationResult, cnn_fixations
     from .methods.deconvnet import deconvnet, unit_backprop
     from .methods.dissect import Comparison, DissectConfig, LayerDissection, UnitLabel, compare, dissect
@@ -159,6 +162,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the same names (generated fro
     from .methods.occlusion import OcclusionResult, occlusion
     from .methods.perturb import PerturbationStudy, perturbation_study
     from .methods.prediction_difference import prediction_difference
+    from .methods.rollout import attention_maps, attention_rollout
     from .methods.saliency import gradient, input_x_gradient, saliency, smoothgrad
     from .methods.similarity import (
         SimilarityResult,

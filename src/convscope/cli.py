@@ -208,129 +208,18 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _explain_targets(spec: str) -> int | list[int]:
-    """``--target``: 'top' / 'topN' -> N (the image's N best classes); an int or a comma list -> the indices."""
-    s = spec.strip().lower()
-    if s == "top":
-        return 1
-    if s.startswith("top") and s[3:].isdigit() and int(s[3:]) >= 1:
-        return int(s[3:])
-    try:
-        idx = [int(t) for t in s.split(",") if t.strip()]
-    except ValueError:
-        idx = []
-    if not idx:
-        raise ConvscopeError(f"--target {spec!r}: use a class index (281), a comma list (281,282), 'top' or 'top5'")
-    return idx
-
-
-def _signed_display(t, q: float = 0.99):
-    """Signed map -> [0, 1] with 0 at 0.5, scaled by a high percentile of |value| (a few spikes saturate)."""
-    scale = t.detach().float().abs().flatten().kthvalue(max(1, int(q * t.numel()))).values
-    return (t / (2 * scale.clamp_min(1e-12)) + 0.5).clamp(0, 1)
-
-
-def _explain_one(model, x, args, targets: list[int], layer: str, progress: bool | None):
-    """The method's result for one image: (maps K x [C x] H x W, extra (tile, label) pairs)."""
-    import torch
-
-    from .methods.registry import attribution_method
-
-    t = torch.tensor([targets], device=x.device)
-    extra = []
-    if args.method == "occlusion":
-        from .methods.occlusion import occlusion
-
-        kw = {k: v for k, v in (("window", args.window), ("stride", args.stride)) if v is not None}
-        res = occlusion(model, x, t, layer=layer or None, progress=progress, **kw)
-        if res.strongest_unit is not None:  # Zeiler & Fergus Fig. 7 (b), as a drop: red where the unit looks
-            drop = res.unit_activation[:1, None, None, None] - res.strongest_unit[:1, None]
-            extra.append((drop, f"unit {int(res.unit[0])} of {layer}"))
-        return res.maps[0], extra
-    options = {"n": args.samples, "seed": args.seed} if args.method == "smoothgrad" else {}
-    return attribution_method(args.method).maps(model, x, t, layer=layer, **options)[0], extra
-
-
 def cmd_explain(args: argparse.Namespace) -> int:
-    from .core.images import expand_inputs, load_images, unique_names
-    from .core.layers import resolve_layer
-    from .core.model import input_denormalizer, model_classes, model_name
-    from .core.progress import progress_bar
-    from .core.render import grid, overlay, save_png, to_display
-    from .core.report import HtmlReport
-    from .methods.cam import default_cam_layer
+    from .applications.explain import explain_images, explain_targets
+    from .core.images import expand_inputs
     from .methods.registry import attribution_method
-    from .models.predict import predict
 
-    method = args.method
-    entry = attribution_method(method)  # before loading the model: a wrong name fails fast
+    attribution_method(args.method)  # before loading the model: a wrong name fails fast
+    spec = explain_targets(args.target)
     model = _load(args)
-    device = next(model.parameters()).device
-    layer = resolve_layer(model, args.layer)[0] if args.layer else ""
-    if entry.needs_layer and not layer:
-        layer = default_cam_layer(model)
-    elif not entry.needs_layer and method != "occlusion":
-        layer = ""  # checked, but this method reads no layer
-    spec = _explain_targets(args.target)
-    files = expand_inputs(args.images)
-    out = Path(args.out)
-    denormalize = input_denormalizer(model)
-    classes = model_classes(model)
-    signed = entry.per_channel or method == "occlusion"
-    name = model_name(model)
-    rep = HtmlReport(f"convscope explain: {method} on {name}", self_contained=args.self_contained)
-    if method == "occlusion":
-        legend = ("Colour (coolwarm, 0 is grey): red where hiding the region lowers the class score (the model relies "
-                  "on it), blue where hiding it raises the score." + (" The last tile is the same for the most active "
-                  f"feature map of {layer}: red where hiding the region lowers its activation." if layer else ""))
-    elif signed:
-        legend = ("Each class shows the signed result per colour channel as an RGB image (grey is 0), then its "
-                  "channel sum over the photo (coolwarm: red raises the class score, blue lowers it).")
-    else:
-        legend = "Colour: jet, from blue (low) to red (high), scaled per map."
-    rep.text(entry.description + (f", at layer {layer!r}" if layer else "") + f"; target: {args.target}. "
-             + legend)
-    all_tiles, all_labels, ncol = [], [], 1
-    stems = unique_names(files)
-    for path, stem in progress_bar(list(zip(files, stems)), desc="explain", unit="image",
-                                   progress=None if len(files) > 1 else False):
-        x = load_images([path], model).to(device)
-        ranked = predict(model, x, k=max(5, spec if isinstance(spec, int) else 1))[0]
-        if isinstance(spec, int) and len(ranked) < spec:
-            raise ConvscopeError(f"--target top{spec}: the model has only {len(ranked)} classes; use "
-                                 f"top{len(ranked)} or fewer")
-        top = ranked[:5]
-        targets = [p.index for p in ranked[:spec]] if isinstance(spec, int) else spec
-        maps, extra = _explain_one(model, x, args, targets, layer, progress=None if len(files) == 1 else False)
-        pixels = denormalize(x).clamp(0, 1).float().cpu()
-        maps = maps.detach().float().cpu()
-        tiles, labels = [pixels[0]], ["input"]
-        for k, c in enumerate(targets):
-            cls = (classes[c] if classes is not None and c < len(classes) else f"class {c}")[:24]
-            heat, alpha = maps[k], 0.5
-            if heat.dim() == 3:  # per channel: the signed image itself (as in the papers), then its channel sum
-                tiles.append(_signed_display(heat) if heat.shape[0] == 3 else to_display(heat.sum(0)[None]))
-                labels.append(f"{cls} ({method})")
-                heat, alpha = heat.sum(0), 0.75  # thin structures: let the map dominate the photo
-            shown = _signed_display(heat) if signed else to_display(heat[None, None], "percentile", 0.0, 99.5)[0, 0]
-            tiles.append(overlay(pixels, shown.reshape(1, 1, *shown.shape[-2:]), alpha=alpha,
-                                 cmap="coolwarm" if signed else "jet", normalize=False)[0])
-            labels.append(f"{c} {cls}")
-        for t, label in extra:
-            tiles.append(overlay(pixels, _signed_display(t.float().cpu()), alpha=0.5, cmap="coolwarm",
-                                 normalize=False)[0])
-            labels.append(label)
-        png = save_png(grid(tiles, nrow=len(tiles), cell_labels=labels), out / f"{stem}.{method}.png")
-        all_tiles += tiles
-        all_labels += labels
-        ncol = max(ncol, len(tiles))
-        rep.heading(stem, level=3)
-        rep.table([[r + 1, p.index, p.name, f"{p.probability:.3f}", f"{p.logit:.2f}"] for r, p in enumerate(top)],
-                  header=["rank", "class", "name", "probability", "logit"])
-        rep.image(png, caption=f"{stem}: input, then {method} for classes {', '.join(map(str, targets))}")
-    grid_png = save_png(grid(all_tiles, nrow=ncol, cell_labels=all_labels), out / f"grid.{method}.png")
-    html = rep.write(out / f"explain.{method}.html")
-    print(f"wrote {html}, {grid_png} and {len(stems)} overlay PNGs in {out}/")
+    run = explain_images(model, expand_inputs(args.images), Path(args.out), method=args.method, layer=args.layer,
+                         target=spec, target_text=args.target, window=args.window, stride=args.stride,
+                         samples=args.samples, seed=args.seed, self_contained=args.self_contained)
+    print(f"wrote {run.html}, {run.grid} and {len(run.pngs)} overlay PNGs in {args.out}/")
     return 0
 
 
@@ -356,12 +245,13 @@ def _fraction(text: str) -> float:
 
 def cmd_adversarial(args: argparse.Namespace) -> int:
     from .applications.adversarial import run_adversarial
+    from .applications.explain import explain_targets
     from .core.images import expand_inputs
     from .core.model import model_classes
     from .core.targets import top_class
 
     model = _load(args)
-    spec = _explain_targets(args.target) if args.target else None
+    spec = explain_targets(args.target) if args.target else None
     if isinstance(spec, int) and spec != 1:
         raise ConvscopeError(f"--target {args.target!r}: an attack takes one class per image (an index or 'top')")
     files = expand_inputs(args.images)
@@ -390,7 +280,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model = _load(args)
     methods = _names(args.methods) or list(METHODS)
     res = evaluate_attribution(model, Path(args.out), n=args.n, methods=methods, layer=args.layer,
-                               n_curve=args.n_curve, n_sanity=args.n_sanity, steps=args.steps)
+                               n_curve=args.n_curve, n_sanity=args.n_sanity, steps=args.steps, eval_set=args.set,
+                               resamples=args.resamples)
     print(res.markdown)
     print(f"wrote {res.files[-1]}")
     return 0
@@ -774,6 +665,10 @@ def add_evaluate(sub: Subparsers) -> None:
     q.add_argument("--n-curve", type=int, default=50, help="images for deletion/insertion (default 50)")
     q.add_argument("--n-sanity", type=int, default=8, help="images for the randomization check (default 8)")
     q.add_argument("--steps", type=int, default=32, help="deletion/insertion steps (default 32)")
+    q.add_argument("--set", choices=["off-centre", "centred"], default="off-centre",
+                   help="evaluation set (default off-centre: a centre prior scores chance)")
+    q.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the 95%% intervals "
+                                                               "(default 1000)")
     q.add_argument("--out", "-o", default="out/evaluate", help="output folder (default out/evaluate/)")
     q.set_defaults(func=cmd_evaluate)
 
@@ -995,12 +890,12 @@ def cmd_fooling(args: argparse.Namespace) -> int:
 
 
 def cmd_net2vec(args: argparse.Namespace) -> int:
-    from .applications.net2vec_report import run_net2vec, synthetic_dataset
+    from .applications.net2vec_report import run_net2vec, summary, synthetic_dataset
     from .methods.net2vec import Net2VecConfig
 
     config = Net2VecConfig(quantile=args.quantile, inputs=args.inputs, epochs=args.epochs,
                            seg_size=args.seg_size or None, categories=tuple(_names(args.categories)) or None,
-                           batch_size=args.batch_size)
+                           batch_size=args.batch_size, decision=args.decision, margin=args.margin)
     model = _load(args)
     out = Path(args.out)
     if args.dataset == "synthetic":  # generated once into OUT/broden; a rerun with the same --n/--size/--seed reuses it
@@ -1009,11 +904,7 @@ def cmd_net2vec(args: argparse.Namespace) -> int:
         path = Path(args.dataset)
     run = run_net2vec(model, path, args.layer, out, concepts=_names(args.concepts) or None, config=config,
                       pictures=args.pictures, examples=args.examples, self_contained=args.self_contained)
-    w = max(len(r["concept"]) for r in run.rows)
-    print(f"{'concept':<{w}}  IoU combination  best unit (IoU)   all pixels")
-    for r in run.rows:
-        print(f"{r['concept']:<{w}}  {r['iou_com']:15.3f}  {r['best_unit']:>5} ({r['best_unit_iou']:.3f})  "
-              f"{r['iou_all']:10.3f}")
+    print(summary(run.rows, config.margin))
     print(f"wrote {run.html} ({run.result.train_images} training, {run.result.val_images} held-out images)")
     return 0
 
@@ -1065,6 +956,11 @@ def add_net2vec(sub: Subparsers) -> None:
     p.add_argument("--inputs", choices=["binary", "raw"], default="binary",
                    help="unit maps binarized at the thresholds (default, Fong & Vedaldi) or divided by them")
     p.add_argument("--epochs", type=int, default=30, help="SGD epochs (default 30)")
+    p.add_argument("--decision", choices=["iou", "paper"], default="iou",
+                   help="mask threshold: best IoU on the training images (default) or the paper's M > 0.5")
+    p.add_argument("--margin", type=float, default=0.01,
+                   help="beats the trivial baselines when the gain's 95%% interval lower end exceeds this IoU "
+                        "(default 0.01)")
     p.add_argument("--seg-size", type=int, default=28,
                    help="label resolution the masks are learned and scored at (default 28; 0: the dataset's own)")
     p.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")

@@ -28,7 +28,7 @@ from ..core.progress import progress_bar
 from ..core.render import fit_text, grid, load_font, overlay, save_png
 from ..core.report import HtmlReport
 from ..core.targets import top_k
-from ..methods.cam import default_cam_layer, gradcam
+from ..methods.cam import default_cam_layer, gradcam, resolve_cam_layer
 from ..models.predict import predict
 
 # A middle layer per zoo model for the unit views; other models use the middle of their conv layers.
@@ -78,7 +78,7 @@ def build_report(model: nn.Module, paths: Sequence[str | os.PathLike[str]] | Non
     pre = model.preprocess if hasattr(model, "preprocess") else None
     x = load_images(files, model)
     dev = next(model.parameters()).device
-    cam_layer = resolve_layer(model, cam_layer)[0] if cam_layer else default_cam_layer(model)
+    cam_layer = resolve_cam_layer(model, cam_layer)
     layer = resolve_layer(model, layer)[0] if layer else unit_layer(model)
     preds, maps, acts = [], [], []
     for chunk in progress_bar(x.split(batch_size), desc="report", unit="batch", progress=progress):

@@ -157,9 +157,10 @@ def list_layers(model: nn.Module, sample: torch.Tensor | None = None,
         outs = p.outputs(name)
         params = sum(q.numel() for q in mod.parameters(recurse=False))
 
-        def row(row_name: str, out: object, calls: int) -> LayerInfo:
+        def row(row_name: str, out: object, calls: int, kind: str = type(mod).__name__, params: int = params
+                ) -> LayerInfo:
             shape = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else None
-            return LayerInfo(row_name, type(mod).__name__, shape, shape[0] if shape else None, calls, params)
+            return LayerInfo(row_name, kind, shape, shape[0] if shape else None, calls, params)
 
         rows.append(row(name, outs[-1] if outs else None, len(outs)))
         if len(outs) > 1:  # a shared module: one row per call, each addressable as "name:k"

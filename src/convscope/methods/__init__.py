@@ -3,7 +3,7 @@
 from ..core.stream import layer_features
 from .adversarial import AdversarialResult, FeatureChange, feature_change, fgsm, pgd
 from .backprop import deconvnet_rule, guided_backprop, guided_gradcam
-from .cam import cam, default_cam_layer, gradcam, gradcam_pp, layercam, scorecam
+from .cam import cam, default_cam_layer, gradcam, gradcam_pp, layercam, resolve_cam_layer, scorecam
 from .cnn_fixations import FixationResult, cnn_fixations
 from .deconvnet import deconvnet
 from .dissect import Comparison, DissectConfig, LayerDissection, UnitLabel, compare, dissect, unit_thresholds
@@ -38,6 +38,7 @@ from .net2vec import ConceptVector, Net2VecConfig, Net2VecResult, net2vec
 from .occlusion import OcclusionResult, occlusion
 from .perturb import PERTURBATIONS, PerturbationStudy, binarize, drop_least, dropout, perturb, perturbation_study
 from .prediction_difference import prediction_difference
+from .rollout import attention_maps, attention_rollout
 from .saliency import gradient, input_x_gradient, saliency, smoothgrad
 from .similarity import SimilarityResult, UnitMatching, layer_similarity, linear_cka, match_units, rbf_cka, svcca
 from .topk import (
@@ -55,6 +56,7 @@ from .upconv import UpconvNet, decode, load_upconv, reconstruct, save_upconv, tr
 from .visual_backprop import visual_backprop
 
 __all__ = [
+    "resolve_cam_layer", "attention_maps", "attention_rollout",
     "SimilarityResult", "UnitMatching", "layer_similarity", "linear_cka", "match_units", "rbf_cka", "svcca",
     "InterpolationResult", "LandscapeResult", "interpolate", "loss_landscape", "random_direction",
     "layercam", "scorecam", "FixationResult", "cnn_fixations", "DreamResult", "deep_dream", "Embedding", "embed",

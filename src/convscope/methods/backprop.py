@@ -22,9 +22,8 @@ import torch
 from torch import nn
 
 from ..core.attribution import check_input, input_gradient
-from ..core.layers import resolve_layer
 from ..core.targets import Target, pinned, top_class
-from .cam import default_cam_layer, gradcam
+from .cam import gradcam, resolve_cam_layer
 
 
 def guided_backprop(model: nn.Module, x: torch.Tensor, target: Target = top_class) -> torch.Tensor:
@@ -50,7 +49,7 @@ def guided_gradcam(model: nn.Module, x: torch.Tensor, target: Target = top_class
     Grad-CAM pass explains the classes the guided pass resolved (so ``top_class`` means the same class in both).
     """
     check_input(x, "guided_gradcam")
-    layer = resolve_layer(model, layer)[0] if layer else default_cam_layer(model)  # a bad name fails before any pass
+    layer = resolve_cam_layer(model, layer)  # a bad name fails before any pass
     guided = input_gradient(model, x, target, relu_rule="guided")
     cam = gradcam(model, x, target=pinned(target, guided.indices) if guided.indices is not None else target,
                   layer=layer)

@@ -21,6 +21,7 @@ from .integrated_gradients import integrated_gradients
 from .lrp import lrp
 from .occlusion import occlusion
 from .prediction_difference import prediction_difference
+from .rollout import attention_rollout
 from .saliency import gradient, input_x_gradient, saliency, smoothgrad
 from .visual_backprop import visual_backprop
 
@@ -86,6 +87,9 @@ _METHODS = (
     AttributionMethod("prediction-difference", prediction_difference, False, False,
                       "prediction difference analysis: weight of evidence (bits) of each window, conditional sampling",
                       "Zintgraf et al. 2017"),
+    AttributionMethod("rollout", attention_rollout, False, False,
+                      "attention rollout: attention propagated through the blocks (class-agnostic, ViT only)",
+                      "Abnar & Zuidema 2020"),
 )
 
 ATTRIBUTION_METHODS: dict[str, AttributionMethod] = {m.name: m for m in _METHODS}
