@@ -76,7 +76,8 @@ def _occlusion(m: nn.Module, x: torch.Tensor, y: torch.Tensor, layer: str, progr
 
 
 EVALUATED = ("saliency", "input_x_gradient", "smoothgrad", "guided", "deconv", "gradcam", "gradcam++",
-             "guided-gradcam", "occlusion")
+             "guided-gradcam", "occlusion", "integrated-gradients", "lrp", "layercam", "scorecam", "visual-backprop",
+             "cnn-fixations", "prediction-difference")
 """The registry methods scored, in table order (``gradient`` is saliency before its max, CAM needs a GAP net)."""
 
 EVAL_NAMES = {"deconv": "deconvnet", "guided-gradcam": "guided_gradcam"}
@@ -85,15 +86,28 @@ EVAL_NAMES = {"deconv": "deconvnet", "guided-gradcam": "guided_gradcam"}
 SMOOTHGRAD_SAMPLES = 16
 """Noisy copies per SmoothGrad map in the evaluation."""
 
+EVAL_OPTIONS: dict[str, dict[str, object]] = {
+    "smoothgrad": {"n": SMOOTHGRAD_SAMPLES},
+    "integrated-gradients": {"steps": 16},
+    "scorecam": {"batch_size": 128},
+    "prediction-difference": {"window": 16, "stride": 16, "samples": 4},
+}
+"""Per-method settings of the evaluation (smaller than the defaults, so 200 images stay affordable)."""
+
+SUMMED_CHANNELS = ("input_x_gradient", "integrated-gradients", "lrp")
+"""Per-channel methods whose channels are summed as |.| (attributions that add up); the others take max_c |.|."""
+
 
 def _registry_map(entry: AttributionMethod) -> MapFn:
     """A registry method as ``N x H x W`` maps of the true class: per-channel results as max_c |.| (gradient x
     input: sum_c |.|)."""
     def fn(m: nn.Module, x: torch.Tensor, y: torch.Tensor, layer: str, progress: bool | None) -> torch.Tensor:
-        options = {"n": SMOOTHGRAD_SAMPLES, "progress": progress} if entry.name == "smoothgrad" else {}
+        options = dict(EVAL_OPTIONS.get(entry.name, {}))
+        if entry.name in ("smoothgrad", "integrated-gradients", "scorecam", "prediction-difference"):
+            options["progress"] = progress
         out = entry.maps(m, x, y[:, None], layer=layer, **options)[:, 0]
         if entry.per_channel:
-            out = out.abs().sum(1) if entry.name == "input_x_gradient" else out.abs().amax(1)
+            out = out.abs().sum(1) if entry.name in SUMMED_CHANNELS else out.abs().amax(1)
         return out
     return fn
 
@@ -113,7 +127,9 @@ def method_cost(name: str, size: int) -> float:
     if name == "occlusion":
         window, stride = _occlusion_grid(size)
         return len(window_positions(size, window, stride)) ** 2 + 1.0
-    return {"smoothgrad": 49.0, "guided_gradcam": 6.0, "random": 0.1, "center": 0.1}.get(name, 3.0)
+    return {"smoothgrad": 49.0, "guided_gradcam": 6.0, "integrated-gradients": 48.0, "scorecam": 256.0,
+            "prediction-difference": (size // 16) ** 2 * 4.0, "visual-backprop": 1.0, "random": 0.1,
+            "center": 0.1}.get(name, 3.0)
 
 
 POINTING_TOLERANCE = 15 / 224
