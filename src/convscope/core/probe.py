@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ..errors import ConvscopeError
+from .checks import check_finite, check_forward_args
 from .layers import resolve_layers, split_call
 from .rules import BackwardRule, RuleMode
 from .rules import relu_rule as rule_named
@@ -148,6 +149,14 @@ def preserved_state(model: nn.Module, eval_mode: bool = True, freeze: bool = Tru
             p.requires_grad_(flag)
         for m, flag in inplace:
             m.inplace = flag
+
+
+def _checked_input(model: nn.Module, args: tuple) -> tuple | None:
+    return check_forward_args(model, args)
+
+
+def _finite_output(model: nn.Module, args: tuple, out: Any) -> None:
+    check_finite(model, args[0] if args and isinstance(args[0], torch.Tensor) else None, out)
 
 
 @contextlib.contextmanager
@@ -330,6 +339,11 @@ def probe(model: nn.Module, layers: str | Sequence[str] | None = None, *, edit: 
     mode = CountingRuleMode(all_rules) if all_rules else None
     with preserved_state(model, eval_mode, freeze):
         try:
+            if not isinstance(model, torch.jit.ScriptModule):
+                # every probed forward pass: the input checked against the model (rank, dtype, channels, device:
+                # one line with the fix), and a non-finite output traced to the first layer that produced it
+                handles.append(model.register_forward_pre_hook(_checked_input))
+                handles.append(model.register_forward_hook(_finite_output))
             if resolved:
                 handles.append(model.register_forward_pre_hook(start_pass))
             if relu_rule is not None:
