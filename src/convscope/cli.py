@@ -398,15 +398,15 @@ def _one_image(arg: str, what: str) -> Path:
 
 
 def cmd_train_demo(args: argparse.Namespace) -> int:
-    from .applications.train_demo import TrainConfig, train_demo
+    from .applications.train_demo import TrainConfig, VitConfig, train_demo
     from .core.device import tune_cpu_allocator
 
     tune_cpu_allocator()
     given = {k: getattr(args, k) for k in ("n_train", "n_test", "epochs") if getattr(args, k) is not None}
-    cfg = TrainConfig(seed=args.seed, **given)
+    cfg = (VitConfig if args.arch == "vit" else TrainConfig)(seed=args.seed, **given)
     res = train_demo(Path(args.out), cfg, workers=args.workers, device=args.device)
     print(f"test accuracy {res.test_accuracy:.1%}; weights {res.weights}; {len(res.checkpoints)} checkpoints in "
-          f"{res.weights.parent}/ (load with --model demo_net --weights FILE)")
+          f"{res.weights.parent}/ (load with --model {cfg.name} --weights FILE)")
     return 0
 
 
@@ -858,7 +858,11 @@ def add_data(sub: Subparsers) -> None:
 
 
 def add_train_demo(sub: Subparsers) -> None:
-    p = sub.add_parser("train-demo", help="train demo_net on synthetic scene labels; a checkpoint per epoch, resumable")
+    p = sub.add_parser("train-demo", help="train demo_net (or demo_vit) on synthetic scene labels; a checkpoint per "
+                                          "epoch, resumable")
+    p.add_argument("--arch", choices=("demo_net", "vit"), default="demo_net",
+                   help="demo_net (the CNN, default) or vit (demo_vit: a small ViT with a conv stem; use --out "
+                        "runs/demo_vit)")
     p.add_argument("--out", "-o", default="runs/demo_net", help="checkpoint folder (default runs/demo_net)")
     p.add_argument("--n-train", type=int, help="training images (default 12000, as the bundled weights)")
     p.add_argument("--n-test", type=int, help="held-out test images (default 1000)")
