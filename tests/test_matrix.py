@@ -64,15 +64,12 @@ SLOW = {"atlas", "dissect", "explorer"}  # the whole-pipeline cells: run in the 
 # cells that raise a documented ConvscopeError: (arch, method) -> a pattern of its message (docs/models.md says why)
 NOT_GAP = "CAM needs layer"
 NO_RELU = {rule: f"relu_rule='{rule}' changed nothing" for rule in ("guided", "deconvnet")}
-INVERT_SHARED = "layer 'layer1.0.relu' runs more than once"
 EXPECTED: dict[tuple[str, str], str] = {
     ("vgg16", "cam"): NOT_GAP,
     ("mobilenet_v3_large", "cam"): NOT_GAP,
     ("convnext_tiny", "guided_backprop"): NO_RELU["guided"],
     ("convnext_tiny", "guided_gradcam"): NO_RELU["guided"],
     ("convnext_tiny", "deconvnet_rule"): NO_RELU["deconvnet"],
-    ("resnet18", "invert"): INVERT_SHARED,
-    ("resnet50", "invert"): INVERT_SHARED,
 }
 
 WHY = {
@@ -83,11 +80,6 @@ WHY = {
                        "would be the plain gradient: the probe refuses instead of returning a mislabelled saliency "
                        "map.",
     NO_RELU["deconvnet"]: "the same for the DeconvNet ReLU rule.",
-    INVERT_SHARED: "a bug, not a limit: `invert` picks its default priors from the layer's depth "
-                   "(`methods/invert.layer_depths`), which hooks every leaf module by its bare name, and a ResNet "
-                   "block's `relu` runs 2-3 times per pass. Fix in `layer_depths`: probe with `keep_all_calls=True` "
-                   "(and add `name:k` layers to the watched names). Until then pass `lambda_alpha`, `lambda_tv` and "
-                   "`jitter` to skip it.",
 }
 
 
