@@ -168,11 +168,13 @@ def _is_glibc() -> bool:
 FIRST_USE = "hint"
 """What the library does the first time a batched CPU method resolves ``batch_size="auto"`` under glibc's
 defaults: ``"hint"`` (one line on stderr saying how to tune; batch sizes stay under the mmap threshold) or
-``"tune"`` (:func:`tune_cpu_allocator`). See the README's "CPU allocator" section for the measurement."""
+``"tune"`` (:func:`tune_cpu_allocator`). Measured (benchmarks/batch_bench.py, lite0, CPU time per unit): with
+"auto" batches glibc's defaults cost 1.07-1.40x the tuned allocator, not the 2-2.6x of fixed batches of 32-64,
+so the library leaves the process-wide setting to the user (the CLI, which owns its process, tunes)."""
 ALLOCATOR_HINT = ("convscope: glibc's default malloc maps large activation buffers afresh on every operation, so "
                   "batches are kept small; cs.tune_cpu_allocator() (what the CLI does) or a preloaded jemalloc / "
                   "tcmalloc makes batched CPU methods {gain} faster (CONVSCOPE_MALLOC=default silences this)")
-ALLOCATOR_GAIN = "about 2x"
+ALLOCATOR_GAIN = "1.1-1.4x"
 _first_use_done: list[bool] = []
 
 
