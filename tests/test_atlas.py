@@ -18,11 +18,11 @@ import torch
 from PIL import Image
 
 from convscope.atlas import Atlas, AtlasError, LayerRecord, open_atlas
-from convscope.atlas.builder import PartialTopK, build_atlas, unit_seed
+from convscope.atlas.builder import build_atlas, unit_seed
 from convscope.atlas.executors import ExecutorError, LocalExecutor, make_executor
 from convscope.cli import main
 from convscope.errors import ConvscopeError
-from convscope.methods.topk import top_k_activations
+from convscope.methods.topk import RunningTopK, top_k_activations
 
 from .helpers import assert_untouched, snapshot
 
@@ -108,7 +108,7 @@ def test_store_corrupt_database_is_an_atlas_error(tmp_path):
 # --------------------------------------------------------------------------- building blocks
 
 
-def test_partial_top_k_merges_exactly_in_any_grouping():
+def test_top_k_states_merge_exactly_in_any_grouping():
     gen = torch.Generator().manual_seed(0)
     n, units, k = 40, 5, 4
     vals = torch.randint(0, 4, (units, n), generator=gen).float()  # many ties: the order must still be fixed
@@ -116,23 +116,24 @@ def test_partial_top_k_merges_exactly_in_any_grouping():
     locs = torch.randint(0, 7, (units, n, 2), generator=gen)
     ids = torch.arange(n).expand(units, n)
 
-    def part(lo: int, hi: int) -> PartialTopK:
-        return PartialTopK.best([PartialTopK(vals[:, lo:hi], ids[:, lo:hi], locs[:, lo:hi], (units, 7, 7), hi - lo)],
-                                k)
+    def part(lo: int, hi: int) -> RunningTopK:
+        state = {"values": vals[:, lo:hi], "ids": ids[:, lo:hi], "locs": locs[:, lo:hi], "shape": (units, 7, 7),
+                 "seen": hi - lo}
+        return RunningTopK.best([RunningTopK.from_state("layer", k, state)], k)
 
     whole = part(0, n)
     for cuts in ([0, 8, 16, 24, 32, 40], [0, 3, 40], [0, 20, 40]):
         parts = [part(a, b) for a, b in zip(cuts, cuts[1:])]
         for grouping in (parts, parts[::-1]):
-            got = PartialTopK.best(grouping, k)
+            got = RunningTopK.best(grouping, k)
             assert torch.equal(got.values, whole.values) and torch.equal(got.ids, whole.ids)
-            assert torch.equal(got.locations, whole.locations) and got.seen == n
+            assert torch.equal(got.locs, whole.locs) and got.seen == n
     assert whole.ids[0].tolist() == [0, 1, 2, 3]  # ties: the lowest image ids
     for u in range(units):  # value descending, ties by id ascending
         key = [(-float(v), int(i)) for v, i in zip(whole.values[u], whole.ids[u])]
         assert key == sorted(key)
         assert torch.equal(whole.values[u], vals[u].sort(descending=True).values[:k])
-    back = PartialTopK.from_bytes(whole.to_bytes())
+    back = RunningTopK.from_bytes("layer", k, whole.to_bytes())
     assert torch.equal(back.values, whole.values) and back.shape == whole.shape
 
 

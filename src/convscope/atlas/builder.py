@@ -59,10 +59,10 @@ from ..errors import ConvscopeError
 from ..methods.dissect import DissectConfig, dissect
 from ..methods.maximize import PRESETS, activation_maximization
 from ..methods.topk import (
+    RunningTopK,
     TopKActivations,
     TopKPatches,
     render_patches,
-    select_top,
     top_k_activations,
     top_k_patches,
 )
@@ -77,46 +77,6 @@ STAGES = {"top": "top_image", "am": "am_image", "concepts": "concept"}  # stage 
 
 
 # --------------------------------------------------------------------------- order-independent top-k
-
-
-@dataclass(frozen=True)
-class PartialTopK:
-    """Per unit the ``k`` best candidates of part of a dataset: ``values``, ``ids`` ``U x k``, ``locations``
-    ``U x k x 2``; ``shape`` the layer's output shape, ``seen`` the images scanned. Candidates are ordered by value
-    (descending), ties by image id (ascending), so merging parts in any grouping gives the same result."""
-
-    values: torch.Tensor
-    ids: torch.Tensor
-    locations: torch.Tensor
-    shape: tuple[int, ...]
-    seen: int
-
-    @staticmethod
-    def best(parts: Sequence[PartialTopK], k: int) -> PartialTopK:
-        """The ``k`` best of the union of ``parts``."""
-        if not parts:
-            raise ConvscopeError("no top-k candidates to merge; give a non-empty dataset")
-        shapes = {p.shape for p in parts}
-        if len(shapes) > 1:
-            raise ConvscopeError(f"a layer's output changed shape across images ({sorted(shapes)}); give images of "
-                                 "one size")
-        vals, ids, locs = select_top(torch.cat([p.values for p in parts], 1), torch.cat([p.ids for p in parts], 1),
-                                     torch.cat([p.locations for p in parts], 1), k)
-        return PartialTopK(vals, ids, locs, parts[0].shape, sum(p.seen for p in parts))
-
-    def result(self, layer: str) -> TopKActivations:
-        return TopKActivations(layer, self.values, self.ids, self.locations, self.shape, self.seen)
-
-    def to_bytes(self) -> bytes:
-        buf = io.BytesIO()
-        torch.save({"values": self.values, "ids": self.ids, "locations": self.locations, "shape": list(self.shape),
-                    "seen": self.seen}, buf)
-        return buf.getvalue()
-
-    @staticmethod
-    def from_bytes(data: bytes) -> PartialTopK:
-        d = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        return PartialTopK(d["values"], d["ids"], d["locations"], tuple(d["shape"]), int(d["seen"]))
 
 
 def unit_seed(seed: int, layer: str, unit: int) -> int:
@@ -175,7 +135,8 @@ def _png(img: Image.Image) -> bytes:
 
 @dataclass(frozen=True)
 class TopKShard:
-    """Images ``start .. stop-1`` (whole batches): per layer the :class:`PartialTopK` of that shard."""
+    """Images ``start .. stop-1`` (whole batches): per layer the :class:`~convscope.methods.topk.RunningTopK` state
+    of that shard."""
 
     start: int
     stop: int
@@ -187,7 +148,7 @@ class TopKShard:
     def key(self) -> str:
         return f"{self.start}-{self.stop}"
 
-    def run(self, ctx: Context) -> dict[str, PartialTopK]:
+    def run(self, ctx: Context) -> dict[str, RunningTopK]:
         data, bs = ctx.data, self.batch_size
 
         def batches():
@@ -196,8 +157,7 @@ class TopKShard:
                 yield data.load(ids), torch.tensor(list(ids))
 
         found = top_k_activations(ctx.model, batches(), list(self.layers), k=self.k, batch_size=bs, progress=False)
-        return {n: PartialTopK(r.values.float().cpu(), r.image_ids.cpu(), r.locations.cpu(), r.shape, r.images_seen)
-                for n, r in found.items()}
+        return {n: RunningTopK.from_result(r, self.k) for n, r in found.items()}
 
 
 @dataclass(frozen=True)
@@ -474,7 +434,7 @@ def _build(atlas: Atlas, ex: Any, names: list[str], records: list[LayerRecord], 
     if top_layers:
         step = SHARD_BATCHES * batch_size
         shards = [(s, min(s + step, len(data))) for s in range(0, len(data), step)]
-        parts: dict[str, dict[str, PartialTopK]] = {n: {} for n in top_layers}
+        parts: dict[str, dict[str, RunningTopK]] = {n: {} for n in top_layers}
         tasks = []
         for s, e in shards:
             missing = []
@@ -483,7 +443,7 @@ def _build(atlas: Atlas, ex: Any, names: list[str], records: list[LayerRecord], 
                 if blob is None:
                     missing.append(n)
                 else:
-                    parts[n][f"{s}-{e}"] = PartialTopK.from_bytes(blob)
+                    parts[n][f"{s}-{e}"] = RunningTopK.from_bytes(n, k, blob)
             if missing:
                 tasks.append(TopKShard(s, e, tuple(missing), k, batch_size))
         with progress_bar(total=sum(t.stop - t.start for t in tasks), desc="top-k pass", unit="img",
@@ -494,7 +454,7 @@ def _build(atlas: Atlas, ex: Any, names: list[str], records: list[LayerRecord], 
                     parts[n][task.key] = part
                 stats.add("topk", task.stop - task.start, secs)
                 bar.update(task.stop - task.start)
-        results = {n: PartialTopK.best([parts[n][f"{s}-{e}"] for s, e in shards], k).result(n) for n in top_layers}
+        results = {n: RunningTopK.best([parts[n][f"{s}-{e}"] for s, e in shards], k).result() for n in top_layers}
     stats.wall["topk"] = time.perf_counter() - t0
 
     # stage 2: unit chunks (top-k pictures, activation maximization) and the dissection, as workers free up
@@ -555,4 +515,4 @@ def atlas_progress(atlas: Atlas) -> list[dict[str, Any]]:
     return rows
 
 
-__all__ = ["BuildStats", "PartialTopK", "WorkerSpec", "atlas_progress", "build_atlas", "setup_worker", "unit_seed"]
+__all__ = ["BuildStats", "WorkerSpec", "atlas_progress", "build_atlas", "setup_worker", "unit_seed"]

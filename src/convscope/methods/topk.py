@@ -17,9 +17,10 @@ layer, going down), or from the gradient's support for any network.
 
 from __future__ import annotations
 
+import io
 import math
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,7 +98,12 @@ def _yx(flat: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
 
 
 class RunningTopK:
-    """Keeps, per unit, the k largest candidates seen so far (values, image ids, locations)."""
+    """Keeps, per unit, the k largest candidates seen so far (values, image ids, locations ``U x k (x 2)``).
+
+    The one top-k state of convscope: :func:`top_k_activations` streams into it, dissection saves and resumes it
+    (:meth:`state_dict` / :meth:`from_state`), the atlas merges the states of dataset shards (:meth:`best`,
+    :meth:`to_bytes`). Candidates are ordered by value (descending), ties by image id (ascending), so merging parts
+    in any grouping gives the same result."""
 
     def __init__(self, layer: str, k: int) -> None:
         self.layer, self.k = layer, k
@@ -148,8 +154,56 @@ class RunningTopK:
         self.seen += n
 
     def result(self) -> TopKActivations:
-        assert self.values is not None
+        if self.values is None:
+            raise ConvscopeError(f"no top-k candidates for layer {self.layer!r}; give a non-empty dataset")
         return TopKActivations(self.layer, self.values, self.ids, self.locs, self.shape, self.seen)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state as plain tensors and ints (``torch.save``-able with ``weights_only``)."""
+        return {"values": self.values, "ids": self.ids, "locs": self.locs, "shape": list(self.shape),
+                "seen": self.seen}
+
+    @classmethod
+    def from_state(cls, layer: str, k: int, state: Mapping[str, Any]) -> RunningTopK:
+        """The state :meth:`state_dict` returned (``locations`` is accepted for ``locs``)."""
+        t = cls(layer, k)
+        t.values, t.ids = state["values"], state["ids"]
+        t.locs = state["locs"] if "locs" in state else state["locations"]
+        t.shape, t.seen = tuple(int(v) for v in state["shape"]), int(state["seen"])
+        return t
+
+    @classmethod
+    def from_result(cls, result: TopKActivations, k: int) -> RunningTopK:
+        """A state holding a finished :class:`TopKActivations` (e.g. one dataset shard's), on the CPU."""
+        return cls.from_state(result.layer, k, {"values": result.values.float().cpu(), "ids": result.image_ids.cpu(),
+                                                "locs": result.locations.cpu(), "shape": result.shape,
+                                                "seen": result.images_seen})
+
+    @classmethod
+    def best(cls, parts: Sequence[RunningTopK], k: int) -> RunningTopK:
+        """The ``k`` best candidates of the union of ``parts`` (disjoint sets of images)."""
+        held = [p for p in parts if p.values is not None]
+        if not held:
+            raise ConvscopeError("no top-k candidates to merge; give a non-empty dataset")
+        shapes = {p.shape for p in held}
+        if len(shapes) > 1:
+            raise ConvscopeError(f"a layer's output changed shape across images ({sorted(shapes)}); give images of "
+                                 "one size")
+        t = cls(held[0].layer, k)
+        t.values, t.ids, t.locs = select_top(torch.cat([p.values for p in held], 1),  # type: ignore[misc]
+                                             torch.cat([p.ids for p in held], 1),
+                                             torch.cat([p.locs for p in held], 1), k)
+        t.shape, t.seen = held[0].shape, sum(p.seen for p in held)
+        return t
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        torch.save(self.state_dict(), buf)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, layer: str, k: int, data: bytes) -> RunningTopK:
+        return cls.from_state(layer, k, torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
 
 
 def top_k_activations(model: nn.Module, images: Images, layers: str | Sequence[str], k: int = 9,

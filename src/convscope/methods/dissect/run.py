@@ -139,19 +139,12 @@ class _Store:
         atomic_write_bytes(self.out / f"{name}.pt", buf.getvalue())
 
 
-def _restore_top(layer: str, k: int, s: Mapping[str, Any]) -> RunningTopK:
-    t = RunningTopK(layer, k)
-    t.values, t.ids, t.locs = s["values"], s["ids"], s["locs"]
-    t.shape, t.seen = tuple(int(v) for v in s["shape"]), int(s["seen"])
-    return t
-
-
 def _pass_thresholds(model: nn.Module, ds: BrodenDataset, names: list[str], config: DissectConfig,
                      store: _Store | None, show: bool | None
                      ) -> tuple[dict[str, torch.Tensor], dict[str, TopKActivations]]:
     state = store.load("pass1") if store else None
     if state and state.get("done"):
-        tops = {n: _restore_top(n, config.top_images, state["top"][n]).result() for n in names}
+        tops = {n: RunningTopK.from_state(n, config.top_images, state["top"][n]).result() for n in names}
         return dict(state["thresholds"]), tops
     start = int(state["batches"]) if state else 0
     rows = batch_rows(model, ds, config, state)
@@ -159,15 +152,14 @@ def _pass_thresholds(model: nn.Module, ds: BrodenDataset, names: list[str], conf
     tops: dict[str, RunningTopK] = {n: RunningTopK(n, config.top_images) for n in names}
     if state:
         for n in names:
-            tops[n] = _restore_top(n, config.top_images, state["top"][n])
+            tops[n] = RunningTopK.from_state(n, config.top_images, state["top"][n])
             bufs[n] = TopBuffer.from_state(state["buffers"][n], config.quantile, config.max_buffer_mb, n)
     batches = start
 
     def snapshot(done: bool) -> dict[str, Any]:
         s: dict[str, Any] = {
             "batches": batches, "batch_size": rows, "done": done, "buffers": {n: bufs[n].state() for n in names},
-            "top": {n: {"values": t.values, "ids": t.ids, "locs": t.locs, "shape": list(t.shape), "seen": t.seen}
-                    for n, t in tops.items()},
+            "top": {n: t.state_dict() for n, t in tops.items()},
         }
         if done:
             s["thresholds"] = {n: bufs[n].thresholds() for n in names}
