@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -233,3 +233,23 @@ def check_finite(model: nn.Module, x: torch.Tensor | None, value: Any, what: str
                              "code (a log, sqrt or division of zero?)")
     raise ConvscopeError(f"{what} has {bad}: the first layer whose output is non-finite is {name!r} "
                          f"({type(module).__name__}){weights}")
+
+
+def scripted_parts(model: nn.Module, modules: Iterable[nn.Module] = ()) -> bool:
+    """True when ``model`` or one of ``modules`` is a TorchScript module (no Python hooks, no torch functions)."""
+    return isinstance(model, torch.jit.ScriptModule) or any(isinstance(m, torch.jit.ScriptModule) for m in modules)
+
+
+def refuse_scripted(model: nn.Module, layers: Mapping[str, nn.Module] | Iterable[str] = (),
+                    rules: bool = False) -> None:
+    """One-line :class:`~convscope.errors.ConvscopeError` when a layer method (``layers``: resolved names, or
+    ``{name: module}``) or a backward rule (``rules``) meets TorchScript, which it cannot reach; else nothing."""
+    names = list(layers)
+    mods = list(layers.values()) if isinstance(layers, Mapping) else []
+    fix = ("load the eager model instead (a zoo name or package.module:factory with --weights FILE holding its "
+           "state dict) or a torch.export archive (.pt2, convscope.models.exported.export_model)")
+    if names and (isinstance(model, torch.jit.ScriptModule) or scripted_parts(model, mods)):
+        raise ConvscopeError(f"layer {names[0]!r} is inside a TorchScript model, whose modules take no hooks; {fix}")
+    if rules and any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
+        raise ConvscopeError(f"backward rules (guided backpropagation, DeconvNet) cannot reach the ReLUs of a "
+                             f"TorchScript model; {fix}")

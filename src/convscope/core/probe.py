@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ..errors import ConvscopeError
-from .checks import check_finite, check_forward_args
+from .checks import check_finite, check_forward_args, refuse_scripted
 from .layers import resolve_layers, split_call
 from .rules import BackwardRule, RuleMode
 from .rules import relu_rule as rule_named
@@ -132,7 +132,8 @@ def preserved_state(model: nn.Module, eval_mode: bool = True, freeze: bool = Tru
     """Put ``model`` in eval mode with frozen parameters and out-of-place activations; restore all on exit."""
     modes = [(m, m.training) for m in model.modules()]
     grads = [(p, p.requires_grad) for p in model.parameters()]
-    inplace = [(m, m.inplace) for m in model.modules() if isinstance(getattr(m, "inplace", None), bool)]
+    inplace = [(m, m.inplace) for m in model.modules()  # TorchScript constants cannot be set
+               if isinstance(getattr(m, "inplace", None), bool) and not isinstance(m, torch.jit.ScriptModule)]
     try:
         if eval_mode:
             model.eval()
@@ -206,6 +207,8 @@ def probe(model: nn.Module, layers: str | Sequence[str] | None = None, *, edit: 
     extra = [n for n in [*edit, *grad_edit, *([stop_after] if stop_after else [])] if n not in wanted]
     resolved = resolve_layers(model, wanted + extra) if (wanted or extra) else {}
     all_rules = ([rule_named(relu_rule)] if relu_rule is not None else []) + list(rules)
+    if resolved or all_rules:
+        refuse_scripted(model, resolved, bool(all_rules))  # hooks and rules cannot reach TorchScript: one line
     layout_of = _layouts(layout, list(resolved))
     patch = declared_patch_size(model) if any(layout_of.values()) else None
     p = Probe(list(resolved), keep_all_calls)

@@ -37,7 +37,7 @@ import os
 import re
 import warnings
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ from torch import nn
 from torch.export import Dim, ExportedProgram
 from torch.export.unflatten import UnflattenedModule
 
+from ..core.checks import refuse_scripted, scripted_parts
 from ..core.io import atomic_write_bytes
 from ..core.preprocess import Preprocess
 from ..errors import ConvscopeError, ModelLoadError
@@ -320,23 +321,3 @@ def module_calls(model: nn.Module, x: torch.Tensor) -> list[str]:
         for h in handles:
             h.remove()
     return seen
-
-
-def scripted_parts(model: nn.Module, modules: Iterable[nn.Module] = ()) -> bool:
-    """True when ``model`` or one of ``modules`` is a TorchScript module (no Python hooks, no torch functions)."""
-    return isinstance(model, torch.jit.ScriptModule) or any(isinstance(m, torch.jit.ScriptModule) for m in modules)
-
-
-def refuse_scripted(model: nn.Module, layers: Mapping[str, nn.Module] | Iterable[str] = (),
-                    rules: bool = False) -> None:
-    """One-line :class:`~convscope.errors.ConvscopeError` when a layer method (``layers``: resolved names, or
-    ``{name: module}``) or a backward rule (``rules``) meets TorchScript, which it cannot reach; else nothing."""
-    names = list(layers)
-    mods = list(layers.values()) if isinstance(layers, Mapping) else []
-    fix = ("load the eager model instead (a zoo name or package.module:factory with --weights FILE holding its "
-           "state dict) or a torch.export archive (.pt2, convscope.models.exported.export_model)")
-    if names and (isinstance(model, torch.jit.ScriptModule) or scripted_parts(model, mods)):
-        raise ConvscopeError(f"layer {names[0]!r} is inside a TorchScript model, whose modules take no hooks; {fix}")
-    if rules and any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
-        raise ConvscopeError(f"backward rules (guided backpropagation, DeconvNet) cannot reach the ReLUs of a "
-                             f"TorchScript model; {fix}")
