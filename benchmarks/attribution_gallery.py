@@ -4,7 +4,7 @@
 One grid per model, rows = images, columns = the methods of ``ATTRIBUTION_METHODS`` (a method added to the
 registry appears here without a change), each map as an overlay on its image, the top class of each image:
 
-* ``efficientnet_lite0`` on four bundled photos (``cs.sample_images()``: chelsea, rocket, coffee, astronaut);
+* ``efficientnet_lite0`` on three bundled photos (``cs.sample_images()``: chelsea, rocket, coffee);
 * ``demo_net`` on four held-out synthetic scenes (``render_arrays`` from ``HELD_OUT_START``, the ``off-centre``
   evaluation set: the first four images of distinct scene classes, whatever the net predicts).
 
@@ -12,11 +12,14 @@ Display: per-channel results (``N x K x C x H x W``) as ``max_c |.|`` (as ``conv
 scores them); maps with negative values (occlusion, prediction difference) as signed maps (coolwarm, 0 is grey,
 red = evidence for the class); the others with jet from their 0.5th to 99.5th percentile.
 
-Each method runs once on the batch of four images (that call's maps are drawn); methods under 5 s run twice more
-and the median of the three is reported, divided by 4, as the time per image. Prints a Markdown table of the
-times and the machine's load.
+Each method runs once on the model's batch of images (that call's maps are drawn); methods under 5 s run twice
+more and the median of the three is reported, divided by the batch size, as the time per image, and as a multiple
+of the plain input gradient's time in the same run (less sensitive to a busy machine). One untimed gradient call
+warms the model up first. On a machine other jobs keep busy use ``--threads 1``: with 2 threads on 2 oversubscribed
+cores a lite0 forward took 8 s instead of 0.3 s (each OpenMP barrier waits for a descheduled thread). Prints a
+Markdown table of the times and the machine's load.
 
-    python benchmarks/attribution_gallery.py                 # both models (about 10 min on 2 busy cores)
+    python benchmarks/attribution_gallery.py --threads 1     # both models (17 min on 2 busy cores)
     python benchmarks/attribution_gallery.py --models demo_net --methods lrp scorecam --out /tmp/gallery
 """
 
@@ -46,7 +49,7 @@ from convscope.methods.cam import default_cam_layer
 from convscope.methods.registry import ATTRIBUTION_METHODS, AttributionMethod
 
 ROOT = Path(__file__).resolve().parent.parent
-PHOTOS = ("chelsea", "rocket", "coffee", "astronaut")
+PHOTOS = ("chelsea", "rocket", "coffee")
 SCENES = 4
 TILE = 160  # pixels per tile side in the picture
 REPEAT_UNDER_S = 5.0  # a method whose first call took less is timed twice more (median of 3)
@@ -58,17 +61,21 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "occlusion": {"window": 16, "stride": 8},
     "integrated-gradients": {"steps": 32},
     "scorecam": {"batch_size": 64},
-    "prediction-difference": {"window": 16, "stride": 8, "samples": 4},
+    "prediction-difference": {"window": 16, "samples": 4},  # stride: image side / 14 (PD_GRID windows a side)
 }
+PD_GRID = 14  # prediction difference: about 14 x 14 windows per image (stride 8 at 112 px, 16 at 224 px)
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def settings(entry: AttributionMethod) -> dict[str, Any]:
-    """The options this script passes to ``entry`` (progress bars off where the method has one)."""
+def settings(entry: AttributionMethod, side: int) -> dict[str, Any]:
+    """The options this script passes to ``entry`` for images ``side`` px wide (progress bars off where the method
+    has one)."""
     opts = dict(OPTIONS.get(entry.name, {}))
+    if entry.name == "prediction-difference":
+        opts["stride"] = max(1, side // PD_GRID)
     if "progress" in inspect.signature(entry.function).parameters:
         opts["progress"] = False
     return opts
@@ -97,7 +104,7 @@ def scene_inputs(model: nn.Module) -> tuple[torch.Tensor, list[str]]:
 
 def run_method(entry: AttributionMethod, model: nn.Module, x: torch.Tensor, layer: str) -> tuple[torch.Tensor, float]:
     """The method's top-class maps of the batch (``N x H x W``) and its seconds per image."""
-    opts = settings(entry)
+    opts = settings(entry, int(x.shape[-1]))
     times = []
     maps = None
     for _ in range(3):
@@ -150,6 +157,7 @@ def gallery(model_name: str, methods: list[str], out: Path) -> list[tuple[str, f
     p, top = probs.max(1)
     classes = model_classes(model) or ()
     labels = [f"{classes[int(c)][:18] if int(c) < len(classes) else c} {float(q):.2f}" for c, q in zip(top, p)]
+    cs.gradient(model, x[:1])  # untimed warm-up: the first backward pass of a process is slower
     columns: list[list[torch.Tensor]] = [list(pixels)]
     timing: list[tuple[str, float | None]] = []
     for name in methods:
@@ -178,6 +186,14 @@ def gallery(model_name: str, methods: list[str], out: Path) -> list[tuple[str, f
     return timing
 
 
+def time_cell(times: dict[str, float | None], name: str) -> str:
+    """``"123 (4.5×)"``: ms per image and the multiple of the input gradient's time in the same run."""
+    t, ref = times.get(name), times.get("gradient")
+    if t is None:
+        return "n/a"
+    return f"{t * 1e3:.0f}" + (f" ({t / ref:.1f}×)" if ref else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["efficientnet_lite0", "demo_net"], choices=list(SHORT))
@@ -191,12 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     results = {m: dict(gallery(m, args.methods, args.out)) for m in args.models}
-    print(f"| method | settings | {' | '.join(SHORT[m] + ' ms / image' for m in args.models)} |")
+    print(f"| method | settings | {' | '.join(SHORT[m] + ' ms / image (× gradient)' for m in args.models)} |")
     print("|---|---|" + "---|" * len(args.models))
     for name in args.methods:
         opts = ", ".join(f"{k}={v}" for k, v in OPTIONS.get(name, {}).items()) or "defaults"
-        cells = " | ".join("n/a" if results[m][name] is None else f"{results[m][name] * 1e3:.0f}"
-                           for m in args.models)
+        cells = " | ".join(time_cell(results[m], name) for m in args.models)
         print(f"| {name} | {opts} | {cells} |")
     print(f"\n{torch.get_num_threads()} threads, load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end, "
           f"{time.perf_counter() - t0:.0f} s in all")

@@ -131,13 +131,14 @@ PD_WINDOW, PD_STRIDE, PD_SAMPLES = 16, 16, 4  # the sampler's Gaussian is over (
 CAM_CHANNELS = {"efficientnet_lite0": 1280, "demo_net": 128}  # channels of CAM_LAYER
 PD_WINDOWS = {"efficientnet_lite0": 14 * 14, "demo_net": 7 * 7}  # 224 px and 112 px at window 16, stride 16
 BOTH = ("efficientnet_lite0", "demo_net")
-FEW = (SINGLE, Shape("8 imgs", 8, 1))  # for the many-pass methods: 32 images x 32 IG steps is 32 F+B at batch 32
+# IG on lite0: one image only (8 images x 32 steps is 8 F+B at batch 32, minutes per repeat on 2 busy cores)
+IG_SHAPES = {"efficientnet_lite0": (SINGLE,), "demo_net": (SINGLE, Shape("8 imgs", 8, 1))}
 if hasattr(cs, "integrated_gradients"):
-    register(f"integrated_gradients ({IG_STEPS} steps)",
-             lambda m, x, t: cs.integrated_gradients(m, x, t.convscope, steps=IG_STEPS, progress=False),
-             work=FB_INPUT, models=BOTH, shapes=FEW, per_call=IG_STEPS, unit="step",
-             note="Gauss-Legendre, zero baseline, batch_size 32 rows (images x steps); ratio per path point")
     for model in BOTH:
+        register(f"integrated_gradients ({IG_STEPS} steps)",
+                 lambda m, x, t: cs.integrated_gradients(m, x, t.convscope, steps=IG_STEPS, progress=False),
+                 work=FB_INPUT, models=[model], shapes=IG_SHAPES[model], per_call=IG_STEPS, unit="step",
+                 note="Gauss-Legendre, zero baseline, batch_size 32 rows (images x steps); ratio per path point")
         register("scorecam", lambda m, x, t: cs.scorecam(m, x, t.convscope, layer=cam_layer(m),
                                                          batch_size=SCORECAM_BATCH, progress=False),
                  work=F_, models=[model], per_call=CAM_CHANNELS[model], unit="channel",

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cases import CAM_CHANNELS, FEW, IG_STEPS, IMAGE_SHAPES, MANY, SCORECAM_BATCH, TARGETS, cam_layer
+from cases import CAM_CHANNELS, IG_SHAPES, IG_STEPS, IMAGE_SHAPES, MANY, SCORECAM_BATCH, TARGETS, cam_layer
 from harness import F_, FB_ALL, FB_INPUT, SINGLE, Case, Shape, Targets, register
 
 SHIMS = Path(__file__).resolve().parent / "shims"
@@ -350,10 +350,11 @@ def register_peers(registry: list[Case], status: dict[str, str]) -> None:
             register(f"{cls}, image ×{TARGETS} + target list", gradcam_expanded, work=FB_INPUT, shapes=[multi], **kw)
     both = ["efficientnet_lite0", "demo_net"]
     if runnable(status, "captum"):
-        register(f"IntegratedGradients ({IG_STEPS} steps)", captum_ig, work=FB_INPUT, shapes=FEW, per_call=IG_STEPS,
-                 unit="step", tool="captum", models=both, registry=registry,
-                 agree_with=f"integrated_gradients ({IG_STEPS} steps)",
-                 note="gausslegendre, zero baseline, internal_batch_size 32")
+        for model in both:
+            register(f"IntegratedGradients ({IG_STEPS} steps)", captum_ig, work=FB_INPUT, shapes=IG_SHAPES[model],
+                     per_call=IG_STEPS, unit="step", tool="captum", models=[model], registry=registry,
+                     agree_with=f"integrated_gradients ({IG_STEPS} steps)",
+                     note="gausslegendre, zero baseline, internal_batch_size 32")
         register("LRP", captum_lrp, work=FB_INPUT, shapes=IMAGE_SHAPES, tool="captum", models=["demo_net"],
                  registry=registry, agree_with="lrp (epsilon)", setup=_captum_lrp_setup,
                  note="epsilon rule (1e-9) everywhere, identity on LRN and Flatten; EfficientNet-Lite is refused "
