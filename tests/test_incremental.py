@@ -156,7 +156,7 @@ def test_hooks_on_the_model_mean_full_passes(x):
     seen = []
     h = net.block1.register_forward_hook(lambda m, i, o: seen.append(len(i[0])))
     try:
-        res = cs.occlusion(net, x, target=0, window=8, stride=8)
+        res = cs.occlusion(net, x, target=0, window=8, stride=8, batch_size=64)
     finally:
         h.remove()
     assert "hooks" in res.path and seen == [2, 2 * len(res.rows) * len(res.cols)]

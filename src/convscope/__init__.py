@@ -22,7 +22,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ".applications.style": ("StyleResult", "gram", "style_transfer",),
     ".atlas.builder": ("build_atlas",),
     ".atlas.store": ("Atlas", "AtlasError", "open_atlas",),
-    ".core.device": ("resolve_device", "tune_cpu_allocator",),
+    ".core.device": ("resolve_device", "tune_cpu_allocator", "allocator_state", "release_memory",),
     ".core.images": (
         "Preprocess", "load_image", "load_images", "sample_image", "sample_images", "expand_inputs", "image_name",
         "unique_names",
@@ -81,6 +81,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ".applications.landscape_report": ("landscape_report",),
     ".methods.rollout": ("attention_maps", "attention_rollout",),
     ".core.tokens": ("as_feature_map", "from_feature_map", "TokenInfo",),
+    ".core.batching": ("activation_sizes", "auto_batch_size", "resolve_batch_size",),
+    ".models.exported": ("export_model",),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)
@@ -109,7 +111,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the same names (generated fro
     from .applications.style import StyleResult, gram, style_transfer
     from .atlas.builder import build_atlas
     from .atlas.store import Atlas, AtlasError, open_atlas
-    from .core.device import resolve_device, tune_cpu_allocator
+    from .core.batching import activation_sizes, auto_batch_size, resolve_batch_size
+    from .core.device import allocator_state, release_memory, resolve_device, tune_cpu_allocator
     from .core.images import (
         Preprocess,
         expand_inputs,
@@ -187,4 +190,5 @@ if TYPE_CHECKING:  # static analysers and IDEs see the same names (generated fro
     from .methods.upconv import UpconvNet, load_upconv, reconstruct, train_upconv
     from .methods.visual_backprop import visual_backprop
     from .models import get_classes, get_preprocess, imagenet_classes, list_models, load_model, load_weights
+    from .models.exported import export_model
     from .models.predict import Prediction, predict

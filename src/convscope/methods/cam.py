@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.attribution import check_input, pinned_target
+from ..core.batching import BatchSize, check_batch_size, resolve_batch_size
 from ..core.layers import resolve_layer
 from ..core.model import default_input_size, float_dtype, list_layers, model_device
 from ..core.probe import Layout, preserved_state, probe
@@ -119,8 +120,8 @@ def layercam(model: nn.Module, x: torch.Tensor, target: Target = top_class, laye
                                  layout)
 
 
-def scorecam(model: nn.Module, x: torch.Tensor, target: Target = top_class, layer: str = AUTO, batch_size: int = 64,
-             upsample: bool = True, score: str = "logit", progress: bool | None = None,
+def scorecam(model: nn.Module, x: torch.Tensor, target: Target = top_class, layer: str = AUTO,
+             batch_size: BatchSize = "auto", upsample: bool = True, score: str = "logit", progress: bool | None = None,
              layout: Layout = "auto") -> torch.Tensor:
     """Score-CAM maps ``N x K x H x W`` (Wang et al. 2020): gradient-free, one masked forward pass per channel.
 
@@ -143,8 +144,7 @@ def scorecam(model: nn.Module, x: torch.Tensor, target: Target = top_class, laye
     check_input(x, "scorecam")
     if score not in SCORECAM_SCORES:
         raise ConvscopeError(f"scorecam(score={score!r}): use one of {', '.join(SCORECAM_SCORES)}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConvscopeError(f"scorecam(batch_size={batch_size!r}): use a positive int")
+    check_batch_size(batch_size, "scorecam")
     if x.dim() != 4:
         raise ConvscopeError(f"scorecam needs images N x C x H x W, got {tuple(x.shape)}")
     layer = _layer(model, layer)
@@ -157,6 +157,7 @@ def scorecam(model: nn.Module, x: torch.Tensor, target: Target = top_class, laye
     k = target_scores(out, fixed)[0].shape[1]
     channels = acts.shape[1]
     total = num * channels
+    batch_size = resolve_batch_size(batch_size, model, x, "scorecam", limit=total)
     s = torch.empty(total, k, dtype=out.dtype, device=out.device)
     with torch.no_grad(), preserved_state(model), \
             progress_bar(total=total, desc="scorecam", unit="mask", progress=progress, leave=False) as bar:

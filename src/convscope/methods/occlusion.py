@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..core.batching import BatchSize, check_batch_size, resolve_batch_size
 from ..core.model import input_normalizer
 from ..core.probe import preserved_state, probe
 from ..core.progress import progress_bar
@@ -82,8 +83,9 @@ def window_positions(size: int, window: int, stride: int) -> list[int]:
 
 
 def occlusion(model: nn.Module, x: torch.Tensor, target: Target = top_class, window: int | tuple[int, int] = 16,
-              stride: int | tuple[int, int] = 8, fill: Fill = 0.5, batch_size: int = 64, layer: str | None = None,
-              progress: bool | None = None, incremental: bool | Literal["auto"] = "auto") -> OcclusionResult:
+              stride: int | tuple[int, int] = 8, fill: Fill = 0.5, batch_size: BatchSize = "auto",
+              layer: str | None = None, progress: bool | None = None,
+              incremental: bool | Literal["auto"] = "auto") -> OcclusionResult:
     """Occlusion sensitivity maps for a batch of images ``N x C x H x W`` (Zeiler & Fergus 2014, Sec. 4.2).
 
     Args:
@@ -95,7 +97,8 @@ def occlusion(model: nn.Module, x: torch.Tensor, target: Target = top_class, win
             grey), converted to the model's input space with ``model.preprocess`` when the model has one (a bare
             module's input is taken as pixels). ``"mean"``: each image's own per-channel mean. A tensor is used
             as given, in input space, broadcast to ``N x C x H x W`` (for example a blurred copy of ``x``).
-        batch_size: occluded copies per forward pass (bounds memory).
+        batch_size: occluded copies per forward pass (bounds memory); ``"auto"`` (default): as many as keep the
+            largest activation under the allocator's threshold (:mod:`convscope.core.batching`).
         layer: also record the strongest feature map of this layer (``strongest_unit``, Fig. 7 (b)).
         progress: a progress bar with an ETA, counting occluded copies: ``True``, ``False``, or ``None`` (default:
             once the work has run for 2 s).
@@ -110,8 +113,7 @@ def occlusion(model: nn.Module, x: torch.Tensor, target: Target = top_class, win
                              f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
     if incremental not in (True, False, "auto"):
         raise ConvscopeError(f"occlusion(incremental={incremental!r}): use 'auto', True or False")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ConvscopeError(f"occlusion(batch_size={batch_size!r}): use a positive int")
+    check_batch_size(batch_size, "occlusion")
     x = x.detach()
     num, _, height, width = x.shape
     wh, ww = _pair(window, "window")
@@ -125,6 +127,7 @@ def occlusion(model: nn.Module, x: torch.Tensor, target: Target = top_class, win
     col_in = (xs >= c0[:, None]) & (xs < c0[:, None] + ww)
     n_pos = len(rows) * len(cols)
     total = num * n_pos
+    batch_size = resolve_batch_size(batch_size, model, x, "occlusion", limit=total)
 
     with torch.no_grad(), preserved_state(model), \
             progress_bar(total=total, desc="occlusion", unit="copy", progress=progress, leave=False) as bar:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.attribution import check_input, pinned_target
+from ..core.batching import BatchSize, check_batch_size, resolve_batch_size
 from ..core.probe import preserved_state
 from ..core.progress import progress_bar
 from ..core.targets import Target, pinned_indices, scores_of, top_class
@@ -111,7 +112,7 @@ class GaussianPatches:
 
 def prediction_difference(model: nn.Module, x: torch.Tensor, target: Target = top_class, window: int = 8,
                           stride: int | None = None, conditional: bool = True, padding: int = 2, samples: int = 10,
-                          seed: int | torch.Generator = 0, batch_size: int = 128, progress: bool | None = None,
+                          seed: int | torch.Generator = 0, batch_size: BatchSize = "auto", progress: bool | None = None,
                           data: torch.Tensor | None = None, train_size: int = TRAIN_SIZE,
                           clip: bool = True) -> torch.Tensor:
     """Prediction difference maps ``N x K x H x W`` in bits (Zintgraf et al. 2017, Algorithm 1).
@@ -138,12 +139,14 @@ def prediction_difference(model: nn.Module, x: torch.Tensor, target: Target = to
     check_input(x, "prediction_difference")
     if x.dim() != 4:
         raise ConvscopeError(f"prediction_difference needs images N x C x H x W, got {tuple(x.shape)}")
-    for name, v, least in (("window", window, 1), ("samples", samples, 1), ("batch_size", batch_size, 1),
+    check_batch_size(batch_size, "prediction_difference")
+    for name, v, least in (("window", window, 1), ("samples", samples, 1),
                            ("padding", padding, 0), ("train_size", train_size, 1),
                            ("stride", 1 if stride is None else stride, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < least:
             raise ConvscopeError(f"prediction_difference({name}={v!r}): use an int >= {least}")
     x = x.detach()
+    batch_size = resolve_batch_size(batch_size, model, x, "prediction_difference")
     num, chans, height, width = x.shape
     rows = window_positions(height, window, stride or 1)
     cols = window_positions(width, window, stride or 1)

@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..core.batching import BatchSize, check_batch_size, resolve_batch_size
 from ..core.layers import resolve_layers
 from ..core.model import input_denormalizer
 from ..core.probe import probe
@@ -207,7 +208,7 @@ class RunningTopK:
 
 
 def top_k_activations(model: nn.Module, images: Images, layers: str | Sequence[str], k: int = 9,
-                      batch_size: int = 32, progress: bool | None = None) -> dict[str, TopKActivations]:
+                      batch_size: BatchSize = "auto", progress: bool | None = None) -> dict[str, TopKActivations]:
     """The ``k`` strongest activations of every unit of each layer over a dataset (Zeiler & Fergus 2014, Fig. 2).
 
     Args:
@@ -216,7 +217,8 @@ def top_k_activations(model: nn.Module, images: Images, layers: str | Sequence[s
             map it to images first).
         layers: one name, a comma-separated string or a list.
         k: activations kept per unit (fewer when the dataset has fewer images).
-        batch_size: images per forward pass for a tensor input (an iterable's own batches are used as given).
+        batch_size: images per forward pass for a tensor input (an iterable's own batches are used as given);
+            ``"auto"`` (default): see :mod:`convscope.core.batching`.
         progress: a progress bar with an ETA: ``True``, ``False``, or ``None`` (default: once the pass has run
             2 s; see :func:`~convscope.core.progress.progress_bar`).
 
@@ -226,6 +228,11 @@ def top_k_activations(model: nn.Module, images: Images, layers: str | Sequence[s
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConvscopeError(f"top_k_activations(k={k!r}): use a positive int")
     names = list(resolve_layers(model, layers))
+    check_batch_size(batch_size, "top_k_activations")
+    if isinstance(images, torch.Tensor) and len(images):
+        batch_size = resolve_batch_size(batch_size, model, images[:1], "top_k_activations", limit=len(images))
+    elif batch_size == "auto":
+        batch_size = 32  # an iterable brings its own batches
     state = {n: RunningTopK(n, k) for n in names}
     for ids, cands in stream_layers(model, images, names, batch_size, progress, reduce=RunningTopK.candidates,
                                     desc="top-k"):
@@ -237,7 +244,7 @@ def top_k_activations(model: nn.Module, images: Images, layers: str | Sequence[s
 
 
 def dead_units(model: nn.Module, images: Images, layers: str | Sequence[str], tol: float = 0.0,
-               batch_size: int = 32, progress: bool | None = None) -> dict[str, DeadUnits]:
+               batch_size: BatchSize = "auto", progress: bool | None = None) -> dict[str, DeadUnits]:
     """Units whose activation is never above ``tol`` at any position of any image, per layer.
 
     The same streaming pass as :func:`top_k_activations` (with ``k=1``, the dataset maximum); from a top-k result

@@ -45,7 +45,9 @@ from . import efficientnet as _eff
 from . import exported as _exported
 from . import mobilenetv3 as _mnv3
 from . import resnet as _resnet
+from . import swin as _swin
 from . import vgg as _vgg
+from . import vit as _vit
 
 TF_LITE_MEAN = (127 / 255,) * 3  # (x*255 - 127) / 128: the converted TF-Lite weights' own normalization
 TF_LITE_STD = (128 / 255,) * 3
@@ -75,6 +77,9 @@ ZOO: dict[str, ZooEntry] = {
     for i in (0, 1, 2)
 }
 ZOO["demo_net"] = ZooEntry("demo_net", "CaffeNet-style 5 conv + 3 fc, synthetic concepts, 112 px", None, None)
+ZOO["demo_vit"] = ZooEntry("demo_vit", "small ViT (conv stem, 7x7 tokens, 4 layers, width 128), synthetic concepts, "
+                                       "112 px", None, None)
+DEMO_VIT_WEIGHTS = "demo_vit.pt"
 
 DEMO_WEIGHTS = "demo_net.pt"
 
@@ -101,6 +106,8 @@ TORCHVISION_ARCHS: dict[str, TorchvisionArch] = {
     "densenet121": TorchvisionArch(_densenet.densenet121, "classifier.weight", 256, "DenseNet-121"),
     "mobilenet_v3_large": TorchvisionArch(_mnv3.mobilenet_v3_large, "classifier.3.weight", 256, "MobileNetV3-Large"),
     "convnext_tiny": TorchvisionArch(_convnext.convnext_tiny, "classifier.2.weight", 236, "ConvNeXt-Tiny"),
+    "vit_b_16": TorchvisionArch(_vit.vit_b_16, "heads.head.weight", 256, "ViT-B/16"),
+    "swin_t": TorchvisionArch(_swin.swin_t, "head.weight", 232, "Swin-T"),
 }
 ZOO.update({name: ZooEntry(name, f"{arch.title} with torchvision's names, 224 px; random weights unless --weights "
                                  "FILE (a torchvision state dict)", None, None)
@@ -169,6 +176,8 @@ def _load_zoo(name: str, weights: str | Path | None) -> nn.Module:
     entry = ZOO[name]
     if name == "demo_net":
         return _load_demo(weights)
+    if name == "demo_vit":
+        return _load_demo_vit(weights)
     if name in TORCHVISION_ARCHS:
         return _load_torchvision_arch(name, weights)
     model = _eff.build(name)
@@ -212,6 +221,23 @@ def _load_demo(weights: str | Path | None) -> nn.Module:
     return model
 
 
+def _load_demo_vit(weights: str | Path | None) -> nn.Module:
+    """demo_vit: the project's small ViT trained on the synthetic scenes (``convscope train-demo --arch vit``)."""
+    bundled = resources.files("convscope.models").joinpath("weights", DEMO_VIT_WEIGHTS)
+    path = Path(str(weights)) if weights is not None else (Path(str(bundled)) if bundled.is_file() else None)
+    ckpt = _read_checkpoint(path) if path is not None else {}
+    classes = tuple(ckpt.get("classes", ())) or tuple(_load_demo(None).classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = _vit.demo_vit(num_classes=len(classes))
+    if ckpt:
+        _load_state(model, ckpt["state_dict"], path)  # type: ignore[arg-type]
+    model.preprocess = Preprocess(resize=_vit.DEMO_VIT_SIZE, crop=_vit.DEMO_VIT_SIZE, mean=(0.5,) * 3, std=(0.5,) * 3)
+    model.classes, model.zoo_name, model.pretrained = classes, "demo_vit", bool(ckpt)
+    model.patch_size = _vit.DEMO_VIT_CONFIG["patch_size"]
+    return model
+
+
 def _load_torchvision_arch(name: str, weights: str | Path | None) -> nn.Module:
     """Build ``name`` (seeded random weights), or load a torchvision state dict into it strictly.
 
@@ -242,6 +268,7 @@ def torchvision_state(state: dict) -> dict:
     """A torchvision checkpoint with today's keys: ``module.`` prefixes stripped, DenseNet's legacy ``norm.1`` keys
     renamed, and BatchNorm ``num_batches_tracked`` counters that old checkpoints lack set to 0 (as BatchNorm2d
     itself does when it loads such a file)."""
+    state = _vit.rename_legacy_keys(state)
     state = _densenet.rename_legacy_keys({k.removeprefix("module."): v for k, v in state.items()})
     for key in [k for k in state if k.endswith(".running_mean")]:
         state.setdefault(key.removesuffix("running_mean") + "num_batches_tracked", torch.tensor(0))
