@@ -186,3 +186,24 @@ def test_path_and_window_methods_on_a_two_head_model_equal_the_plain_model():
     kw = dict(window=6, stride=6, samples=2)
     torch.testing.assert_close(cs.prediction_difference(net, x, target=t, **kw),
                                cs.prediction_difference(plain, x, **kw))
+
+
+def test_occlusion_scorecam_and_attacks_on_a_two_head_model_equal_the_plain_model():
+    import convscope as cs
+
+    x = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(3))
+    net, plain = MultiOut("two_scores"), MultiOut("tensor")
+    t = output("logits")
+    torch.testing.assert_close(cs.occlusion(net, x, target=t, window=6, stride=6).maps,
+                               cs.occlusion(plain, x, window=6, stride=6).maps)
+    torch.testing.assert_close(cs.scorecam(net, x, target=t, layer="relu"), cs.scorecam(plain, x, layer="relu"))
+    torch.testing.assert_close(cs.fgsm(net, x, target=t, eps=2 / 255).x, cs.fgsm(plain, x, eps=2 / 255).x)
+
+
+def test_a_one_channel_model_gets_its_cam_layer_found():
+    import convscope as cs
+
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(4, 3))
+    assert cs.resolve_cam_layer(net) == "1"
+    assert cs.gradcam(net, torch.rand(2, 1, 8, 8)).shape == (2, 1, 8, 8)

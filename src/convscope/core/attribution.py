@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import ConvscopeError, TargetError
 from .probe import preserved_state, probe
 from .progress import progress_bar
-from .targets import OutputTarget, Target, batched_grad, pinned, target_scores
+from .targets import OutputTarget, Target, batched_grad, pinned, pinned_indices, target_scores
 
 
 @dataclass(frozen=True)
@@ -84,8 +84,8 @@ def pinned_class(model: nn.Module, x: torch.Tensor, target: Target, what: str,
                  output: torch.Tensor | None = None) -> torch.Tensor:
     """One class index per image (``N``), fixed on the clean images, for methods that follow a single class
     (attacks, deletion / insertion); several targets or a score callable give a clear error naming ``what``."""
-    idx = pinned_target(model, x, target, output)
-    if not isinstance(idx, torch.Tensor) or idx.shape[1] != 1:
+    idx = pinned_indices(pinned_target(model, x, target, output))
+    if idx is None or idx.shape[1] != 1:
         raise ConvscopeError(f"{what} needs one class per image as its target (an int, a list of N ints or "
                              "top_class), not several or a score function")
     return idx[:, 0]

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import ConvscopeError
+from .checks import input_channels
 from .layers import CALL_SEPARATOR, check_input_size, named_layers
 from .preprocess import Preprocess
 from .probe import probe
@@ -136,7 +137,7 @@ def list_layers(model: nn.Module, sample: torch.Tensor | None = None,
     """
     if sample is None:
         size = default_input_size(model, input_size)
-        sample = torch.zeros(1, 3, *size, device=model_device(model))
+        sample = torch.zeros(1, input_channels(model), *size, device=model_device(model))
         what = f"a zero image of {size[0]}x{size[1]}"
         fix = "pass another input size (input_size=(H, W), --size H W)"
     else:

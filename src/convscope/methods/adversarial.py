@@ -31,7 +31,7 @@ from ..core.layers import resolve_layer
 from ..core.model import lenient_preprocess
 from ..core.probe import preserved_state
 from ..core.stream import layer_features
-from ..core.targets import Target, top_class
+from ..core.targets import Target, scores_of, top_class
 from ..errors import ConvscopeError
 
 NORMS = ("linf", "l2")
@@ -104,7 +104,7 @@ def pgd(model: nn.Module, x: torch.Tensor, target: Target | None = top_class, ep
                              "2.5 * eps / steps)")
     x = x.detach()
     with torch.no_grad(), preserved_state(model):
-        out_clean = model(x)  # one clean pass: the label to attack and the clean probabilities
+        out_clean = scores_of(model(x), target)  # one clean pass: the label to attack and the clean probabilities
     label = pinned_class(model, x, target, "an attack", out_clean)
     pixels = pre.denormalize(x).clamp(0, 1)
     _, std = pre._stats(x)
@@ -114,6 +114,7 @@ def pgd(model: nn.Module, x: torch.Tensor, target: Target | None = top_class, ep
     step_preds: list[torch.Tensor] = []
 
     def objective(out: torch.Tensor) -> torch.Tensor:  # ascend: CE away from the label, or towards the target
+        out = scores_of(out, target)
         step_preds.append(out.detach().argmax(1))
         return sign * F.cross_entropy(out, label, reduction="none")
 
@@ -134,7 +135,7 @@ def pgd(model: nn.Module, x: torch.Tensor, target: Target | None = top_class, ep
         delta = (pixels + delta).clamp(0, 1) - pixels
     x_adv = pre.normalize(pixels + delta)
     with torch.no_grad(), preserved_state(model):
-        p_adv = F.softmax(model(x_adv), 1)
+        p_adv = F.softmax(scores_of(model(x_adv), target), 1)
     p_clean = F.softmax(out_clean, 1)
     adv_class = p_adv.argmax(1)
     _mark(first, adv_class, label, targeted, steps)

@@ -35,11 +35,12 @@ from torch import nn
 
 from ..core.attribution import check_input, pinned_target
 from ..core.batching import BatchSize, check_batch_size, resolve_batch_size
+from ..core.checks import input_channels
 from ..core.layers import resolve_layer
 from ..core.model import default_input_size, float_dtype, list_layers, model_device
 from ..core.probe import Layout, preserved_state, probe
 from ..core.progress import progress_bar
-from ..core.targets import Target, batched_grad, target_scores, top_class
+from ..core.targets import OutputTarget, Target, batched_grad, scores_of, target_scores, top_class
 from ..errors import ConvscopeError, TargetError
 
 Weighting = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -151,7 +152,7 @@ def scorecam(model: nn.Module, x: torch.Tensor, target: Target = top_class, laye
     x = x.detach()
     num, size = x.shape[0], x.shape[-2:]
     with torch.no_grad(), probe(model, layer, detach=True, reduce=lambda _name, a: a.clone(), layout=layout) as p:
-        out = model(x)  # a copy of the activations is kept: a later in-place op cannot change it
+        out = scores_of(model(x), target)  # a copy of the activations is kept: a later in-place op cannot change it
         acts = _map_of(p.activations.get(layer), layer, p.layout_errors.get(layer))
     fixed = pinned_target(model, x, target, output=out)
     k = target_scores(out, fixed)[0].shape[1]
@@ -169,10 +170,11 @@ def scorecam(model: nn.Module, x: torch.Tensor, target: Target = top_class, laye
             lo, hi = up.amin(dim=(2, 3), keepdim=True), up.amax(dim=(2, 3), keepdim=True)
             mask = torch.where(hi > lo, (up - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi)),
                                torch.zeros_like(up))
-            o = model(x[img] * mask)
-            if score == "probability" and isinstance(fixed, torch.Tensor):
+            o = scores_of(model(x[img] * mask), target)
+            pinned_rows = isinstance(fixed, (torch.Tensor, OutputTarget))
+            if score == "probability" and pinned_rows:
                 o = o.reshape(len(rows), -1).softmax(dim=1)
-            sc, _ = target_scores(o, fixed[img] if isinstance(fixed, torch.Tensor) else fixed)
+            sc, _ = target_scores(o, fixed[img] if pinned_rows else fixed)
             if sc.shape[1] != k:
                 raise TargetError(f"the target callable returned {sc.shape[1]} scores per image on masked copies "
                                   f"but {k} on the clean images; it must return the same number")
@@ -251,7 +253,7 @@ def _last_reaching(model: nn.Module, names: list[str], size: tuple[int, int]) ->
     """The last of ``names`` unless it is a token layer; then the last layer that is not a token layer or whose
     patch map reaches the classifier's input (a random projection of it has a non-zero gradient there)."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 3, *size, generator=gen).to(model_device(model), float_dtype(model))
+    x = torch.randn(1, input_channels(model), *size, generator=gen).to(model_device(model), float_dtype(model))
     with torch.no_grad(), probe(model, names[-1], detach=True, stop_after=names[-1]) as p:
         p.forward(model, x)
         info = p.token_info.get(names[-1])

@@ -27,7 +27,7 @@ from ..core.batching import BatchSize, check_batch_size, resolve_batch_size
 from ..core.model import input_normalizer
 from ..core.probe import preserved_state, probe
 from ..core.progress import progress_bar
-from ..core.targets import Target, target_scores, top_class
+from ..core.targets import Target, scores_of, target_scores, top_class
 from ..errors import ConvscopeError, TargetError
 from .incremental import IncrementalRunner, make_batch, plan_incremental
 
@@ -135,6 +135,7 @@ def occlusion(model: nn.Module, x: torch.Tensor, target: Target = top_class, win
             out = model(x)
             layer_clean = p.activations[layer] if layer is not None else None
         clean, idx = target_scores(out, target)
+        out = scores_of(out, target)
         k = clean.shape[1]
         unit = unit_act = None
         if layer is not None:
@@ -159,13 +160,14 @@ def occlusion(model: nn.Module, x: torch.Tensor, target: Target = top_class, win
                 if runner is not None:
                     batch = make_batch(flat, n_pos, len(cols))
                     o, layer_out = runner.run(batch)
+                    o = scores_of(o, target)
                     if unit_sums is not None and unit is not None and layer_out is not None:
                         unit_sums[flat] = runner.unit_sums(layer_out, unit, batch).to(x.dtype)
                 else:
                     assert p is not None
                     pos = flat % n_pos
                     mask = (row_in[pos // len(cols)][:, :, None] & col_in[pos % len(cols)][:, None, :])[:, None]
-                    o = model(torch.where(mask, filled[img], x[img]))
+                    o = scores_of(model(torch.where(mask, filled[img], x[img])), target)
                     if unit_sums is not None and unit is not None:
                         a = _as_maps(p.activations[layer], layer)
                         unit_sums[flat] = a[torch.arange(len(flat), device=x.device), unit[img]].flatten(1).sum(
