@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import ConvscopeError, TargetError
 from .probe import preserved_state, probe
 from .progress import progress_bar
-from .targets import OutputTarget, Target, batched_grad, pinned, pinned_indices, target_scores
+from .targets import OutputTarget, Target, batched_grad, class_indices, pinned, pinned_indices, target_scores
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,9 @@ def pinned_target(model: nn.Module, x: torch.Tensor, target: Target,
     ``output``: the model's output on ``x`` when the caller already has it (no forward pass then).
     """
     if output is None:
+        known = class_indices(target, x.shape[0], x.device)
+        if known is not None:  # explicit indices: no forward pass needed to fix them
+            return known
         with torch.no_grad(), preserved_state(model):
             output = model(x)
     _, idx = target_scores(output, target)

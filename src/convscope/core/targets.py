@@ -372,6 +372,15 @@ def detection(box_index: int | Sequence[int] = 0, cls: int | None = None,
     return score
 
 
+def class_indices(target: Target, n: int, device: torch.device) -> torch.Tensor | None:
+    """The ``N x K`` class indices an explicit target names (an int, a list, a tensor), without running the model;
+    ``None`` for targets that need the output (callables such as ``top_class``, :func:`output` targets). Indices are
+    checked against the number of classes when scores are read (:func:`target_scores`)."""
+    if isinstance(target, (int, list, tuple, torch.Tensor)) and not isinstance(target, bool):
+        return _indices(target, n, device)
+    return None
+
+
 def _indices(target: Target, n: int, device: torch.device) -> torch.Tensor:
     if isinstance(target, bool):
         raise TargetError("a target must be a class index, not a bool")
