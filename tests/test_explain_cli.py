@@ -9,6 +9,7 @@ from PIL import Image
 
 import convscope as cs
 from convscope.cli import EXPLAIN_METHODS, main
+from convscope.methods.registry import ATTRIBUTION_METHODS
 
 from .helpers import linked_images
 
@@ -39,9 +40,10 @@ def test_folder_of_images(folder, tmp_path, capsys):
 def test_every_method_writes_overlays_grid_and_html(method, tmp_path):
     extra = {"occlusion": ["--window", "56", "--stride", "28", "--layer", "features.relu5"],
              "smoothgrad": ["--samples", "2"]}.get(method, [])
-    assert main(["explain", str(cs.sample_image("chelsea")), "--model", "demo_net", "--device", "cpu",
+    model = "demo_vit" if method == "rollout" else "demo_net"  # attention rollout needs a vision transformer
+    assert main(["explain", str(cs.sample_image("chelsea")), "--model", model, "--device", "cpu",
                  "--method", method, "--target", "top2", "--out", str(tmp_path), *extra]) == 0
-    per_channel = method in ("gradient", "input_x_gradient", "smoothgrad", "guided", "deconv", "guided-gradcam")
+    per_channel = ATTRIBUTION_METHODS[method].per_channel
     tiles = 1 + 2 * (2 if per_channel else 1) + (method == "occlusion")  # input, per target (raw,) overlay, unit
     im = Image.open(tmp_path / f"chelsea.{method}.png")
     assert im.size[0] > tiles * TILE and im.size[1] > TILE  # long labels widen cells, so only a lower bound
