@@ -15,6 +15,11 @@ def _boom(output: torch.Tensor) -> torch.Tensor:
     raise RuntimeError("target failed")
 
 
+def _varied(x: torch.Tensor) -> torch.Tensor:
+    """Four different images (CKA needs features that vary over the examples)."""
+    return x + 0.5 * torch.randn(4, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+
+
 def _boom2(output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     raise RuntimeError("loss failed")
 
@@ -98,13 +103,13 @@ CASES = {
                                                  samples=2),  # a small window: its conditional Gaussian is cheap
         lambda m, x, L: cs.prediction_difference(m, x, target=10**6, window=4)),
     "model_graph": (lambda m, x, L: cs.model_graph(m, input_size=tuple(x.shape[-2:])),
-                    lambda m, x, L: cs.model_graph(m, input_size=(1, 1))),
+                    lambda m, x, L: cs.model_graph(m, sample=x[:, :2])),
     "embed": (lambda m, x, L: cs.embed(m, L, x.repeat(4, 1, 1, 1), method="pca"),
               lambda m, x, L: cs.embed(m, L, _failing_stream(x), method="pca")),
     "deep_dream": (lambda m, x, L: cs.deep_dream(m, x, L, steps=1, octaves=1),
                    lambda m, x, L: cs.deep_dream(m, x[:, :2], L, steps=1, octaves=1)),
     "layer_similarity": (
-        lambda m, x, L: cs.layer_similarity(m, m, x.repeat(4, 1, 1, 1), [L], [L], batch_size=4),
+        lambda m, x, L: cs.layer_similarity(m, m, _varied(x), [L], [L], batch_size=4),
         lambda m, x, L: cs.layer_similarity(m, m, _failing_stream(x.repeat(4, 1, 1, 1)), [L], [L])),
     "match_units": (lambda m, x, L: cs.match_units(m, m, x, L, L),
                     lambda m, x, L: cs.match_units(m, m, _failing_stream(x), L, L)),

@@ -113,9 +113,9 @@ def stream_layers(model: nn.Module, images: Images, layers: str | Sequence[str],
         for x, ids in progress_bar(image_batches(images, batch_size), total=total, desc=desc, unit="batch",
                                    progress=progress):
             if p is None:
-                stack.enter_context(torch.no_grad())
                 p = stack.enter_context(probe(model, names, detach=True, reduce=reduce, stop_early=True))
-            p.forward(model, x)
+            with torch.no_grad():  # only around the pass: the caller's code between batches keeps its grad mode
+                p.forward(model, x)
             check_ran(names, p.called)
             acts = p.activations
             p.clear()
