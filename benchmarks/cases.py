@@ -131,6 +131,7 @@ PD_WINDOW, PD_STRIDE, PD_SAMPLES = 16, 16, 4  # the sampler's Gaussian is over (
 CAM_CHANNELS = {"efficientnet_lite0": 1280, "demo_net": 128}  # channels of CAM_LAYER
 PD_WINDOWS = {"efficientnet_lite0": 14 * 14, "demo_net": 7 * 7}  # 224 px and 112 px at window 16, stride 16
 BOTH = ("efficientnet_lite0", "demo_net")
+MULTI = {"efficientnet_lite0": TARGETS, "demo_net": 8}  # targets of one image: demo_net has 8 classes
 # IG on lite0: one image only (8 images x 32 steps is 8 F+B at batch 32, minutes per repeat on 2 busy cores)
 IG_SHAPES = {"efficientnet_lite0": (SINGLE,), "demo_net": (SINGLE, Shape("8 imgs", 8, 1))}
 if hasattr(cs, "integrated_gradients"):
@@ -152,11 +153,12 @@ if hasattr(cs, "integrated_gradients"):
                  unit="window sample",
                  note=f"conditional Gaussian sampler (fitted on the image, padding 2), {PD_WINDOWS[model]} windows "
                       f"× {PD_SAMPLES} samples + the clean pass")
-    register("layercam", lambda m, x, t: cs.layercam(m, x, t.convscope, layer=cam_layer(m)), work=FB_INPUT,
-             models=BOTH, shapes=many_shapes(MANY, TARGETS), note="backward stops at the CAM layer")
-    register("lrp (epsilon)", lambda m, x, t: cs.lrp(m, x, t.convscope), work=FB_INPUT, models=BOTH,
-             shapes=many_shapes(MANY, TARGETS), note="a tracing forward, a forward with the rules, K batched "
-                                                     "backward passes; BN folded into the conv before it")
+    for model in BOTH:
+        register("layercam", lambda m, x, t: cs.layercam(m, x, t.convscope, layer=cam_layer(m)), work=FB_INPUT,
+                 models=[model], shapes=many_shapes(MANY, MULTI[model]), note="backward stops at the CAM layer")
+        register("lrp (epsilon)", lambda m, x, t: cs.lrp(m, x, t.convscope), work=FB_INPUT, models=[model],
+                 shapes=many_shapes(MANY, MULTI[model]), note="a tracing forward, a forward with the rules, K batched "
+                                                              "backward passes; BN folded into the conv before it")
     register("lrp (epsilon_plus_flat)", lambda m, x, t: cs.lrp(m, x, t.convscope, composite="epsilon_plus_flat"),
              work=FB_INPUT, models=BOTH, shapes=IMAGE_SHAPES, note="z+ on convolutions, flat on the first layer")
     register("visual_backprop", lambda m, x, t: cs.visual_backprop(m, x), work=F_, models=BOTH, shapes=IMAGE_SHAPES,

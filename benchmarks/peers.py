@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cases import CAM_CHANNELS, IG_SHAPES, IG_STEPS, IMAGE_SHAPES, MANY, SCORECAM_BATCH, TARGETS, cam_layer
+from cases import CAM_CHANNELS, IG_SHAPES, IG_STEPS, IMAGE_SHAPES, MANY, MULTI, SCORECAM_BATCH, TARGETS, cam_layer
 from harness import F_, FB_ALL, FB_INPUT, SINGLE, Case, Shape, Targets, register
 
 SHIMS = Path(__file__).resolve().parent / "shims"
@@ -179,23 +179,22 @@ def captum_ig(model: nn.Module, x: torch.Tensor, t: Targets) -> torch.Tensor:
 
 
 def _captum_lrp_setup(model: nn.Module) -> nn.Module:
-    """A copy of the model with rules on the leaves Captum has none for, passing relevance through unchanged as
-    convscope does: the identity rule on LRN, the epsilon rule on Flatten (the identity rule would hand back the
-    flat relevance to a 4-d input). Captum's other layers get its default epsilon rule."""
+    return copy.deepcopy(model)  # Captum sets and deletes ``rule`` attributes on the modules
+
+
+def captum_lrp(model: nn.Module, x: torch.Tensor, t: Targets) -> torch.Tensor:
+    """Captum's LRP, with rules on the leaves it has none for, passing relevance through unchanged as convscope does:
+    the identity rule on LRN, the epsilon rule on Flatten (the identity rule would hand the flat relevance to a 4-d
+    input); set on every call, since Captum deletes every ``rule`` after an attribution. Other layers: its default
+    epsilon rule."""
+    from captum.attr import LRP
     from captum.attr._utils.lrp_rules import EpsilonRule, IdentityRule
 
-    peer = copy.deepcopy(model)
-    for m in peer.modules():
+    for m in model.modules():
         if isinstance(m, nn.LocalResponseNorm):
             m.rule = IdentityRule()
         elif isinstance(m, nn.Flatten):
             m.rule = EpsilonRule()
-    return peer
-
-
-def captum_lrp(model: nn.Module, x: torch.Tensor, t: Targets) -> torch.Tensor:
-    from captum.attr import LRP
-
     return LRP(model).attribute(x, target=t.indices[:, 0].tolist())
 
 
@@ -372,11 +371,14 @@ def register_peers(registry: list[Case], status: dict[str, str]) -> None:
                      registry=registry, agree_with="scorecam", setup=_gradcam_setup("ScoreCAM"),
                      teardown=_gradcam_teardown,
                      note=f"batch_size {SCORECAM_BATCH}; all masked copies of an image built at once in memory")
-        kw = {"tool": "grad-cam", "models": both, "registry": registry, "agree_with": "layercam",
+        kw = {"tool": "grad-cam", "registry": registry, "agree_with": "layercam",
               "setup": _gradcam_setup("LayerCAM"), "teardown": _gradcam_teardown,
               "note": "backward into all parameters; cv2 upsample + min-max"}
-        register("LayerCAM", gradcam_images, work=FB_INPUT, shapes=many, **kw)
-        register(f"LayerCAM, image ×{TARGETS} + target list", gradcam_expanded, work=FB_INPUT, shapes=[multi], **kw)
+        register("LayerCAM", gradcam_images, work=FB_INPUT, shapes=many, models=both, **kw)
+        for model in both:
+            k = MULTI[model]
+            register(f"LayerCAM, image ×{k} + target list", gradcam_expanded, work=FB_INPUT,
+                     shapes=[Shape(f"1 img × {k} tgts", 1, k)], models=[model], **kw)
     if runnable(status, "torch-lucent"):
         register(f"render_vis {LUCENT_LAYER}:0, {LUCENT_STEPS} steps", lucent_render, work=FB_ALL,
                  shapes=[Shape(f"1 channel × {LUCENT_STEPS} steps", 1, 1)], per_call=LUCENT_STEPS, unit="step",
