@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -160,6 +161,11 @@ def _finite_output(model: nn.Module, args: tuple, out: Any) -> None:
     check_finite(model, args[0] if args and isinstance(args[0], torch.Tensor) else None, out)
 
 
+_CALLS_PER_PASS: weakref.WeakKeyDictionary[nn.Module, dict[str, int]] = weakref.WeakKeyDictionary()
+"""Per model, how many times each probed module ran in the last whole forward pass (a stop_early probe skips its
+checking first pass when every module it names by its bare name is known to run once)."""
+
+
 @contextlib.contextmanager
 def probe(model: nn.Module, layers: str | Sequence[str] | None = None, *, edit: dict[str, EditFn] | None = None,
           grad_edit: dict[str, EditFn] | None = None, relu_rule: str | None = None,
@@ -232,10 +238,17 @@ def probe(model: nn.Module, layers: str | Sequence[str] | None = None, *, edit: 
         first = args[0] if args else None
         image_size[0] = (int(first.shape[-2]), int(first.shape[-1])) \
             if isinstance(first, torch.Tensor) and first.dim() == 4 else None
-        # the first pass runs the whole model, so a shared module asked for by its bare name is caught
-        if stop_early and (passes[0] > 0 or not check_first_pass):
+        # the first pass runs the whole model, so a shared module asked for by its bare name is caught, unless
+        # an earlier whole pass of this model showed each of those modules running once
+        known = _CALLS_PER_PASS.get(module, {})
+        if stop_early and (passes[0] > 0 or not check_first_pass
+                           or all(known.get(base) == 1 for base, entries in by_module.items()
+                                  if any(call is None for _, call in entries))):
             pending.update(resolved)
         passes[0] += 1
+
+    def record_calls(module: nn.Module, args: Any, output: Any) -> None:
+        _CALLS_PER_PASS.setdefault(module, {}).update(calls)  # a whole pass ran: how often each module runs
 
     def read_map(name: str, t: torch.Tensor) -> tuple[torch.Tensor, TokenInfo] | None:
         """The map view of ``t`` and how it was read, or ``None`` to keep ``t`` as it is."""
@@ -351,6 +364,8 @@ def probe(model: nn.Module, layers: str | Sequence[str] | None = None, *, edit: 
                 handles.append(model.register_forward_pre_hook(start_pass))
             if relu_rule is not None:
                 handles.append(model.register_forward_hook(end_pass))
+            if stop_early and resolved:
+                handles.append(model.register_forward_hook(record_calls))
             for base, entries in by_module.items():
                 handles.append(resolved[entries[0][0]].register_forward_hook(make_hook(base, entries)))
             with mode if mode is not None else contextlib.nullcontext():
