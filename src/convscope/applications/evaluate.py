@@ -38,6 +38,7 @@ from ..core.io import atomic_write_text
 from ..core.progress import progress_bar
 from ..core.render import grid, overlay, save_png, to_display
 from ..core.report import HtmlReport
+from ..core.stats import bootstrap_weights
 from ..data.groundtruth import mask_iou, pointing_chance, pointing_game
 from ..data.synthetic import HELD_OUT_START, SynthConfig, render_arrays
 from ..errors import ConvscopeError
@@ -158,10 +159,7 @@ def bootstrap_means(values: torch.Tensor, resamples: int = 1000, seed: int = 0) 
     (``resamples x M``), the same resampled images for every column; NaN entries (e.g. a constant map's rank
     correlation) are left out of each mean."""
     n = values.shape[0]
-    gen = torch.Generator().manual_seed(seed)
-    draws = torch.randint(n, (resamples, n), generator=gen)
-    weight = torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(
-        1, draws, torch.ones(resamples, n, dtype=torch.float64))
+    weight = bootstrap_weights(n, resamples, seed)
     v = values.double()
     ok = ~torch.isnan(v)
     return (weight @ torch.where(ok, v, 0.0)) / (weight @ ok.double()).clamp(min=1e-12)

@@ -52,6 +52,7 @@ from torch import nn
 
 from ..core.layers import resolve_layers
 from ..core.progress import progress_bar
+from ..core.stats import bootstrap_weights
 from ..data.broden import BrodenDataset
 from ..errors import ConvscopeError, DataError
 from .dissect import (
@@ -462,10 +463,7 @@ def _gain_interval(counts: torch.Tensor, config: Net2VecConfig, gain: torch.Tens
     n = counts.shape[2]
     if config.bootstrap == 0 or n == 0:
         return gain.clone(), gain.clone()
-    gen = torch.Generator().manual_seed(config.seed)
-    draws = torch.randint(n, (config.bootstrap, n), generator=gen)
-    weight = torch.zeros(config.bootstrap, n, dtype=torch.float64).scatter_add_(
-        1, draws, torch.ones(config.bootstrap, n, dtype=torch.float64))
+    weight = bootstrap_weights(n, config.bootstrap, config.seed)
     sums = torch.einsum("rn,abnc->abrc", weight, counts)  # 3 x 2 x R x C
     iou = torch.where(sums[:, 1] > 0, sums[:, 0] / sums[:, 1].clamp(min=1e-12), 0.0)  # 3 x R x C
     g = iou[0] - torch.maximum(iou[1], iou[2])
