@@ -31,7 +31,7 @@ bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/run.py --quick
 
 lint: $(STAMP)
-	$(BIN)/pip install -q ruff && $(BIN)/ruff check src tests benchmarks
+	$(BIN)/pip install -q ruff mypy && $(BIN)/ruff check src tests benchmarks && $(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
