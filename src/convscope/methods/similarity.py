@@ -37,8 +37,9 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import torch
@@ -245,7 +246,8 @@ def _layer_list(model: nn.Module, layers: str | Sequence[str] | None) -> list[st
 
 
 def paired_stream(model_a: nn.Module, model_b: nn.Module, data: Data, layers_a: Sequence[str],
-                  layers_b: Sequence[str], batch_size: int, reduce_fn, progress: bool | None = None,  # noqa: ANN001
+                  layers_b: Sequence[str], batch_size: int, reduce_fn: Callable[[str, torch.Tensor], object] | None,
+                  progress: bool | None = None,
                   desc: str = "similarity") -> Iterator[tuple[dict[str, object], dict[str, object]]]:
     """Per batch of ``data``: ``({layer_a: reduce_fn(layer_a, output)}, {layer_b: ...})``, from one forward pass of
     each model (one pass in all when ``model_a is model_b``), through :func:`~convscope.core.stream.stream_layers`.
@@ -336,7 +338,7 @@ def layer_similarity(model_a: nn.Module, model_b: nn.Module, data: Data, layers_
     if method == "svcca":
         check_keep(keep)
     la, lb = _layer_list(model_a, layers_a), _layer_list(model_b, layers_b)
-    params = {"sigma": sigma} if method == "rbf_cka" else {"keep": keep} if method == "svcca" else {}
+    params: dict[str, object] = {"sigma": sigma} if method == "rbf_cka" else {"keep": keep} if method == "svcca" else {}
     if method == "linear_cka":
         return _minibatch_cka(model_a, model_b, data, la, lb, reduce, batch_size, progress)
 
@@ -348,15 +350,15 @@ def layer_similarity(model_a: nn.Module, model_b: nn.Module, data: Data, layers_
         return features(out, reduce).cpu()
 
     for fa, fb in paired_stream(model_a, model_b, data, la, lb, batch_size, keep_features, progress, method):
-        n_images += len(next(iter(fa.values())))
+        n_images += len(cast(torch.Tensor, next(iter(fa.values()))))
         if n_images > max_images:
             raise ConvscopeError(f"method={method!r} keeps every image's features and an N x N Gram matrix; the data "
                                  f"has more than max_images={max_images} images: pass fewer images, or use "
                                  "method='linear_cka' (minibatch, no full Gram)")
         for n in la:
-            feats_a[n].append(fa[n])  # type: ignore[arg-type]
+            feats_a[n].append(cast(torch.Tensor, fa[n]))
         for n in lb:
-            feats_b[n].append(fb[n])  # type: ignore[arg-type]
+            feats_b[n].append(cast(torch.Tensor, fb[n]))
     if n_images < 2:
         raise ConvscopeError(f"layer_similarity got {n_images} image(s); give at least 2 (better: hundreds)")
     grams_a = [gram_linear(torch.cat(feats_a[n])) for n in la]
@@ -388,15 +390,15 @@ def _minibatch_cka(model_a: nn.Module, model_b: nn.Module, data: Data, la: list[
                    batch_size: int, progress: bool | None) -> SimilarityResult:
     """Nguyen et al. 2021 Eq. 2-3: per minibatch the unbiased HSIC of every pair (and of each layer with itself),
     summed; CKA from the sums at the end."""
-    cross = self_a = self_b = None
+    sums: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # cross, self_a, self_b
     batches = n_images = skipped = 0
 
     def gram(_: str, out: torch.Tensor) -> torch.Tensor:
         return gram_linear(features(out, reduce))
 
     for fa, fb in paired_stream(model_a, model_b, data, la, lb, batch_size, gram, progress, "linear CKA"):
-        A = torch.stack([fa[n] for n in la])  # type: ignore[misc]
-        B = torch.stack([fb[n] for n in lb])  # type: ignore[misc]
+        A = torch.stack([cast(torch.Tensor, fa[n]) for n in la])
+        B = torch.stack([cast(torch.Tensor, fb[n]) for n in lb])
         n = A.shape[-1]
         if n < 4:
             skipped += n
@@ -404,13 +406,14 @@ def _minibatch_cka(model_a: nn.Module, model_b: nn.Module, data: Data, la: list[
         c = hsic_matrix(A, B, unbiased=True).cpu()
         sa = hsic_matrix(A, A, unbiased=True).diagonal().cpu()
         sb = hsic_matrix(B, B, unbiased=True).diagonal().cpu()
-        cross, self_a, self_b = (c, sa, sb) if cross is None else (cross + c, self_a + sa, self_b + sb)
+        sums = (c, sa, sb) if sums is None else (sums[0] + c, sums[1] + sa, sums[2] + sb)
         batches += 1
         n_images += n
-    if cross is None:
+    if sums is None:
         raise ConvscopeError("minibatch linear CKA needs batches of at least 4 images; give more images or a larger "
                              "batch_size")
-    matrix = cka_from_hsic(cross / batches, self_a / batches, self_b / batches, la, lb)  # type: ignore[operator]
+    cross, self_a, self_b = sums
+    matrix = cka_from_hsic(cross / batches, self_a / batches, self_b / batches, la, lb)
     return SimilarityResult(matrix, la, lb, "linear_cka", reduce, n_images, skipped, batches,
                             {"batch_size": batch_size})
 
