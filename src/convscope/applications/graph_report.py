@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import html
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from ..core.io import atomic_write_text, check_output_dir
 from ..core.render import load_font, save_png
 from ..methods.graph import GraphNode, ModelGraph, model_graph
 
-__all__ = ["GraphLayout", "GraphRun", "graph_png", "graph_report", "graph_svg", "layered_layout"]
+__all__ = ["GraphLayout", "GraphRun", "graph_png", "graph_report", "graph_svg", "layered_layout", "module_tree"]
 
 CHAR_W = 6.6  # width of one character of the 11 px monospace font
 NODE_H, JOIN_R, RANK_GAP, NODE_GAP, BEND_GAP = 34.0, 13.0, 30.0, 24.0, 14.0
@@ -274,18 +275,27 @@ def _scene(graph: ModelGraph) -> _Scene:
     return _Scene(frames, list(lay.paths.values()), shapes, lay.width, lay.height)
 
 
-def graph_svg(graph: ModelGraph) -> str:
+def _linked(part: str, href: str | None, name: str) -> str:
+    """``part`` wrapped in an SVG link to ``href`` (as is without one)."""
+    if href is None:
+        return part
+    return f'<a href="{html.escape(href)}" class="link" data-name="{html.escape(name)}">{part}</a>'
+
+
+def graph_svg(graph: ModelGraph, links: Mapping[str, str] | None = None) -> str:
     """The graph as a standalone SVG document (layout by :func:`layered_layout`); hovering a node or a frame
-    shows its details."""
+    shows its details. ``links``: node or container (frame) name -> URL; those nodes and frames are links
+    (``<a class="link" data-name=NAME>``), e.g. the live explorer's layer views."""
     sc = _scene(graph)
     esc = html.escape
+    links = links or {}
     parts: list[str] = []
     for f in sc.frames:
         x0, y0, x1, y1 = f.box
-        parts.append(f'<g class="group"><title>{esc(f.tip)}</title><rect x="{x0:.1f}" y="{y0:.1f}" '
+        parts.append(_linked(f'<g class="group"><title>{esc(f.tip)}</title><rect x="{x0:.1f}" y="{y0:.1f}" '
                      f'width="{x1 - x0:.1f}" height="{y1 - y0:.1f}" rx="8" fill="#78909c" fill-opacity="0.06" '
                      f'stroke="#90a4ae" stroke-dasharray="4 3"/><text x="{x0 + 6:.1f}" y="{y0 + 10:.1f}" '
-                     f'class="g">{esc(f.name)}</text></g>')
+                     f'class="g">{esc(f.name)}</text></g>', links.get(f.name), f.name))
     for pts in sc.curves:
         d = f"M{pts[0][0]:.1f},{pts[0][1]:.1f}"
         for (px, py), (qx, qy) in zip(pts, pts[1:]):
@@ -297,22 +307,24 @@ def graph_svg(graph: ModelGraph) -> str:
         tip = f"<title>{esc(s.tip)}</title>"
         if s.node.kind == "join":
             fs = 15 if len(s.lines[0]) == 1 else 9
-            parts.append(f'<g class="n join">{tip}<circle cx="{cx:.1f}" cy="{cy:.1f}" r="{JOIN_R}" fill="#fff" '
-                         f'stroke="#37474f" stroke-width="1.4"/><text x="{cx:.1f}" y="{cy + fs / 3:.1f}" '
-                         f'text-anchor="middle" font-size="{fs}">{esc(s.lines[0])}</text></g>')
+            parts.append(_linked(f'<g class="n join">{tip}<circle cx="{cx:.1f}" cy="{cy:.1f}" r="{JOIN_R}" '
+                                 f'fill="#fff" stroke="#37474f" stroke-width="1.4"/><text x="{cx:.1f}" '
+                                 f'y="{cy + fs / 3:.1f}" text-anchor="middle" font-size="{fs}">{esc(s.lines[0])}'
+                                 '</text></g>', links.get(s.node.name), s.node.name))
             continue
         colour = ' fill="#fff"' if s.node.kind in ("input", "output") else ""
-        parts.append(f'<g class="n">{tip}<rect x="{cx - w / 2:.1f}" y="{cy - h / 2:.1f}" width="{w:.1f}" '
-                     f'height="{h:.1f}" rx="5" fill="{s.fill}" stroke="#546e7a"/>'
-                     f'<text x="{cx:.1f}" y="{cy - 3:.1f}" text-anchor="middle" font-weight="bold"{colour}>'
-                     f'{esc(s.lines[0])}</text><text x="{cx:.1f}" y="{cy + 11:.1f}" text-anchor="middle" class="d"'
-                     f'{colour}>{esc(s.lines[1])}</text></g>')
+        parts.append(_linked(f'<g class="n">{tip}<rect x="{cx - w / 2:.1f}" y="{cy - h / 2:.1f}" width="{w:.1f}" '
+                             f'height="{h:.1f}" rx="5" fill="{s.fill}" stroke="#546e7a"/>'
+                             f'<text x="{cx:.1f}" y="{cy - 3:.1f}" text-anchor="middle" font-weight="bold"{colour}>'
+                             f'{esc(s.lines[0])}</text><text x="{cx:.1f}" y="{cy + 11:.1f}" text-anchor="middle" '
+                             f'class="d"{colour}>{esc(s.lines[1])}</text></g>', links.get(s.node.name), s.node.name))
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{sc.width:.0f}" height="{sc.height:.0f}" '
             f'viewBox="0 0 {sc.width:.1f} {sc.height:.1f}" font-family="ui-monospace, Menlo, Consolas, monospace" '
             'font-size="11">\n<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" '
             'markerHeight="7" orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#546e7a"/></marker>'
             '<style>.e{fill:none;stroke:#546e7a;stroke-width:1.2} .d{font-size:10px;fill:#37474f} '
-            '.g{font-size:10px;fill:#607d8b} .n:hover rect,.n:hover circle{stroke:#d84315;stroke-width:2}</style>'
+            '.g{font-size:10px;fill:#607d8b} .n:hover rect,.n:hover circle{stroke:#d84315;stroke-width:2} '
+            '.link{cursor:pointer} .link:hover .group>rect{stroke:#d84315;stroke-dasharray:none}</style>'
             '</defs>\n<rect width="100%" height="100%" fill="#fff"/>\n' + "\n".join(parts) + "\n</svg>\n")
 
 
@@ -388,8 +400,20 @@ th { background: #f3f3f3; } code { font-size: 0.95em; }
 """.strip()
 
 
-def _tree(graph: ModelGraph, group: str, open_: bool) -> str:
+def module_tree(graph: ModelGraph, links: Mapping[str, str] | None = None, open_depth: int = 1) -> str:
+    """The module tree as nested collapsible blocks (``<details>``, the first ``open_depth`` levels open), each
+    listing its nodes (type, output shape, units, parameters, inputs). ``links``: node or container name -> URL;
+    those names are links."""
+    return _tree(graph, "", open_depth, links or {})
+
+
+def _tree(graph: ModelGraph, group: str, open_depth: int, links: Mapping[str, str]) -> str:
     esc = html.escape
+
+    def name(text: str, shown: str) -> str:
+        code = f"<code>{esc(shown)}</code>"
+        return f'<a href="{esc(links[text])}">{code}</a>' if text in links else code
+
     g = graph.groups[group]
     kids = [c for c in graph.groups.values() if c.parent == group]
     rows = graph.members(group)
@@ -397,15 +421,15 @@ def _tree(graph: ModelGraph, group: str, open_: bool) -> str:
     if rows:
         body += ("<table><tr><th>node</th><th>type</th><th>output</th><th>units</th><th>parameters</th>"
                  "<th>inputs</th></tr>" + "".join(
-                     f"<tr><td><code>{esc(n.name)}</code></td><td>{esc(n.type)}</td><td>{_shape(n.output_shape)}</td>"
+                     f"<tr><td>{name(n.name, n.name)}</td><td>{esc(n.type)}</td><td>{_shape(n.output_shape)}</td>"
                      f"<td>{'' if n.units is None else n.units}</td><td>{n.params:,}</td>"
                      f"<td>{esc(', '.join(n.inputs))}</td></tr>" for n in rows) + "</table>")
-    body += "".join(_tree(graph, c.name, False) for c in kids)
-    label = esc(group or graph.model)
+    body += "".join(_tree(graph, c.name, open_depth - 1, links) for c in kids)
+    label = name(group, group) if group else f"<code>{esc(graph.model)}</code>"
     calls = sum(1 for n in graph.module_calls if n.module and (n.module + ".").startswith(group + "." if group else ""))
-    summary = (f"<summary><code>{label}</code> <span class=\"t\">{esc(g.type)} · {g.params:,} parameters · "
+    summary = (f"<summary>{label} <span class=\"t\">{esc(g.type)} · {g.params:,} parameters · "
                f"{calls} module calls</span></summary>")
-    return f"<details{' open' if open_ else ''}>{summary}{body}</details>"
+    return f"<details{' open' if open_depth > 0 else ''}>{summary}{body}</details>"
 
 
 def graph_report(model: nn.Module, out: str | Path, input_size: int | tuple[int, int] | None = None,
@@ -434,7 +458,7 @@ def graph_report(model: nn.Module, out: str | Path, input_size: int | tuple[int,
             "dashed frames. Hover a node for its details. Also as <a href=\"graph.svg\">graph.svg</a> and "
             "<a href=\"graph.json\">graph.json</a>.</p>\n<table>"
             + "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in summary)
-            + "</table>\n<h2>Modules</h2>\n" + _tree(graph, "", True)
+            + "</table>\n<h2>Modules</h2>\n" + module_tree(graph)
             + "\n<h2>Drawing</h2>\n<div class=\"svg\">\n" + svg + "</div>\n</body>\n</html>\n")
     html_path = atomic_write_text(out / "graph.html", page)
     png_path = save_png(graph_png(graph), out / "graph.png") if png else None
