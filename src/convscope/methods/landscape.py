@@ -220,12 +220,12 @@ def loss_landscape(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dims: int
     if directions is None:
         dirs = [random_direction(model, seed + k) for k in range(dims)]
     else:
-        dirs = list(directions)
-        if len(dirs) != dims:
-            raise ConvscopeError(f"dims={dims} needs {dims} direction(s), got {len(dirs)}; give one dict per axis")
-        for d in dirs:
+        given = list(directions)
+        if len(given) != dims:
+            raise ConvscopeError(f"dims={dims} needs {dims} direction(s), got {len(given)}; give one dict per axis")
+        for d in given:
             check_direction(d, params)
-        dirs = [{n: d[n].detach().to(p.device, p.dtype, copy=True) for n, p in params.items()} for d in dirs]
+        dirs = [{n: d[n].detach().to(p.device, p.dtype, copy=True) for n, p in params.items()} for d in given]
     coords = torch.linspace(-span, span, steps, dtype=torch.float64)
     coords[(coords.abs() < 1e-12 * span)] = 0.0  # the origin exactly where the grid has it
     points = [(float(a),) for a in coords] if dims == 1 else [(float(a), float(b)) for a in coords for b in coords]

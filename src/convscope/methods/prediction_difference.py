@@ -70,7 +70,8 @@ class GaussianPatches:
         scale = torch.diagonal(cov, dim1=1, dim2=2).mean(1).clamp_min(1e-12)
         self.cov = cov + ridge * scale[:, None, None] * torch.eye(self.q ** 2, dtype=torch.float64, device=d.device)
         self.lo, self.hi = d.amin(dim=(0, 2, 3)), d.amax(dim=(0, 2, 3))
-        self._cache: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
+        self._cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                 torch.Tensor, torch.Tensor]] = {}
 
     def conditional(self, oy: int, ox: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                       torch.Tensor, torch.Tensor]:

@@ -42,6 +42,7 @@ class TopBuffer:
     def state(self) -> dict[str, torch.Tensor]:
         """Everything held, for a checkpoint (:meth:`from_state` restores it)."""
         self._merge()
+        assert self._values is not None, "a checkpoint is written after the first batch"
         return {"n": torch.tensor(self.n), "values": self._values}
 
     @classmethod
