@@ -244,17 +244,19 @@ def embed_report(model: nn.Module, layer: str, data: Images, out: str | Path,
 
 
 def synthetic_scenes(model: nn.Module, n: int = 300, seed: int = 0, start: int | None = None,
-                     progress: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """``n`` held-out synthetic scenes (:func:`convscope.data.synthetic.render_arrays`) at the model's input size,
-    in its input space, with their scene classes and the class names: ``(x, labels, names)``."""
+                     progress: bool | None = None, size: int | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """``n`` held-out synthetic scenes (:func:`convscope.data.synthetic.render_arrays`) at the model's input size
+    (or ``size`` x ``size``), in its input space, with their scene classes and the class names:
+    ``(x, labels, names)``."""
     from ..data.synthetic import HELD_OUT_START, SynthConfig, render_arrays
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConvscopeError(f"--synthetic {n!r}: give a positive number of images")
-    size = lenient_preprocess(model).input_size or (112, 112)
-    if size[0] != size[1]:
-        raise ConvscopeError(f"synthetic images are square; the model's input is {size[0]} x {size[1]}")
-    arrays = render_arrays(HELD_OUT_START if start is None else start, n, size[0], seed, progress=progress)
+    hw = (size, size) if size is not None else lenient_preprocess(model).input_size or (112, 112)
+    if hw[0] != hw[1]:
+        raise ConvscopeError(f"synthetic images are square; the model's input is {hw[0]} x {hw[1]}")
+    arrays = render_arrays(HELD_OUT_START if start is None else start, n, hw[0], seed, progress=progress)
     x = input_normalizer(model)(torch.from_numpy(arrays.images).permute(0, 3, 1, 2).float().div(255))
     return x, torch.from_numpy(arrays.scenes).long(), list(SynthConfig().shapes)
 
