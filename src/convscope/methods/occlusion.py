@@ -138,7 +138,7 @@ def occlusion(model: nn.Module, x: torch.Tensor, target: Target = top_class, win
         out = scores_of(out, target)
         k = clean.shape[1]
         unit = unit_act = None
-        if layer is not None:
+        if layer is not None and layer_clean is not None:
             act = _as_maps(layer_clean, layer)
             unit = act.flatten(2).amax(2).argmax(1)  # N: the feature map with the strongest response
             unit_act = act[torch.arange(num), unit].flatten(1).sum(1)
@@ -153,7 +153,7 @@ def occlusion(model: nn.Module, x: torch.Tensor, target: Target = top_class, win
         predicted = torch.empty(total, dtype=torch.long, device=x.device)
         unit_sums = torch.empty(total, dtype=x.dtype, device=x.device) if layer is not None else None
         with contextlib.ExitStack() as stack:
-            p = stack.enter_context(probe(model, layer, detach=True)) if runner is None else None
+            looped = stack.enter_context(probe(model, layer, detach=True)) if runner is None else None
             for start in range(0, total, batch_size):
                 flat = torch.arange(start, min(start + batch_size, total), device=x.device)
                 img = flat // n_pos  # row order: image-major, then window row, then window column
@@ -164,12 +164,12 @@ def occlusion(model: nn.Module, x: torch.Tensor, target: Target = top_class, win
                     if unit_sums is not None and unit is not None and layer_out is not None:
                         unit_sums[flat] = runner.unit_sums(layer_out, unit, batch).to(x.dtype)
                 else:
-                    assert p is not None
+                    assert looped is not None
                     pos = flat % n_pos
                     mask = (row_in[pos // len(cols)][:, :, None] & col_in[pos % len(cols)][:, None, :])[:, None]
                     o = scores_of(model(torch.where(mask, filled[img], x[img])), target)
-                    if unit_sums is not None and unit is not None:
-                        a = _as_maps(p.activations[layer], layer)
+                    if unit_sums is not None and unit is not None and layer is not None:
+                        a = _as_maps(looped.activations[layer], layer)
                         unit_sums[flat] = a[torch.arange(len(flat), device=x.device), unit[img]].flatten(1).sum(
                             1).to(x.dtype)
                 if idx is not None:
@@ -199,7 +199,7 @@ def _pair(v: int | tuple[int, int], name: str) -> tuple[int, int]:
     pair = (v, v) if isinstance(v, int) else tuple(v)
     if len(pair) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 1 for i in pair):
         raise ConvscopeError(f"occlusion({name}={v!r}): use a positive int or a (height, width) pair of ints")
-    return pair  # type: ignore[return-value]
+    return pair[0], pair[1]
 
 
 def _fill(model: nn.Module, x: torch.Tensor, fill: Fill) -> torch.Tensor:
