@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import torch
 
@@ -96,7 +96,7 @@ def select_output(out: Any, output: OutputKey | None = None, dim: int = 2) -> to
         picked = output(out)
         where = getattr(output, "__name__", "the output= callable")
     else:
-        path = list(output) if isinstance(output, (tuple, list)) else [output]
+        path: list[str | int] = list(output) if isinstance(output, (tuple, list)) else [cast("str | int", output)]
         picked = out
         for i, key in enumerate(path):
             picked = _child(picked, key, path[:i])
@@ -270,7 +270,7 @@ def _int_list(value: int | Sequence[int], what: str, example: str) -> list[int]:
     if isinstance(value, bool) or not items or any(isinstance(v, bool) or not isinstance(v, int) or v < 0
                                                    for v in items):
         raise TargetError(f"{what}={value!r}): give an int >= 0 or a non-empty list of them, e.g. {example}")
-    return items  # type: ignore[return-value]
+    return items
 
 
 def segmentation(cls: int | Sequence[int], mask: torch.Tensor | None = None,
@@ -431,6 +431,6 @@ def batched_grad(scores: torch.Tensor, inputs: Sequence[torch.Tensor]) -> list[t
         return [torch.stack([g[i] for g in per_k]) for i in range(len(inputs))]
 
 
-def _grad(out: torch.Tensor, inputs: Sequence[torch.Tensor], **kw: object) -> tuple[torch.Tensor, ...]:
-    grads = torch.autograd.grad(out, list(inputs), allow_unused=True, **kw)  # type: ignore[arg-type]
+def _grad(out: torch.Tensor, inputs: Sequence[torch.Tensor], **kw: Any) -> tuple[torch.Tensor, ...]:
+    grads = torch.autograd.grad(out, list(inputs), allow_unused=True, **kw)
     return tuple(torch.zeros_like(i) if g is None else g for i, g in zip(inputs, grads))
