@@ -45,7 +45,7 @@ class _ClampWithRule(torch.autograd.Function):
     """Clamp to ``[lo, hi]`` forward; :meth:`ReLURule.backward` backward."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, lo: float, hi: float | None, rule: ReLURule) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, lo: float, hi: float | None, rule: ReLURule) -> torch.Tensor:
         ctx.rule, ctx.lo, ctx.hi = rule, lo, hi
         y = x.clamp(min=lo, max=hi)
         if rule.needs_forward:
@@ -54,15 +54,16 @@ class _ClampWithRule(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
         y = ctx.saved_tensors[0] if ctx.rule.needs_forward else None
         return ctx.rule.backward(grad, y, ctx.lo, ctx.hi), None, None, None
 
 
-_RELU = frozenset({F.relu, torch.relu, torch.Tensor.relu})
-_RELU_ = frozenset({torch.relu_, torch.Tensor.relu_, F.relu_})
-_HARDTANH = frozenset({F.hardtanh, F.relu6})
-_HARDTANH_ = frozenset({F.hardtanh_, *((torch._C._nn.hardtanh_,) if hasattr(torch._C._nn, "hardtanh_") else ())})
+_RELU: frozenset[Callable[..., Any]] = frozenset({F.relu, torch.relu, torch.Tensor.relu})
+_RELU_: frozenset[Callable[..., Any]] = frozenset({torch.relu_, torch.Tensor.relu_, F.relu_})
+_HARDTANH: frozenset[Callable[..., Any]] = frozenset({F.hardtanh, F.relu6})
+_HARDTANH_: frozenset[Callable[..., Any]] = frozenset(
+    {F.hardtanh_, *((torch._C._nn.hardtanh_,) if hasattr(torch._C._nn, "hardtanh_") else ())})
 
 
 class ReLURule(BackwardRule):
@@ -146,7 +147,7 @@ class RuleMode(TorchFunctionMode):
         for rule in reversed(list(rules)):
             self.table.update(dict.fromkeys(rule.functions, rule))
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         rule = self.table.get(func)
         kwargs = kwargs or {}
         if rule is None:
