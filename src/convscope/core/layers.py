@@ -5,6 +5,8 @@ The model facts built on them (the layer table, the default input size) live in 
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterable, Sequence
+from typing import Any, cast
 
 from torch import nn
 
@@ -55,7 +57,7 @@ def resolve_layer(model: nn.Module, name: str | nn.Module,
     )
 
 
-def resolve_layers(model: nn.Module, names: str | nn.Module | list) -> dict[str, nn.Module]:
+def resolve_layers(model: nn.Module, names: str | nn.Module | Sequence[str | nn.Module]) -> dict[str, nn.Module]:
     """Resolve one name, a comma-separated string, or a list of names, keeping order."""
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
@@ -74,11 +76,12 @@ MAX_INPUT_SIDE = 4096  # a zero probe image larger than this costs gigabytes bef
 
 def check_input_size(size: object, what: str = "input_size") -> tuple[int, int]:
     """``size`` (an int or an (H, W) pair) as a pair of ints in 1..MAX_INPUT_SIDE, or a one-line error."""
-    pair = (size, size) if isinstance(size, int) and not isinstance(size, bool) else size
+    given = (size, size) if isinstance(size, int) and not isinstance(size, bool) else size
+    pair: tuple[int, ...]
     try:
-        if isinstance(pair, (str, bytes)) or any(isinstance(v, bool) for v in pair):  # type: ignore[union-attr]
+        if isinstance(given, (str, bytes)) or any(isinstance(v, bool) for v in cast(Iterable[Any], given)):
             raise TypeError
-        pair = tuple(operator.index(v) for v in pair)  # type: ignore[union-attr]
+        pair = tuple(operator.index(v) for v in cast(Iterable[Any], given))
     except TypeError:
         pair = ()
     if len(pair) != 2:
