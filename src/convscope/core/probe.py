@@ -119,12 +119,12 @@ class _GradEdit(torch.autograd.Function):
     """Identity forward; backward applies ``fn`` to the incoming gradient."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, fn: EditFn) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, fn: EditFn) -> torch.Tensor:
         ctx.fn = fn
         return x.clone()
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return ctx.fn(grad), None
 
 
@@ -133,24 +133,26 @@ def preserved_state(model: nn.Module, eval_mode: bool = True, freeze: bool = Tru
     """Put ``model`` in eval mode with frozen parameters and out-of-place activations; restore all on exit."""
     modes = [(m, m.training) for m in model.modules()]
     grads = [(p, p.requires_grad) for p in model.parameters()]
-    inplace = [(m, m.inplace) for m in model.modules()  # TorchScript constants cannot be set
-               if isinstance(getattr(m, "inplace", None), bool) and not isinstance(m, torch.jit.ScriptModule)]
+    # TorchScript constants cannot be set; Any: nn.Module types an unknown attribute as a tensor or a module
+    inplace: list[tuple[Any, bool]] = [
+        (m, bool(m.inplace)) for m in model.modules()
+        if isinstance(getattr(m, "inplace", None), bool) and not isinstance(m, torch.jit.ScriptModule)]
     try:
         if eval_mode:
             model.eval()
         if freeze:
             for p, _ in grads:
                 p.requires_grad_(False)
-        for m, _ in inplace:
-            m.inplace = False
+        for module, _ in inplace:
+            module.inplace = False
         yield model
     finally:
-        for m, flag in modes:
-            m.training = flag
-        for p, flag in grads:
-            p.requires_grad_(flag)
-        for m, flag in inplace:
-            m.inplace = flag
+        for module, training in modes:
+            module.training = training
+        for p, requires_grad in grads:
+            p.requires_grad_(requires_grad)
+        for module, was_inplace in inplace:
+            module.inplace = was_inplace
 
 
 def _checked_input(model: nn.Module, args: tuple) -> tuple | None:
@@ -387,7 +389,7 @@ class CountingRuleMode(RuleMode):
         super().__init__(rules)
         self.hits: dict[str, int] = {r.name: 0 for r in rules}
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         rule = self.table.get(func)
         if rule is not None:
             self.hits[rule.name] = self.hits.get(rule.name, 0) + 1
