@@ -21,7 +21,7 @@ import contextlib
 import itertools
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, Union
 
 import torch
 from torch import nn
@@ -29,13 +29,15 @@ from torch import nn
 from ..errors import ConvscopeError
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+Conv = Union[nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d]
+"""A module of :data:`CONVS`."""
 LAYOUTS = ("NCHW", "NHWC")
 
-_STEMS: weakref.WeakKeyDictionary[nn.Module, tuple[str, nn.Module] | None] = weakref.WeakKeyDictionary()
+_STEMS: weakref.WeakKeyDictionary[nn.Module, tuple[str, Conv] | None] = weakref.WeakKeyDictionary()
 _TRACING: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
-def first_conv(model: nn.Module) -> tuple[str, nn.Module] | None:
+def first_conv(model: nn.Module) -> tuple[str, Conv] | None:
     """``(name, module)`` of the first convolution in ``model.named_modules()`` order, or None (cached)."""
     cached = _STEMS.get(model, ...)
     if cached is None or (cached is not ... and _still_there(model, cached)):
@@ -45,7 +47,7 @@ def first_conv(model: nn.Module) -> tuple[str, nn.Module] | None:
     return found
 
 
-def _still_there(model: nn.Module, entry: tuple[str, nn.Module] | None) -> bool:
+def _still_there(model: nn.Module, entry: tuple[str, Conv] | None) -> bool:
     if entry is None:
         return True
     try:
@@ -60,7 +62,7 @@ def input_channels(model: nn.Module, default: int = 3) -> int:
     stem = first_conv(model)
     if stem is None or _lazy(stem[1]):
         return default
-    return int(stem[1].in_channels)  # type: ignore[arg-type]
+    return int(stem[1].in_channels)
 
 
 def model_float(model: nn.Module) -> tuple[torch.dtype, torch.device] | None:
@@ -83,8 +85,7 @@ def check_model_input(model: nn.Module, x: Any, layout: str = "NCHW") -> torch.T
         raise ConvscopeError(f"the model input is a {type(x).__name__}, not a tensor; load images with "
                              "cs.load_images(paths, model), or convert with torch.as_tensor(x)")
     stem = first_conv(model)
-    conv = stem[1] if stem is not None else None
-    rank = conv.weight.dim() if conv is not None and not _lazy(conv) else None  # Conv2d: weight 4-D, input 4-D
+    rank = stem[1].weight.dim() if stem is not None and not _lazy(stem[1]) else None  # Conv2d: weight 4-D, input 4-D
     if rank is not None and x.dim() != rank:
         want = {3: "N x C x L", 4: "N x C x H x W", 5: "N x C x D x H x W"}.get(rank, f"{rank}-D")
         fix = ("add a batch dimension with x[None] (or x.unsqueeze(0))" if x.dim() == rank - 1
@@ -107,11 +108,11 @@ def check_model_input(model: nn.Module, x: Any, layout: str = "NCHW") -> torch.T
         raise ConvscopeError(f"x is {_dtype(x.dtype)} but the model is {want}: convert x with "
                              f"x{cast.get(want, f'.to(torch.{want})')} (or the model with "
                              f"model{cast.get(_dtype(x.dtype), f'.to(torch.{_dtype(x.dtype)})')})")
-    if conv is not None and not _lazy(conv) and x.dim() >= 2:
+    if stem is not None and not _lazy(stem[1]) and x.dim() >= 2:
         axis = 1 if layout == "NCHW" else x.dim() - 1
-        want_c = int(conv.in_channels)  # type: ignore[arg-type]
+        want_c = int(stem[1].in_channels)
         if x.shape[axis] != want_c:
-            raise ConvscopeError(_channel_message(stem[0], want_c, x, axis))  # type: ignore[index]
+            raise ConvscopeError(_channel_message(stem[0], want_c, x, axis))
     if info is not None and x.device != info[1]:
         x = x.to(info[1])  # no copy when already there
     return x
