@@ -39,8 +39,7 @@ def resolve_device(device: str | torch.device | int | None = "auto") -> torch.de
     if dev.type == "cpu":
         return torch.device("cpu")
     backend = getattr(torch, dev.type, None)
-    available = bool(backend is not None and backend.is_available())
-    if not available:
+    if backend is None or not backend.is_available():
         raise ConvscopeError(f"device {str(dev)!r} was asked for but this PyTorch sees no {dev.type.upper()} device; "
                              "use cpu or auto (--device cpu)")
     count = int(backend.device_count()) if hasattr(backend, "device_count") else 1
