@@ -100,7 +100,7 @@ def default_input_size(model: nn.Module, input_size: int | tuple[int, int] | Non
         return check_input_size(input_size)
     size = getattr(declared_preprocess(model), "input_size", None)
     if size:
-        return tuple(size)  # type: ignore[return-value]
+        return tuple(size)
     return (224, 224)
 
 
@@ -108,8 +108,8 @@ def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter or buffer (CPU for a parameterless model)."""
     for t in model.parameters():
         return t.device
-    for t in model.buffers():
-        return t.device
+    for b in model.buffers():
+        return b.device
     return torch.device("cpu")
 
 
