@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -80,7 +81,8 @@ def pinned_target(model: nn.Module, x: torch.Tensor, target: Target,
         with torch.no_grad(), preserved_state(model):
             output = model(x)
     _, idx = target_scores(output, target)
-    return target if idx is None else pinned(target, idx)
+    # no indices: the target is a callable returning scores (bare or wrapped by output()), applied to each copy
+    return cast(Callable[..., Any], target) if idx is None else pinned(target, idx)
 
 
 def pinned_class(model: nn.Module, x: torch.Tensor, target: Target, what: str,
