@@ -30,7 +30,9 @@ Where that is ambiguous or impossible it raises a one-line :class:`~convscope.er
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 
@@ -130,7 +132,7 @@ def from_feature_map(m: torch.Tensor, info: TokenInfo, extra: torch.Tensor | Non
 def check_layout(layout: object) -> str:
     """``layout`` when it is one of :data:`LAYOUTS` (``"tokens:E"`` with a count), else a one-line error."""
     _parse(layout)
-    return layout  # type: ignore[return-value]
+    return cast(str, layout)  # _parse raised unless it is a str
 
 
 def _apply(t: torch.Tensor, kind: str, extra: int, grid: tuple[int, int]) -> tuple[torch.Tensor, TokenInfo]:
@@ -139,18 +141,18 @@ def _apply(t: torch.Tensor, kind: str, extra: int, grid: tuple[int, int]) -> tup
         if t.dim() != 4 or shape[2:] != tuple(grid):
             raise ConvscopeError(f"shape {shape} does not match the layout nchw with grid {grid}; read it with "
                                  "its own layout")
-        return t, TokenInfo("nchw", shape, tuple(grid))
+        return t, TokenInfo("nchw", shape, (grid[0], grid[1]))
     if kind == "nhwc":
         if t.dim() != 4 or shape[1:3] != tuple(grid):
             raise ConvscopeError(f"shape {shape} does not match the layout nhwc with grid {grid}; read it with "
                                  "its own layout")
-        return t.permute(0, 3, 1, 2), TokenInfo("nhwc", shape, tuple(grid))
+        return t.permute(0, 3, 1, 2), TokenInfo("nhwc", shape, (grid[0], grid[1]))
     if t.dim() != 3 or shape[1] != extra + grid[0] * grid[1]:
         raise ConvscopeError(f"shape {shape} does not hold {extra} extra tokens + a {grid[0]}x{grid[1]} grid; read "
                              "it with its own layout")
     n, _, d = shape
     m = t[:, extra:].reshape(n, grid[0], grid[1], d).permute(0, 3, 1, 2)
-    return m, TokenInfo("tokens", shape, tuple(grid), extra, t[:, :extra] if extra else None)
+    return m, TokenInfo("tokens", shape, (grid[0], grid[1]), extra, t[:, :extra] if extra else None)
 
 
 def _parse(layout: object) -> tuple[str, int | None]:
@@ -168,7 +170,7 @@ def _pair(v: object, what: str) -> tuple[int, int]:
     if isinstance(v, int) and not isinstance(v, bool):
         v = (v, v)
     try:
-        h, w = (int(s) for s in v)  # type: ignore[union-attr]
+        h, w = (int(s) for s in cast(Iterable[Any], v))
     except (TypeError, ValueError):
         raise ConvscopeError(f"{what}={v!r}: give an int or an (height, width) pair of ints") from None
     if h < 1 or w < 1:
