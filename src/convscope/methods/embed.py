@@ -131,7 +131,7 @@ def pooled_features(model: nn.Module, layer: str, data: Images, batch_size: int 
 def _umap() -> Any:
     """The ``umap`` module of the optional umap-learn package, or a one-line error with the fix."""
     try:
-        import umap  # type: ignore[import-not-found]
+        import umap
     except ImportError:
         raise ConvscopeError("method='umap' needs the optional package umap-learn: pip install umap-learn "
                              "(or use method='tsne' or 'pca')") from None

@@ -141,8 +141,8 @@ def batch_labels(batch: Mapping[str, Any], space: ConceptSpace, size: tuple[int,
         if not segs:
             raise DataError("the batch has no pixel-level labels, so the label resolution is unknown; "
                             "set DissectConfig(seg_size=...)")
-        size = tuple(segs[0].shape[-2:])  # type: ignore[assignment]
-    h, w = size  # type: ignore[misc]
+        size = tuple(segs[0].shape[-2:])
+    h, w = size
     has_cat = torch.zeros(n, len(space.categories), dtype=torch.bool)
     layers = []
     for k, cat in enumerate(space.categories):
