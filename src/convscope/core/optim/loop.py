@@ -1,0 +1,175 @@
+"""The image-optimization loop (:func:`optimize_images`): one forward and one backward pass per step for the whole
+batch, Adam / plain / normalized gradient ascent, penalties and projections, early stop per image."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ...errors import ConvscopeError
+from ..probe import Probe, probe
+from ..progress import progress_bar
+from ..stream import last_layer
+from .objectives import OUTPUT, Objective
+from .params import Generators, ImageParam, make_generators
+from .regularizers import Regularizer
+from .transforms import Transform
+
+OPTIMIZERS = ("adam", "sgd", "normalized")
+
+
+@dataclass(frozen=True)
+class OptimResult:
+    """What :func:`optimize_images` returns.
+
+    ``x``: final images in the model's input space; ``images``: the same as RGB in [0, 1]; ``values``: the objective
+    of each final (untransformed) image, ``N``; ``history``: the objective at every step (on the transformed images
+    the step used), ``steps_run x N``; ``steps``: per image, the number of updates applied (fewer than ``steps`` when
+    ``stop`` ended it early); ``output``: the model output on the final images when the objective reads it.
+    """
+
+    x: torch.Tensor
+    images: torch.Tensor
+    values: torch.Tensor
+    history: torch.Tensor
+    steps: torch.Tensor
+    output: torch.Tensor | None = None
+    activations: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _run(p: Probe, model: nn.Module, x: torch.Tensor, layers: Sequence[str], need_output: bool,
+         ) -> dict[str, torch.Tensor]:
+    p.clear()
+    out = p.forward(model, x)
+    acts = dict(p.activations)
+    missing = [n for n in layers if n not in acts]
+    if missing:
+        raise ConvscopeError(f"layer(s) {', '.join(map(repr, missing))} did not run in the forward pass; pick a "
+                             "layer from `convscope layers MODEL` that the model's forward() calls")
+    if need_output:
+        if not isinstance(out, torch.Tensor):
+            raise ConvscopeError(f"the model returned {type(out).__name__}, not a tensor of logits; wrap it so "
+                                 "forward() returns N x classes")
+        acts[OUTPUT] = out
+    return acts
+
+
+def _check_objective(value: torch.Tensor, n: int) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor) or value.shape != (n,):
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ConvscopeError(f"an objective must return one value per image, shape ({n},); got {shape}. Reduce over "
+                             "units and space inside the objective (e.g. acts[layer][:, k].mean((1, 2)))")
+    return value
+
+
+def mean_abs_normalized(grad: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Each row (image) of ``grad`` divided by its mean absolute value, so a step of ``lr`` moves the pixels by
+    ``lr`` on average (DeepDream's normalized ascent step, Mordvintsev et al. 2015)."""
+    scale = grad.abs().flatten(1).mean(1).clamp_min(eps)
+    return grad / scale.view(-1, *([1] * (grad.dim() - 1)))
+
+
+def optimize_images(model: nn.Module, objective: Objective, param: ImageParam, *, steps: int, lr: float,
+                    optimizer: str = "adam", transforms: Sequence[Transform] = (),
+                    regularizers: Sequence[Regularizer] = (), generators: Generators | None = None,
+                    stop: Callable[[Mapping[str, torch.Tensor]], torch.Tensor] | None = None,
+                    progress: bool | None = None, desc: str = "optimize") -> OptimResult:
+    """Ascend ``objective`` (one value per image) over the images of ``param`` for ``steps`` steps.
+
+    One forward and one backward pass per step for the whole batch; the forward pass stops after the deepest layer
+    the objective reads (unless it reads the output). ``optimizer``: ``"adam"`` (Kingma & Ba 2015) or ``"sgd"``,
+    plain gradient ascent ``x <- x + lr * dJ/dx`` (survey Eq. 8), or ``"normalized"``: gradient ascent with each
+    image's gradient divided by its mean absolute value (:func:`mean_abs_normalized`; DeepDream). ``stop(acts)``
+    (on the untransformed images, before each update) returns a boolean ``N``: images for which it is true keep
+    their current pixels from then on, and the loop ends when all are done. ``progress``: a bar with an ETA
+    (``True``, ``False``, or ``None``: once the loop has run for 2 s;
+    see :func:`~convscope.core.progress.progress_bar`).
+    """
+    if not isinstance(steps, int) or steps < 0:
+        raise ConvscopeError(f"steps={steps!r}: use an int >= 0")
+    if not lr > 0:
+        raise ConvscopeError(f"lr={lr!r}: the step size must be > 0")
+    if optimizer not in OPTIMIZERS:
+        raise ConvscopeError(f"optimizer={optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
+    projections = [r for r in regularizers if r.projection]
+    if projections and not param.projectable:
+        names = ", ".join(type(r).__name__ for r in projections)
+        raise ConvscopeError(f"{names} edit pixels after each step and need a pixel parametrization; use "
+                             "parametrization='pixel' (or 'rgb'), or drop them (penalties and transforms work with "
+                             "any parametrization)")
+    with torch.no_grad():
+        n = param().shape[0]
+    generators = generators if generators is not None else make_generators(0, n)
+    layers = [name for name in objective.layers if name != OUTPUT]
+    need_output = OUTPUT in objective.layers
+    if not layers and not need_output:
+        raise ConvscopeError("the objective reads no layer; build it from channel(), neuron() or logit()")
+    stop_after = None if need_output else last_layer(model, layers, param()[:1].detach())
+    params = list(param.parameters())
+    opt_cls = torch.optim.Adam if optimizer == "adam" else torch.optim.SGD
+    opt = opt_cls(params, lr=lr, maximize=True)
+    done = torch.zeros(n, dtype=torch.bool)
+    taken = torch.full((n,), steps, dtype=torch.long)
+    history: list[torch.Tensor] = []
+    with torch.enable_grad(), probe(model, layers, stop_after=stop_after) as p, \
+            progress_bar(total=steps, desc=desc, unit="step", progress=progress, leave=False) as bar:
+        for step in range(steps):
+            x = param()
+            xt = x
+            for t in transforms:
+                xt = t(xt, generators)
+            acts = _run(p, model, xt, layers, need_output)
+            value = _check_objective(objective(acts), n)
+            if stop is not None:
+                if transforms:
+                    with torch.no_grad():
+                        clean = _run(p, model, x.detach(), layers, need_output)
+                else:
+                    clean = {k: v.detach() for k, v in acts.items()}
+                now = stop(clean).detach().cpu().bool() & ~done
+                taken[now] = step
+                done |= now
+                if bool(done.all()):
+                    break
+            loss = value
+            for r in regularizers:
+                pen = r.penalty(x - param.centre_input)
+                if pen is not None:
+                    loss = loss - pen
+            grads = torch.autograd.grad(loss.sum(), params)
+            history.append(value.detach())
+            keep = [q.detach()[done.to(q.device)].clone() for q in params] if bool(done.any()) else None
+            for q, g in zip(params, grads):
+                q.grad = mean_abs_normalized(g) if optimizer == "normalized" else g
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                if projections:
+                    delta = param.delta
+                    for r in projections:
+                        delta = r.project(delta, grads[0], step)
+                    param.delta.copy_(delta)
+                param.clamp_()
+                if keep is not None:
+                    for q, k in zip(params, keep):
+                        q[done.to(q.device)] = k
+            if not bar.disable and step % 10 == 0:
+                bar.set_postfix(objective=f"{float(value.detach().mean()):.3g}", refresh=False)
+            bar.update(1)
+        with torch.no_grad():
+            x = param().detach()
+            acts = _run(p, model, x, layers, need_output)
+            values = _check_objective(objective(acts), n).detach()
+            if stop is not None:
+                now = stop(acts).detach().cpu().bool() & ~done
+                taken[now] = len(history)
+                done |= now
+        acts = {k: v.detach() for k, v in acts.items()}
+    hist = torch.stack(history) if history else torch.zeros(0, n)
+    if stop is not None:
+        taken[~done] = -1
+    return OptimResult(x=x, images=param.pixels().detach(), values=values, history=hist, steps=taken,
+                       output=acts.get(OUTPUT), activations={k: v for k, v in acts.items() if k != OUTPUT})

@@ -1,0 +1,189 @@
+"""Regularizers of the image-optimization loop: penalties subtracted from the objective (:class:`L2Penalty`,
+Simonyan et al. 2014 Eq. 1; :class:`AlphaNorm` and :class:`TotalVariation`, Mahendran & Vedaldi 2015 Eq. 3-4;
+:class:`CodePenalty`, Nguyen et al. 2016) and projections applied to the image after each step (:class:`Decay`,
+:class:`Blur`, :class:`ClipNorm`, :class:`ClipContribution`, Yosinski et al. 2015 Sec. 3; survey Eq. 9)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ...errors import ConvscopeError
+from ..imageops import gaussian_blur
+from .params import GeneratorImage
+
+
+def decay(x: torch.Tensor, theta_decay: float) -> torch.Tensor:
+    """L2 decay (Yosinski et al. 2015, Sec. 3): ``r(x) = (1 - theta_decay) x``."""
+    return (1 - theta_decay) * x
+
+
+def _percentile_rows(v: torch.Tensor, pct: float) -> torch.Tensor:
+    """Per-row ``pct``-th percentile of ``N x M`` with linear interpolation (as ``numpy.percentile``), ``N x 1``.
+
+    Sort-based: no size limit (``torch.quantile`` refuses more than 2^24 elements)."""
+    s = v.sort(dim=1).values
+    pos = pct / 100.0 * (s.shape[1] - 1)
+    i0 = min(int(math.floor(pos)), s.shape[1] - 1)
+    i1 = min(i0 + 1, s.shape[1] - 1)
+    frac = pos - i0
+    return (s[:, i0] + frac * (s[:, i1] - s[:, i0])).unsqueeze(1)
+
+
+def clip_small_norm(x: torch.Tensor, theta_n_pct: float) -> torch.Tensor:
+    """Zero the pixels whose norm over the channels is below the ``theta_n_pct`` percentile of the image
+    (Yosinski et al. 2015, Sec. 3, "clipping pixels with small norm")."""
+    norms = x.norm(dim=1).flatten(1)  # N x HW
+    small = (norms < _percentile_rows(norms, theta_n_pct)).view(x.shape[0], 1, *x.shape[2:])
+    return x.masked_fill(small, 0.0)
+
+
+def clip_small_contribution(x: torch.Tensor, grad: torch.Tensor, theta_c_pct: float) -> torch.Tensor:
+    """Zero the pixels whose contribution ``|sum_c x ⊙ dA/dx|`` (the linear estimate of how much the activation
+    changes when the pixel is set to zero) is below the ``theta_c_pct`` percentile of the image (Yosinski et al.
+    2015, Sec. 3, "clipping pixels with small contribution"; as their toolbox's ``px_abs_benefit_percentile``)."""
+    contrib = (x * grad).sum(dim=1).abs().flatten(1)
+    small = (contrib < _percentile_rows(contrib, theta_c_pct)).view(x.shape[0], 1, *x.shape[2:])
+    return x.masked_fill(small, 0.0)
+
+
+class Regularizer:
+    """A penalty subtracted from the objective (``penalty``) and/or a projection applied after each step
+    (``project``). Both see the image as its deviation from the centre image (mean colour), in input space."""
+
+    projection = False
+
+    def penalty(self, delta: torch.Tensor) -> torch.Tensor | None:
+        """Per-image penalty ``N`` (differentiable), or None."""
+        return None
+
+    def project(self, delta: torch.Tensor, grad: torch.Tensor, step: int) -> torch.Tensor:
+        """The new deviation after step ``step`` (0-based); ``grad`` is the step's gradient of the (penalized)
+        objective w.r.t. ``delta``."""
+        return delta
+
+
+@dataclass(frozen=True)
+class L2Penalty(Regularizer):
+    """``lambda_l2 * ||x - c||^2`` per image (Simonyan et al. 2014, Eq. 1: ``S_c(I) - lambda ||I||_2^2`` on the
+    mean-subtracted image)."""
+
+    lambda_l2: float
+
+    def penalty(self, delta: torch.Tensor) -> torch.Tensor:
+        return self.lambda_l2 * delta.pow(2).flatten(1).sum(1)
+
+
+def alpha_norm(x: torch.Tensor, alpha: float = 6.0) -> torch.Tensor:
+    """``||x||_alpha^alpha = sum_{c,i,j} |x_cij|^alpha`` per image, ``N`` (Mahendran & Vedaldi 2015, Eq. 3; survey
+    Eq. 14)."""
+    return x.abs().pow(alpha).flatten(1).sum(1)
+
+
+def total_variation(x: torch.Tensor, beta: float = 2.0, eps: float = 1e-12) -> torch.Tensor:
+    """``TV_beta(x) = sum_{c,i,j} ((x_{c,i,j+1} - x_cij)^2 + (x_{c,i+1,j} - x_cij)^2)^(beta/2)`` per image, ``N``,
+    over ``i < H-1, j < W-1`` (Mahendran & Vedaldi 2015, Eq. 4; survey Eq. 15). For ``beta < 2`` the squared
+    gradient is clamped at ``eps`` so the gradient stays finite on flat regions."""
+    dx = x[..., :-1, 1:] - x[..., :-1, :-1]
+    dy = x[..., 1:, :-1] - x[..., :-1, :-1]
+    s = dx * dx + dy * dy
+    if beta == 2:
+        return s.flatten(1).sum(1)
+    return s.clamp_min(eps).pow(beta / 2).flatten(1).sum(1)
+
+
+@dataclass(frozen=True)
+class AlphaNorm(Regularizer):
+    """``lambda_alpha * ||x / B||_alpha^alpha / (H W)`` per image (Mahendran & Vedaldi 2015, Eq. 3 with the
+    normalization of their Sec. 3.3): ``B`` is a typical pixel magnitude (in the units of ``x - c``, the deviation
+    from the centre image), so ``lambda_alpha`` is dimensionless and transfers between models and image sizes. A
+    large ``alpha`` (6) mostly penalizes the pixels that leave the typical range."""
+
+    lambda_alpha: float
+    alpha: float = 6.0
+    B: float = 1.0
+
+    def penalty(self, delta: torch.Tensor) -> torch.Tensor:
+        h, w = delta.shape[-2:]
+        return self.lambda_alpha * alpha_norm(delta / self.B, self.alpha) / (h * w)
+
+
+@dataclass(frozen=True)
+class TotalVariation(Regularizer):
+    """``lambda_tv * TV_beta(x / V) / (H W)`` per image (Mahendran & Vedaldi 2015, Eq. 4 with the normalization of
+    their Sec. 3.3): ``V`` is a typical difference between neighbouring pixels (the paper's ``V = B / 6.5``), so
+    ``lambda_tv`` is dimensionless. ``beta = 2`` smooths; ``beta = 1`` (classic TV) allows sharp edges."""
+
+    lambda_tv: float
+    beta: float = 2.0
+    V: float = 1.0
+
+    def penalty(self, delta: torch.Tensor) -> torch.Tensor:
+        h, w = delta.shape[-2:]
+        return self.lambda_tv * total_variation(delta / self.V, self.beta) / (h * w)
+
+
+@dataclass(frozen=True)
+class Decay(Regularizer):
+    """``x <- (1 - theta_decay) x`` after each step (Yosinski et al. 2015)."""
+
+    theta_decay: float
+    projection = True
+
+    def project(self, delta: torch.Tensor, grad: torch.Tensor, step: int) -> torch.Tensor:
+        return decay(delta, self.theta_decay)
+
+
+@dataclass(frozen=True)
+class Blur(Regularizer):
+    """Gaussian blur of width ``sigma`` pixels every ``every`` steps (steps 0, every, 2 every, ...; Yosinski et al.
+    2015, theta_b_width and theta_b_every), with :func:`~convscope.core.imageops.gaussian_blur`."""
+
+    sigma: float
+    every: int = 1
+    projection = True
+
+    def project(self, delta: torch.Tensor, grad: torch.Tensor, step: int) -> torch.Tensor:
+        return gaussian_blur(delta, self.sigma) if step % self.every == 0 else delta
+
+
+@dataclass(frozen=True)
+class ClipNorm(Regularizer):
+    """Zero pixels with norm below the ``theta_n_pct`` percentile, after each step (Yosinski et al. 2015)."""
+
+    theta_n_pct: float
+    projection = True
+
+    def project(self, delta: torch.Tensor, grad: torch.Tensor, step: int) -> torch.Tensor:
+        return clip_small_norm(delta, self.theta_n_pct)
+
+
+@dataclass(frozen=True)
+class ClipContribution(Regularizer):
+    """Zero pixels with contribution below the ``theta_c_pct`` percentile, after each step (Yosinski et al. 2015)."""
+
+    theta_c_pct: float
+    projection = True
+
+    def project(self, delta: torch.Tensor, grad: torch.Tensor, step: int) -> torch.Tensor:
+        return clip_small_contribution(delta, grad, self.theta_c_pct)
+
+
+class CodePenalty(Regularizer):
+    """``lambda_code * ||h_i||^2`` per image on the codes of a :class:`GeneratorImage`: the L2 prior on the code of
+    DGN-AM (Nguyen et al. 2016; survey Eq. 10, ``h* = argmax_h a_i(G(h)) - lambda ||h||``, squared here). It reads
+    the codes of ``param``, not the image it is given."""
+
+    def __init__(self, param: GeneratorImage, lambda_code: float) -> None:
+        if not isinstance(param, GeneratorImage):
+            raise ConvscopeError("CodePenalty needs the GeneratorImage whose codes it penalizes")
+        if not lambda_code >= 0:
+            raise ConvscopeError(f"lambda_code={lambda_code!r}: use a weight >= 0")
+        self.param, self.lambda_code = param, float(lambda_code)
+
+    def penalty(self, delta: torch.Tensor) -> torch.Tensor | None:
+        if not self.lambda_code:
+            return None
+        return self.lambda_code * self.param.code.pow(2).flatten(1).sum(1)
