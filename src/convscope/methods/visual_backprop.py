@@ -19,7 +19,7 @@ bilinearly instead. :func:`visual_backprop_steps` reports the step taken between
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -62,15 +62,18 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
 
 def module_geometry(mod: nn.Module) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int], bool]:
     """``(kernel extent, stride, padding, dilation, ceil_mode)`` per axis of a conv / pooling module."""
+    if not isinstance(mod, GEOMETRIC):
+        raise ConvscopeError(f"module_geometry: {type(mod).__name__} is not a Conv2d, MaxPool2d or AvgPool2d; "
+                             "pass one of those")
     k = _pair(mod.kernel_size)
     s = _pair(mod.stride if mod.stride is not None else mod.kernel_size)
     d = _pair(getattr(mod, "dilation", 1))
-    extent = tuple(di * (ki - 1) + 1 for ki, di in zip(k, d))
+    extent = (d[0] * (k[0] - 1) + 1, d[1] * (k[1] - 1) + 1)
     if isinstance(mod.padding, str):  # "valid": none; "same": PyTorch pads (extent - 1) // 2 before
-        p = (0, 0) if mod.padding == "valid" else tuple((e - 1) // 2 for e in extent)
+        p = (0, 0) if mod.padding == "valid" else ((extent[0] - 1) // 2, (extent[1] - 1) // 2)
     else:
         p = _pair(mod.padding)
-    return extent, s, p, d, bool(getattr(mod, "ceil_mode", False))  # type: ignore[return-value]
+    return extent, s, p, d, bool(getattr(mod, "ceil_mode", False))
 
 
 def _out_size(size: int, extent: int, stride: int, pad: int, ceil: bool, same: bool) -> int:
@@ -136,7 +139,7 @@ def visual_backprop_steps(model: nn.Module, x: torch.Tensor, layers: str | Seque
         raise ConvscopeError(f"visual_backprop: {type(model).__name__} failed on input {tuple(x.shape)} ({first}); "
                              "pass images the model accepts") from exc
     order = {name: i for i, name in enumerate(p.called)}  # the last call of each module
-    recorded = p.activations
+    recorded: Mapping[str, object] = p.activations  # the reduce's (size, map) pairs
     sizes_of = {n: r[0] for n, r in recorded.items() if isinstance(r, tuple) and r[0]}
     maps = {n: r[1] for n, r in recorded.items() if isinstance(r, tuple) and r[1] is not None}
     if chosen is not None:
@@ -152,7 +155,7 @@ def visual_backprop_steps(model: nn.Module, x: torch.Tensor, layers: str | Seque
                              f"{type(model).__name__}; pass layers=[...] naming its feature layers")
     names = sorted(maps, key=order.__getitem__)
     maps = {n: maps[n] for n in names}
-    sizes = [tuple(x.shape[-2:])] + [tuple(maps[n].shape[-2:]) for n in names]
+    sizes = [(x.shape[-2], x.shape[-1])] + [(maps[n].shape[-2], maps[n].shape[-1]) for n in names]
     positions = [-1] + [order[n] for n in names]
     labels = ["input", *names]
     steps = []
@@ -175,11 +178,12 @@ def _step(source: str, dest: str, shallow: tuple[int, int], deep: tuple[int, int
         mod = leaves[n]
         extent, s, pad, _, ceil = module_geometry(mod)
         same = isinstance(mod, nn.Conv2d) and mod.padding == "same"
-        nxt = tuple(_out_size(cur[a], extent[a], s[a], pad[a], ceil, same) for a in range(2))
+        out = [_out_size(cur[a], extent[a], s[a], pad[a], ceil, same) for a in range(2)]
+        nxt = (out[0], out[1])
         if nxt == sizes[n]:
             used.append(n)
             geoms.append((extent, s, pad))
-            cur = nxt  # type: ignore[assignment]
+            cur = nxt
     if used and cur == deep:
         axes = [compose([(g[0][a], g[1][a], g[2][a]) for g in geoms]) for a in range(2)]
         return UpscaleStep(source, dest, shallow, (axes[0][0], axes[1][0]), (axes[0][1], axes[1][1]),
