@@ -65,7 +65,7 @@ RULE_NAMES = ("epsilon", "zero", "gamma", "alpha_beta", "zplus", "zbox", "flat",
 CONVOLUTIONS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
                                              nn.ConvTranspose2d, nn.ConvTranspose3d)
 DENSE: tuple[type[nn.Module], ...] = (nn.Linear,)
-BATCH_NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # relevance passes through these unchanged (element-wise, or LRN treated as the identity)
 PASS_THROUGH: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -130,6 +130,12 @@ class LayerCall:
                                  "layer another rule in composite={...}")
         return self.tap
 
+    def need_weight(self, rule: str) -> torch.Tensor:
+        if self.weight is None:
+            raise ConvscopeError(f"LRP rule {rule} at layer {self.name!r} needs the layer's weight but got none; set "
+                                 "weighted = True on the rule class")
+        return self.weight
+
 
 class Rule:
     """An LRP rule for a conv/dense layer: :meth:`expression` returns a tensor ``e`` (same shape as ``z``) whose
@@ -165,7 +171,7 @@ class Gamma(Rule):
     stabilizer: float = STABILIZER
 
     def expression(self, call: LayerCall) -> torch.Tensor:
-        w, b, g = call.weight, call.bias, self.gamma
+        w, b, g = call.need_weight("gamma"), call.bias, self.gamma
         up, down = w + g * w.clamp(min=0), w + g * w.clamp(max=0)
         b_up = None if b is None else b + g * b.clamp(min=0)
         b_down = None if b is None else b + g * b.clamp(max=0)
@@ -192,7 +198,7 @@ class AlphaBeta(Rule):
                                  f"alpha={self.alpha}, beta={self.beta}; e.g. alpha=2, beta=1 or alpha=1, beta=0")
 
     def expression(self, call: LayerCall) -> torch.Tensor:
-        w, b = call.weight, call.bias
+        w, b = call.need_weight("alpha_beta"), call.bias
         wp, wn = w.clamp(min=0), w.clamp(max=0)
         ap, an = positive_part(call.a), negative_part(call.a)
         pos = call.run(ap, wp, None if b is None else b.clamp(min=0)) + call.run(an, wn)
@@ -223,7 +229,7 @@ class ZBox(Rule):
 
     def expression(self, call: LayerCall) -> torch.Tensor:
         tap = call.need_tap("zbox")
-        w = call.weight
+        w = call.need_weight("zbox")
         low = torch.as_tensor(self.low, dtype=tap.dtype, device=tap.device).expand_as(tap)
         high = torch.as_tensor(self.high, dtype=tap.dtype, device=tap.device).expand_as(tap)
         d = (call.run(call.a, w) - call.run(low * tap, w.clamp(min=0)) - call.run(high * tap, w.clamp(max=0)))
@@ -237,7 +243,7 @@ class Flat(Rule):
     stabilizer: float = STABILIZER
 
     def expression(self, call: LayerCall) -> torch.Tensor:
-        d = call.run(call.need_tap("flat"), torch.ones_like(call.weight))
+        d = call.run(call.need_tap("flat"), torch.ones_like(call.need_weight("flat")))
         return d * safe_divide(call.z, stabilize(d.detach(), self.stabilizer))
 
 
@@ -248,7 +254,7 @@ class WSquare(Rule):
     stabilizer: float = STABILIZER
 
     def expression(self, call: LayerCall) -> torch.Tensor:
-        d = call.run(call.need_tap("wsquare"), call.weight ** 2)
+        d = call.run(call.need_tap("wsquare"), call.need_weight("wsquare") ** 2)
         return d * safe_divide(call.z, stabilize(d.detach(), self.stabilizer))
 
 
@@ -433,14 +439,21 @@ def plan_rules(model: nn.Module, x: torch.Tensor, composite: Composite,
 def folded_parameters(layer: nn.Module, bn: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(weight, bias)`` of ``layer`` with an eval-mode batch norm folded in (new tensors; the module is untouched):
     ``w' = w * gamma / sqrt(var + eps)``, ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``."""
-    w = layer.weight.detach()
-    b = layer.bias.detach() if isinstance(getattr(layer, "bias", None), torch.Tensor) else None
+    weight, bias = getattr(layer, "weight", None), getattr(layer, "bias", None)
+    if not isinstance(weight, torch.Tensor):
+        raise ConvscopeError(f"LRP: {type(layer).__name__} has no weight tensor to fold a batch norm into; give it "
+                             "the 'pass' or 'gradient' rule")
+    w = weight.detach()
+    b = bias.detach() if isinstance(bias, torch.Tensor) else None
     if bn is None:
         return w, b
+    if not isinstance(bn, BATCH_NORMS) or bn.running_mean is None or bn.running_var is None:
+        raise ConvscopeError(f"LRP folds only a BatchNorm with running statistics, got {type(bn).__name__}; keep "
+                             "track_running_stats=True or give it the 'pass' rule")
     scale = torch.rsqrt(bn.running_var.detach() + bn.eps)
-    if bn.weight is not None:
+    if isinstance(bn.weight, torch.Tensor):
         scale = scale * bn.weight.detach()
-    shift = -bn.running_mean.detach() * scale + (bn.bias.detach() if bn.bias is not None else 0.0)
+    shift = -bn.running_mean.detach() * scale + (bn.bias.detach() if isinstance(bn.bias, torch.Tensor) else 0.0)
     w = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
     return w, shift if b is None else b * scale + shift
 
