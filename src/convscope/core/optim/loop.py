@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -148,10 +149,10 @@ def optimize_images(model: nn.Module, objective: Objective, param: ImageParam, *
             opt.zero_grad(set_to_none=True)
             with torch.no_grad():
                 if projections:
-                    delta = param.delta
+                    delta = cast(torch.Tensor, param.delta)  # projectable: a pixel parametrization
                     for r in projections:
                         delta = r.project(delta, grads[0], step)
-                    param.delta.copy_(delta)
+                    cast(torch.Tensor, param.delta).copy_(delta)
                 param.clamp_()
                 if keep is not None:
                     for q, k in zip(params, keep):

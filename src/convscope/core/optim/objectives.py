@@ -5,6 +5,7 @@ algebra (``+``, ``-``, ``*`` scalar) as in Lucid (Olah et al. 2017)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import TypeGuard
 
 import torch
 
@@ -47,7 +48,7 @@ class Objective:
 
     def __sub__(self, other: object) -> Objective:
         if isinstance(other, Objective) or _is_scalar(other):
-            return self + (-other)  # type: ignore[operator]
+            return self + (-other)
         return NotImplemented
 
     def __rsub__(self, other: object) -> Objective:
@@ -56,15 +57,15 @@ class Objective:
     def __mul__(self, k: object) -> Objective:
         if not _is_scalar(k):
             return NotImplemented
-        return Objective(lambda a: k * self(a), self.layers, f"{k} * ({self.name})")  # type: ignore[operator]
+        return Objective(lambda a: k * self(a), self.layers, f"{k} * ({self.name})")
 
     __rmul__ = __mul__
 
     def __truediv__(self, k: object) -> Objective:
-        return self * (1.0 / k) if _is_scalar(k) and k != 0 else NotImplemented  # type: ignore[operator]
+        return self * (1.0 / k) if _is_scalar(k) and k != 0 else NotImplemented
 
 
-def _is_scalar(v: object) -> bool:
+def _is_scalar(v: object) -> TypeGuard[int | float]:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 

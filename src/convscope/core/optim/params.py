@@ -38,6 +38,8 @@ class ImageParam(nn.Module):
     """
 
     projectable = False  # True when projection regularizers may edit ``self.delta`` (pixel parametrizations)
+    centre_rgb: torch.Tensor  # buffers: the centre image as RGB and in the model's input space, 1 x 3 x 1 x 1
+    centre_input: torch.Tensor
 
     def __init__(self, pre: Preprocess, like: torch.Tensor) -> None:
         super().__init__()
@@ -60,6 +62,8 @@ class PixelImage(ImageParam):
     """
 
     projectable = True
+    lo: torch.Tensor  # buffers: the valid box of ``delta``
+    hi: torch.Tensor
 
     def __init__(self, x: torch.Tensor, pre: Preprocess, space: str = "input") -> None:
         """``x``: the start images in the model's input space."""
@@ -105,6 +109,9 @@ class FourierImage(ImageParam):
     similar effective learning rate), an orthonormal inverse FFT, and ``C`` the normalized square root of ImageNet's
     colour covariance (``decorrelate=True``), which decorrelates the colour channels. The output is always in (0, 1).
     """
+
+    scale: torch.Tensor  # buffers: the 1/f spectrum scale and the colour matrix C
+    color: torch.Tensor
 
     def __init__(self, spectrum: torch.Tensor, size: tuple[int, int], pre: Preprocess, decay_power: float = 1.0,
                  decorrelate: bool = True) -> None:
@@ -205,6 +212,10 @@ class GeneratorImage(ImageParam):
     hooks. Gradients reach the codes only.
     """
 
+    generator: nn.Module  # set with object.__setattr__: not a submodule
+    lo: torch.Tensor  # buffers: the valid pixel box in the model's input space
+    hi: torch.Tensor
+
     def __init__(self, generator: nn.Module, code: torch.Tensor, pre: Preprocess, output: str = "rgb",
                  code_range: tuple[float, float] | None = None) -> None:
         if output not in GENERATOR_OUTPUTS:
@@ -285,7 +296,7 @@ class GeneratorParam:
         return GeneratorImage(self.generator, code, pre, self.output, self.code_range)
 
 
-PARAMETRIZATIONS = {"pixel": Pixel("input"), "rgb": Pixel("rgb"), "fourier": Fourier()}
+PARAMETRIZATIONS: dict[str, Pixel | Fourier] = {"pixel": Pixel("input"), "rgb": Pixel("rgb"), "fourier": Fourier()}
 ParamSpec = str | Pixel | Fourier | GeneratorParam
 
 
@@ -322,7 +333,7 @@ def make_generators(seed: Seed, n: int, offset: int = 0) -> Generators:
         return [seed] * n
     if isinstance(seed, int) and not isinstance(seed, bool):
         return [torch.Generator().manual_seed(seed + offset + i) for i in range(n)]
-    seeds = list(seed)
+    seeds = [] if isinstance(seed, bool) else list(seed)
     if len(seeds) != n or not all(isinstance(s, int) for s in seeds):
         raise ConvscopeError(f"seed: give an int, a torch.Generator or {n} ints (one per image), got {seed!r}")
     return [torch.Generator().manual_seed(s) for s in seeds]
