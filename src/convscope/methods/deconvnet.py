@@ -182,7 +182,7 @@ def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
 def _step_forward(step: Step, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One step of the forward pass: ``(output, switches or None)``."""
     m = step.module
-    if step.kind == "pool":
+    if isinstance(m, nn.MaxPool2d):  # kind "pool" (kinds go by exact type)
         return F.max_pool2d(h, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, return_indices=True)
     if step.kind == "linear":
         return m(h.flatten(1)), None  # a torch.flatten between modules is allowed
@@ -212,19 +212,21 @@ def chain_down(chain: Chain, signal: torch.Tensor, switches: dict[int, torch.Ten
         for i in range(len(chain.steps) - 1, -1, -1):
             step = chain.steps[i]
             m = step.module
-            if step.kind == "conv":
+            if isinstance(m, nn.Conv2d):  # kind "conv"
+                padding = m.padding
+                assert not isinstance(padding, str), "a chain has no string padding (_unsupported refuses it)"
                 out_pad = []
-                for d, (size, s, p, dil, k) in enumerate(zip(step.in_shape[1:], _pair(m.stride), _pair(m.padding),
+                for d, (size, s, p, dil, k) in enumerate(zip(step.in_shape[1:], _pair(m.stride), _pair(padding),
                                                              _pair(m.dilation), _pair(m.kernel_size))):
                     out_pad.append(size - ((r.shape[2 + d] - 1) * s - 2 * p + dil * (k - 1) + 1))
-                r = F.conv_transpose2d(r, m.weight, None, m.stride, m.padding, tuple(out_pad), m.groups, m.dilation)
+                r = F.conv_transpose2d(r, m.weight, None, m.stride, padding, tuple(out_pad), m.groups, m.dilation)
             elif step.kind == "relu":
                 r = DECONVNET.backward(r, None)  # rectification of the backward signal
             elif step.kind == "pool":
                 idx = switches[i][rows].flatten(2)
                 c, h, w = step.in_shape
                 r = torch.zeros(len(r), c, h * w, dtype=r.dtype, device=r.device).scatter_add_(2, idx, r.flatten(2))
-            elif step.kind == "linear":
+            elif isinstance(m, nn.Linear):  # kind "linear"
                 r = r @ m.weight
             # lrn: passed through unchanged (not inverted, as in Zeiler & Fergus); reshapes: only the shape
             r = r.reshape(len(r), *step.in_shape)
@@ -379,10 +381,10 @@ def _autograd(model: nn.Module, layer: str, x: torch.Tensor, table: torch.Tensor
             xx = x[ri].clone().requires_grad_(True)
             p.forward(model, xx)
             act = p.activations.get(layer)
+            if not isinstance(act, torch.Tensor):
+                raise ConvscopeError(f"layer {layer!r} did not output a tensor in the forward pass; pick a layer "
+                                     "that computes the output (`convscope layers MODEL` lists them)")
             if r0 == 0:
-                if not isinstance(act, torch.Tensor):
-                    raise ConvscopeError(f"layer {layer!r} did not output a tensor in the forward pass; pick a layer "
-                                         "that computes the output (`convscope layers MODEL` lists them)")
                 _check_units(table, act, layer)
             (g,) = torch.autograd.grad(act, xx, grad_outputs=unit_signal(act.detach(), ru, mode), allow_unused=True)
             p.clear()
