@@ -36,8 +36,8 @@ from torch import nn
 from ..core.attribution import check_input, pinned_target
 from ..core.batching import BatchSize, check_batch_size, resolve_batch_size
 from ..core.checks import input_channels
-from ..core.layers import resolve_layer
-from ..core.model import default_input_size, float_dtype, list_layers, model_device
+from ..core.layers import CALL_SEPARATOR, named_layers, resolve_layer, split_call
+from ..core.model import default_input_size, float_dtype, model_device
 from ..core.probe import Layout, preserved_state, probe
 from ..core.progress import progress_bar
 from ..core.targets import OutputTarget, Target, batched_grad, scores_of, target_scores, top_class
@@ -171,10 +171,10 @@ def scorecam(model: nn.Module, x: torch.Tensor, target: Target = top_class, laye
             mask = torch.where(hi > lo, (up - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi)),
                                torch.zeros_like(up))
             o = scores_of(model(x[img] * mask), target)
-            pinned_rows = isinstance(fixed, (torch.Tensor, OutputTarget))
-            if score == "probability" and pinned_rows:
+            rows_target: Target = fixed[img] if isinstance(fixed, (torch.Tensor, OutputTarget)) else fixed
+            if score == "probability" and rows_target is not fixed:
                 o = o.reshape(len(rows), -1).softmax(dim=1)
-            sc, _ = target_scores(o, fixed[img] if pinned_rows else fixed)
+            sc, _ = target_scores(o, rows_target)
             if sc.shape[1] != k:
                 raise TargetError(f"the target callable returned {sc.shape[1]} scores per image on masked copies "
                                   f"but {k} on the clean images; it must return the same number")
@@ -213,31 +213,89 @@ def cam(model: nn.Module, x: torch.Tensor, target: Target = top_class, layer: st
     return maps
 
 
-def default_cam_layer(model: nn.Module) -> str:
-    """The last module whose output is a spatial feature map and that is not a pooling, dropout or identity layer
-    (found with one forward pass): the last convolutional block's output, as Grad-CAM uses (Selvaraju et al. 2017,
-    Sec. 3), e.g. ``head.act`` for EfficientNet, ``features.relu5`` for demo_net, ``permute`` for Swin.
+def default_cam_layer(model: nn.Module, input_size: int | tuple[int, int] | None = None) -> str:
+    """The last spatial feature map the model computes before global pooling, in the order its modules RUN (one
+    forward pass on a random image of ``input_size``, default the model's own size): the last convolutional block's
+    output, as Grad-CAM uses (Selvaraju et al. 2017, Sec. 3), e.g. ``layer4.1`` on ResNet-18 (not its ``bn2``,
+    registered last but followed by the residual add and ReLU), ``head.act`` on EfficientNet, ``features.relu5`` on
+    demo_net, ``permute`` on Swin.
 
-    Token layers count as maps (the probe's ``layout="auto"``). When the last one is a token layer, a second pass
-    with gradients keeps only layers whose patch positions reach the classifier's input (the last ``nn.Linear``,
-    random weights on its inputs, so an all-zero head does not hide them): on a ViT the layers after the last
-    attention carry the class token alone to the head, and the choice is the last block's ``ln_1``. The choice is
-    cached per model while its module structure (names and types) stays the same."""
-    size = _sample_size(model)
+    A spatial map is an ``N x C x H x W`` output with ``H x W > 1`` (token and channels-last outputs count, read as
+    maps by the probe's ``layout="auto"``). Modules returning the same tensor (a ReLU, its residual block, its stage)
+    are one candidate, named by the innermost of them that runs once per pass and needs no layout reading (a shared
+    module's call, ``relu:1``, when none does); a candidate whose innermost module is a pooling or flatten layer is
+    skipped. When the last one is a token layer, a second pass with gradients keeps only layers whose patch
+    positions reach the classifier's input (the last ``nn.Linear``, random weights on its inputs, so an all-zero
+    head does not hide them): on a ViT the layers after the last attention carry the class token alone to the head,
+    and the choice is the last block's ``ln_1``. The choice is cached per model while its module structure (names
+    and types) and the input size stay the same."""
+    size = default_input_size(model, input_size) if input_size is not None else _sample_size(model)
     key = (size, tuple((n, type(m).__name__) for n, m in model.named_modules()))
     cached = _AUTO_LAYERS.get(model)
     if cached is not None and cached[0] == key:
         return cached[1]
-    rows = [r for r in list_layers(model, input_size=size) if r.output_shape is not None and len(r.output_shape) == 3
-            and r.output_shape[1] > 1]
-    if not rows:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, input_channels(model), *size, generator=gen).to(model_device(model), float_dtype(model))
+    names, tokens = _spatial_maps_in_order(model, x)
+    if not names:
         raise ConvscopeError("this model has no layer with a spatial feature map; pass layer= explicitly")
-    skip = ("Pool", "Dropout", "Identity", "Flatten")
-    kept = [r for r in rows if not any(k in r.type for k in skip)]
-    names = [r.name for r in (kept or rows)]
-    chosen = _last_reaching(model, names, size)
+    chosen = _last_reaching(model, names, x, gen) if names[-1] in tokens else names[-1]
     _AUTO_LAYERS[model] = (key, chosen)
     return chosen
+
+
+_NOT_A_MAP = ("Pool", "Flatten")
+"""Module types whose output is no candidate of :func:`default_cam_layer` (pooled, flattened)."""
+
+
+def _spatial_maps_in_order(model: nn.Module, x: torch.Tensor) -> tuple[list[str], set[str]]:
+    """The candidate layers of :func:`default_cam_layer` in execution order, and those read from tokens.
+
+    One probed forward pass records, for every module call in the order the outputs arrive (a child before its
+    parent), the identity of the output map (storage, offset, shape, strides, in-place version). Consecutive calls
+    with the same identity return the same tensor and form one group. Only the previous output is kept alive, so a
+    freed buffer cannot be reused by the next output and be taken for the same tensor."""
+    layers = named_layers(model)
+    arrivals: list[tuple[str, tuple[object, ...], bool]] = []  # (module, identity of its map, spatial)
+    held: list[torch.Tensor] = []
+
+    def note(name: str, out: torch.Tensor) -> None:
+        ident = (out.untyped_storage().data_ptr(), out.storage_offset(), tuple(out.shape), out.stride(),
+                 out._version, out.dtype)
+        arrivals.append((name, ident, out.dim() == 4 and out.shape[-2] * out.shape[-1] > 1))
+        held[:] = [out]
+
+    try:
+        with torch.no_grad(), probe(model, list(layers), detach=True, keep_all_calls=True, reduce=note) as p:
+            model(x)
+            info = dict(p.token_info)
+    except RuntimeError as exc:  # shape errors, out of memory: one line naming the input (the probe restored the model)
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        raise ConvscopeError(f"{type(model).__name__} failed on a random image of {x.shape[-2]}x{x.shape[-1]} "
+                             f"({first}) while looking for its CAM layer; pass layer= explicitly") from exc
+    held.clear()
+    runs = {n: sum(1 for a in arrivals if a[0] == n) for n in layers}
+    groups: list[tuple[bool, list[tuple[str, bool]]]] = []  # (spatial, [(layer, runs once and native)]) innermost first
+    last: tuple[object, ...] | None = None
+    seen: dict[str, int] = {}
+    for name, ident, spatial in arrivals:
+        k = seen.get(name, 0)
+        seen[name] = k + 1
+        member = (name if runs[name] == 1 else f"{name}{CALL_SEPARATOR}{k}",
+                  runs[name] == 1 and (name not in info or info[name].layout == "nchw"))
+        if ident == last and groups:
+            groups[-1][1].append(member)
+        else:
+            groups.append((spatial, [member]))
+        last = ident
+    names: list[str] = []
+    for spatial, group in groups:
+        first = type(layers[split_call(group[0][0])[0]]).__name__
+        if spatial and not any(kind in first for kind in _NOT_A_MAP):
+            names.append(next((n for n, best in group if best), next(
+                (n for n, _ in group if split_call(n)[1] is None), group[0][0])))
+    tokens = {n for n in names if n in info and info[n].layout == "tokens"}
+    return names, tokens
 
 
 def _sample_size(model: nn.Module) -> tuple[int, int]:
@@ -249,16 +307,9 @@ def _sample_size(model: nn.Module) -> tuple[int, int]:
     return default_input_size(model)
 
 
-def _last_reaching(model: nn.Module, names: list[str], size: tuple[int, int]) -> str:
-    """The last of ``names`` unless it is a token layer; then the last layer that is not a token layer or whose
-    patch map reaches the classifier's input (a random projection of it has a non-zero gradient there)."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, input_channels(model), *size, generator=gen).to(model_device(model), float_dtype(model))
-    with torch.no_grad(), probe(model, names[-1], detach=True, stop_after=names[-1]) as p:
-        p.forward(model, x)
-        info = p.token_info.get(names[-1])
-    if info is None or info.layout != "tokens":
-        return names[-1]
+def _last_reaching(model: nn.Module, names: list[str], x: torch.Tensor, gen: torch.Generator) -> str:
+    """The last of ``names`` that is not a token layer or whose patch map reaches the classifier's input (a random
+    projection of that input has a non-zero gradient there)."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     seen: list[torch.Tensor] = []
     handle = linears[-1].register_forward_pre_hook(lambda _m, args: seen.append(args[0])) if linears else None
