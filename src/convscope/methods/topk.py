@@ -22,7 +22,7 @@ import math
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from PIL import Image
@@ -32,7 +32,7 @@ from ..core.batching import BatchSize, check_batch_size, resolve_batch_size
 from ..core.layers import resolve_layers
 from ..core.model import input_denormalizer
 from ..core.probe import probe
-from ..core.render import grid, to_display
+from ..core.render import DisplayMode, grid, to_display
 from ..core.stream import Images, layer_features, stream_layers
 from ..errors import ConvscopeError, DataError
 from .deconvnet import Chain, build_chain, deconvnet, spatial_max
@@ -191,7 +191,7 @@ class RunningTopK:
             raise ConvscopeError(f"a layer's output changed shape across images ({sorted(shapes)}); give images of "
                                  "one size")
         t = cls(held[0].layer, k)
-        t.values, t.ids, t.locs = select_top(torch.cat([p.values for p in held], 1),  # type: ignore[misc]
+        t.values, t.ids, t.locs = select_top(torch.cat([p.values for p in held if p.values is not None], 1),
                                              torch.cat([p.ids for p in held], 1),
                                              torch.cat([p.locs for p in held], 1), k)
         t.shape, t.seen = held[0].shape, sum(p.seen for p in held)
@@ -237,7 +237,8 @@ def top_k_activations(model: nn.Module, images: Images, layers: str | Sequence[s
     for ids, cands in stream_layers(model, images, names, batch_size, progress, reduce=RunningTopK.candidates,
                                     desc="top-k"):
         for n in names:
-            state[n].merge(*cands[n], ids)
+            vals, locs, shape = cast(tuple[torch.Tensor, torch.Tensor, tuple[int, ...]], cands[n])  # candidates()
+            state[n].merge(vals, locs, shape, ids)
     if any(s.values is None for s in state.values()):
         raise ConvscopeError("top_k_activations got no images; pass a non-empty tensor or iterable of batches")
     return {n: s.result() for n, s in state.items()}
@@ -259,8 +260,9 @@ def dead_units(model: nn.Module, images: Images, layers: str | Sequence[str], to
 
 def _input_channels(model: nn.Module) -> int:
     for m in model.modules():
-        if isinstance(getattr(m, "in_channels", None), int):
-            return m.in_channels
+        channels = getattr(m, "in_channels", None)
+        if isinstance(channels, int):
+            return channels
     return 3
 
 
@@ -270,9 +272,11 @@ def _analytic_boxes(chain: Chain, locations: torch.Tensor, size: tuple[int, int]
     lo, hi = locations.clone(), locations.clone()  # L x 2: (y, x), inclusive bounds
     for step in reversed(chain.steps):
         m = step.module
-        if step.kind in ("conv", "pool"):
+        if isinstance(m, nn.Conv2d | nn.MaxPool2d):  # kinds "conv" and "pool" (kinds go by exact type)
+            padding = m.padding
+            assert not isinstance(padding, str), "a chain has no string padding"
             k = torch.tensor(_pair(m.kernel_size))
-            s, p, d = torch.tensor(_pair(m.stride)), torch.tensor(_pair(m.padding)), torch.tensor(_pair(m.dilation))
+            s, p, d = torch.tensor(_pair(m.stride)), torch.tensor(_pair(padding)), torch.tensor(_pair(m.dilation))
             lo, hi = lo * s - p, hi * s - p + d * (k - 1)
         elif step.kind == "linear" or isinstance(m, nn.Flatten):  # a fully connected unit sees the whole image
             lo = torch.zeros_like(lo)
@@ -393,7 +397,8 @@ def receptive_field(model: nn.Module, layer: str, location: tuple[int, int], inp
     """The input-pixel box ``(top, left, bottom, right)`` (half-open) of the unit at ``location`` = ``(y, x)`` of
     ``layer``'s feature map, for inputs of ``input_size`` = ``(height, width)``. See :func:`receptive_fields`."""
     box = receptive_fields(model, layer, [list(location)], input_size, method)[0]
-    return tuple(int(v) for v in box)  # type: ignore[return-value]
+    top, left, bottom, right = (int(v) for v in box)
+    return top, left, bottom, right
 
 
 # --------------------------------------------------------------------------- rendering
@@ -438,7 +443,7 @@ def top_k_patches(model: nn.Module, images: torch.Tensor | Callable[[torch.Tenso
                              "from an id tensor to an n x C x H x W tensor")
     if denormalize is None:
         denormalize = input_denormalizer(model)
-    boxes = receptive_fields(model, result.layer, locs, tuple(x.shape[-2:]), batch_size=batch_size)
+    boxes = receptive_fields(model, result.layer, locs, (x.shape[-2], x.shape[-1]), batch_size=batch_size)
     pixels = denormalize(x.detach()).clamp(0, 1)
     proj = None
     if projections:
@@ -481,7 +486,8 @@ def render_patches(found: TopKPatches, display: str = "signed", scale: int | Non
     blocks = []
     for j in range(len(found.units)):
         if found.projections is not None:
-            shown = [to_display(p[None], display)[0] for p in found.projections[j]]  # type: ignore[arg-type]
+            mode = cast(DisplayMode, display)  # to_display refuses any other mode
+            shown = [to_display(p[None], mode)[0] for p in found.projections[j]]
             blocks.append(grid(shown, nrow=nrow, padding=1, scale=scale))
         blocks.append(grid(found.patches[j], nrow=nrow, padding=1, scale=scale))
     cols = ["deconvnet", "patches"] if found.projections is not None else ["patches"]
