@@ -23,6 +23,20 @@ from .preprocess import Preprocess
 from .probe import probe
 
 
+def set_model_facts(model: nn.Module, *, preprocess: Preprocess | None = None,
+                    classes: tuple[str, ...] | None = None, zoo_name: str | None = None,
+                    pretrained: bool | None = None, **other: object) -> nn.Module:
+    """Attach the facts this module reads (``.preprocess``, ``.classes``, ``.zoo_name``, ``.pretrained``, and any
+    ``other`` attribute) to ``model``; a ``None`` fact is left as it is. The one writer: ``nn.Module`` types its
+    attribute assignment as tensors and modules only, so a plain ``model.classes = ...`` does not type-check."""
+    facts: dict[str, object] = {"preprocess": preprocess, "classes": classes, "zoo_name": zoo_name,
+                                "pretrained": pretrained, **other}
+    for key, value in facts.items():
+        if value is not None:
+            setattr(model, key, value)
+    return model
+
+
 def model_preprocess(model: nn.Module, preprocess: Preprocess | None = None) -> Preprocess:
     """The ``Preprocess`` mapping pixels in [0, 1] to the model's input: ``preprocess`` when given, else the
     model's ``.preprocess``, else identity. A ``.preprocess`` that is not a ``Preprocess`` cannot be inverted, so it
