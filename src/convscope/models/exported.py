@@ -40,7 +40,7 @@ import zipfile
 from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,7 @@ from torch.export.unflatten import UnflattenedModule
 
 from ..core.checks import refuse_scripted, scripted_parts
 from ..core.io import atomic_write_bytes
+from ..core.model import set_model_facts
 from ..core.preprocess import Preprocess
 from ..errors import ConvscopeError, ModelLoadError
 
@@ -178,17 +179,19 @@ def hookable(program: ExportedProgram, meta: Mapping[str, Any] | None = None) ->
                              "torch.export.export(model.eval(), ...)")
     with warnings.catch_warnings():  # torch's own deprecation notice about its pytree specs: not the user's
         warnings.simplefilter("ignore", FutureWarning)
-        model = torch.export.unflatten(program)
+        unflat = torch.export.unflatten(program)
     types = module_types(program)
-    for name, mod in model.named_modules():
+    for name, mod in unflat.named_modules():
         if name and name in types and type(mod).__name__ in ("InterpreterModule", "InterpreterModuleDispatcher"):
-            mod.__class__ = exported_class(type(mod), types[name])
-    use_torch_functions(model)
-    model.__class__ = ExportedModule
+            base: type = type(mod)  # as a plain type: mypy takes a module class for unhashable in @cache's key
+            mod.__class__ = exported_class(base, types[name])
+    use_torch_functions(unflat)
+    unflat.__class__ = ExportedModule
+    model = cast(ExportedModule, unflat)
     model.program = program
     model.input_shapes = input_shapes(program)
     apply_meta(model, meta or {})
-    return model  # type: ignore[return-value]
+    return model
 
 
 def input_shapes(program: ExportedProgram) -> tuple[int | None, ...]:
@@ -208,17 +211,17 @@ def apply_meta(model: nn.Module, meta: Mapping[str, Any]) -> None:
     a program exported for one image size gets ``Preprocess(resize, crop)`` of that size (no normalization)."""
     pre = meta.get("preprocess")
     if isinstance(pre, Mapping):
-        model.preprocess = Preprocess(resize=pre.get("resize"),
-                                      crop=tuple(pre["crop"]) if isinstance(pre.get("crop"), list) else pre.get("crop"),
-                                      mean=tuple(pre.get("mean", (0.0,) * 3)), std=tuple(pre.get("std", (1.0,) * 3)))
+        set_model_facts(model, preprocess=Preprocess(
+            resize=pre.get("resize"), crop=tuple(pre["crop"]) if isinstance(pre.get("crop"), list) else pre.get("crop"),
+            mean=tuple(pre.get("mean", (0.0,) * 3)), std=tuple(pre.get("std", (1.0,) * 3))))
     else:
-        shape = getattr(model, "input_shapes", ())
+        shape: tuple[int | None, ...] = getattr(model, "input_shapes", ())
         if len(shape) == 4 and shape[2] is not None and shape[3] is not None:
-            model.preprocess = Preprocess(resize=min(shape[2], shape[3]), crop=(shape[2], shape[3]))
+            set_model_facts(model, preprocess=Preprocess(resize=min(shape[2], shape[3]), crop=(shape[2], shape[3])))
     if isinstance(meta.get("classes"), list):
-        model.classes = tuple(str(c) for c in meta["classes"])
+        set_model_facts(model, classes=tuple(str(c) for c in meta["classes"]))
     if meta.get("zoo_name"):
-        model.zoo_name = str(meta["zoo_name"])
+        set_model_facts(model, zoo_name=str(meta["zoo_name"]))
 
 
 def load_exported(path: str | os.PathLike[str]) -> ExportedModule:
