@@ -28,7 +28,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from functools import partial
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +86,7 @@ class EncoderBlock(nn.Module):
                  norm_layer: Callable[..., nn.Module] = LayerNorm6) -> None:
         super().__init__()
         self.num_heads = num_heads
+        self.hidden_dim = hidden_dim
         self.need_weights = False
         self.ln_1 = norm_layer(hidden_dim)
         self.self_attention = nn.MultiheadAttention(hidden_dim, num_heads, dropout=attention_dropout,
@@ -96,7 +97,7 @@ class EncoderBlock(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.dim() != 3:
-            raise ConvscopeError(f"a ViT encoder block takes N x tokens x {self.ln_1.normalized_shape[0]}, got "
+            raise ConvscopeError(f"a ViT encoder block takes N x tokens x {self.hidden_dim}, got "
                                  f"{tuple(input.shape)}; feed images to the whole model")
         x = self.ln_1(input)
         x, _ = self.self_attention(x, x, x, need_weights=self.need_weights, average_attn_weights=False)
@@ -176,27 +177,29 @@ class VisionTransformer(nn.Module):
         self.encoder = Encoder(self.seq_length, num_layers, num_heads, hidden_dim, mlp_dim, dropout,
                                attention_dropout, norm_layer)
         heads: OrderedDict[str, nn.Module] = OrderedDict()
+        pre_logits: nn.Linear | None = None
         if representation_size is None:
-            heads["head"] = nn.Linear(hidden_dim, num_classes)
+            head = nn.Linear(hidden_dim, num_classes)
         else:
-            heads["pre_logits"] = nn.Linear(hidden_dim, representation_size)
-            heads["act"] = nn.Tanh()
-            heads["head"] = nn.Linear(representation_size, num_classes)
+            pre_logits = nn.Linear(hidden_dim, representation_size)
+            heads["pre_logits"], heads["act"] = pre_logits, nn.Tanh()
+            head = nn.Linear(representation_size, num_classes)
+        heads["head"] = head
         self.heads = nn.Sequential(heads)
         # torchvision's initialization
         if isinstance(self.conv_proj, nn.Conv2d):
             fan_in = 3 * patch_size * patch_size
             nn.init.trunc_normal_(self.conv_proj.weight, std=math.sqrt(1 / fan_in))
-            nn.init.zeros_(self.conv_proj.bias)
+            nn.init.zeros_(cast(torch.Tensor, self.conv_proj.bias))  # built with a bias
         else:  # the stem's last 1x1 convolution (its 3x3 convolutions keep PyTorch's default init, as torchvision)
-            last = self.conv_proj.conv_last
+            last = cast(nn.Conv2d, self.conv_proj.conv_last)
             nn.init.normal_(last.weight, mean=0.0, std=math.sqrt(2.0 / last.out_channels))
-            nn.init.zeros_(last.bias)
-        if representation_size is not None:
-            nn.init.trunc_normal_(self.heads.pre_logits.weight, std=math.sqrt(1 / hidden_dim))
-            nn.init.zeros_(self.heads.pre_logits.bias)
-        nn.init.zeros_(self.heads.head.weight)
-        nn.init.zeros_(self.heads.head.bias)
+            nn.init.zeros_(cast(torch.Tensor, last.bias))
+        if pre_logits is not None:
+            nn.init.trunc_normal_(pre_logits.weight, std=math.sqrt(1 / hidden_dim))
+            nn.init.zeros_(pre_logits.bias)
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
 
     def grid(self, height: int, width: int) -> tuple[int, int]:
         """The patch grid ``(H / patch, W / patch)`` of an input size; a one-line error when it does not divide."""
@@ -235,9 +238,9 @@ def rename_legacy_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 def vit_b_16(num_classes: int = 1000, image_size: int = 224, **kwargs: object) -> VisionTransformer:
     """ViT-B/16 (Dosovitskiy et al. 2021, Table 1): 12 layers, 12 heads, width 768, MLP 3072, 16 px patches.
     Other ``VisionTransformer`` arguments (``num_layers``, ``hidden_dim``, ...) override for small test nets."""
-    cfg: dict[str, object] = dict(patch_size=16, num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072)
+    cfg: dict[str, Any] = dict(patch_size=16, num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072)
     cfg.update(kwargs)
-    return VisionTransformer(image_size=image_size, num_classes=num_classes, **cfg)  # type: ignore[arg-type]
+    return VisionTransformer(image_size=image_size, num_classes=num_classes, **cfg)
 
 
 @contextlib.contextmanager
@@ -272,7 +275,7 @@ def demo_vit(num_classes: int = 8, image_size: int = DEMO_VIT_SIZE, dropout: flo
     """``demo_vit``'s architecture (Dosovitskiy et al. 2021, Eq. 1-4, at the small size of ``DEMO_VIT_CONFIG``, with
     the conv stem of Xiao et al. 2021: ``stem`` channels, each 3x3 stride 2; ``()`` for the linear patch embedding);
     ``overrides`` (``patch_size``, ``num_layers``, ``num_heads``, ``hidden_dim``, ``mlp_dim``) change it."""
-    cfg = {**DEMO_VIT_CONFIG, **overrides}
+    cfg: dict[str, Any] = {**DEMO_VIT_CONFIG, **overrides}
     configs = [ConvStemConfig(c, 3, 2) for c in stem] or None
     return VisionTransformer(image_size=image_size, num_classes=num_classes, dropout=dropout,
                              conv_stem_configs=configs, **cfg)
