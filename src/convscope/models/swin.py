@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -129,6 +130,8 @@ class ShiftedWindowAttention(nn.Module):
     """W-MSA / SW-MSA module (Sec. 3.2): ``qkv``, ``proj``, the learned ``relative_position_bias_table``
     ``(2Wh-1)(2Ww-1) x heads`` and the buffer ``relative_position_index`` (``Wh*Ww*Wh*Ww``) that reads ``B`` from it."""
 
+    relative_position_index: torch.Tensor  # a buffer (register_buffer)
+
     def __init__(self, dim: int, window_size: Sequence[int], shift_size: Sequence[int], num_heads: int,
                  qkv_bias: bool = True, proj_bias: bool = True, attention_dropout: float = 0.0,
                  dropout: float = 0.0) -> None:
@@ -207,7 +210,7 @@ class SwinTransformer(nn.Module):
         self.num_classes = num_classes
         self.patch_size = list(patch_size)
         layers: list[nn.Module] = [nn.Sequential(
-            nn.Conv2d(3, embed_dim, kernel_size=tuple(patch_size), stride=tuple(patch_size)),
+            nn.Conv2d(3, embed_dim, kernel_size=(patch_size[0], patch_size[1]), stride=(patch_size[0], patch_size[1])),
             Permute([0, 2, 3, 1]),
             norm_layer(embed_dim))]
         total, block_id = sum(depths), 0
@@ -251,7 +254,7 @@ class SwinTransformer(nn.Module):
 def swin_t(num_classes: int = 1000, **kwargs: object) -> SwinTransformer:
     """Swin-T (Liu et al. 2021, Sec. 3.3): C = 96, depths (2, 2, 6, 2), heads (3, 6, 12, 24), 7x7 windows,
     4x4 patches, stochastic depth 0.2. Other ``SwinTransformer`` arguments override for small test nets."""
-    cfg: dict[str, object] = dict(patch_size=[4, 4], embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
-                                  window_size=[7, 7], stochastic_depth_prob=0.2)
+    cfg: dict[str, Any] = dict(patch_size=[4, 4], embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
+                               window_size=[7, 7], stochastic_depth_prob=0.2)
     cfg.update(kwargs)
-    return SwinTransformer(num_classes=num_classes, **cfg)  # type: ignore[arg-type]
+    return SwinTransformer(num_classes=num_classes, **cfg)
