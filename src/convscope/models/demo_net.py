@@ -16,6 +16,7 @@ conv / ReLU / max-pool / LRN / linear stack with the same outputs.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import cast
 
 import torch
 from torch import nn
@@ -64,8 +65,8 @@ class DemoNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d | nn.Linear):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-        nn.init.normal_(self.classifier.fc8.weight, std=0.01)
+                nn.init.zeros_(cast(torch.Tensor, m.bias))  # every layer is built with a bias
+        nn.init.normal_(cast(nn.Linear, self.classifier.fc8).weight, std=0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.flatten(self.avgpool(self.features(x))))
@@ -75,8 +76,8 @@ class DemoNet(nn.Module):
 def fold_batchnorm(model: DemoNet) -> DemoNet:
     """A plain ``DemoNet`` (no batch norm) computing what ``model`` computes in eval mode: each ``bnK`` folded into
     ``convK``.  ``model`` is not modified; a model without batch norm is returned as a copy."""
-    n_classes = model.classifier.fc8.out_features
-    plain = DemoNet(num_classes=n_classes, dropout=model.classifier.drop6.p)
+    n_classes = cast(nn.Linear, model.classifier.fc8).out_features
+    plain = DemoNet(num_classes=n_classes, dropout=cast(nn.Dropout, model.classifier.drop6).p)
     state = {k: v.clone() for k, v in model.state_dict().items() if ".bn" not in k}
     for k, part, layer in [(k, "features", f"conv{k}") for k in "12345"] + [(k, "classifier", f"fc{k}") for k in "67"]:
         bn = getattr(getattr(model, part), f"bn{k}", None)
