@@ -49,10 +49,11 @@ def block_attentions(model: nn.Module, x: torch.Tensor, blocks: list[str] | None
         attn = [f"{b}.self_attention" for b in chosen]
         with torch.no_grad(), probe(model, attn + chosen[-1:]) as p:
             model(x.detach())
-            weights = [p.activations[a] for a in attn]
+            outputs: list[object] = [p.activations[a] for a in attn]  # (output, weights) pairs
             info = p.token_info.get(chosen[-1])
-    weights = [w[1] if isinstance(w, tuple) and len(w) == 2 else None for w in weights]
-    if any(w is None or w.dim() != 4 for w in weights):
+    found = [w[1] if isinstance(w, tuple) and len(w) == 2 else None for w in outputs]
+    weights = [w for w in found if isinstance(w, torch.Tensor) and w.dim() == 4]
+    if len(weights) != len(found):
         raise ConvscopeError("a ViT block's self_attention returned no per-head weights; use convscope.models.vit "
                              "blocks (EncoderBlock.need_weights) for attention maps")
     if info is None or info.layout != "tokens" or info.extra_tokens < 1:
