@@ -132,9 +132,8 @@ def decode_label_png(path: str | os.PathLike[str]) -> np.ndarray:
             if im.mode in ("L", "I;16", "I;16B", "I;16L", "I"):
                 arr = np.asarray(im).astype(np.int64)
             else:
-                if im.mode not in ("RGB", "RGBA"):
-                    im = im.convert("RGB")
-                arr = decode_labels(np.asarray(im))
+                rgb = im if im.mode in ("RGB", "RGBA") else im.convert("RGB")
+                arr = decode_labels(np.asarray(rgb))
     except FileNotFoundError:
         raise BrodenError(f"segmentation file {path} is missing; {_REGENERATE}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
@@ -653,11 +652,11 @@ class BrodenDataset:
         for line, row in rows:
             if not row["image"]:
                 raise BrodenError(f"{path} line {line}: empty image path; fix or delete that row")
-            dims = [_int(row[c], path, line, c, minimum=1) for c in ("ih", "iw", "sh", "sw")]
-            if not same_extent(*dims):
+            ih, iw, sh, sw = (_int(row[c], path, line, c, minimum=1) for c in ("ih", "iw", "sh", "sw"))
+            if not same_extent(ih, iw, sh, sw):
                 raise BrodenError(
-                    f"{path} line {line}: segmentation size sh={dims[2]}, sw={dims[3]} does not cover the image "
-                    f"ih={dims[0]}, iw={dims[1]} (different aspect ratio); fix sh/sw (or ih/iw) in that row"
+                    f"{path} line {line}: segmentation size sh={sh}, sw={sw} does not cover the image "
+                    f"ih={ih}, iw={iw} (different aspect ratio); fix sh/sw (or ih/iw) in that row"
                 )
             fields: dict[str, tuple[str | int, ...]] = {}
             for cat in self.categories:
@@ -674,7 +673,7 @@ class BrodenDataset:
                     else:
                         entries.append(e)
                 fields[cat] = tuple(entries)
-            out.append(_Row(line, row["image"], row["split"], *dims, fields=fields))
+            out.append(_Row(line, row["image"], row["split"], ih, iw, sh, sw, fields=fields))
         if not out:
             raise BrodenError(f"{path} has no image rows; {_REGENERATE}")
         return out
@@ -737,10 +736,10 @@ class BrodenDataset:
                         f"image {path} is {im.height}x{im.width} but index.csv line {row.line} says ih={row.ih}, "
                         f"iw={row.iw}; fix ih/iw (and sh/sw) in that row or replace the image"
                     )
-                im = im.convert("RGB")
-                if self.size is not None and im.size != (self.size[1], self.size[0]):
-                    im = im.resize((self.size[1], self.size[0]), Image.BILINEAR)
-                return np.asarray(im)
+                rgb = im.convert("RGB")
+                if self.size is not None and rgb.size != (self.size[1], self.size[0]):
+                    rgb = rgb.resize((self.size[1], self.size[0]), Image.Resampling.BILINEAR)
+                return np.asarray(rgb)
         except FileNotFoundError:
             raise BrodenError(f"image {path} (index.csv line {self._row(i).line}) is missing; {_REGENERATE}") from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
