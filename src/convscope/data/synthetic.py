@@ -97,11 +97,12 @@ class SynthConfig:
     the image.  ``distractor_counts[k]`` is the probability of k distractors.  Label numbers
     are assigned in order color, object, scene, texture (see :meth:`label_names`).
 
-    ``centre_at_chance`` (a distance, as a fraction of the side; None: off): place the dominant object so that the
-    image centre lies within that distance of it exactly as often as a uniformly random pixel would, i.e. with
-    probability the fraction of the image within that distance of the object (drawn per image); otherwise the
-    object is placed, fully visible, farther than that from the centre.  A saliency map that points at the centre
-    then scores chance in the pointing game (with that tolerance).  Every object must then be able to clear the
+    ``centre_at_chance`` (a distance, as a fraction of the side; None: off): place the dominant object, fully
+    visible, so that a saliency map peaked at the image centre scores a uniformly random map's expected value per
+    image on two measures: the pointing game with that tolerance (the centre lies within that distance of the
+    object as often as a random pixel would) and the mask IoU of its top pixels (the centred disc of the object's
+    area overlaps it as much as a random region would; not reachable for the largest round objects, which stay
+    slightly above).  See :func:`_place_at_chance`.  Every object must then be able to clear the
     centre: ``target_radius`` high end at most ``(0.5 - distance) / 1.65`` (then only from the corners).
     """
 
@@ -307,7 +308,7 @@ def _crop(rng: np.random.Generator, name: str, size: int, scale: tuple[float, fl
     side = rng.uniform(*scale) * min(w, h)
     x0 = rng.uniform(0, w - side)
     y0 = rng.uniform(0, h - side)
-    out = im.resize((size, size), Image.BILINEAR, box=(x0, y0, x0 + side, y0 + side))
+    out = im.resize((size, size), Image.Resampling.BILINEAR, box=(x0, y0, x0 + side, y0 + side))
     return np.asarray(out, dtype=np.float32)
 
 
@@ -504,36 +505,80 @@ def _centre_distance(mask: np.ndarray) -> float:
     return float(np.sqrt(((ys - c) ** 2 + (xs - c) ** 2).min())) if len(ys) else math.inf
 
 
-def _place_at_chance(rng: np.random.Generator, shape: str, size: int, r: float, angle: float,
-                     tol: float) -> tuple[float, float]:
-    """Centre of the dominant object (``SynthConfig.centre_at_chance``), fully inside the image: a position where
-    the image centre is farther than ``tol`` px from the object, or, with probability ``pi``, one where it is
-    within ``tol``.  ``pi = f_o / (1 - f_c + f_o)``, with ``f_c`` / ``f_o`` the share of the image within ``tol`` of
-    the object at the centre / at the off-centre position (border-clipped), makes the centre's hit rate equal the
-    expected hit rate of a uniformly random pixel: ``pi = pi f_c + (1 - pi) f_o``."""
+@functools.lru_cache(maxsize=8)
+def _centre_order(size: int) -> np.ndarray:
+    """Pixel indices (raster) by increasing distance from the image's centre point ``((size - 1) / 2, ...)``,
+    ties in raster order: the first ``k`` are the top ``k`` pixels of a centred Gaussian map (mask IoU's region)."""
+    yy, xx = np.mgrid[:size, :size]
+    d = np.hypot(yy - (size - 1) / 2, xx - (size - 1) / 2).ravel()
+    return np.argsort(d, kind="stable")
+
+
+def _centre_excess(mask: np.ndarray, tol: float) -> tuple[float, float]:
+    """How much a centre prior beats a random map on this object mask: (pointing hit of the centre pixel minus the
+    hit rate of a uniformly random pixel, i.e. the share of the image within ``tol`` of the object; mask IoU of the
+    ``k`` most central pixels, ``k`` the object's area, minus a random ``k``-pixel region's expected ``f / (2 - f)``,
+    ``f = k / size^2``)."""
     from scipy.ndimage import distance_transform_edt
 
-    def near_share(cy: float, cx: float) -> float:
-        return float((distance_transform_edt(~shape_mask(shape, size, cy, cx, r, angle)) <= tol).mean())
+    size = mask.shape[0]
+    near = distance_transform_edt(~mask) <= tol
+    c = (size - 1) // 2
+    k = int(mask.sum())
+    f = k / mask.size
+    inter = int(mask.ravel()[_centre_order(size)[:k]].sum())
+    iou = inter / max(2 * k - inter, 1)
+    return float(near[c, c]) - float(near.mean()), iou - f / (2 - f)
 
+
+def _place_at_chance(rng: np.random.Generator, shape: str, size: int, r: float, angle: float,
+                     tol: float, candidates: int = 4) -> tuple[float, float]:
+    """Centre of the dominant object (``SynthConfig.centre_at_chance``), fully inside the image, drawn so that a
+    centre prior scores chance in expectation on both the pointing game (tolerance ``tol`` px) and the mask IoU.
+
+    Candidates: ``candidates`` positions where the image centre is within ``tol`` of the object ("cover", uniform
+    in a disc) and ``3 * candidates`` where it is not ("off", uniform in the image), each with its excess
+    ``(a, b)`` over a random map (:func:`_centre_excess`).  A cover/off pair mixed with weight
+    ``w = -a_off / (a_cover - a_off)`` on the cover has pointing excess 0; of all pairs, the two whose IoU excess
+    is nearest to 0 from below and from above are mixed to IoU excess 0 and one position is drawn from that
+    distribution.  Where no pair reaches IoU excess <= 0 (the largest round objects cannot leave a central disc of
+    their own area) the pair of least IoU excess is used."""
     c = (size - 1) // 2
     lo, hi = r + 1, size - 2 - r
 
-    def draw(cover: bool) -> tuple[float, float]:
+    def draw(cover: bool) -> tuple[float, float, np.ndarray]:
         for _ in range(200):
             if cover:  # offsets that can bring the object within tol of the centre, uniform in a disc
                 rho, phi = (r + tol + 1) * math.sqrt(rng.random()), rng.uniform(0, 2 * math.pi)
                 cy, cx = c + rho * math.sin(phi), c + rho * math.cos(phi)
             else:
                 cy, cx = rng.uniform(lo, hi, size=2)
-            if lo <= cy <= hi and lo <= cx <= hi and (
-                    _centre_distance(shape_mask(shape, size, cy, cx, r, angle)) <= tol) == cover:
-                return float(cy), float(cx)
-        return (float(c), float(c)) if cover else (float(lo), float(lo))
+            if lo <= cy <= hi and lo <= cx <= hi:
+                m = shape_mask(shape, size, cy, cx, r, angle)
+                if (_centre_distance(m) <= tol) == cover:
+                    return float(cy), float(cx), m
+        cy, cx = (float(c), float(c)) if cover else (float(lo), float(lo))
+        return cy, cx, shape_mask(shape, size, cy, cx, r, angle)
 
-    off = draw(False)
-    f_o, f_c = near_share(*off), near_share(c, c)
-    return draw(True) if rng.random() < f_o / (1 - f_c + f_o) else off
+    covers = [draw(True) for _ in range(candidates)]
+    offs = [draw(False) for _ in range(3 * candidates)]
+    ex_c = [_centre_excess(m, tol) for *_, m in covers]
+    ex_o = [_centre_excess(m, tol) for *_, m in offs]
+    pairs = []  # (IoU excess of the pointing-balanced pair, cover index, off index, weight on the cover)
+    for i, (a_c, b_c) in enumerate(ex_c):
+        for j, (a_o, b_o) in enumerate(ex_o):
+            w = -a_o / (a_c - a_o) if a_c - a_o > 0 else 0.0
+            pairs.append((w * b_c + (1 - w) * b_o, i, j, w))
+    below = [p for p in pairs if p[0] <= 0]
+    above = [p for p in pairs if p[0] > 0]
+    if below and above:
+        low, high = max(below), min(above)
+        pick = low if rng.random() < high[0] / (high[0] - low[0]) else high
+    else:
+        pick = min(pairs) if not below else max(below)
+    _, i, j, w = pick
+    cy, cx, _ = covers[i] if rng.random() < w else offs[j]
+    return cy, cx
 
 
 def _render(index: int, size: int, seed: int, cfg: SynthConfig) -> tuple[SynthSample, int]:
