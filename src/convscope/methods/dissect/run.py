@@ -9,7 +9,7 @@ import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -44,9 +44,12 @@ def open_dataset(dataset: BrodenDataset | str | os.PathLike[str], model: nn.Modu
     if not isinstance(dataset, BrodenDataset):
         raise DataError(f"dissect(dataset=...) needs a BrodenDataset or a Broden folder path, got "
                         f"{type(dataset).__name__}; generate one with convscope.data.synthetic.generate(out)")
-    if config.seg_size is not None and dataset.seg_size != config.seg_size:
+    seg = config.seg_size
+    if isinstance(seg, int):  # DissectConfig already stores a pair
+        seg = (seg, seg)
+    if seg is not None and dataset.seg_size != seg:
         dataset = copy.copy(dataset)
-        dataset.seg_size = config.seg_size
+        dataset.seg_size = seg
     return dataset
 
 
@@ -77,14 +80,16 @@ def stream_dataset(model: nn.Module, dataset: BrodenDataset, layers: Sequence[st
     soon as the next layer has consumed it (on lite0 13 % faster and 560 MB less than keeping all 49 layers).  A
     layer that runs twice in one forward pass (a shared module) is refused there, since its two outputs would both
     be counted."""
-    from torch.utils.data import DataLoader, Subset
+    from torch.utils.data import DataLoader, Dataset, Subset
 
     total = math.ceil(len(dataset) / batch_size)
     first = start_batch * batch_size
     if first >= len(dataset):
         return
-    loader = DataLoader(Subset(dataset, range(first, len(dataset))), batch_size=batch_size, shuffle=False,
-                        num_workers=workers, collate_fn=broden_collate, persistent_workers=False)
+    items = cast(Dataset[dict[str, Any]], dataset)  # a map-style dataset: __getitem__ and __len__
+    loader: DataLoader[dict[str, Any]] = DataLoader(
+        Subset(items, range(first, len(dataset))), batch_size=batch_size, shuffle=False, num_workers=workers,
+        collate_fn=broden_collate, persistent_workers=False)
     norm, dev = input_normalizer(model), model_device(model)
     held: dict[str, Any] = {}
 
@@ -144,8 +149,8 @@ def _pass_thresholds(model: nn.Module, ds: BrodenDataset, names: list[str], conf
                      ) -> tuple[dict[str, torch.Tensor], dict[str, TopKActivations]]:
     state = store.load("pass1") if store else None
     if state and state.get("done"):
-        tops = {n: RunningTopK.from_state(n, config.top_images, state["top"][n]).result() for n in names}
-        return dict(state["thresholds"]), tops
+        found = {n: RunningTopK.from_state(n, config.top_images, state["top"][n]).result() for n in names}
+        return dict(state["thresholds"]), found
     start = int(state["batches"]) if state else 0
     rows = batch_rows(model, ds, config, state)
     bufs: dict[str, TopBuffer] = {}
