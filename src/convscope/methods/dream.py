@@ -13,7 +13,7 @@ large structures grow at the coarse scales and fine ones at the full size.
 Every octave runs the shared optimization loop (:func:`convscope.core.optim.optimize_images`) with the objective
 :func:`~convscope.core.optim.activation_l2`, a pixel parametrization in RGB (so ``lr`` is in pixel units: the
 reference's 1.5 on the 0..255 scale is ``1.5 / 255``), the ``"normalized"`` optimizer and a
-:class:`~convscope.core.optim.Jitter` transform.
+:class:`~convscope.core.optim.Jitter` transform (``Regularization(jitter=...)``).
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.checks import input_channels
 from ..core.layers import resolve_layer
 from ..core.model import model_preprocess
-from ..core.optim import Jitter, PixelImage, activation_l2, make_generators, optimize_images
+from ..core.optim import PixelImage, Regularization, activation_l2, make_generators, optimize_images
 from ..core.stream import layer_features
 from ..errors import ConvscopeError
 
@@ -78,6 +79,10 @@ def deep_dream(model: nn.Module, x: torch.Tensor, layer: str, steps: int = 10, l
     one generator per image). ``progress``: a bar per octave (``True``, ``False``, ``None``: once it has run 2 s).
     The model is left as it came.
     """
+    channels = input_channels(model)
+    if channels != 3:  # the image parametrizations of core.optim are RGB (3 x H x W) only
+        raise ConvscopeError(f"deep_dream optimizes RGB images, but this model takes {channels}-channel input; use a "
+                             "3-channel model (or wrap yours: x.mean(1, keepdim=True) as its first op)")
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3 or not x.is_floating_point():
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ConvscopeError(f"deep_dream needs photos N x 3 x H x W (floats in the model's input space), got {shape}; "
@@ -106,7 +111,7 @@ def deep_dream(model: nn.Module, x: torch.Tensor, layer: str, steps: int = 10, l
     bases.reverse()
     objective = activation_l2(name)
     generators = make_generators(seed, len(x))
-    transforms = [Jitter(jitter)] if jitter else []
+    regularization = Regularization(jitter=jitter)  # DeepDream's only regularizer: the random shift
     detail = torch.zeros_like(bases[0])
     history = []
     dream = x
@@ -116,7 +121,7 @@ def deep_dream(model: nn.Module, x: torch.Tensor, layer: str, steps: int = 10, l
         param = PixelImage(base + detail, pre, space="rgb")
         try:
             res = optimize_images(model, objective, param, steps=steps, lr=float(lr), optimizer="normalized",
-                                  transforms=transforms, generators=generators, progress=progress,
+                                  regularization=regularization, generators=generators, progress=progress,
                                   desc=f"deep dream {k + 1}/{len(bases)}")
         except RuntimeError as exc:  # e.g. an octave too small for the network
             first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)

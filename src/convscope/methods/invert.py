@@ -27,15 +27,15 @@ import torch
 from torch import nn
 
 from ..core.batching import BatchSize, check_batch_size, resolve_batch_size
+from ..core.checks import input_channels
 from ..core.images import Preprocess
 from ..core.layers import named_layers, resolve_layers
 from ..core.model import float_dtype, model_preprocess
 from ..core.optim import (
-    AlphaNorm,
     Jitter,
     Objective,
+    Regularization,
     Regularizer,
-    TotalVariation,
     make_generators,
     make_param,
     optimize_images,
@@ -159,7 +159,11 @@ class InversionResult:
         return self.images[rows]
 
 
-def _check_images(x: torch.Tensor, what: str) -> None:
+def _check_images(model: nn.Module, x: torch.Tensor, what: str) -> None:
+    channels = input_channels(model)
+    if channels != 3:  # the image parametrizations of core.optim are RGB (3 x H x W) only
+        raise ConvscopeError(f"{what} optimizes RGB images, but this model takes {channels}-channel input; use a "
+                             "3-channel model (or wrap yours: x.mean(1, keepdim=True) as its first op)")
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3 or not x.is_floating_point():
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ConvscopeError(f"{what}: x must be N x 3 x H x W floats in the model's input space (e.g. from "
@@ -197,14 +201,14 @@ def invert(
         seed: row ``(l, i)`` uses the generator seeded ``seed + i`` (same pictures batched or layer by layer), or
             ``seed[i]`` for a list of N seeds.
     """
-    _check_images(x, "invert")
+    _check_images(model, x, "invert")
     check_batch_size(batch_size, "invert")
     names = list(resolve_layers(model, layers))
     if not names:
         raise ConvscopeError("invert: give at least one layer, e.g. layers='features.relu3'")
     if not isinstance(steps, int) or steps < 0:
         raise ConvscopeError(f"steps={steps!r}: use an int >= 0")
-    for name, v in (("alpha", alpha), ("beta", beta), ("B", B)):
+    for name, v in (("alpha", alpha), ("beta", beta), ("B", B), ("V", 1.0 if V is None else V)):
         if not v > 0:
             raise ConvscopeError(f"invert: {name}={v!r} must be > 0 (the paper uses alpha=6, beta=2, B=80/255)")
     pre = model_preprocess(model, preprocess)
@@ -224,7 +228,7 @@ def invert(
             raise ConvscopeError(f"target_features[{bad[0]!r}] has {targets[bad[0]].shape[0]} rows for {n} images")
     depths = layer_depths(model, names, x) if None in (lambda_alpha, lambda_tv, jitter) else {}
     size = int(max(x.shape[-2:]))
-    std = sum(abs(s) for s in pre.std) / 3
+    std = sum(abs(s) for s in pre.std) / len(pre.std)
     b_in = B / std
     v_in = (V if V is not None else B / V_RATIO) / std
     hyper = {k: default_hyperparameters(depths[k], size) if depths else None for k in names}
@@ -232,13 +236,10 @@ def invert(
     def pick(k: str, given: float | int | None, field: str) -> float:
         return given if given is not None else getattr(hyper[k], field)
 
-    # rows of one layer share its hyperparameters; each block of rows gets its own priors
-    blocks = []
-    for k in names:
-        la, lt = pick(k, lambda_alpha, "lambda_alpha"), pick(k, lambda_tv, "lambda_tv")
-        regs = [r for r in (AlphaNorm(la, alpha, b_in) if la else None, TotalVariation(lt, beta, v_in) if lt else None)
-                if r is not None]
-        blocks.append((k, regs, int(pick(k, jitter, "jitter"))))
+    # rows of one layer share its hyperparameters; each block of rows gets its own priors and jitter
+    blocks = [Regularization(lambda_alpha=pick(k, lambda_alpha, "lambda_alpha"), alpha=alpha, B=b_in,
+                             lambda_tv=pick(k, lambda_tv, "lambda_tv"), beta=beta, V=v_in,
+                             jitter=int(pick(k, jitter, "jitter"))) for k in names]
     rows = len(names) * n
     if isinstance(seed, int) and not isinstance(seed, bool):
         seeds = [seed + i for i in range(n)]
@@ -248,7 +249,7 @@ def invert(
             raise ConvscopeError(f"seed: give an int or {n} ints (one per image), got {seed!r}")
     like = torch.zeros((), dtype=dtype, device=x.device)
     per_image = isinstance(init, torch.Tensor) and init.dim() == 4 and init.shape[0] == n
-    amplitudes = [j for *_, j in blocks]
+    amplitudes = [r.jitter for r in blocks]
     step = max(1, resolve_batch_size(batch_size, model, x, "invert", grad=True, limit=rows) // len(names))
     parts = []
     for i0 in range(0, n, step):  # images i0 .. i1 - 1 with all their layers: rows (l, i), layer-major
@@ -262,7 +263,7 @@ def invert(
         objective = per_rows([feature_match(k, targets[k][i0:i1]) for k in names], [m] * len(names))
         transforms = [_RowJitter(amplitudes, m)] if any(amplitudes) else []
         parts.append(optimize_images(model, objective, param, steps=steps, lr=lr if lr is not None else DEFAULT_LR,
-                                     transforms=transforms, regularizers=[_BlockPenalty([r for _, r, _ in blocks], m)],
+                                     transforms=transforms, regularizers=[_BlockPenalty(blocks, m)],
                                      generators=gens, progress=progress, desc="invert"))
 
     def layer_major(ts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
@@ -277,18 +278,23 @@ def invert(
                            history=-layer_major([r.history for r in parts], 1).cpu())
 
 
-@dataclass(frozen=True)
 class _BlockPenalty(Regularizer):
-    """Block ``b`` of ``n`` rows (one layer) gets the penalties ``regs[b]``."""
+    """Block ``b`` of ``n`` rows (one layer) gets the penalties of ``blocks[b]``."""
 
-    regs: Sequence[Sequence[Regularizer]]
-    n: int
+    def __init__(self, blocks: Sequence[Regularization], n: int) -> None:
+        self.regs = [[r for r in b.regularizers() if not r.projection] for b in blocks]
+        self.n = n
 
     def penalty(self, delta: torch.Tensor) -> torch.Tensor:
         n = self.n
-        out = [sum((r.penalty(delta[b * n:(b + 1) * n]) for r in regs), torch.zeros(n, dtype=delta.dtype,
-                                                                                        device=delta.device))
-               for b, regs in enumerate(self.regs)]
+        out = []
+        for b, regs in enumerate(self.regs):
+            total = torch.zeros(n, dtype=delta.dtype, device=delta.device)
+            for r in regs:
+                pen = r.penalty(delta[b * n:(b + 1) * n])
+                if pen is not None:
+                    total = total + pen
+            out.append(total)
         return torch.cat(out)
 
 

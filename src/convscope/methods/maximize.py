@@ -25,7 +25,7 @@ step. Images are RGB in [0, 1]; the optimization runs in the model's input space
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -37,18 +37,12 @@ from ..core.layers import resolve_layer
 from ..core.model import default_input_size, float_dtype, model_device, model_preprocess
 from ..core.optim import (
     OUTPUT,
-    Blur,
-    ClipContribution,
-    ClipNorm,
-    Decay,
     Fourier,
-    Jitter,
-    L2Penalty,
     Objective,
     OptimResult,
     ParamSpec,
     Pixel,
-    RandomScale,
+    Regularization,
     Regularizer,
     Seed,
     Transform,
@@ -164,63 +158,6 @@ def per_image(objectives: Sequence[Objective]) -> Objective:
 
 
 # --------------------------------------------------------------------------- regularization presets
-
-
-@dataclass(frozen=True)
-class Regularization:
-    """Hyperparameters of regularized AM; 0 / empty switches a term off. Named as in the papers.
-
-    ``lambda_l2``: Simonyan et al.'s penalty ``lambda ||x - c||^2`` (``c`` the mean colour; sum over pixels, input
-    space). ``theta_decay``, ``blur_every`` / ``blur_sigma`` (theta_b_every / theta_b_width), ``theta_n_pct``,
-    ``theta_c_pct``: Yosinski et al.'s projections. ``jitter`` (pixels) and ``scales`` (zoom factors drawn each step):
-    transformation robustness (Mordvintsev et al. 2015; Olah et al. 2017).
-    """
-
-    lambda_l2: float = 0.0
-    theta_decay: float = 0.0
-    blur_every: int = 0
-    blur_sigma: float = 0.0
-    theta_n_pct: float = 0.0
-    theta_c_pct: float = 0.0
-    jitter: int = 0
-    scales: tuple[float, ...] = ()
-
-    def __post_init__(self) -> None:
-        bad = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
-               if f.name != "scales" and not getattr(self, f.name) >= 0]
-        if not 0 <= self.theta_n_pct <= 100 or not 0 <= self.theta_c_pct <= 100:
-            bad.append("theta_n_pct / theta_c_pct must be percentiles in [0, 100]")
-        if not 0 <= self.theta_decay < 1:
-            bad.append(f"theta_decay={self.theta_decay} must be in [0, 1)")
-        if self.blur_every and not self.blur_sigma > 0:
-            bad.append("blur_every needs blur_sigma > 0")
-        if bad:
-            raise ConvscopeError(f"Regularization: {'; '.join(bad)}")
-        object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
-
-    def regularizers(self) -> list[Regularizer]:
-        """The penalty and projections, in Yosinski et al.'s order (decay, blur, norm clip, contribution clip)."""
-        out: list[Regularizer] = []
-        if self.lambda_l2:
-            out.append(L2Penalty(self.lambda_l2))
-        if self.theta_decay:
-            out.append(Decay(self.theta_decay))
-        if self.blur_every and self.blur_sigma:
-            out.append(Blur(self.blur_sigma, self.blur_every))
-        if self.theta_n_pct:
-            out.append(ClipNorm(self.theta_n_pct))
-        if self.theta_c_pct:
-            out.append(ClipContribution(self.theta_c_pct))
-        return out
-
-    def transforms(self) -> list[Transform]:
-        """Jitter first, then random scale."""
-        out: list[Transform] = []
-        if self.jitter:
-            out.append(Jitter(int(self.jitter)))
-        if self.scales:
-            out.append(RandomScale(self.scales))
-        return out
 
 
 PRESETS: dict[str, Regularization] = {
@@ -404,8 +341,8 @@ def activation_maximization(
         names = [_label(kind if name is not None else "logit", name or OUTPUT, u) for u in unit_list]
         chunks = [(start, _objective_for(name, unit_list[start:start + batch_size], kind),
                    len(unit_list[start:start + batch_size])) for start in range(0, len(unit_list), batch_size)]
-    results = [_optimize(model, obj, n, start, pre, hw, parametrization, init, seed, steps, lr, optimizer,
-                         reg.regularizers() + extra_regs, reg.transforms() + extra_trans, progress, "maximize")
+    results = [_optimize(model, obj, n, start, pre, hw, parametrization, init, seed, steps, lr, optimizer, reg,
+                         extra_regs, extra_trans, progress, "maximize")
                for start, obj, n in chunks]
     return MaximizationResult(
         images=torch.cat([r.images for r in results]), x=torch.cat([r.x for r in results]),
@@ -417,8 +354,8 @@ def activation_maximization(
 
 def _optimize(model: nn.Module, obj: Objective, n: int, start: int, pre: Preprocess, hw: tuple[int, int],
               parametrization: ParamSpec, init: str | torch.Tensor, seed: Seed, steps: int, lr: float, optimizer: str,
-              regs: list[Regularizer], trans: list[Transform], progress: bool | None, desc: str,
-              stop: Callable[[Mapping[str, torch.Tensor]], torch.Tensor] | None = None) -> OptimResult:
+              reg: Regularization, extra_regs: list[Regularizer], extra_trans: list[Transform], progress: bool | None,
+              desc: str, stop: Callable[[Mapping[str, torch.Tensor]], torch.Tensor] | None = None) -> OptimResult:
     if isinstance(seed, int) and not isinstance(seed, bool) or isinstance(seed, torch.Generator):
         gens = make_generators(seed, n, offset=start)
     else:
@@ -428,8 +365,9 @@ def _optimize(model: nn.Module, obj: Objective, n: int, start: int, pre: Preproc
         init = init[start:start + n]
     like = torch.zeros((), dtype=float_dtype(model), device=model_device(model))
     param = make_param(parametrization, init, n, hw, pre, gens, like)
-    return optimize_images(model, obj, param, steps=steps, lr=lr, optimizer=optimizer, transforms=trans,
-                           regularizers=regs, generators=gens, stop=stop, progress=progress, desc=desc)
+    return optimize_images(model, obj, param, steps=steps, lr=lr, optimizer=optimizer, regularization=reg,
+                           transforms=extra_trans, regularizers=extra_regs, generators=gens, stop=stop,
+                           progress=progress, desc=desc)
 
 
 # --------------------------------------------------------------------------- fooling images
@@ -491,8 +429,7 @@ def fooling_image(
 
     obj = logit(targets) if score == "logit" else log_softmax(targets)
     res = _optimize(model, obj, len(targets), 0, pre, hw, parametrization, init, seed, max_steps, lr,
-                    optimizer, reg.regularizers() + extra_regs, reg.transforms() + extra_trans, progress, "fooling",
-                    stop=reached)
+                    optimizer, reg, extra_regs, extra_trans, progress, "fooling", stop=reached)
     probs = F.softmax(res.output.reshape(len(targets), -1).float(), 1)  # type: ignore[union-attr]
     p_target = probs[torch.arange(len(targets)), tgt.to(probs.device)]
     return FoolingResult(images=res.images, x=res.x, target=tgt, probabilities=p_target.cpu(),

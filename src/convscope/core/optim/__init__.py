@@ -68,6 +68,7 @@ from .regularizers import (
     CodePenalty,
     Decay,
     L2Penalty,
+    Regularization,
     Regularizer,
     TotalVariation,
     alpha_norm,
@@ -82,8 +83,8 @@ __all__ = [
     "CODE_NOISE_STD", "COLOR_CORRELATION_SVD_SQRT", "FOURIER_NOISE_STD", "GENERATOR_OUTPUTS", "OPTIMIZERS", "OUTPUT",
     "PARAMETRIZATIONS", "PIXEL_NOISE_STD", "AlphaNorm", "Blur", "ClipContribution", "ClipNorm", "CodePenalty", "Decay",
     "Fourier", "FourierImage", "GeneratorImage", "GeneratorParam", "Generators", "ImageParam", "Jitter", "L2Penalty",
-    "Objective", "OptimResult", "ParamSpec", "Pixel", "PixelImage", "RandomScale", "Regularizer", "Seed",
-    "TotalVariation", "Transform", "activation_l2", "alpha_norm", "centre_rgb", "clip_small_contribution",
+    "Objective", "OptimResult", "ParamSpec", "Pixel", "PixelImage", "RandomScale", "Regularization", "Regularizer",
+    "Seed", "TotalVariation", "Transform", "activation_l2", "alpha_norm", "centre_rgb", "clip_small_contribution",
     "clip_small_norm", "decay", "fft_frequencies", "make_generators", "make_param", "mean_abs_normalized",
     "optimize_images", "total_variation",
 ]

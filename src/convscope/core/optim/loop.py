@@ -16,7 +16,7 @@ from ..progress import progress_bar
 from ..stream import last_layer
 from .objectives import OUTPUT, Objective
 from .params import Generators, ImageParam, make_generators
-from .regularizers import Regularizer
+from .regularizers import Regularization, Regularizer
 from .transforms import Transform
 
 OPTIMIZERS = ("adam", "sgd", "normalized")
@@ -74,8 +74,9 @@ def mean_abs_normalized(grad: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 
 
 def optimize_images(model: nn.Module, objective: Objective, param: ImageParam, *, steps: int, lr: float,
-                    optimizer: str = "adam", transforms: Sequence[Transform] = (),
-                    regularizers: Sequence[Regularizer] = (), generators: Generators | None = None,
+                    optimizer: str = "adam", regularization: Regularization | None = None,
+                    transforms: Sequence[Transform] = (), regularizers: Sequence[Regularizer] = (),
+                    generators: Generators | None = None,
                     stop: Callable[[Mapping[str, torch.Tensor]], torch.Tensor] | None = None,
                     progress: bool | None = None, desc: str = "optimize") -> OptimResult:
     """Ascend ``objective`` (one value per image) over the images of ``param`` for ``steps`` steps.
@@ -87,7 +88,8 @@ def optimize_images(model: nn.Module, objective: Objective, param: ImageParam, *
     (on the untransformed images, before each update) returns a boolean ``N``: images for which it is true keep
     their current pixels from then on, and the loop ends when all are done. ``progress``: a bar with an ETA
     (``True``, ``False``, or ``None``: once the loop has run for 2 s;
-    see :func:`~convscope.core.progress.progress_bar`).
+    see :func:`~convscope.core.progress.progress_bar`). ``regularization``: its penalties, projections and
+    transforms run before the ``regularizers`` and ``transforms`` given one by one.
     """
     if not isinstance(steps, int) or steps < 0:
         raise ConvscopeError(f"steps={steps!r}: use an int >= 0")
@@ -95,6 +97,12 @@ def optimize_images(model: nn.Module, objective: Objective, param: ImageParam, *
         raise ConvscopeError(f"lr={lr!r}: the step size must be > 0")
     if optimizer not in OPTIMIZERS:
         raise ConvscopeError(f"optimizer={optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
+    if regularization is not None:
+        if not isinstance(regularization, Regularization):
+            raise ConvscopeError("regularization must be a Regularization(...), not "
+                                 f"{type(regularization).__name__}")
+        regularizers = [*regularization.regularizers(), *regularizers]
+        transforms = [*regularization.transforms(), *transforms]
     projections = [r for r in regularizers if r.projection]
     if projections and not param.projectable:
         names = ", ".join(type(r).__name__ for r in projections)

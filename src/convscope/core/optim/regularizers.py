@@ -1,18 +1,21 @@
 """Regularizers of the image-optimization loop: penalties subtracted from the objective (:class:`L2Penalty`,
 Simonyan et al. 2014 Eq. 1; :class:`AlphaNorm` and :class:`TotalVariation`, Mahendran & Vedaldi 2015 Eq. 3-4;
 :class:`CodePenalty`, Nguyen et al. 2016) and projections applied to the image after each step (:class:`Decay`,
-:class:`Blur`, :class:`ClipNorm`, :class:`ClipContribution`, Yosinski et al. 2015 Sec. 3; survey Eq. 9)."""
+:class:`Blur`, :class:`ClipNorm`, :class:`ClipContribution`, Yosinski et al. 2015 Sec. 3; survey Eq. 9).
+:class:`Regularization` holds the hyperparameters of all of them (and of the jitter / scale transforms) in one object
+that methods pass whole to :func:`~convscope.core.optim.optimize_images`."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 from ...errors import ConvscopeError
 from ..imageops import gaussian_blur
 from .params import GeneratorImage
+from .transforms import Jitter, RandomScale, Transform
 
 
 def decay(x: torch.Tensor, theta_decay: float) -> torch.Tensor:
@@ -187,3 +190,78 @@ class CodePenalty(Regularizer):
         if not self.lambda_code:
             return None
         return self.lambda_code * self.param.code.pow(2).flatten(1).sum(1)
+
+
+# --------------------------------------------------------------------------- all hyperparameters in one object
+
+
+@dataclass(frozen=True)
+class Regularization:
+    """Hyperparameters of a regularized image optimization; 0 / empty switches a term off. Named as in the papers.
+
+    ``lambda_l2``: Simonyan et al.'s penalty ``lambda ||x - c||^2`` (``c`` the mean colour; sum over pixels, input
+    space). ``lambda_alpha`` / ``alpha`` / ``B`` and ``lambda_tv`` / ``beta`` / ``V``: Mahendran & Vedaldi's
+    normalized alpha-norm and TV_beta priors (:class:`AlphaNorm`, :class:`TotalVariation`; ``B`` and ``V`` in the
+    model's input units). ``theta_decay``, ``blur_every`` / ``blur_sigma`` (theta_b_every / theta_b_width),
+    ``theta_n_pct``, ``theta_c_pct``: Yosinski et al.'s projections. ``jitter`` (pixels) and ``scales`` (zoom factors
+    drawn each step): transformation robustness (Mordvintsev et al. 2015; Olah et al. 2017).
+    """
+
+    lambda_l2: float = 0.0
+    theta_decay: float = 0.0
+    blur_every: int = 0
+    blur_sigma: float = 0.0
+    theta_n_pct: float = 0.0
+    theta_c_pct: float = 0.0
+    jitter: int = 0
+    scales: tuple[float, ...] = ()
+    lambda_alpha: float = 0.0
+    alpha: float = 6.0
+    B: float = 1.0
+    lambda_tv: float = 0.0
+    beta: float = 2.0
+    V: float = 1.0
+
+    def __post_init__(self) -> None:
+        bad = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
+               if f.name != "scales" and not getattr(self, f.name) >= 0]
+        if not 0 <= self.theta_n_pct <= 100 or not 0 <= self.theta_c_pct <= 100:
+            bad.append("theta_n_pct / theta_c_pct must be percentiles in [0, 100]")
+        if not 0 <= self.theta_decay < 1:
+            bad.append(f"theta_decay={self.theta_decay} must be in [0, 1)")
+        if self.blur_every and not self.blur_sigma > 0:
+            bad.append("blur_every needs blur_sigma > 0")
+        bad += [f"{name}={getattr(self, name)!r} must be > 0" for name in ("alpha", "B", "beta", "V")
+                if getattr(self, name) >= 0 and not getattr(self, name) > 0]
+        if bad:
+            raise ConvscopeError(f"Regularization: {'; '.join(bad)}")
+        object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
+
+    def regularizers(self) -> list[Regularizer]:
+        """The penalties (L2, alpha-norm, TV), then the projections in Yosinski et al.'s order (decay, blur, norm
+        clip, contribution clip)."""
+        out: list[Regularizer] = []
+        if self.lambda_l2:
+            out.append(L2Penalty(self.lambda_l2))
+        if self.lambda_alpha:
+            out.append(AlphaNorm(self.lambda_alpha, self.alpha, self.B))
+        if self.lambda_tv:
+            out.append(TotalVariation(self.lambda_tv, self.beta, self.V))
+        if self.theta_decay:
+            out.append(Decay(self.theta_decay))
+        if self.blur_every and self.blur_sigma:
+            out.append(Blur(self.blur_sigma, self.blur_every))
+        if self.theta_n_pct:
+            out.append(ClipNorm(self.theta_n_pct))
+        if self.theta_c_pct:
+            out.append(ClipContribution(self.theta_c_pct))
+        return out
+
+    def transforms(self) -> list[Transform]:
+        """Jitter first, then random scale."""
+        out: list[Transform] = []
+        if self.jitter:
+            out.append(Jitter(int(self.jitter)))
+        if self.scales:
+            out.append(RandomScale(self.scales))
+        return out
