@@ -22,6 +22,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -83,9 +84,9 @@ def run_perturbation(model: nn.Module, images: Sequence[str | Path], layer: str 
     perturbations = list(perturbations)
     if not perturbations:
         raise ConvscopeError(f"give at least one perturbation: {', '.join(PERTURBATIONS)}")
-    for k in perturbations:
-        if k not in PERTURBATIONS:
-            raise ConvscopeError(f"unknown perturbation {k!r}; use one of {', '.join(PERTURBATIONS)}")
+    for given in perturbations:
+        if given not in PERTURBATIONS:
+            raise ConvscopeError(f"unknown perturbation {given!r}; use one of {', '.join(PERTURBATIONS)}")
     if len(set(perturbations)) != len(perturbations):
         raise ConvscopeError(f"perturbations {perturbations} repeat one; give each at most once")
     paths = expand_inputs(list(images) if not isinstance(images, str | Path) else [images])
@@ -114,11 +115,12 @@ def run_perturbation(model: nn.Module, images: Sequence[str | Path], layer: str 
 
     originals = input_denormalizer(model)(x).clamp(0, 1).float().cpu()
     recs = study.images.float().cpu()  # K x N x 3 x H x W
-    rows = [{"kind": kind, "image": str(path), "name": names[i],
-             "feature_error": float(study.feature_error[k, i]), "image_error": float(study.image_error[k, i]),
-             "psnr_original_db": _finite(psnr(recs[k, i], originals[i])),
-             "psnr_unperturbed_db": None if kind == "none" else _finite(psnr(recs[k, i], recs[0, i]))}
-            for k, kind in enumerate(study.kinds) for i, path in enumerate(paths)]
+    rows: list[dict[str, Any]] = [
+        {"kind": kind, "image": str(path), "name": names[i],
+         "feature_error": float(study.feature_error[k, i]), "image_error": float(study.image_error[k, i]),
+         "psnr_original_db": _finite(psnr(recs[k, i], originals[i])),
+         "psnr_unperturbed_db": None if kind == "none" else _finite(psnr(recs[k, i], recs[0, i]))}
+        for k, kind in enumerate(study.kinds) for i, path in enumerate(paths)]
     tiles, captions = [], []
     for i in range(len(paths)):
         tiles.append(originals[i])
@@ -128,7 +130,7 @@ def run_perturbation(model: nn.Module, images: Sequence[str | Path], layer: str 
             tiles.append(recs[k, i])
             captions.append(f"feat {r['feature_error']:.2f}" if kind == "none" else
                             f"feat {r['feature_error']:.2f} img {r['image_error']:.2f}")
-    summary = []
+    summary: list[dict[str, Any]] = []
     for kind in study.kinds:
         rs = [r for r in rows if r["kind"] == kind]
         summary.append({"kind": kind, "description": DESCRIPTIONS[kind],
@@ -147,9 +149,10 @@ def run_perturbation(model: nn.Module, images: Sequence[str | Path], layer: str 
              "feat: the feature error ||phi(x_k) - phi(x0)||^2 / ||phi(x0)||^2 of the reconstruction against the "
              "unperturbed code of the original; img: the relative squared difference to the unperturbed "
              "reconstruction (in the model's input space, relative to its distance from the mean image).")
-    rep.table([["model", model_name], ["layer", name], ["method", study.method], ["images", len(paths)],
-               ["perturbations", ", ".join(perturbations)], ["seed", seed]]
-              + ([["steps", steps]] if dec is None else [["decoder", str(decoder)]]), header=["setting", "value"])
+    settings: list[list[object]] = [["model", model_name], ["layer", name], ["method", study.method],
+                                    ["images", len(paths)], ["perturbations", ", ".join(perturbations)],
+                                    ["seed", seed], ["steps", steps] if dec is None else ["decoder", str(decoder)]]
+    rep.table(settings, header=["setting", "value"])
     rep.image(picture, caption=f"{picture.name}: per image, the original, the reconstruction from the unperturbed "
                                "code and one per perturbation, captioned feature error / image error")
     rep.heading("Per perturbation (means over the images)")

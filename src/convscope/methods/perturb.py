@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -27,6 +28,9 @@ from ..core.optim import centre_rgb
 from ..core.stream import layer_features
 from ..errors import ConvscopeError
 from .invert import invert
+
+if TYPE_CHECKING:
+    from .upconv import UpconvNet
 
 PERTURBATIONS = ("binarize", "dropout", "drop_least")
 
@@ -99,7 +103,7 @@ class PerturbationStudy:
 
 
 def perturbation_study(model: nn.Module, x: torch.Tensor, layer: str,
-                       perturbations: Sequence[str] = PERTURBATIONS, *, decoder: nn.Module | None = None,
+                       perturbations: Sequence[str] = PERTURBATIONS, *, decoder: UpconvNet | None = None,
                        seed: int = 0, **invert_kwargs) -> PerturbationStudy:
     """Reconstruct ``x`` from the unperturbed and the perturbed codes of ``layer`` (survey Fig. 13).
 
@@ -134,7 +138,7 @@ def perturbation_study(model: nn.Module, x: torch.Tensor, layer: str,
     pre = lenient_preprocess(model)
     centre = pre.normalize(torch.tensor(centre_rgb(pre), dtype=xs.dtype, device=xs.device).view(1, 3, 1, 1))
     ierr = (xs - base).pow(2).flatten(1).sum(1) / (base - centre).pow(2).flatten(1).sum(1).clamp_min(1e-12)
-    k = len(kinds)
-    images = images.view(k, n, *images.shape[1:])
+    rows = len(kinds)
+    images = images.view(rows, n, *images.shape[1:])
     return PerturbationStudy(layer=name, method=method, kinds=kinds, images=images,
-                             feature_error=ferr.view(k, n).cpu(), image_error=ierr.view(k, n).cpu())
+                             feature_error=ferr.view(rows, n).cpu(), image_error=ierr.view(rows, n).cpu())
