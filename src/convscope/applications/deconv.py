@@ -24,6 +24,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from PIL import Image
@@ -34,7 +35,7 @@ from ..core.io import atomic_write_text
 from ..core.layers import resolve_layer
 from ..core.model import input_denormalizer, input_normalizer, lenient_preprocess, model_name, zoo_name
 from ..core.progress import progress_bar
-from ..core.render import grid, save_png, to_display, to_pil
+from ..core.render import DisplayMode, grid, save_png, to_display, to_pil
 from ..core.report import HtmlReport
 from ..core.stream import layer_features
 from ..data.synthetic import HELD_OUT_START, render_arrays
@@ -218,7 +219,7 @@ def _map_figure(model: nn.Module, images: ImageSet, result: TopKActivations, uni
     table = torch.tensor(units).repeat_interleave(k)[:, None]
     proj = deconvnet(model, x, result.layer, table, mode="map", batch_size=batch_size)[:, 0]
     pixels = input_denormalizer(model)(x).clamp(0, 1).float().cpu()
-    shown = to_display(proj.float().cpu(), display)  # type: ignore[arg-type]
+    shown = to_display(proj.float().cpu(), cast(DisplayMode, display))  # to_display refuses other modes
     nrow = math.ceil(math.sqrt(k))
     blocks = []
     for j in range(len(units)):
@@ -323,16 +324,19 @@ def filters_report(model: nn.Module, out: Path = Path("out/filters"),
     every convolution and ReLU layer (``dead_units``: one streaming pass for all layers)."""
     out = Path(out)
     conv = first_conv(model)
-    weight = resolve_layer(model, conv)[1].weight
+    stem = resolve_layer(model, conv)[1]
+    assert isinstance(stem, nn.Conv2d), "first_conv names an nn.Conv2d"
+    weight = stem.weight
     scale = max(4, 64 // max(weight.shape[-2:]))
     png = save_png(first_layer_filters(model, conv, scale=scale), out / "filters.png")
     layers = list(layers) if layers else activation_layers(model)
     data = default_images(model, images, synthetic, progress)
     dead = dead_units(model, data.batches(batch_size), layers, tol=tol, progress=False)
     types = dict(model.named_modules())
-    rows = [{"layer": n, "type": type(types[n]).__name__, "relu": isinstance(types[n], nn.ReLU | nn.ReLU6),
-             "units": len(d.max_activation), "dead": d.units.tolist(), "fraction": d.fraction}
-            for n, d in dead.items()]
+    rows: list[dict[str, Any]] = [
+        {"layer": n, "type": type(types[n]).__name__, "relu": isinstance(types[n], nn.ReLU | nn.ReLU6),
+         "units": len(d.max_activation), "dead": d.units.tolist(), "fraction": d.fraction}
+        for n, d in dead.items()]
     json_path = atomic_write_text(out / "dead_units.json", json.dumps({
         "model": _model_name(model), "images": data.source, "tol": tol, "layers": rows}, indent=1))
     rep = HtmlReport(f"convscope filters: {_model_name(model)}")
@@ -404,8 +408,9 @@ def projection_column(model: nn.Module, images: ImageSet | Callable[[torch.Tenso
     found = top_k_patches(model, images, result, units=list(units), projections=True, batch_size=batch_size)
     k = result.values.shape[1]
     cells = []
+    mode = cast(DisplayMode, display)  # to_display refuses other modes
     for crops in found.projections or []:
-        shown = [to_display(c[None].float().cpu(), display)[0] for c in crops]  # type: ignore[arg-type]
+        shown = [to_display(c[None].float().cpu(), mode)[0] for c in crops]
         cells.append(grid(shown, nrow=math.ceil(math.sqrt(k)), padding=1) if k > 1 else to_pil(shown[0]))
     return cells
 
