@@ -137,7 +137,7 @@ def test_overlay_upsamples_small_maps():
     with pytest.raises(ConvscopeError):
         overlay(images, maps, alpha=1.5)
     with pytest.raises(ConvscopeError, match="denormalize"):
-        overlay(torch.zeros(1, 4, 8, 8), maps)
+        overlay(torch.zeros(1, 2, 8, 8), maps)  # 1, 3 (RGB) and 4 (RGBA) channels are images
 
 
 # ---------------------------------------------------------------- PIL conversion

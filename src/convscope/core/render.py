@@ -25,6 +25,7 @@ __all__ = [
     "COLORMAPS",
     "LabelStrip",
     "apply_colormap",
+    "as_rgb",
     "colormap",
     "filter_grid",
     "fit_text",
@@ -183,19 +184,21 @@ def overlay(
 ) -> torch.Tensor:
     """Blend colour-mapped heat maps over images: ``(1 - alpha) * image + alpha * cmap(map)``.
 
-    ``images``: ``N x 3 x H x W`` (or ``3 x H x W``) in [0, 1]; ``maps``: ``N x 1 x h x w``
-    (or ``N x h x w``; ``h x w`` for one image), bilinearly upsampled to ``H x W``, then min-max
-    normalized per map when ``normalize`` (else clamped to [0, 1]).
+    ``images``: ``N x C x H x W`` (or ``C x H x W``) in [0, 1] with ``C`` = 3 (RGB), 1 (grayscale, shown as
+    grey RGB) or 4 (RGBA, composited over white); ``maps``: ``N x 1 x h x w`` (or ``N x h x w``; ``h x w`` for
+    one image), bilinearly upsampled to ``H x W``, then min-max normalized per map when ``normalize`` (else
+    clamped to [0, 1]). Returns ``N x 3 x H x W`` RGB.
     """
     if not 0 <= alpha <= 1:
         raise ConvscopeError(f"overlay(alpha={alpha}): alpha must be in [0, 1].")
     if images.dim() == 3:
         return overlay(images[None], maps.reshape(1, 1, *maps.shape[-2:]), alpha, cmap, normalize)[0]
-    if images.dim() != 4 or images.shape[1] != 3:
+    if images.dim() != 4 or images.shape[1] not in (1, 3, 4):
         raise ConvscopeError(
-            f"overlay expects RGB images N x 3 x H x W in [0, 1], got {tuple(images.shape)}; "
+            f"overlay expects images N x C x H x W in [0, 1] with 1, 3 or 4 channels, got {tuple(images.shape)}; "
             "use preprocess.denormalize(x) to get pixels from model inputs."
         )
+    images = as_rgb(images)
     m = maps[:, None] if maps.dim() == 3 else maps
     if m.dim() != 4 or m.shape[1] != 1 or m.shape[0] not in (1, images.shape[0]):
         raise ConvscopeError(
@@ -212,15 +215,30 @@ def overlay(
 # --------------------------------------------------------------------------- PIL conversion
 
 
+def as_rgb(images: torch.Tensor) -> torch.Tensor:
+    """``N x C x H x W`` pixels in [0, 1] as RGB ``N x 3 x H x W``: grayscale (``C = 1``) repeated, RGBA
+    (``C = 4``) composited over white (``rgb * a + (1 - a)``), RGB as it is."""
+    if images.dim() != 4 or images.shape[1] not in (1, 3, 4):
+        raise ConvscopeError(f"as_rgb expects N x C x H x W with 1, 3 or 4 channels, got {tuple(images.shape)}; "
+                             "reduce other channel counts first (e.g. x.mean(1, keepdim=True))")
+    if images.shape[1] == 1:
+        return images.expand(-1, 3, -1, -1)
+    if images.shape[1] == 4:
+        alpha = images[:, 3:].clamp(0, 1)
+        return images[:, :3] * alpha + (1 - alpha)
+    return images
+
+
 def to_pil(x: torch.Tensor) -> Image.Image:
-    """``3 x H x W``, ``1 x H x W`` or ``H x W`` tensor in [0, 1] -> RGB or L PIL image (clamped)."""
+    """``3 x H x W``, ``4 x H x W``, ``1 x H x W`` or ``H x W`` tensor in [0, 1] -> RGB, RGBA or L PIL image
+    (clamped)."""
     if x.dim() == 4 and x.shape[0] == 1:
         x = x[0]
     if x.dim() == 2:
         x = x[None]
-    if x.dim() != 3 or x.shape[0] not in (1, 3):
+    if x.dim() != 3 or x.shape[0] not in (1, 3, 4):
         raise ConvscopeError(
-            f"to_pil expects 3 x H x W, 1 x H x W or H x W, got {tuple(x.shape)}; "
+            f"to_pil expects 3 x H x W, 4 x H x W, 1 x H x W or H x W, got {tuple(x.shape)}; "
             "use tensor_to_pils for a batch, or to_display/apply_colormap for other channel counts."
         )
     arr = torch.nan_to_num(x.detach().float().cpu(), nan=0.0).clamp(0, 1).mul(255).round()
@@ -253,7 +271,7 @@ def text_size(font: Font, text: str) -> tuple[int, int]:
     """Width and height (from the top of the text origin) of ``text`` in ``font``."""
     draw = ImageDraw.Draw(Image.new("L", (1, 1)))
     left, _, right, bottom = draw.textbbox((0, 0), text, font=font)
-    return right - left, bottom
+    return int(right - left), int(bottom)
 
 
 def _as_pils(
@@ -417,7 +435,7 @@ def label_strip(
     top, bottom = min(b[1] for b in boxes), max(b[3] for b in boxes)
     tiles = []
     for t, (left, _, right, _) in zip(texts, boxes):
-        tile = Image.new("L", (max(1, right - left), bottom - top), 0)
+        tile = Image.new("L", (max(1, int(right - left)), int(bottom - top)), 0)
         ImageDraw.Draw(tile).text((-left, -top), t, fill=255, font=font)
         tiles.append(tile)
     order = sorted(range(len(texts)), key=lambda i: centers[i])

@@ -98,7 +98,7 @@ def deep_dream(model: nn.Module, x: torch.Tensor, layer: str, steps: int = 10, l
     if not (isinstance(lr, int | float) and lr > 0):
         raise ConvscopeError(f"lr={lr!r}: the step size must be > 0 (pixel units, e.g. 1.5/255)")
     name = resolve_layer(model, layer)[0]
-    sizes = octave_sizes(tuple(x.shape[-2:]), octaves, octave_scale)
+    sizes = octave_sizes((int(x.shape[-2]), int(x.shape[-1])), octaves, octave_scale)
     if min(sizes[0]) < MIN_OCTAVE_SIDE:
         raise ConvscopeError(f"{octaves} octaves of scale {octave_scale} shrink the {x.shape[-2]}x{x.shape[-1]} photo "
                              f"to {sizes[0][0]}x{sizes[0][1]}; use fewer octaves or a larger photo (smallest side "

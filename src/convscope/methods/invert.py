@@ -244,7 +244,7 @@ def invert(
     if isinstance(seed, int) and not isinstance(seed, bool):
         seeds = [seed + i for i in range(n)]
     else:
-        seeds = list(seed)
+        seeds = [] if isinstance(seed, bool) else list(seed)
         if len(seeds) != n or not all(isinstance(s, int) for s in seeds):
             raise ConvscopeError(f"seed: give an int or {n} ints (one per image), got {seed!r}")
     like = torch.zeros((), dtype=dtype, device=x.device)
@@ -257,9 +257,9 @@ def invert(
         m = i1 - i0
         gens = make_generators([s for _ in names for s in seeds[i0:i1]], len(names) * m)
         start = init
-        if per_image:
-            start = init[i0:i1].repeat(len(names), 1, 1, 1)  # type: ignore[index]
-        param = make_param("pixel", start, len(names) * m, tuple(x.shape[-2:]), pre, gens, like)
+        if per_image and isinstance(init, torch.Tensor):
+            start = init[i0:i1].repeat(len(names), 1, 1, 1)
+        param = make_param("pixel", start, len(names) * m, (int(x.shape[-2]), int(x.shape[-1])), pre, gens, like)
         objective = per_rows([feature_match(k, targets[k][i0:i1]) for k in names], [m] * len(names))
         transforms = [_RowJitter(amplitudes, m)] if any(amplitudes) else []
         parts.append(optimize_images(model, objective, param, steps=steps, lr=lr if lr is not None else DEFAULT_LR,

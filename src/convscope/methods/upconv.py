@@ -9,12 +9,13 @@ The decoder ``D`` (:class:`UpconvNet`) is sized from the layer's output shape an
 connected code first goes through a linear layer to a small ``c x h0 x w0`` map; then convolutions with leaky ReLU
 (slope 0.2) and ``k`` 2x upsampling stages, each either **unpool-conv** (every value placed in the top-left corner
 of a 2x2 block of zeros, then a convolution; Dosovitskiy & Brox's "upconvolution") or a **transposed convolution**
-(4x4, stride 2), halving the channels each stage; a last 3x3 convolution gives the three image channels.
+(4x4, stride 2), halving the channels each stage; a last 3x3 convolution gives the image channels (three for
+RGB, as many as the model's input has: one for a grayscale model).
 
 Decoder contract (the generator DGN-AM uses): ``decoder(code)`` takes ``N x *decoder.code_shape`` (the raw output
 of ``decoder.layer`` of the model, unscaled: the decoder divides by the feature RMS it measured when training,
-``decoder.code_scale``) and returns ``N x 3 x H x W`` images in the model's **input space** (unbounded; pixels via
-``decoder.pixels(code)``, clamped RGB in [0, 1]). It is differentiable in the code.
+``decoder.code_scale``) and returns ``N x C x H x W`` images (``C = 3`` for RGB) in the model's **input space**
+(unbounded; pixels via ``decoder.pixels(code)``, clamped to [0, 1]). It is differentiable in the code.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.checks import input_channels
 from ..core.images import Preprocess
 from ..core.io import atomic_write_bytes
 from ..core.layers import resolve_layer
@@ -65,17 +67,20 @@ def _act() -> nn.LeakyReLU:
 
 
 class UpconvNet(nn.Module):
-    """Decoder from ``code_shape`` (``(C,)`` or ``(C, h, w)``) to ``3 x image_size`` images in the model's input
-    space; see the module docstring for the contract.
+    """Decoder from ``code_shape`` (``(C,)`` or ``(C, h, w)``) to ``channels x image_size`` images in the model's
+    input space (``channels``: the model's input channels, 3 for RGB); see the module docstring for the contract.
 
     ``upsample``: ``"unpool"`` (unpool + ``kernel`` x ``kernel`` conv) or ``"transposed"`` (4x4 stride-2 transposed
     conv). ``width``: channels of the last stage (doubling towards the code, at most ``max_width``).
     """
 
+    code_scale: torch.Tensor  # buffer: 1 / the RMS of the training codes
+    losses: list[float]  # mean training loss of each epoch (set by train_upconv / load_upconv)
+
     def __init__(self, code_shape: tuple[int, ...], image_size: tuple[int, int], *, upsample: str = "unpool",
                  width: int = 16, max_width: int = 256, kernel: int = 3, layer: str = "", model_name: str = "",
-                 mean: tuple[float, float, float] = (0.0, 0.0, 0.0), std: tuple[float, float, float] = (1.0, 1.0, 1.0),
-                 ) -> None:
+                 mean: tuple[float, ...] = (0.0, 0.0, 0.0), std: tuple[float, ...] = (1.0, 1.0, 1.0),
+                 channels: int = 3) -> None:
         super().__init__()
         if upsample not in UPSAMPLING:
             raise ConvscopeError(f"upsample={upsample!r}: use one of {', '.join(UPSAMPLING)}")
@@ -83,12 +88,14 @@ class UpconvNet(nn.Module):
             raise ConvscopeError(f"UpconvNet: code_shape {code_shape} must be (C,) or (C, h, w), image_size (H, W)")
         if width < 1 or kernel < 1 or kernel % 2 == 0:
             raise ConvscopeError(f"UpconvNet: width={width} must be >= 1 and kernel={kernel} odd")
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            raise ConvscopeError(f"UpconvNet: channels={channels!r} must be the model's input channel count (3: RGB)")
         self.code_shape = tuple(int(c) for c in code_shape)
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.layer, self.model_name = layer, model_name
         self.config = dict(code_shape=list(self.code_shape), image_size=list(self.image_size), upsample=upsample,
                            width=width, max_width=max_width, kernel=kernel, layer=layer, model_name=model_name,
-                           mean=list(mean), std=list(std))
+                           mean=list(mean), std=list(std), channels=channels)
         self.preprocess = Preprocess(mean=tuple(mean), std=tuple(std))
         H, W = self.image_size
         if len(code_shape) == 1:  # a fully connected code: start from a small map (about 4..7 px)
@@ -110,7 +117,7 @@ class UpconvNet(nn.Module):
                 layers += [Unpool2x(), nn.Conv2d(chans[i], chans[i + 1], kernel, padding=kernel // 2), _act()]
             else:
                 layers += [nn.ConvTranspose2d(chans[i], chans[i + 1], 4, stride=2, padding=1), _act()]
-        layers.append(nn.Conv2d(chans[-1], 3, 3, padding=1))
+        layers.append(nn.Conv2d(chans[-1], channels, 3, padding=1))
         self.body = nn.Sequential(*layers)
         self.out_size = (h0 * 2**k, w0 * 2**k)
         self.register_buffer("code_scale", torch.ones(()))
@@ -126,7 +133,7 @@ class UpconvNet(nn.Module):
         return y
 
     def pixels(self, code: torch.Tensor) -> torch.Tensor:
-        """The decoded images as RGB in [0, 1]."""
+        """The decoded images as pixels in [0, 1] (RGB for an RGB model)."""
         return self.preprocess.denormalize(self(code)).clamp(0, 1)
 
 
@@ -146,7 +153,7 @@ def _batches(images: Images, batch_size: int, gen: torch.Generator) -> Iterator[
     stream = images() if callable(images) else images
     for b in stream:
         if not isinstance(b, torch.Tensor) or b.dim() != 4:
-            raise ConvscopeError("an image stream must yield N x 3 x H x W tensors in the model's input space")
+            raise ConvscopeError("an image stream must yield N x C x H x W tensors in the model's input space")
         yield b
 
 
@@ -173,7 +180,7 @@ def train_upconv(
     squared error ``||x - D(Phi(x))||^2`` in the model's input space, ``Phi`` frozen.
 
     Args:
-        images: ``N x 3 x H x W`` in the model's input space (shuffled each epoch), an iterable of such batches
+        images: ``N x C x H x W`` in the model's input space (shuffled each epoch), an iterable of such batches
             (a generator is used up after one epoch: pass a callable returning a fresh one for several epochs).
         augment: random horizontal flips and crops (``crop`` px reflect-padded shifts) before the features.
         upsample, width, max_width, kernel: the decoder's shape (:class:`UpconvNet`).
@@ -188,8 +195,10 @@ def train_upconv(
         raise ConvscopeError(f"epochs={epochs!r}, batch_size={batch_size!r}: use positive ints")
     if not lr > 0:
         raise ConvscopeError(f"lr={lr!r}: the learning rate must be > 0")
-    if isinstance(images, torch.Tensor) and (images.dim() != 4 or images.shape[1] != 3 or images.shape[0] == 0):
-        raise ConvscopeError(f"images must be N x 3 x H x W in the model's input space, got {tuple(images.shape)}")
+    channels = input_channels(model)
+    if isinstance(images, torch.Tensor) and (images.dim() != 4 or images.shape[1] != channels or images.shape[0] == 0):
+        raise ConvscopeError(f"images must be N x {channels} x H x W in the model's input space, got "
+                             f"{tuple(images.shape)}")
     pre = model_preprocess(model, preprocess)
     gen = torch.Generator().manual_seed(seed)
     decoder: UpconvNet | None = None
@@ -207,9 +216,10 @@ def train_upconv(
             if decoder is None:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(seed)
-                    decoder = UpconvNet(tuple(feats.shape[1:]), tuple(xb.shape[-2:]), upsample=upsample, width=width,
-                                        max_width=max_width, kernel=kernel, layer=name, model_name=net_name,
-                                        mean=pre.mean, std=pre.std)
+                    decoder = UpconvNet(tuple(feats.shape[1:]), (int(xb.shape[-2]), int(xb.shape[-1])),
+                                        upsample=upsample, width=width, max_width=max_width, kernel=kernel,
+                                        layer=name, model_name=net_name,
+                                        mean=pre.mean, std=pre.std, channels=int(xb.shape[1]))
                 decoder.to(xb.device, xb.dtype)
                 decoder.code_scale.fill_(1.0 / float(feats.pow(2).mean().sqrt().clamp_min(1e-8)))
                 opt = torch.optim.Adam(decoder.parameters(), lr=lr)
