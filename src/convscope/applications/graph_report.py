@@ -73,15 +73,15 @@ def layered_layout(names: list[str], edges: list[tuple[str, str]], sizes: dict[s
     preds: dict[str, list[str]] = {n: [] for n in names}
     for u, v in edges:
         preds[v].append(u)
-    rank = {}
-    for n in names:
-        rank[n] = 1 + max((rank[u] for u in preds[n]), default=-1)
+    rank: dict[str, int] = {}
+    for name in names:
+        rank[name] = 1 + max((rank[u] for u in preds[name]), default=-1)
     # dummy points on long edges: ("~", edge number, rank)
     up: dict[object, list[object]] = {n: [] for n in names}
     down: dict[object, list[object]] = {n: [] for n in names}
     chains: dict[tuple[str, str], list[object]] = {}
     order_key: dict[object, float] = {n: float(index[n]) for n in names}
-    rank_of: dict[object, int] = dict(rank)
+    rank_of: dict[object, int] = {n: r for n, r in rank.items()}
     for k, (u, v) in enumerate(edges):
         chain: list[object] = [u]
         for r in range(rank[u] + 1, rank[v]):
@@ -109,7 +109,7 @@ def layered_layout(names: list[str], edges: list[tuple[str, str]], sizes: dict[s
                 pos[n] = float(i)
 
     def width(n: object) -> float:
-        return sizes[n][0] if n in sizes else 0.0  # type: ignore[index]
+        return sizes[n][0] if n in sizes else 0.0
 
     def gap(a: object, b: object) -> float:
         g = NODE_GAP if (a in sizes and b in sizes) else BEND_GAP
