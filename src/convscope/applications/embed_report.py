@@ -18,6 +18,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -194,7 +195,7 @@ def embed_report(model: nn.Module, layer: str, data: Images, out: str | Path,
         Image.fromarray(emb.thumbnails[i].permute(1, 2, 0).numpy()).save(buf, format="PNG")
         atomic_write_bytes(thumbs / f"{i:05d}.png", buf.getvalue(), fsync=False)
     colours = class_colours(emb.colours)
-    points = []
+    points: list[dict[str, Any]] = []
     for i in range(n):
         x, y = (float(v) for v in emb.coords[i])
         lab = int(emb.labels[i]) if emb.labels is not None else None
