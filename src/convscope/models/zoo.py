@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import os
 import pickle
 import re
 import warnings
@@ -141,7 +142,7 @@ def list_models() -> list[dict[str, object]]:
     return rows
 
 
-def load_model(spec: str | nn.Module, weights: str | Path | None = None,
+def load_model(spec: str | nn.Module, weights: str | os.PathLike[str] | None = None,
                device: str | torch.device | None = "auto") -> nn.Module:
     """Load a model by zoo name, source spec or file; see the module docstring. Returns it in eval mode.
 
@@ -173,7 +174,7 @@ def load_model(spec: str | nn.Module, weights: str | Path | None = None,
     return model.to(dev).eval()
 
 
-def _load_zoo(name: str, weights: str | Path | None) -> nn.Module:
+def _load_zoo(name: str, weights: str | os.PathLike[str] | None) -> nn.Module:
     entry = ZOO[name]
     if name == "demo_net":
         return _load_demo(weights)
@@ -199,7 +200,7 @@ def _load_zoo(name: str, weights: str | Path | None) -> nn.Module:
                            classes=imagenet_classes(), zoo_name=name)
 
 
-def _load_demo(weights: str | Path | None) -> nn.Module:
+def _load_demo(weights: str | os.PathLike[str] | None) -> nn.Module:
     bundled = resources.files("convscope.models").joinpath("weights", DEMO_WEIGHTS)
     path = Path(str(weights)) if weights is not None else (Path(str(bundled)) if bundled.is_file() else None)
     ckpt = _read_checkpoint(path) if path is not None else {}
@@ -219,7 +220,7 @@ def _load_demo(weights: str | Path | None) -> nn.Module:
                            classes=classes, zoo_name="demo_net", pretrained=bool(ckpt))
 
 
-def _load_demo_vit(weights: str | Path | None) -> nn.Module:
+def _load_demo_vit(weights: str | os.PathLike[str] | None) -> nn.Module:
     """demo_vit: the project's small ViT trained on the synthetic scenes (``convscope train-demo --arch vit``)."""
     bundled = resources.files("convscope.models").joinpath("weights", DEMO_VIT_WEIGHTS)
     path = Path(str(weights)) if weights is not None else (Path(str(bundled)) if bundled.is_file() else None)
@@ -236,7 +237,7 @@ def _load_demo_vit(weights: str | Path | None) -> nn.Module:
                            patch_size=_vit.DEMO_VIT_CONFIG["patch_size"])
 
 
-def _load_torchvision_arch(name: str, weights: str | Path | None) -> nn.Module:
+def _load_torchvision_arch(name: str, weights: str | os.PathLike[str] | None) -> nn.Module:
     """Build ``name`` (seeded random weights), or load a torchvision state dict into it strictly.
 
     The number of classes is read from the checkpoint's classifier, so a fine-tuned head loads too."""
@@ -373,14 +374,15 @@ def state_mismatch(model: nn.Module, state: dict, show: int = 3) -> str:
     return ", ".join(parts)
 
 
-def load_weights(model: nn.Module, weights: str | Path, rename: Callable[[dict], dict] | None = None) -> nn.Module:
+def load_weights(model: nn.Module, weights: str | os.PathLike[str],
+                 rename: Callable[[dict], dict] | None = None) -> nn.Module:
     """Load a state-dict file into ``model`` strictly, with ``weights_only=True``."""
     path = Path(weights)
     _load_state(model, _read_checkpoint(path)["state_dict"], path, rename)
     return model
 
 
-def _load_hub(spec: str, weights: str | Path | None) -> nn.Module:
+def _load_hub(spec: str, weights: str | os.PathLike[str] | None) -> nn.Module:
     source, _, name = spec.partition(":")
     if importlib.util.find_spec(source) is None:
         raise ModelLoadError(f"{spec!r} needs the {source} package, which is not installed: pip install {source}")
@@ -398,7 +400,7 @@ def _load_hub(spec: str, weights: str | Path | None) -> nn.Module:
     return model
 
 
-def _load_file(path: Path, weights: str | Path | None) -> nn.Module:
+def _load_file(path: Path, weights: str | os.PathLike[str] | None) -> nn.Module:
     if not path.is_file():
         raise ModelLoadError(f"model file {str(path)!r} does not exist")
     if not zipfile.is_zipfile(path):
@@ -423,7 +425,7 @@ def _load_file(path: Path, weights: str | Path | None) -> nn.Module:
     return model
 
 
-def _load_factory(spec: str, weights: str | Path | None) -> nn.Module:
+def _load_factory(spec: str, weights: str | os.PathLike[str] | None) -> nn.Module:
     mod_name, _, attr = spec.partition(":")
     if not mod_name or not attr:
         raise ModelLoadError(f"model spec {spec!r} is incomplete; write package.module:factory (e.g. mynets:tiny)")
