@@ -363,20 +363,21 @@ def build_atlas(
         raise ConvscopeError(f"am_preset={am_preset!r}: use one of {', '.join(PRESETS)}")
     if display not in ("percentile", "signed"):
         raise ConvscopeError(f"display={display!r}: use 'percentile' or 'signed'")
-    if isinstance(images, str | os.PathLike):
-        images = [images]
-    if isinstance(images, list | tuple):
-        images = [str(Path(p).resolve()) for p in images]  # workers (Ray's included) may run in another folder
+    paths: list[str] | torch.Tensor | None
+    if images is None or isinstance(images, torch.Tensor):
+        paths = images
+    else:  # absolute: workers (Ray's included) may run in another folder
+        paths = [str(Path(p).resolve()) for p in ([images] if isinstance(images, str | os.PathLike) else images)]
     out = Path(out)
     tune_cpu_allocator()
     user_module = isinstance(model, nn.Module)
     if user_module and weights is not None:
         raise ConvscopeError("weights= is for a model given by name; load the weights into your module first")
-    net = model if user_module else load_model(model, weights=weights, device=device)
+    net = model if isinstance(model, nn.Module) else load_model(model, weights=weights, device=device)
     names = list(resolve_layers(net, layers))
     if not names:
         raise ConvscopeError("layers: give at least one layer name (`convscope layers MODEL` lists them)")
-    data = default_images(net, images, synthetic, progress)
+    data = default_images(net, paths, synthetic, progress)
     acts = layer_features(net, data.load([0]), names)
     order = {n: i for i, (n, _) in enumerate(net.named_modules())}
     records = []
@@ -390,7 +391,7 @@ def build_atlas(
 
     concept_path = None
     settings = {"k": k, "am_steps": am_steps, "am_preset": am_preset, "am_size": am_size, "seed": seed,
-                "display": display, "images": _images_fingerprint(data, images),
+                "display": display, "images": _images_fingerprint(data, paths),
                 "concepts": None if concepts is None else (
                     f"synthetic ({concept_images} images)" if str(concepts) == "synthetic"
                     else str(Path(concepts).resolve()))}
@@ -404,7 +405,7 @@ def build_atlas(
             concept_path = _concept_dataset(str(concepts), out, concept_images, seed, progress)
         remote = executor != "local" or workers > 1
         shipped = (_pickle_module(net) if remote else b"") if user_module else str(model)
-        spec = WorkerSpec(shipped, None if weights is None else str(weights), str(device), images, synthetic)
+        spec = WorkerSpec(shipped, None if weights is None else str(weights), str(device), paths, synthetic)
         stats = BuildStats()
         ex = make_executor(executor, workers if executor == "local" else (workers if workers > 1 else None),
                            (setup_worker, spec), context=Context(net, spec, data), address=ray_address)
