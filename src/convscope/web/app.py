@@ -118,7 +118,8 @@ def _timed(job: JobResult) -> JSONResponse:
 def create_app(model: str | nn.Module = "efficientnet_lite0", atlas: str | os.PathLike[str] | Atlas | None = None,
                *, max_upload_bytes: int = 10 * MB, queue_size: int = 64, image_capacity: int = 128,
                max_pixels: int | None = None, decode_slots: int = 2, device: str = "auto",
-               threads: int | None = None, allowed_hosts: list[str] | None = None) -> FastAPI:
+               threads: int | None = None, allowed_hosts: list[str] | None = None,
+               embed_images: int = 200) -> FastAPI:
     """The explorer app for ``model`` (a zoo name / spec, loaded once, or a module) and an optional atlas folder.
 
     ``max_upload_bytes``: largest accepted upload (413 above); ``queue_size``: model jobs allowed to wait (503
@@ -127,7 +128,8 @@ def create_app(model: str | nn.Module = "efficientnet_lite0", atlas: str | os.Pa
     ``decode_slots``: pictures decoded at once (each holds its full-size decode buffer while it runs);
     ``threads``: ``torch.set_num_threads`` for the process (None: leave it); ``allowed_hosts``: accepted ``Host``
     headers (``convscope serve`` on a loopback address passes the loopback names, which stops DNS-rebinding pages
-    from reading the explorer; None: any).
+    from reading the explorer; None: any); ``embed_images``: synthetic scenes the embedding view lays out (each
+    layer's embedding is computed once, on the model worker, then cached).
     """
     if not isinstance(max_upload_bytes, int) or max_upload_bytes < 1:
         raise ConvscopeError(f"max_upload_bytes={max_upload_bytes!r}: use a positive number of bytes")
@@ -142,7 +144,7 @@ def create_app(model: str | nn.Module = "efficientnet_lite0", atlas: str | os.Pa
     name = getattr(module, "zoo_name", None) or (model if isinstance(model, str) else None)
     store = atlas if isinstance(atlas, Atlas) or atlas is None else open_atlas(atlas)
     explorer = Explorer(module, name=name, atlas=store, image_capacity=image_capacity, max_pixels=max_pixels,
-                        decode_slots=decode_slots)
+                        decode_slots=decode_slots, embed_images=embed_images)
     decoder = explorer.decoder
     worker = ModelWorker(queue_size)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -220,6 +222,10 @@ def create_app(model: str | nn.Module = "efficientnet_lite0", atlas: str | os.Pa
         """Queue ``fn(*args)`` on the model worker and await it."""
         return await wait(request, worker.submit(fn, *args))
 
+    async def value(fn: Any, *args: Any) -> Any:
+        """Queue ``fn(*args)`` on the model worker and await its value (for the pages)."""
+        return (await asyncio.wrap_future(worker.submit(fn, *args))).value
+
     gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = weakref.WeakKeyDictionary()
 
     def decode_gate() -> asyncio.Semaphore:
@@ -236,12 +242,26 @@ def create_app(model: str | nn.Module = "efficientnet_lite0", atlas: str | os.Pa
     # ------------------------------------------------------------------ the page
 
     @app.get("/", response_class=HTMLResponse)
-    async def page(request: Request) -> Response:
+    async def page(request: Request, layer: str | None = Query(None, max_length=MAX_NAME_BYTES)) -> Response:
+        """The explorer; ``?layer=NAME`` opens that layer's maps (the graph view's links)."""
+        if layer is not None:
+            try:
+                explorer.layer(layer)
+            except UnknownLayer as e:
+                return templates.TemplateResponse(request, "error.html", {
+                    **common, "title": "Unknown layer", "message": f"{e} (the graph view links them all: /graph)"},
+                    status_code=400)
         return templates.TemplateResponse(request, "explorer.html", {
-            **common, "layers": explorer.layers, "default_layer": explorer.default_layer,
+            **common, "layers": explorer.layers, "default_layer": layer or explorer.default_layer,
             "bundled": explorer.bundled(), "input_size": explorer.input_size, "num_classes": explorer.num_classes,
             "cam_layer": explorer.cam_layer, "max_upload_mb": max_upload_bytes / MB, "norms": NORMS,
-            "cam_methods": CAM_METHODS})
+            "cam_methods": CAM_METHODS, "embed_images": explorer.embed_images})
+
+    @app.get("/graph", response_class=HTMLResponse)
+    async def graph_page(request: Request) -> Response:
+        """The architecture graph as the layer picker: every node or block that is a layer links to its maps."""
+        g = await value(explorer.graph)
+        return templates.TemplateResponse(request, "graph.html", {**common, "g": g})
 
     # ------------------------------------------------------------------ JSON API
 
@@ -328,6 +348,20 @@ def create_app(model: str | nn.Module = "efficientnet_lite0", atlas: str | os.Pa
     async def cam(request: Request, image: str, cls: int | None = Query(None, ge=0),
                   method: str = "gradcam") -> JSONResponse:
         return await run(request, explorer.cam, image, cls, method)
+
+    @app.get("/api/graph")
+    async def graph(request: Request) -> JSONResponse:
+        """The model graph (SVG with layer links, module tree as collapsible HTML, the layers and their nodes)."""
+        return await run(request, explorer.graph)
+
+    @app.get("/api/embedding")
+    async def embedding(request: Request, layer: str | None = Query(None, max_length=MAX_NAME_BYTES),
+                        source: str = Query("synthetic", max_length=20)) -> JSONResponse:
+        """t-SNE of the layer's pooled features over synthetic scenes or the explorer's pictures (computed once per
+        layer and source, then cached): points with thumbnails, labels and predicted classes."""
+        layer = layer or explorer.default_layer
+        explorer.layer(layer)  # a bad layer is a 400 before anything is queued
+        return await run(request, explorer.embedding, layer, source)
 
     @app.get("/api/atlas/search")
     async def atlas_search(q: str = Query(..., min_length=1, max_length=100)) -> list[dict[str, Any]]:

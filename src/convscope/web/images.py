@@ -215,6 +215,11 @@ class ImageStore:
                                "uploads); upload it again")
         return item
 
+    def items(self) -> list[StoredImage]:
+        """The pictures in the LRU (not the pinned ones), oldest first."""
+        with self._lock:
+            return list(self._items.values())
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._items)

@@ -19,6 +19,7 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import PurePath
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 import torch
@@ -26,6 +27,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from ..applications.embed_report import class_colours, synthetic_scenes
+from ..applications.graph_report import graph_svg, module_tree
 from ..applications.report import unit_layer
 from ..atlas.store import Atlas, AtlasError
 from ..core.images import PHOTO_NAMES, Preprocess, load_image, sample_images
@@ -35,18 +38,25 @@ from ..core.render import colormap, overlay, to_display, to_pil
 from ..errors import ConvscopeError, LayerNotFoundError, TargetError
 from ..methods.cam import default_cam_layer
 from ..methods.deconvnet import deconvnet, unit_backprop
+from ..methods.embed import pooled_features, project
+from ..methods.graph import model_graph
 from ..methods.registry import attribution_method
 from ..models.predict import rank_logits
 from ..models.zoo import get_classes, get_preprocess
 from .images import Decoder, ImageStore, StoredImage, shown
 
-__all__ = ["CAM_METHODS", "NORMS", "Explorer", "GridLayout", "LayerEntry", "activation_grid", "colorize", "data_url",
-           "unit_pictures"]
+__all__ = ["CAM_METHODS", "EMBED_SOURCES", "NORMS", "Explorer", "GridLayout", "LayerEntry", "activation_grid",
+           "colorize", "data_url", "layer_url", "unit_pictures"]
 
 CAM_METHODS = tuple(attribution_method(n).name for n in ("gradcam", "saliency"))
 """The attribution methods the explorer offers (registry names): Grad-CAM at the CAM layer, gradient saliency."""
 NORMS = ("layer", "unit")
 GRID_BACKGROUND = (0.16, 0.16, 0.18)
+EMBED_SOURCES = ("synthetic", "images")
+"""What the embedding view lays out: held-out synthetic scenes (with their scene labels), or the explorer's own
+pictures (the bundled photos and the uploads it holds)."""
+EMBED_THUMB = 64  # side of the hover thumbnails (px)
+EMBED_BATCH = 32  # images per forward pass of the feature pass
 
 
 class UnknownLayer(LayerNotFoundError):
@@ -168,6 +178,15 @@ def unit_pictures(act_map: torch.Tensor, scale: float, image: Image.Image, cmap:
     return alone, over
 
 
+def layer_url(name: str) -> str:
+    """The explorer page showing layer ``name`` (``/?layer=NAME``, percent-encoded)."""
+    return "/?layer=" + quote(name, safe="")
+
+
+def _hex(c: tuple[int, int, int]) -> str:
+    return "#{:02x}{:02x}{:02x}".format(*c)
+
+
 def _signed_picture(t: torch.Tensor) -> torch.Tensor:
     """A signed ``C x H x W`` projection for display: its 0.5-99.5th percentiles stretched to [0, 1]."""
     return to_display(t[None].float(), "percentile")[0]
@@ -201,11 +220,15 @@ class _LRU:
 
 class Explorer:
     """The explorer's model-side work for one model (and optionally an atlas of it). ``max_pixels`` (None: sized
-    for the model) and ``decode_slots`` bound how uploads and frames are decoded (:class:`~.images.Decoder`)."""
+    for the model) and ``decode_slots`` bound how uploads and frames are decoded (:class:`~.images.Decoder`);
+    ``embed_images``: how many synthetic scenes the embedding view lays out."""
 
     def __init__(self, model: nn.Module, name: str | None = None, atlas: Atlas | None = None,
                  image_capacity: int = 128, frame_capacity: int = 32, max_pixels: int | None = None,
-                 top_k: int = 5, decode_slots: int = 2) -> None:
+                 top_k: int = 5, decode_slots: int = 2, embed_images: int = 200) -> None:
+        if isinstance(embed_images, bool) or not isinstance(embed_images, int) or not 3 <= embed_images <= 5000:
+            raise ConvscopeError(f"embed_images={embed_images!r}: give the number of synthetic scenes to embed, "
+                                 "3..5000")
         self.model = model
         self.name = name or model_name(model)
         self.device = model_device(model)
@@ -241,6 +264,9 @@ class Explorer:
         self.frames = ImageStore(pre, frame_capacity, prefix="f-")
         self._preds = _LRU(4 * image_capacity)
         self._acts = _LRU(16)
+        self.embed_images = embed_images
+        self._graph: dict[str, Any] | None = None
+        self._embeds = _LRU(8)
 
     # ------------------------------------------------------------------ helpers
 
@@ -463,6 +489,107 @@ class Explorer:
         return {"image": image_id, "class": cls, "name": self.class_name(cls), "method": method,
                 "layer": self.cam_layer if entry.needs_layer else None, "overlay": data_url(to_pil(pic)),
                 "model_s": dt}
+
+    # ------------------------------------------------------------------ whole-model views
+
+    def graph(self) -> dict[str, Any]:
+        """The model's computation graph (:func:`~convscope.methods.graph.model_graph`, traced once at the explorer's
+        input size, then cached) as the explorer shows it: the SVG of
+        :func:`~convscope.applications.graph_report.graph_svg` and the collapsible module tree
+        (:func:`~convscope.applications.graph_report.module_tree`), where every node or container frame that is one
+        of the explorer's layers links to that layer's view (:func:`layer_url`); and each layer with the graph
+        nodes (or frame) it is drawn as."""
+        if self._graph is not None:
+            return {**self._graph, "model_s": 0.0}
+        t0 = time.perf_counter()
+        g = model_graph(self.model, self.input_size)
+        dt = time.perf_counter() - t0
+        names = {e.name for e in self.layers}
+        drawn: dict[str, list[str]] = {e.name: [] for e in self.layers}
+        links: dict[str, str] = {}
+        for n in g.module_calls:
+            if n.module in names:
+                links[n.name] = layer_url(n.module)
+                drawn[n.module].append(n.name)
+        for group in g.groups:
+            if group in names:  # a container layer (a residual block, a stage): its frame
+                links[group] = layer_url(group)
+                drawn[group].append(group)
+        layers = [{"name": e.name, "type": e.type, "shape": list(e.shape), "units": e.units, "url": layer_url(e.name),
+                   "nodes": drawn[e.name]} for e in self.layers]
+        self._graph = {"model": self.name, "input_shape": list(g.input_shape), "nodes": len(g.nodes),
+                       "module_calls": len(g.module_calls), "joins": len(g.joins), "params": g.params,
+                       "svg": graph_svg(g, links), "tree": module_tree(g, links), "layers": layers}
+        return {**self._graph, "model_s": dt}
+
+    def embed_inputs(self, source: str) -> tuple[torch.Tensor, torch.Tensor | None, list[str], list[str | None],
+                                                  dict[int, str]]:
+        """The pictures the embedding view lays out (see :data:`EMBED_SOURCES`), in the model's input space:
+        ``(x, labels or None, image names, image ids or None, label names)``."""
+        if source == "synthetic":
+            from ..data.synthetic import HELD_OUT_START
+
+            x, labels, label_names = synthetic_scenes(self.model, self.embed_images, seed=0, progress=False,
+                                                      size=min(self.input_size))
+            names = [f"synthetic #{HELD_OUT_START + i}" for i in range(len(x))]
+            return x, labels, names, [None] * len(x), dict(enumerate(label_names))
+        items = [self.sample(n) for n in self.bundled()] + self.images.items()
+        if len(items) < 3:
+            raise ConvscopeError(f"the explorer holds {len(items)} picture(s); a t-SNE embedding needs at least 3: "
+                                 "upload more pictures or use source=synthetic")
+        x = torch.cat([self.tensor(it) for it in items])
+        return x, None, [it.name for it in items], [it.id for it in items], {}
+
+    def embedding(self, layer: str, source: str = "synthetic") -> dict[str, Any]:
+        """The t-SNE embedding (van der Maaten & Hinton 2008) of ``layer``'s global-average-pooled features
+        (:func:`~convscope.methods.embed.pooled_features`, :func:`~convscope.methods.embed.project`, as
+        ``convscope embed``) over ``source``'s pictures: each point with its 2-D position, a thumbnail, its label
+        (synthetic scenes) and the model's predicted class, coloured by label (else prediction). Computed once per
+        layer and source (for ``images``: per set of pictures held), then cached."""
+        self.layer(layer)
+        if source not in EMBED_SOURCES:
+            raise ConvscopeError(f"source={shown(source)}: use one of {', '.join(EMBED_SOURCES)}")
+        ids = None if source == "synthetic" else tuple(n for n in self.bundled()) + tuple(
+            it.id for it in self.images.items())
+        key = (layer, source, self.embed_images if ids is None else ids)
+        cached = self._embeds.get(key)
+        if cached is not None:
+            return {**cached, "cached": True, "model_s": 0.0}
+        x, labels, names, image_ids, label_names = self.embed_inputs(source)
+        t0 = time.perf_counter()
+        pooled = pooled_features(self.model, layer, x, batch_size=EMBED_BATCH, progress=False, predict=True,
+                                 thumbnail=EMBED_THUMB)
+        t1 = time.perf_counter()
+        coords = project(pooled.features, "tsne", seed=0)
+        t2 = time.perf_counter()
+        preds = pooled.predictions
+        colour_by = labels if labels is not None else preds
+        colours = class_colours(colour_by)
+        thumbs = pooled.thumbnails
+        points = []
+        for i in range(len(coords)):
+            lab = int(labels[i]) if labels is not None else None
+            pred = int(preds[i]) if preds is not None else None
+            c = colour_by[i] if colour_by is not None else None
+            thumb = data_url(Image.fromarray(thumbs[i].permute(1, 2, 0).numpy()), "JPEG", 80) if thumbs is not None \
+                else None
+            points.append({"x": round(float(coords[i, 0]), 4), "y": round(float(coords[i, 1]), 4), "name": names[i],
+                           "image": image_ids[i], "label": lab,
+                           "label_name": None if lab is None else label_names.get(lab, f"class {lab}"),
+                           "prediction": pred, "prediction_name": None if pred is None else self.class_name(pred),
+                           "colour": _hex(colours[int(c)]) if c is not None else "#5a5a5a", "thumbnail": thumb})
+        legend = []
+        if colour_by is not None:
+            for cls in sorted(colours):
+                name = label_names.get(cls, f"class {cls}") if labels is not None else self.class_name(cls)
+                legend.append({"class": cls, "name": name, "colour": _hex(colours[cls]),
+                               "count": int((colour_by == cls).sum())})
+        out = {"layer": layer, "source": source, "method": "tsne", "seed": 0, "n": len(points),
+               "features": int(pooled.features.shape[1]), "coloured_by": "label" if labels is not None else
+               "prediction", "points": points, "legend": legend, "feature_s": round(t1 - t0, 4),
+               "tsne_s": round(t2 - t1, 4)}
+        self._embeds.put(key, out)
+        return {**out, "cached": False, "model_s": t1 - t0}
 
     # ------------------------------------------------------------------ atlas
 

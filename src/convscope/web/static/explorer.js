@@ -62,8 +62,12 @@
     document.querySelectorAll(".thumb").forEach((b) => b.classList.toggle("on", b.dataset.id === id));
   }
 
+  const IMAGE_KEY = "convscope.image";  // the current image, kept per tab across the graph page's links
+
   async function useImage(id) {
     state.image = id;
+    try { sessionStorage.setItem(IMAGE_KEY, id); } catch (e) { /* storage off: nothing to remember */ }
+    markEmbedding();
     showStill(id);
     await Promise.all([analyze(), loadCam(), state.unit !== null ? loadUnit() : null]);
   }
@@ -202,12 +206,19 @@
     if (u >= 0 && u < L.units) { ev.preventDefault(); selectUnit(u); }
   });
 
-  $("layer").addEventListener("change", (ev) => {
-    state.layer = ev.target.value;
+  function setLayer(name) {
+    if (![...$("layer").options].some((o) => o.value === name)) return;
+    $("layer").value = name;
+    state.layer = name;
     state.unit = null;
     clearUnit();
+    markGraph();
+    $("embed-run").textContent = `t-SNE of ${name}`;
+    try { history.replaceState(null, "", `/?layer=${encodeURIComponent(name)}`); } catch (e) { /* file:// etc. */ }
     if (!state.stream) analyze();
-  });
+  }
+
+  $("layer").addEventListener("change", (ev) => setLayer(ev.target.value));
   $("norm").addEventListener("change", (ev) => { state.norm = ev.target.value; if (!state.stream) analyze(); });
 
   // ------------------------------------------------------------------ one unit
@@ -390,4 +401,146 @@
     $("u-deconv").hidden = false;
     $("u-guided").hidden = false;
   }
+
+  // ------------------------------------------------------------------ the graph as the layer picker
+
+  let graphLoaded = false;
+  function layerOf(a) {
+    try { return new URL(a.getAttribute("href"), location.href).searchParams.get("layer"); } catch (e) { return null; }
+  }
+
+  function markGraph() {
+    document.querySelectorAll("#graph-view a.link").forEach((a) => a.classList.toggle("on", layerOf(a) === state.layer));
+  }
+
+  async function toggleGraph() {
+    const card = $("graph-card"), btn = $("graph-toggle");
+    card.hidden = !card.hidden;
+    btn.setAttribute("aria-expanded", String(!card.hidden));
+    if (card.hidden || graphLoaded) { markGraph(); return; }
+    try {
+      const d = await api("/api/graph");
+      $("graph-view").innerHTML = d.svg;      // the server's SVG: names are escaped there
+      $("graph-tree-body").innerHTML = d.tree;
+      graphLoaded = true;
+      markGraph();
+      const on = document.querySelector("#graph-view a.link.on");
+      if (on) on.scrollIntoView({ block: "nearest", inline: "nearest" });
+    } catch (e) {
+      card.hidden = true;
+      btn.setAttribute("aria-expanded", "false");
+      toast(e);
+    }
+  }
+
+  $("graph-toggle").addEventListener("click", toggleGraph);
+  $("graph-card").addEventListener("click", (ev) => {
+    const a = ev.target.closest("a");
+    const name = a ? layerOf(a) : null;
+    if (!name) return;  // the full-page link navigates as usual
+    ev.preventDefault();
+    setLayer(name);
+  });
+
+  // ------------------------------------------------------------------ the embedding of a layer
+
+  const SVGNS = "http://www.w3.org/2000/svg";
+  let embedSeq = 0;
+  let embedding = null;
+
+  async function loadEmbedding() {
+    const my = ++embedSeq;
+    const layer = state.layer, source = $("embed-source").value;
+    const btn = $("embed-run");
+    btn.disabled = true;
+    $("embed-caption").textContent = `computing the t-SNE of ${layer} over ` +
+      (source === "synthetic" ? "the synthetic scenes" : "the explorer's pictures") + " (once per layer, then cached)…";
+    try {
+      const d = await api(`/api/embedding?${new URLSearchParams({ layer, source })}`);
+      if (my === embedSeq) drawEmbedding(d);
+    } catch (e) {
+      if (my === embedSeq) { $("embed-caption").textContent = e.message; toast(e); }
+    } finally {
+      if (my === embedSeq) btn.disabled = false;
+    }
+  }
+
+  function drawEmbedding(d) {
+    embedding = d;
+    const svg = $("embed-svg");
+    const W = 600, M = 14;
+    const xs = d.points.map((p) => p.x), ys = d.points.map((p) => p.y);
+    const x0 = Math.min(...xs), x1 = Math.max(...xs), y0 = Math.min(...ys), y1 = Math.max(...ys);
+    const s = (W - 2 * M) / (Math.max(x1 - x0, y1 - y0) || 1);
+    const r = d.points.length > 600 ? 3.5 : 5;
+    svg.innerHTML = "";
+    d.points.forEach((p, i) => {
+      const c = document.createElementNS(SVGNS, "circle");
+      c.setAttribute("cx", (W / 2 + (p.x - (x0 + x1) / 2) * s).toFixed(1));
+      c.setAttribute("cy", (W / 2 - (p.y - (y0 + y1) / 2) * s).toFixed(1));  // y up, as in the report
+      c.setAttribute("r", r);
+      c.setAttribute("fill", p.colour);
+      c.dataset.i = i;
+      svg.appendChild(c);
+    });
+    $("embed-wrap").hidden = false;
+    $("embed-legend").innerHTML = d.legend.length ? `<span class="muted">${d.coloured_by === "label" ? "label" : "predicted class"}:</span>` +
+      d.legend.map((l) => `<span class="legend-item"><span class="swatch" style="background:${esc(l.colour)}"></span>` +
+        `${esc(l.name)} (${l.count})</span>`).join("") : "";
+    $("embed-caption").textContent = `${d.n} images by ${d.layer} (${d.features} pooled features), t-SNE seed ${d.seed}` +
+      (d.cached ? " · from the cache" : ` · features ${fmt(d.feature_s)} s, t-SNE ${fmt(d.tsne_s)} s`) +
+      ". Hover a point for its picture" + (d.source === "images" ? "; click one to open it." : ".");
+    markEmbedding();
+  }
+
+  function markEmbedding() {
+    if (!embedding) return;
+    document.querySelectorAll("#embed-svg circle").forEach((c) => {
+      const p = embedding.points[+c.dataset.i];
+      c.classList.toggle("here", p.image !== null && p.image === state.image);
+    });
+  }
+
+  function peekAt(ev) {
+    const wrap = $("embed-wrap").getBoundingClientRect();
+    const peek = $("embed-peek");
+    const left = ev.clientX - wrap.left + 14;
+    peek.style.left = `${left + 150 > wrap.width ? ev.clientX - wrap.left - 154 : left}px`;
+    peek.style.top = `${Math.max(0, ev.clientY - wrap.top - 60)}px`;
+  }
+
+  $("embed-svg").addEventListener("mouseover", (ev) => {
+    const c = ev.target.closest("circle");
+    if (!c || !embedding) return;
+    const p = embedding.points[+c.dataset.i];
+    if (p.thumbnail) { $("embed-peek-img").src = p.thumbnail; $("embed-peek-img").hidden = false; }
+    else $("embed-peek-img").hidden = true;
+    $("embed-peek-text").innerHTML = `<b>${esc(p.name)}</b>` +
+      (p.label_name !== null ? `<br>label: ${esc(p.label_name)}` : "") +
+      (p.prediction_name !== null ? `<br>predicted: ${esc(p.prediction_name)}` : "");
+    peekAt(ev);
+    $("embed-peek").hidden = false;
+  });
+  $("embed-svg").addEventListener("mousemove", (ev) => { if (!$("embed-peek").hidden) peekAt(ev); });
+  $("embed-svg").addEventListener("mouseout", (ev) => { if (ev.target.closest("circle")) $("embed-peek").hidden = true; });
+  $("embed-svg").addEventListener("click", (ev) => {
+    const c = ev.target.closest("circle");
+    const p = c && embedding ? embedding.points[+c.dataset.i] : null;
+    if (!p || !p.image) return;
+    stopWebcam(false);
+    useImage(p.image).catch(toast);
+  });
+  $("embed-run").addEventListener("click", loadEmbedding);
+  $("embed-run").textContent = `t-SNE of ${state.layer}`;
+
+  // ------------------------------------------------------------------ start: the tab's last image, if the server still has it
+
+  (async () => {
+    let id = new URLSearchParams(location.search).get("image");
+    try { id = id || sessionStorage.getItem(IMAGE_KEY); } catch (e) { /* no storage */ }
+    if (!id || state.image) return;
+    const r = await fetch(`/api/images/${encodeURIComponent(id)}`).catch(() => null);
+    if (r && r.ok && !state.image) await useImage(id).catch(toast);
+    else { try { sessionStorage.removeItem(IMAGE_KEY); } catch (e) { /* no storage */ } }
+  })();
 })();
