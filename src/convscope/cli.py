@@ -32,7 +32,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from . import __version__
 from .core.io import check_output_dir, check_output_file, describe_os_error
@@ -1078,7 +1078,8 @@ def cmd_similarity(args: argparse.Namespace) -> int:
     run = similarity_report(a, b, args.data or None, Path(args.out), layers_a=_names(args.layers) or None,
                             layers_b=_names(args.layers_b or args.layers) or None, method=args.method,
                             reduce=args.reduce, batch_size=args.batch_size,
-                            match=tuple(_names(args.match)) if args.match else None,
+                            # a pair: similarity_report refuses any other length with the fix
+                            match=cast("tuple[str, str]", tuple(_names(args.match))) if args.match else None,
                             match_method=args.match_method, synthetic=args.synthetic)
     print(f"wrote {run.png}, {run.html}, {run.json}")
     return 0
