@@ -242,7 +242,7 @@ class Explorer:
         self.input_size: tuple[int, int] = pre.input_size  # type: ignore[assignment]
         rows = list_layers(model, input_size=self.input_size)
         self.layers: list[LayerEntry] = [
-            LayerEntry(r.name, r.type, r.output_shape) for r in rows  # type: ignore[arg-type]
+            LayerEntry(r.name, r.type, r.output_shape) for r in rows
             if r.output_shape is not None and len(r.output_shape) == 3 and r.output_shape[1] * r.output_shape[2] > 1
             and r.type not in ("Sequential", "ModuleList", "ModuleDict")
         ]

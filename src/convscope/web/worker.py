@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from ..errors import ConvscopeError
 
@@ -146,7 +146,8 @@ class ModelWorker:
             try:
                 if jobs[0].batch_fn is None:
                     job = jobs[0]
-                    outcomes: Sequence[Any] = [self._call(job.fn, *job.args, **(job.kwargs or {}))]
+                    fn = cast(Callable[..., Any], job.fn)  # submit() gives every plain job its fn
+                    outcomes: Sequence[Any] = [self._call(fn, *job.args, **(job.kwargs or {}))]
                 else:
                     outcomes = self._call(jobs[0].batch_fn, [j.item for j in jobs])
                     if isinstance(outcomes, BaseException) or len(outcomes) != len(jobs):
