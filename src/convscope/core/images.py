@@ -8,7 +8,7 @@ import re
 import struct
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -82,7 +82,7 @@ class ImageDecodeError(ImageLoadError):
 
 
 def decode_rgb(source: PathLike | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS,
-               formats: Sequence[str] | None = None, draft: int | None = None,
+               formats: Collection[str] | None = None, draft: int | None = None,
                min_side: int | None = None) -> Image.Image:
     """Decode a file or binary stream to an 8-bit RGB PIL image, EXIF orientation applied, refusing more than
     ``max_pixels`` pixels before decoding (decompression bombs). ``formats`` limits the PIL formats tried;
