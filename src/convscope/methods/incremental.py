@@ -24,7 +24,8 @@ import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -117,7 +118,7 @@ class IncrementalPlan:
     layer_node: fx.Node | None
     note: str
     modules: dict[str, nn.Module]
-    cache: dict[tuple[Any, ...], torch.Tensor] = field(default_factory=dict)
+    step_index: dict[fx.Node, Step] = field(default_factory=dict)
     local_ops: int = 0
     full_ops: list[str] = field(default_factory=list)
 
@@ -130,7 +131,7 @@ def _pair2(v: Any) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def conv_pads(m: nn.Module, size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]] | None:
+def conv_pads(m: nn.Conv2d, size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]] | None:
     """The (before, after) zero padding per axis that ``m`` applies to an input of ``size``; None if unknown."""
     if isinstance(m, SamePadConv2d) and type(m).forward is SamePadConv2d.forward:
         pads = []
@@ -209,7 +210,7 @@ def _run_node(node: fx.Node, modules: dict[str, nn.Module], args: tuple[Any, ...
         fn = ARITHMETIC.get(node.target, node.target)
         if kwargs.get("inplace"):
             kwargs = {**kwargs, "inplace": False}
-        return fn(*args, **kwargs)  # type: ignore[operator]
+        return fn(*args, **kwargs)
     if node.op == "call_method":
         self_, *rest = args
         name = str(node.target)
@@ -263,7 +264,7 @@ def _plan(model: nn.Module, x: torch.Tensor, out: torch.Tensor, rows: list[int],
     height, width = x.shape[-2:]
     for node in graph.nodes:
         if node.op == "output":
-            output = node.args[0]  # type: ignore[assignment]
+            output = cast(fx.Node, node.args[0])  # checked below: the forward must return one tensor
             break
         if node.op == "placeholder":
             clean[node] = x
@@ -314,7 +315,7 @@ def fold_batchnorm(w: Window, bn: nn.BatchNorm2d) -> None:
     """Fold an eval-mode batch norm into the convolution before it: ``W' = W g / sqrt(v + e)``,
     ``b' = (b - m) g / sqrt(v + e) + beta`` (exact up to float rounding)."""
     assert bn.running_mean is not None and bn.running_var is not None
-    conv = w.module
+    conv = cast(nn.Conv2d, w.module)  # a conv window's module
     scale = torch.rsqrt(bn.running_var + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight
@@ -332,7 +333,9 @@ def _fuse(steps: list[Step], modules: dict[str, nn.Module], layer_node: fx.Node 
             continue
         m = modules[str(s.node.target)]
         src = s.node.args[0]
-        prev = by_node.get(src) if isinstance(src, fx.Node) else None
+        if not isinstance(src, fx.Node):
+            continue
+        prev = by_node.get(src)
         if prev is None or prev.mode != "local" or len(src.users) != 1 or src is layer_node:
             continue
         if isinstance(m, nn.BatchNorm2d) and prev.window is not None and prev.window.kind == "conv" \
@@ -377,8 +380,9 @@ def _local_step(node: fx.Node, modules: dict[str, nn.Module], clean: dict[fx.Nod
     if not _is_map(clean[node]):
         return None
     changed = [a for a in node.all_input_nodes if dep[a]]
-    boxes = [_step_of(steps, a).boxes for a in changed]
-    if any(b is None for b in boxes):
+    found = [_step_of(steps, a).boxes for a in changed]
+    boxes = [b for b in found if b is not None]
+    if len(boxes) != len(found):
         return None
     size = tuple(clean[node].shape[-2:])
     if node.op == "call_module":
@@ -387,17 +391,16 @@ def _local_step(node: fx.Node, modules: dict[str, nn.Module], clean: dict[fx.Nod
             return None
         src = node.args[0]
         in_size = tuple(clean[src].shape[-2:])
-        w = window_op(m, in_size)  # type: ignore[arg-type]
+        w = window_op(m, in_size)
         if w is not None:
             b = _step_of(steps, src).boxes
             assert b is not None
-            out = tuple(cone(b[i], w.kernel[i], w.stride[i], w.dilation[i], w.pads[i][0], size[i]) for i in (0, 1))
-            need = tuple(Axis([s * w.stride[i] for s in out[i].starts],
-                              (out[i].size - 1) * w.stride[i] + (w.kernel[i] - 1) * w.dilation[i] + 1, 0)
-                         for i in (0, 1))
+            out = (cone(b[0], w.kernel[0], w.stride[0], w.dilation[0], w.pads[0][0], size[0]),
+                   cone(b[1], w.kernel[1], w.stride[1], w.dilation[1], w.pads[1][0], size[1]))
+            need = (_needed(out[0], w, 0), _needed(out[1], w, 1))
             whole = all(b[i].size == b[i].length and w.pads[i][0] == w.pads[i][1] and set(need[i].starts) == {0}
                         and need[i].size == b[i].length + sum(w.pads[i]) for i in (0, 1))
-            return Step(node, "local", out, window=w, need=need, padded_whole=whole)  # type: ignore[arg-type]
+            return Step(node, "local", out, window=w, need=need, padded_whole=whole)
         pointwise = isinstance(m, POINTWISE_MODULES) or (
             isinstance(m, nn.BatchNorm2d) and m.running_mean is not None and not m.training)
         if pointwise and in_size == size:
@@ -421,7 +424,7 @@ def _local_step(node: fx.Node, modules: dict[str, nn.Module], clean: dict[fx.Nod
     if is_arith and consts_ok and len(node.args) == 2 and not node.kwargs:
         if any(tuple(clean[a].shape[-2:]) != size for a in changed):
             return None
-        return Step(node, "local", _hulls(boxes))  # type: ignore[arg-type]
+        return Step(node, "local", _hulls(boxes))
     if is_cat:
         seq = node.args[0]
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
@@ -429,8 +432,14 @@ def _local_step(node: fx.Node, modules: dict[str, nn.Module], clean: dict[fx.Nod
                 or not all(isinstance(a, fx.Node) and dep[a] for a in seq)
                 or any(tuple(clean[a].shape[-2:]) != size for a in changed)):
             return None
-        return Step(node, "local", _hulls(boxes))  # type: ignore[arg-type]
+        return Step(node, "local", _hulls(boxes))
     return None
+
+
+def _needed(out: Axis, w: Window, i: int) -> Axis:
+    """The input rows (axis ``i``, padded coordinates) that window op ``w`` reads to compute the box ``out``."""
+    return Axis([s * w.stride[i] for s in out.starts],
+                (out.size - 1) * w.stride[i] + (w.kernel[i] - 1) * w.dilation[i] + 1, 0)
 
 
 def _hulls(boxes: list[tuple[Axis, Axis]]) -> tuple[Axis, Axis]:
@@ -454,6 +463,10 @@ def _layer_node(graph: fx.Graph, layer: str, clean: dict[fx.Node, Any], value: t
             or not torch.equal(clean[node], value):
         raise Unsupported(f"layer {layer!r} is not one node of the traced graph")
     return node
+
+
+Env = dict[Union[fx.Node, tuple[str, fx.Node]], Any]
+"""A run's values: each node's occluded output, and ``("full", node)`` for a local map materialized whole."""
 
 
 class IncrementalRunner:
@@ -495,7 +508,7 @@ class IncrementalRunner:
             out[j] = src[i, r:r + h, c:c + w]
         return out.permute(0, 3, 1, 2)
 
-    def materialize(self, node: fx.Node, env: dict[fx.Node, torch.Tensor], boxes: tuple[Axis, Axis],
+    def materialize(self, node: fx.Node, env: Env, boxes: tuple[Axis, Axis],
                     pads: tuple[tuple[int, int], tuple[int, int]], value: float, batch: Batch) -> torch.Tensor:
         """``node``'s occluded output on ``boxes`` (padded coordinates) for each position in ``batch``."""
         src = _step_of_cached(self.plan, node)
@@ -554,7 +567,7 @@ class IncrementalRunner:
     def run(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Model outputs (B x ...) of the occluded copies, and the layer's output (a local patch or full map)."""
         plan = self.plan
-        env: dict[fx.Node, Any] = {}
+        env: Env = {}
         for step in plan.steps:
             node = step.node
             if step.mode == "const":
@@ -566,7 +579,7 @@ class IncrementalRunner:
             if step.mode == "local" and step.window is not None:
                 w = step.window
                 assert step.boxes is not None and step.need is not None
-                src = node.args[0]
+                src = cast(fx.Node, node.args[0])  # a window step's input is a node (checked when planning)
                 if step.padded_whole and w.kind != "avg":
                     # the input's box is the whole map: let the op pad it (one pass over memory, no copy)
                     env[node] = _apply_window(w, env[src], (w.pads[0][0], w.pads[1][0]))
@@ -576,18 +589,18 @@ class IncrementalRunner:
                 env[node] = _apply_window(w, inp)
                 continue
             if step.alias:
-                env[node] = env[node.args[0]]
+                env[node] = env[cast(fx.Node, node.args[0])]
                 continue
             if step.inplace:
                 m = plan.modules[str(node.target)]
-                t = env[node.args[0]]
-                env[node] = t.relu_() if type(m) is nn.ReLU else t.clamp_(m.min_val, m.max_val)  # type: ignore[union-attr]
+                t = env[cast(fx.Node, node.args[0])]
+                env[node] = t.relu_() if type(m) is nn.ReLU else t.clamp_(m.min_val, m.max_val)
                 continue
             if step.mode == "local":
                 assert step.boxes is not None
-                boxes = step.boxes
-                args = fx.node.map_arg(node.args, lambda n, bx=boxes: self._arg(n, env, bx, batch))
-                kwargs = fx.node.map_arg(node.kwargs, lambda n, bx=boxes: self._arg(n, env, bx, batch))
+                local = partial(self._arg, env=env, boxes=step.boxes, batch=batch)
+                args = fx.node.map_arg(node.args, local)
+                kwargs = fx.node.map_arg(node.kwargs, local)
                 env[node] = _run_node(node, plan.modules, args, kwargs)
                 continue
             args = fx.node.map_arg(node.args, lambda n: self._full(n, env, batch))
@@ -621,14 +634,14 @@ class IncrementalRunner:
         patch = layer_out[rows, ch].flatten(1).sum(1).double()
         return (total - box + patch).to(layer_out.dtype)
 
-    def _arg(self, n: fx.Node, env: dict[fx.Node, Any], boxes: tuple[Axis, Axis] | None, batch: Batch) -> Any:
+    def _arg(self, n: fx.Node, env: Env, boxes: tuple[Axis, Axis] | None, batch: Batch) -> Any:
         s = _step_of_cached(self.plan, n)
         if s.mode == "const":
             return self.plan.clean[n]
         assert boxes is not None
         return self.materialize(n, env, boxes, ((0, 0), (0, 0)), 0.0, batch)
 
-    def _full(self, n: fx.Node, env: dict[fx.Node, Any], batch: Batch) -> Any:
+    def _full(self, n: fx.Node, env: Env, batch: Batch) -> Any:
         s = _step_of_cached(self.plan, n)
         if s.mode == "const":
             return self.plan.clean[n]
@@ -639,26 +652,24 @@ class IncrementalRunner:
             assert s.boxes is not None
             whole = (Axis([0] * len(s.boxes[0].starts), s.boxes[0].length, s.boxes[0].length),
                      Axis([0] * len(s.boxes[1].starts), s.boxes[1].length, s.boxes[1].length))
-            env[key] = self.materialize(n, env, whole, ((0, 0), (0, 0)), 0.0, batch).contiguous()  # type: ignore[index]
-        return env[key]  # type: ignore[index]
+            env[key] = self.materialize(n, env, whole, ((0, 0), (0, 0)), 0.0, batch).contiguous()
+        return env[key]
 
 
 def _step_of_cached(plan: IncrementalPlan, node: fx.Node) -> Step:
-    index = plan.cache.get(("steps",))  # type: ignore[call-overload]
-    if index is None:
-        index = {s.node: s for s in plan.steps}
-        plan.cache[("steps",)] = index  # type: ignore[assignment]
-    return index[node]  # type: ignore[index]
+    if not plan.step_index:
+        plan.step_index.update((s.node, s) for s in plan.steps)
+    return plan.step_index[node]
 
 
 def _apply_window(w: Window, inp: torch.Tensor, padding: tuple[int, int] = (0, 0)) -> torch.Tensor:
-    m = w.module
     if w.kind == "conv":
-        weight, bias = (m.weight, m.bias) if w.weight is None else (w.weight, w.bias)
-        return F.conv2d(inp, weight, bias, w.stride, padding, w.dilation, m.groups)  # type: ignore[arg-type]
+        conv = cast(nn.Conv2d, w.module)
+        weight, bias = (conv.weight, conv.bias) if w.weight is None else (w.weight, w.bias)
+        return F.conv2d(inp, weight, bias, w.stride, padding, w.dilation, conv.groups)
     if w.kind == "max":
         return F.max_pool2d(inp, w.kernel, w.stride, padding, w.dilation)
-    return F.avg_pool2d(inp, w.kernel, w.stride, 0, divisor_override=m.divisor_override)  # type: ignore[arg-type]
+    return F.avg_pool2d(inp, w.kernel, w.stride, 0, divisor_override=cast(nn.AvgPool2d, w.module).divisor_override)
 
 
 @dataclass
