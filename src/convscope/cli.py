@@ -416,6 +416,38 @@ def _units(args: argparse.Namespace) -> list[int] | None:
     return parse_units(args.units) if args.units else None
 
 
+BATCH_HELP = "images per forward pass: a positive int or auto (from the model's activation sizes and the allocator)"
+
+
+def _batch_size(text: str) -> int | str:
+    """``--batch-size``: a positive int, or ``auto`` (:mod:`convscope.core.batching`)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive int or 'auto'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive int or 'auto'")
+    return value
+
+
+def cli_batch_rows(value: int | str, model: Any, what: str) -> int:
+    """``--batch-size`` for a method that takes an int: ``auto`` resolved for an image of the model's input size
+    (:func:`~convscope.core.batching.resolve_batch_size`)."""
+    if value != "auto":
+        return int(value)
+    import torch
+
+    from .core.batching import resolve_batch_size
+    from .core.checks import input_channels
+    from .core.model import default_input_size, float_dtype, model_device
+
+    sample = torch.zeros(1, input_channels(model), *default_input_size(model), dtype=float_dtype(model),
+                         device=model_device(model))
+    return resolve_batch_size("auto", model, sample, what)
+
+
 def _check_positive(value: int, flag: str) -> int:
     if value < 1:
         raise ConvscopeError(f"{flag} {value}: give a positive number")
@@ -756,7 +788,8 @@ def add_dissect(sub: Subparsers) -> None:
                                                                   "0.005, Bau et al.)")
     p.add_argument("--iou-threshold", type=float, default=0.04, help="detector threshold (default 0.04)")
     p.add_argument("--categories", default="", help="comma-separated categories (default: all)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
+    p.add_argument("--batch-size", type=_batch_size, default="auto",
+                   help=f"{BATCH_HELP}; default auto")
     p.add_argument("--top", type=int, default=4, help="top images shown per unit (default 4)")
     p.add_argument("--max-units", type=int, help="units per layer page (default: all)")
     p.add_argument("--out", "-o", default="out/dissect", help="output folder; a rerun resumes (default out/dissect/)")
@@ -791,7 +824,8 @@ def add_upconv(sub: Subparsers) -> None:
     q.add_argument("--images", nargs="*", help="image files or folders (default: bundled photos; demo_net: synthetic)")
     q.add_argument("--synthetic", type=int, help="train on N held-out synthetic images")
     q.add_argument("--epochs", type=int, default=10, help="epochs (default 10)")
-    q.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+    q.add_argument("--batch-size", type=int, default=32, help="training batch size (default 32; a training "
+                                                               "setting, so no auto)")
     q.add_argument("--width", type=int, default=16, help="channels of the last decoder stage (default 16)")
     q.add_argument("--upsample", choices=["unpool", "transposed"], default="unpool",
                    help="2x upsampling: unpool (top-left of 2x2) + conv, or a transposed conv")
@@ -837,7 +871,8 @@ def add_atlas(sub: Subparsers) -> None:
     q.add_argument("--executor", choices=["local", "ray"], default="local", help="local processes (default) or Ray")
     q.add_argument("--ray-address", help="a running Ray cluster ('auto' or HOST:PORT); default: start a local one")
     q.add_argument("--chunk", type=int, default=16, help="units per task and per commit (default 16)")
-    q.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
+    q.add_argument("--batch-size", type=_batch_size, default="auto",
+                   help=f"{BATCH_HELP}; default auto")
     q.add_argument("--seed", type=int, default=0, help="activation maximization seed (default 0)")
     q.set_defaults(func=cmd_atlas_build)
     q = asub.add_parser("info", help="an atlas's model, settings, layers and units done per stage")
@@ -967,7 +1002,8 @@ def add_net2vec(sub: Subparsers) -> None:
                         "(default 0.01)")
     p.add_argument("--seg-size", type=int, default=28,
                    help="label resolution the masks are learned and scored at (default 28; 0: the dataset's own)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="images per SGD batch (default 16; a training setting, so no auto)")
     p.add_argument("--pictures", type=int, default=8, help="concepts shown as segmentations (default 8)")
     p.add_argument("--examples", type=int, default=4, help="held-out images per segmentation picture (default 4)")
     p.add_argument("--out", "-o", default="out/net2vec", help="output folder (default out/net2vec/)")
@@ -1017,7 +1053,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     model = _load(args)
     run = run_embed(model, args.layer, Path(args.out), images=args.images or None, synthetic=args.synthetic,
-                    method=args.method, seed=args.seed, batch_size=args.batch_size)
+                    method=args.method, seed=args.seed, batch_size=cli_batch_rows(args.batch_size, model, "embed"))
     print(f"{len(run.embedding.coords)} images, {run.embedding.method} of {run.embedding.layer}; wrote {run.png} and "
           f"{run.html}")
     return 0
@@ -1033,7 +1069,7 @@ def add_embed(sub: Subparsers) -> None:
     p.add_argument("--method", choices=["tsne", "umap", "pca"], default="tsne",
                    help="projection (default tsne; umap needs pip install umap-learn)")
     p.add_argument("--seed", type=int, default=0, help="seed of the projection (default 0)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--batch-size", type=_batch_size, default=32, help=f"{BATCH_HELP}; default 32")
     p.add_argument("--out", "-o", default="out/embed", help="output folder (default out/embed/)")
     p.set_defaults(func=cmd_embed)
 
@@ -1100,7 +1136,9 @@ def add_similarity(sub: Subparsers) -> None:
                    help="similarity index (default linear_cka)")
     p.add_argument("--reduce", choices=["flatten", "mean"], default="flatten",
                    help="conv features: flatten C x H x W (Kornblith et al.) or average over positions")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="images per forward pass and per CKA minibatch (default 64; it changes the minibatch CKA "
+                        "estimate, so no auto)")
     p.add_argument("--match", help="LAYER_A,LAYER_B: also match units one to one (Li et al. 2016)")
     p.add_argument("--match-method", choices=["hungarian", "greedy", "semi"], default="hungarian",
                    help="unit matching (default hungarian)")
@@ -1115,7 +1153,8 @@ def cmd_landscape(args: argparse.Namespace) -> int:
     model = _load(args)
     other = load_model(args.model, weights=args.to, device=args.device) if args.to else None
     run = landscape_report(model, out=Path(args.out), data=args.data, dims=args.dims, steps=args.steps,
-                           span=args.span, seed=args.seed, batch_size=args.batch_size, log_scale=not args.linear,
+                           span=args.span, seed=args.seed,
+                           batch_size=cli_batch_rows(args.batch_size, model, "landscape"), log_scale=not args.linear,
                            other=other, other_label=Path(args.to).name if args.to else "other checkpoint")
     print(f"wrote {run.html}")
     return 0
@@ -1131,7 +1170,7 @@ def add_landscape(sub: Subparsers) -> None:
     p.add_argument("--steps", type=int, default=21, help="grid points per direction (default 21)")
     p.add_argument("--span", type=float, default=1.0, help="the grid covers -span..span (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random directions (default 0)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
+    p.add_argument("--batch-size", type=_batch_size, default=256, help=f"{BATCH_HELP}; default 256")
     p.add_argument("--to", help="CHECKPOINT.pt: interpolate from the weights to this checkpoint instead")
     p.add_argument("--linear", action="store_true", help="linear colour scale (default: log)")
     p.add_argument("--out", "-o", default="out/landscape", help="output folder (default out/landscape/)")

@@ -49,6 +49,7 @@ from PIL import Image
 from torch import nn
 
 from ..applications.deconv import ImageSet, default_images
+from ..core.batching import BatchSize, check_batch_size, resolve_batch_size
 from ..core.device import tune_cpu_allocator
 from ..core.layers import resolve_layers
 from ..core.model import model_hash
@@ -188,7 +189,9 @@ class RenderTop:
 
 @dataclass(frozen=True)
 class Maximize:
-    """Units of one layer optimized in one batch: PNG bytes and the activation each picture reaches."""
+    """Units of one layer optimized together (``batch_size`` rows at a time; ``"auto"``: from the model's
+    activation sizes and the worker's allocator, at most the chunk): PNG bytes and the activation each picture
+    reaches (rows are independent and seeded per unit, so the pictures do not depend on the batching)."""
 
     layer: str
     units: tuple[int, ...]
@@ -196,12 +199,13 @@ class Maximize:
     steps: int
     preset: str
     size: int | None
+    batch_size: BatchSize = "auto"
 
     def run(self, ctx: Context) -> dict[int, dict[str, Any]]:
         res = activation_maximization(
             ctx.model, self.layer, list(self.units), steps=self.steps, regularize=self.preset,
             parametrization="fourier" if self.preset == "olah" else "pixel", size=self.size,
-            seed=[unit_seed(self.seed, self.layer, u) for u in self.units], batch_size=len(self.units),
+            seed=[unit_seed(self.seed, self.layer, u) for u in self.units], batch_size=self.batch_size,
             progress=False)
         return {u: {"png": _png(to_pil(res.images[i])), "activation": float(res.activations[i])}
                 for i, u in enumerate(self.units)}
@@ -329,7 +333,8 @@ def build_atlas(
     k: int = 9, am_steps: int = DEFAULT_AM_STEPS, am_preset: str = "yosinski", am_size: int | None = None,
     concepts: str | os.PathLike[str] | None = None, concept_images: int = DEFAULT_CONCEPT_IMAGES,
     display: str = "percentile", workers: int = 1, executor: str = "local", ray_address: str | None = None,
-    chunk: int = 16, batch_size: int = 16, seed: int = 0, weights: str | os.PathLike[str] | None = None,
+    chunk: int = 16, batch_size: BatchSize = "auto", am_batch_size: BatchSize = "auto",
+    seed: int = 0, weights: str | os.PathLike[str] | None = None,
     device: str = "auto", progress: bool = True,
 ) -> Atlas:
     """Build (or resume) the atlas of every unit of ``layers`` in the folder ``out``; returns it opened read-only.
@@ -351,12 +356,18 @@ def build_atlas(
             (``ray_address`` ``None``: a local Ray instance with ``workers`` CPUs; ``"auto"`` / an address: a
             running cluster).
         chunk: units per task (and per activation-maximization batch, and per commit).
-        batch_size: images per forward pass in the top-k stage and the DeconvNet projections.
+        batch_size: images per forward pass in the top-k stage, the DeconvNet projections and the dissection;
+            ``"auto"`` (default): resolved once, in this process after the allocator is tuned, from the model's
+            activation sizes (:mod:`convscope.core.batching`), and kept in the atlas's meta, so every worker and
+            every resume cuts the same shards.
+        am_batch_size: activation-maximization rows optimized jointly (at most ``chunk``); ``"auto"`` (default):
+            resolved by each worker.
         seed: seed of the activation maximization (each unit's generator is seeded by ``(seed, layer, unit)``).
         progress: a bar with an ETA per stage (stacked on a terminal; time-stamped lines in a log).
     """
-    k, am_steps, chunk, batch_size = (_positive(n, v) for n, v in
-                                      (("k", k), ("am_steps", am_steps), ("chunk", chunk), ("batch_size", batch_size)))
+    k, am_steps, chunk = (_positive(n, v) for n, v in (("k", k), ("am_steps", am_steps), ("chunk", chunk)))
+    check_batch_size(batch_size, "build_atlas")
+    check_batch_size(am_batch_size, "build_atlas(am_batch_size=...)")
     _positive("concept_images", concept_images)
     _positive("workers", workers)
     if am_preset not in PRESETS:
@@ -378,7 +389,8 @@ def build_atlas(
     if not names:
         raise ConvscopeError("layers: give at least one layer name (`convscope layers MODEL` lists them)")
     data = default_images(net, paths, synthetic, progress)
-    acts = layer_features(net, data.load([0]), names)
+    first = data.load([0])
+    acts = layer_features(net, first, names)
     order = {n: i for i, (n, _) in enumerate(net.named_modules())}
     records = []
     for n in names:
@@ -400,6 +412,10 @@ def build_atlas(
         _check_meta(atlas, {"model": _model_name(model, net), "model_hash": model_hash(net),
                             "settings": json.dumps(settings, sort_keys=True)})
         atlas.add_layers(records)
+        kept = atlas.meta().get("auto_batch_rows") if batch_size == "auto" else None  # a resume cuts the same shards
+        rows = int(kept) if kept else resolve_batch_size(batch_size, net, first, "build_atlas", limit=len(data))
+        if batch_size == "auto":
+            atlas.set_meta({"auto_batch_rows": str(rows)})
         _sweep_temp(atlas)
         if concepts is not None:
             concept_path = _concept_dataset(str(concepts), out, concept_images, seed, progress)
@@ -411,7 +427,7 @@ def build_atlas(
                            (setup_worker, spec), context=Context(net, spec, data), address=ray_address)
         try:
             _build(atlas, ex, names, records, data, k, am_steps, am_preset, am_size, display, concept_path,
-                   chunk, batch_size, seed, progress, stats)
+                   chunk, rows, am_batch_size, seed, progress, stats)
         finally:
             ex.close()
         atlas.set_meta({"last_build": {"workers": ex.workers, "executor": executor, "stages": stats.stages,
@@ -423,7 +439,7 @@ def build_atlas(
 
 def _build(atlas: Atlas, ex: Any, names: list[str], records: list[LayerRecord], data: ImageSet, k: int,
            am_steps: int, am_preset: str, am_size: int | None, display: str, concept_path: Path | None, chunk: int,
-           batch_size: int, seed: int, progress: bool, stats: BuildStats) -> None:
+           batch_size: int, am_batch_size: BatchSize, seed: int, progress: bool, stats: BuildStats) -> None:
     units = {r.name: r.units for r in records}
     todo = {stage: {n: sorted(set(range(units[n])) - atlas.done(n, col)) for n in names}
             for stage, col in STAGES.items()}
@@ -469,7 +485,8 @@ def _build(atlas: Atlas, ex: Any, names: list[str], records: list[LayerRecord], 
                               progress=progress and ex.workers == 1))
     render = [RenderTop(n, c, results[n], display, batch_size)
               for n in top_layers for c in _chunks(todo["top"][n], chunk)]
-    am = [Maximize(n, c, seed, am_steps, am_preset, am_size) for n in names for c in _chunks(todo["am"][n], chunk)]
+    am = [Maximize(n, c, seed, am_steps, am_preset, am_size, am_batch_size)
+          for n in names for c in _chunks(todo["am"][n], chunk)]
     # interleaved, so that both stages advance together and each bar's rate (and ETA) is meaningful
     tasks2 += [t for pair in itertools.zip_longest(render, am) for t in pair if t is not None]
     bars = {}
