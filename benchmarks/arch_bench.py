@@ -31,6 +31,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import convscope as cs  # noqa: E402
+from convscope.core.model import default_input_size  # noqa: E402
+from convscope.methods.rollout import vit_blocks  # noqa: E402
 from harness import F_, FB_INPUT, RepeatPolicy, baseline_fn, baseline_state, load_average, measure  # noqa: E402
 
 SIZE = 224
@@ -43,7 +45,12 @@ LAYERS: dict[str, tuple[str, str]] = {
     "densenet121": ("features.norm5", "features.transition1"),
     "mobilenet_v3_large": ("features.16", "features.6"),
     "convnext_tiny": ("features.7", "features.3"),
+    # transformers (issue 18): token layers presented as maps; attention rollout timed too
+    "vit_b_16": ("encoder.layers.encoder_layer_11", "encoder.layers.encoder_layer_5"),
+    "swin_t": ("features.7", "features.3"),
+    "demo_vit": ("", ""),  # its last and middle encoder blocks (see bench)
 }
+TRANSFORMERS = ("vit_b_16", "demo_vit")  # rollout needs ViT attention blocks (Swin's windows are not a rollout)
 POLICY = RepeatPolicy(warmup=1, min_repeats=3, max_repeats=3, budget_s=0.0)
 
 
@@ -51,9 +58,13 @@ def bench(name: str) -> dict[str, float]:
     """Medians (seconds) of the baselines and the three methods on architecture ``name``, and the others' load."""
     model = cs.load_model(name, device="cpu")
     last, mid = LAYERS[name]
+    size = default_input_size(model)[0] if name.startswith("demo") else SIZE
+    if name == "demo_vit":  # its depth is a training choice: its last and middle blocks, whatever they are
+        blocks = vit_blocks(model)
+        last, mid = blocks[-1], blocks[len(blocks) // 2]
     g = torch.Generator().manual_seed(0)
-    x1 = torch.randn(1, 3, SIZE, SIZE, generator=g)
-    x8 = torch.randn(TOPK_BATCH, 3, SIZE, SIZE, generator=g)
+    x1 = torch.randn(1, 3, size, size, generator=g)
+    x8 = torch.randn(TOPK_BATCH, 3, size, size, generator=g)
     out: dict[str, float] = {}
     for kind, x, key in ((F_, x1, "F1"), (FB_INPUT, x1, "FB1"), (F_, x8, "F8")):
         with baseline_state(model, kind):
@@ -62,7 +73,8 @@ def bench(name: str) -> dict[str, float]:
     for key, fn in (("saliency", lambda: cs.saliency(model, x1)),
                     ("gradcam", lambda: cs.gradcam(model, x1, layer=last)),
                     ("topk", lambda: cs.top_k_activations(model, x8, [mid, last], k=9, batch_size=TOPK_BATCH,
-                                                          progress=False))):
+                                                          progress=False)),
+                    *((("rollout", lambda: cs.attention_rollout(model, x1)),) if name in TRANSFORMERS else ())):
         t = measure(fn, POLICY)
         out[key] = t.median
         others.append(t.others)
@@ -73,12 +85,14 @@ def bench(name: str) -> dict[str, float]:
 def table(rows: dict[str, dict[str, float]]) -> str:
     ms = 1e3
     lines = ["| architecture | F (1) ms | F+B (1) ms | saliency ms | / F+B | Grad-CAM ms | / F+B "
-             f"| F ({TOPK_BATCH}) ms | top-k ms | / F | others |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| F ({TOPK_BATCH}) ms | top-k ms | / F | rollout ms | / F | others |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['F1'] * ms:.0f} | {r['FB1'] * ms:.0f} | {r['saliency'] * ms:.0f} | "
                      f"{r['saliency'] / r['FB1']:.2f} | {r['gradcam'] * ms:.0f} | {r['gradcam'] / r['FB1']:.2f} | "
-                     f"{r['F8'] * ms:.0f} | {r['topk'] * ms:.0f} | {r['topk'] / r['F8']:.2f} | {r['others']:.2f} |")
+                     f"{r['F8'] * ms:.0f} | {r['topk'] * ms:.0f} | {r['topk'] / r['F8']:.2f} | "
+                     + (f"{r['rollout'] * ms:.0f} | {r['rollout'] / r['F1']:.2f} | " if "rollout" in r else "— | — | ")
+                     + f"{r['others']:.2f} |")
     return "\n".join(lines)
 
 

@@ -107,14 +107,30 @@ def _quantile(xs: Sequence[float], q: float) -> float:
 
 
 def _busy_jiffies() -> float | None:
-    """Busy CPU time of the whole machine in seconds (all cores), from /proc/stat; None where unavailable."""
+    """Busy CPU time, in seconds, of the cores this process may run on (``taskset``), from /proc/stat; None where
+    unavailable. A benchmark pinned to one core is then disturbed only by what runs on that core."""
+    try:
+        cpus = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        cpus = None
     try:
         with open("/proc/stat") as f:
-            fields = [float(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
+            lines = f.read().splitlines()
+    except OSError:
         return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    busy = 0.0
+    try:
+        for line in lines:
+            name, *rest = line.split()
+            if not name.startswith("cpu"):
+                break
+            if (name == "cpu") != (cpus is None) or (cpus is not None and name != "cpu" and int(name[3:]) not in cpus):
+                continue
+            fields = [float(v) for v in rest]
+            busy += sum(fields[:8]) - fields[3] - (fields[4] if len(fields) > 4 else 0.0)
+    except (ValueError, IndexError):
+        return None
+    return busy / os.sysconf("SC_CLK_TCK")
 
 
 def others_cpu(window_s: float = 1.0) -> float | None:

@@ -30,7 +30,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ".core.layers": ("named_layers", "resolve_layer",),
     ".core.model": ("LayerInfo", "list_layers",),
     ".core.probe": ("preserved_state", "probe",),
-    ".core.render": ("apply_colormap", "filter_grid", "grid", "overlay", "save_png", "to_display", "to_pil",),
+    ".core.render": ("apply_colormap", "as_rgb", "filter_grid", "grid", "overlay", "save_png", "to_display", "to_pil",),
     ".core.report": ("HtmlReport",),
     ".core.targets": ("target_scores", "top_class", "top_k",),
     ".errors": (
@@ -126,7 +126,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the same names (generated fro
     from .core.layers import named_layers, resolve_layer
     from .core.model import LayerInfo, list_layers
     from .core.probe import preserved_state, probe
-    from .core.render import apply_colormap, filter_grid, grid, overlay, save_png, to_display, to_pil
+    from .core.render import apply_colormap, as_rgb, filter_grid, grid, overlay, save_png, to_display, to_pil
     from .core.report import HtmlReport
     from .core.stream import layer_features, stream_layers
     from .core.targets import target_scores, top_class, top_k
