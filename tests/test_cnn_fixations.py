@@ -148,3 +148,58 @@ def test_unsupported_and_bad_input_are_one_line_errors_model_untouched():
     before = snapshot(net)
     cnn_fixations(net, x)
     assert_untouched(net, before)
+
+
+class SamePad(nn.Conv2d):
+    """A convolution padding its input itself, TensorFlow "SAME" style (as EfficientNet-Lite's SamePadConv2d)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(nn.functional.pad(x, (0, 1, 0, 1)))
+
+
+def test_same_padded_convolution_of_efficientnet_lite_is_unravelled():
+    """lite0's stride-2 convolutions pad (0, 1) per axis from the input size; torch.fx cannot trace that forward,
+    so every convolution is one traced node and unravelled with the padding it applies. A 3 x 3 stride-2
+    SamePadConv2d on 8 x 8 reads rows / cols 2y .. 2y + 2 (zero row / col 8 at the bottom / right): output (3, 3)
+    picks the bright pixel (7, 7), the last real one of its window."""
+    from convscope.models.efficientnet import SamePadConv2d
+
+    conv = SamePadConv2d(1, 1, 3, stride=2, bias=False)
+    conv.weight.data.fill_(1.0)
+    fc = nn.Linear(16, 1, bias=False)
+    fc.weight.data.zero_()
+    fc.weight.data[0, 3 * 4 + 3] = 1.0  # reads output (3, 3)
+    net = nn.Sequential(conv, nn.ReLU6(), nn.Flatten(), fc)
+    x = torch.zeros(1, 1, 8, 8)
+    x[0, 0, 7, 7], x[0, 0, 6, 6] = 1.0, 0.5
+    res = cnn_fixations(net, x, target=0, sigma=0.0)
+    assert _points(res.points[0][0]) == {(7, 7)}
+    x[0, 0, 7, 7] = 0.2  # now (6, 6) contributes most
+    assert _points(cnn_fixations(net, x, target=0).points[0][0]) == {(6, 6)}
+    net[0] = SamePad(1, 1, 3, stride=2, bias=False)  # a custom forward: its padding is unknown
+    net[0].weight.data.fill_(1.0)
+    with pytest.raises(ConvscopeError, match="cannot unravel layer '0' .SamePad.: its zero padding") as e:
+        cnn_fixations(net, x, target=0)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_lite0_fixations_inside_the_image(lite0):
+    """EfficientNet-Lite0 (TF "SAME" convolutions, residual adds, ReLU6, global pooling) on two bundled photos at
+    224 px, two targets each: fixations inside the image, density maps of the image's shape peaking at 1, one
+    image alone gives the same points, the model is left as it came (about 5 s)."""
+    x = cs.load_images([cs.sample_image("chelsea"), cs.sample_image("rocket")], lite0)
+    before = snapshot(lite0)
+    res = cnn_fixations(lite0, x, target=cs.top_k(2))
+    assert_untouched(lite0, before)
+    assert res.density.shape == (2, 2, 224, 224) and res.targets.shape == (2, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(res.targets, lite0(x).topk(2, dim=1).indices)
+    for n in range(2):
+        for k in range(2):
+            pts = res.points[n][k]
+            assert len(pts) > 0 and pts.min() >= 0 and pts.max() < 224
+            assert float(res.density[n, k].max()) == pytest.approx(1.0)
+            assert all(res.density[n, k, r, c] > 0.5 for r, c in pts.tolist())
+    single = cnn_fixations(lite0, x[1:], target=res.targets[1:])
+    assert all(torch.equal(single.points[0][k], res.points[1][k]) for k in range(2))

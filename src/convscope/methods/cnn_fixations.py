@@ -26,8 +26,11 @@ FC layer too (the literal "positive contribution" reading); those sets can grow 
 caps every kept set at the neurons with the largest total positive contribution. Work is chunked: at most
 ``chunk`` kept neurons are unravelled at once.
 
-The network is traced with ``torch.fx`` (any module whose forward pass is a fixed graph of the operations above);
-anything else is a one-line :class:`~convscope.errors.ConvscopeError` naming the operation.
+The network is traced with ``torch.fx`` (any module whose forward pass is a fixed graph of the operations above),
+every convolution kept one node (:class:`~convscope.methods.incremental.LeafTracer`), so a convolution that pads its
+input itself (TensorFlow "SAME" padding computed from the input size, as in EfficientNet-Lite's ``SamePadConv2d``)
+is unravelled with the zero padding it applies (:func:`~convscope.methods.incremental.conv_pads`); anything else is
+a one-line :class:`~convscope.errors.ConvscopeError` naming the operation.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from ..core.attribution import check_input
 from ..core.probe import preserved_state
 from ..core.targets import Target, target_scores, top_class
 from ..errors import ConvscopeError
+from .incremental import LeafTracer, conv_pads
 
 RULES = ("max", "positive")
 
@@ -135,7 +139,7 @@ def cnn_fixations(model: nn.Module, x: torch.Tensor, target: Target = top_class,
         raise ConvscopeError(f"cnn_fixations(sigma={sigma!r}): use a blur in pixels >= 0")
     with preserved_state(model), torch.no_grad():
         try:
-            gm = fx.symbolic_trace(model)
+            gm = fx.GraphModule(model, LeafTracer().trace(model), type(model).__name__)
         except Exception as exc:  # data-dependent control flow and other untraceable forwards
             first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
             raise ConvscopeError(f"cnn_fixations cannot trace {type(model).__name__} with torch.fx ({first}); it "
@@ -189,7 +193,10 @@ def _unravel(gm: fx.GraphModule, values: dict[fx.Node, Any], idx: torch.Tensor, 
             continue
         args = node.args
         inp = args[0] if args else None
-        a = values.get(inp) if isinstance(inp, fx.Node) else None
+        got = values.get(inp) if isinstance(inp, fx.Node) else None
+        if not isinstance(got, torch.Tensor) and node.op != "call_function":
+            raise ConvscopeError(f"cnn_fixations cannot unravel {_describe(node, gm)}: its input is not a tensor")
+        a = got if isinstance(got, torch.Tensor) else torch.empty(0)  # add's operands are read by _add
         if node.op == "call_module":
             mod = gm.get_submodule(str(node.target))
             if isinstance(mod, PASS_MODULES):
@@ -199,8 +206,12 @@ def _unravel(gm: fx.GraphModule, values: dict[fx.Node, Any], idx: torch.Tensor, 
             elif isinstance(mod, nn.Linear):
                 give(inp, _linear(m, a, mod.weight, rule == "max" and _from_volume(inp, gm, values),
                                   max_points, chunk))
-            elif isinstance(mod, nn.Conv2d) and isinstance(mod.padding, tuple):
-                give(inp, _conv(m, a, mod, rule, max_points, chunk))
+            elif isinstance(mod, nn.Conv2d):
+                pads = conv_pads(mod, (a.shape[2], a.shape[3]))
+                if pads is None:
+                    raise ConvscopeError(f"cnn_fixations cannot unravel {_describe(node, gm)}: its zero padding is "
+                                         "unknown (a custom forward or padding_mode); use a plain nn.Conv2d")
+                give(inp, _conv(m, a, mod, pads, rule, max_points, chunk))
             elif isinstance(mod, POOL_MODULES):
                 give(inp, _pool(m, a, _pool_indices(mod, a)))
             else:
@@ -219,10 +230,10 @@ def _unravel(gm: fx.GraphModule, values: dict[fx.Node, Any], idx: torch.Tensor, 
         else:
             raise ConvscopeError(f"cnn_fixations cannot unravel {_describe(node, gm)}; it supports conv / linear / "
                                  "pooling / ReLU / BN / dropout / LRN / flatten / residual add")
-    m = masks.get(placeholder)
-    if m is None:
+    found = masks.get(placeholder)
+    if found is None:
         return torch.zeros(num, k, *values[placeholder].shape[2:], dtype=torch.bool, device=idx.device)
-    return m.any(dim=2)
+    return found.any(dim=2)
 
 
 def _from_volume(node: Any, gm: fx.GraphModule, values: dict[fx.Node, Any]) -> bool:
@@ -282,47 +293,43 @@ def _linear(m: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, argmax: bool
     return new
 
 
-def _conv(m: torch.Tensor, a: torch.Tensor, mod: nn.Conv2d, rule: str, max_points: int | None,
-          chunk: int) -> torch.Tensor:
-    """Convolution: ``m`` (N x K x C_out x h x w) -> kept inputs (N x K x C_in x H x W)."""
+def _conv(m: torch.Tensor, a: torch.Tensor, mod: nn.Conv2d, pads: tuple[tuple[int, int], tuple[int, int]],
+          rule: str, max_points: int | None, chunk: int) -> torch.Tensor:
+    """Convolution: ``m`` (N x K x C_out x h x w) -> kept inputs (N x K x C_in x H x W); ``pads``: the zero padding
+    (before, after) per axis the convolution applies to its input."""
     num, k = m.shape[:2]
     c_in, hi, wi = a.shape[1:]
     w = mod.weight.to(a.dtype)
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = mod.kernel_size, mod.stride, mod.padding, mod.dilation
-    if mod.padding_mode != "zeros":
-        raise ConvscopeError(f"cnn_fixations: a convolution with padding_mode={mod.padding_mode!r}; it supports "
-                             "zero padding")
+    (kh, kw), (sh, sw), (dh, dw) = mod.kernel_size, mod.stride, mod.dilation
+    (top, bottom), (left, right) = pads
     groups = mod.groups
     if rule == "positive":
         mf = m.to(a.dtype).reshape(num * k, *m.shape[2:])
 
-        def back(weight: torch.Tensor) -> torch.Tensor:
-            t = F.conv_transpose2d(mf, weight, stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw), groups=groups)
-            t = t[:, :, :hi, :wi]
+        def back(weight: torch.Tensor) -> torch.Tensor:  # onto the padded input, then cropped to the input
+            t = F.conv_transpose2d(mf, weight, stride=(sh, sw), dilation=(dh, dw), groups=groups)
+            t = t[:, :, top:top + hi, left:left + wi]
             return F.pad(t, (0, wi - t.shape[3], 0, hi - t.shape[2])).reshape(num, k, c_in, hi, wi)
         score = back(w.clamp_min(0)) * a[:, None].clamp_min(0) + back((-w).clamp_min(0)) * (-a[:, None]).clamp_min(0)
         return _cap(score, max_points)
-    if groups > 1:  # the full weight, zero outside each group
-        full = w.new_zeros(w.shape[0], c_in, kh, kw)
-        per_in, per_out = c_in // groups, w.shape[0] // groups
-        for g in range(groups):
-            full[g * per_out:(g + 1) * per_out, g * per_in:(g + 1) * per_in] = w[g * per_out:(g + 1) * per_out]
-        w = full
-    padded = F.pad(a, (pw, pw, ph, ph))
+    per_in, per_out = c_in // groups, w.shape[0] // groups
+    padded = F.pad(a, (left, right, top, bottom))
     new = torch.zeros(num, k, c_in, hi, wi, dtype=torch.bool, device=a.device)
     kept = m.nonzero()
     dy, dx = torch.arange(kh, device=a.device) * dh, torch.arange(kw, device=a.device) * dw
-    chans = torch.arange(c_in, device=a.device)
+    within_group = torch.arange(per_in, device=a.device)
     for s in range(0, len(kept), chunk):
         n_i, k_i, c_i, y_i, x_i = kept[s:s + chunk].unbind(1)
         rows, cols = y_i[:, None] * sh + dy, x_i[:, None] * sw + dx            # P x kh, P x kw (padded coords)
-        field = padded[n_i[:, None, None, None], chans[None, :, None, None], rows[:, None, :, None],
-                       cols[:, None, None, :]]                                 # P x C_in x kh x kw
+        chans = (c_i // per_out * per_in)[:, None] + within_group              # P x C_in/groups: the group's inputs
+        field = padded[n_i[:, None, None, None], chans[:, :, None, None], rows[:, None, :, None],
+                       cols[:, None, None, :]]                                 # P x C_in/groups x kh x kw
         contrib = field * w[c_i]
-        ch = contrib.sum(dim=(2, 3)).argmax(1)
-        within = contrib[torch.arange(len(ch), device=a.device), ch].flatten(1)
+        pick = contrib.sum(dim=(2, 3)).argmax(1)
+        ch = chans.gather(1, pick[:, None])[:, 0]
+        within = contrib[torch.arange(len(pick), device=a.device), pick].flatten(1)
         best = within.argmax(1)
-        yy, xx = rows.gather(1, (best // kw)[:, None])[:, 0] - ph, cols.gather(1, (best % kw)[:, None])[:, 0] - pw
+        yy, xx = rows.gather(1, (best // kw)[:, None])[:, 0] - top, cols.gather(1, (best % kw)[:, None])[:, 0] - left
         ok = (within.gather(1, best[:, None])[:, 0] > 0) & (yy >= 0) & (yy < hi) & (xx >= 0) & (xx < wi)
         new[n_i[ok], k_i[ok], ch[ok], yy[ok], xx[ok]] = True
     return new
@@ -330,21 +337,26 @@ def _conv(m: torch.Tensor, a: torch.Tensor, mod: nn.Conv2d, rule: str, max_point
 
 def _pool_indices(op: nn.Module | fx.Node, a: torch.Tensor) -> torch.Tensor:
     """Flat index (into H x W) of the largest input of each pooling window: ``N x C x h x w``."""
+    params: dict[str, Any]
     if isinstance(op, fx.Node):
-        params = dict(zip(("kernel_size", "stride", "padding"), op.args[1:]))
-        params.update({key: v for key, v in op.kwargs.items() if key in ("kernel_size", "stride", "padding",
-                                                                          "ceil_mode", "output_size")})
-        if op.target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
-            size = op.kwargs.get("output_size", op.args[1] if len(op.args) > 1 else None)
-            return F.adaptive_max_pool2d(a, size, return_indices=True)[1]
-        kernel = params["kernel_size"]
-        return F.max_pool2d(a, kernel, params.get("stride") or kernel, params.get("padding", 0),
-                            ceil_mode=params.get("ceil_mode", False), return_indices=True)[1]
-    if isinstance(op, nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d):
-        return F.adaptive_max_pool2d(a, op.output_size, return_indices=True)[1]
-    dilation = getattr(op, "dilation", 1)
-    return F.max_pool2d(a, op.kernel_size, op.stride or op.kernel_size, op.padding, dilation, ceil_mode=op.ceil_mode,
-                        return_indices=True)[1]
+        adaptive = op.target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d)
+        names = ("output_size",) if adaptive else ("kernel_size", "stride", "padding", "dilation", "ceil_mode") \
+            if op.target is F.max_pool2d else ("kernel_size", "stride", "padding", "ceil_mode")
+        params = dict(zip(names, op.args[1:]))
+        params.update({key: v for key, v in op.kwargs.items() if key in names})
+    elif isinstance(op, nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d):
+        adaptive, params = True, {"output_size": op.output_size}
+    elif isinstance(op, nn.MaxPool2d | nn.AvgPool2d):
+        adaptive = False
+        params = {"kernel_size": op.kernel_size, "stride": op.stride, "padding": op.padding,
+                  "dilation": getattr(op, "dilation", 1), "ceil_mode": op.ceil_mode}
+    else:
+        raise ConvscopeError(f"cnn_fixations cannot unravel {type(op).__name__}; it supports max / average pooling")
+    if adaptive:
+        return F.adaptive_max_pool2d(a, params["output_size"], return_indices=True)[1]
+    kernel = params["kernel_size"]
+    return F.max_pool2d(a, kernel, params.get("stride") or kernel, params.get("padding", 0), params.get("dilation", 1),
+                        ceil_mode=params.get("ceil_mode", False), return_indices=True)[1]
 
 
 def _pool(m: torch.Tensor, a: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
