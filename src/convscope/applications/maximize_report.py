@@ -31,7 +31,7 @@ from torch import nn
 
 from ..core.images import sample_images
 from ..core.io import atomic_write_text
-from ..core.layers import resolve_layer
+from ..core.layers import is_output, resolve_layer
 from ..core.model import lenient_preprocess, model_classes, model_name, zoo_name
 from ..core.probe import probe
 from ..core.render import grid, save_png
@@ -41,7 +41,7 @@ from ..methods.maximize import PRESETS, activation_maximization
 from ..models.zoo import get_classes, load_model
 from .deconv import ImageSet, default_images, file_images, synthetic_images
 
-LOGITS = "logits"  # the layer name that stands for the class logits (the model output)
+LOGITS = "logits"  # the report's name for the model output (given as any spelling core.layers.is_output accepts)
 
 
 @dataclass(frozen=True)
@@ -146,10 +146,10 @@ def maximize_report(
     layers = list(layers)
     if not layers:
         raise ConvscopeError("layers: give at least one layer name or 'logits'")
-    for p in presets:
-        if p not in PRESETS:
-            raise ConvscopeError(f"preset {p!r}: use one of {', '.join(PRESETS)}")
-    names = [n if n == LOGITS else resolve_layer(model, n)[0] for n in layers]
+    for preset in presets:
+        if preset not in PRESETS:
+            raise ConvscopeError(f"preset {preset!r}: use one of {', '.join(PRESETS)}")
+    names = [LOGITS if is_output(n, model) else resolve_layer(model, n)[0] for n in layers]
     out = Path(out)
     net_name = model_name(model)
     data = _dataset(model, images, synthetic)
@@ -192,13 +192,14 @@ def maximize_report(
                        "spatial_max": float(spatial[i]), "dataset_spatial_max": ds_max,
                        "spatial_ratio": float(spatial[i]) / ds_max if ds_max > 0 else None}
                 if layer == LOGITS:
-                    row["class"] = class_names[u] if class_names and u < len(class_names) else str(u)
+                    cls_name = class_names[u] if class_names and u < len(class_names) else str(u)
+                    row["class"] = cls_name
                     row["dataset_max_prob"] = float(stats[LOGITS]["prob"][u])
                     for tname, (pv, top1) in probs.items():
                         row[f"p[{tname}]"] = pv[i]
                         row[f"top1[{tname}]"] = top1[i]
                     captions.append(f"p={probs[net_name][0][i]:.2f}")
-                    labels.append(_short(row["class"]))
+                    labels.append(_short(cls_name))
                 else:
                     captions.append(f"{row['ratio']:.1f}x" if row["ratio"] is not None else "dead")
                     labels.append(f"unit {u}")
@@ -328,10 +329,11 @@ def load_generator(path: str | Path, device: torch.device | str = "cpu") -> tupl
 
 def run_maximize(model: nn.Module, layer: str | None, units: list[int], out: Path, *, steps: int = 256,
                  regularize: str | None = None, kind: str = "channel", size: int | None = None, seed: int = 0,
-                 parametrization: str = "pixel", facets: int = 0, images: object = None, top: int = 50,
+                 parametrization: str = "pixel", facets: int = 0, images: ImageSet | None = None, top: int = 50,
                  generator: str | Path | None = None, code_init: str | Path = "zeros", lambda_code: float = 1e-3,
                  progress: bool = True, self_contained: bool = False) -> MaximizeCommand:
-    """Activation maximization for ``units`` of ``layer`` (``None``: class logits), plain, multifaceted
+    """Activation maximization for ``units`` of ``layer`` (``None``, ``"logits"``, ``"output"``: class logits, as
+    :func:`~convscope.core.layers.is_output`), plain, multifaceted
     (``facets > 0``, needs ``images``: an ImageSet from ``applications.deconv.default_images``) or through a
     generator (DGN-AM). Writes ``maximize_<layer>.png`` (labelled grid), ``units/<layer>_<unit>[_f<k>].png``,
     ``maximize.json`` and ``maximize_<layer>.html`` (settings, pictures, the objective reached per picture; it links
@@ -340,6 +342,8 @@ def run_maximize(model: nn.Module, layer: str | None, units: list[int], out: Pat
     from ..methods.maximize import activation_maximization, dgn_am, encode, multifaceted
 
     out = Path(out)
+    if is_output(layer, model):
+        layer = None
     tag = (layer or "logits").replace("/", "_")
     classes = model_classes(model)
 
@@ -349,35 +353,39 @@ def run_maximize(model: nn.Module, layer: str | None, units: list[int], out: Pat
         return f"unit {u}"
 
     if facets:
-        data = images.load(range(len(images)))  # type: ignore[union-attr]
-        res = multifaceted(model, layer, units, data, facets=facets, top=top, kind=kind, steps=steps,
-                           regularize=regularize, seed=seed, progress=progress)
-        tiles = [t for u in range(len(units)) for t in [*res.starts[u], *res.images[u]]]
+        if layer is None or images is None:
+            raise ConvscopeError("facets cluster a layer's top images: give a layer (not the logits) and images "
+                                 "(applications.deconv.default_images)")
+        data = images.load(range(len(images)))
+        mres = multifaceted(model, layer, units, data, facets=facets, top=top, kind=kind, steps=steps,
+                            regularize=regularize, seed=seed, progress=progress)
+        tiles = [t for u in range(len(units)) for t in [*mres.starts[u], *mres.images[u]]]
         cells = [f"{lab}" for _ in units for lab in [*[f"start {f}" for f in range(facets)],
                                                      *[f"facet {f}" for f in range(facets)]]]
         picture = grid(tiles, nrow=2 * facets, row_labels=[name(u) for u in units], cell_labels=cells)
-        per_unit = [(f"{tag}_{u}_f{f}", res.images[i, f]) for i, u in enumerate(units) for f in range(facets)]
-        acts = res.activations.flatten().tolist()
+        per_unit = [(f"{tag}_{u}_f{f}", mres.images[i, f]) for i, u in enumerate(units) for f in range(facets)]
+        acts = mres.activations.flatten().tolist()
     elif generator is not None:
         gen, space, gen_layer = load_generator(generator, next(model.parameters()).device)
-        init: str | torch.Tensor = str(code_init)
-        if init not in ("zeros", "noise"):
+        start = str(code_init)
+        init: str | torch.Tensor = start
+        if start not in ("zeros", "noise"):
             if gen_layer is None:
                 raise ConvscopeError("--code-init PHOTO needs an UpconvNet generator (it encodes the photo with "
                                      "the layer the decoder inverts); use zeros or noise for this generator")
-            photo = encode(model, gen_layer, load_images([init], model))
+            photo = encode(model, gen_layer, load_images([start], model))
             init = photo.expand(len(units), *photo.shape[1:]).clone()
-        res = dgn_am(model, gen, layer, units, kind=kind, code_init=init, lambda_code=lambda_code, output=space,
-                     steps=steps, seed=seed, progress=progress)
-        picture = grid(list(res.images), nrow=min(8, len(units)), cell_labels=[name(u) for u in units])
-        per_unit = [(f"{tag}_{u}", res.images[i]) for i, u in enumerate(units)]
-        acts = res.activations.tolist()
+        gres = dgn_am(model, gen, layer, units, kind=kind, code_init=init, lambda_code=lambda_code, output=space,
+                      steps=steps, seed=seed, progress=progress)
+        picture = grid(list(gres.images), nrow=min(8, len(units)), cell_labels=[name(u) for u in units])
+        per_unit = [(f"{tag}_{u}", gres.images[i]) for i, u in enumerate(units)]
+        acts = gres.activations.tolist()
     else:
-        res = activation_maximization(model, layer, units, steps=steps, regularize=regularize, kind=kind, size=size,
-                                      seed=seed, parametrization=parametrization, progress=progress)
-        picture = grid(list(res.images), nrow=min(8, len(units)), cell_labels=[name(u) for u in units])
-        per_unit = [(f"{tag}_{u}", res.images[i]) for i, u in enumerate(units)]
-        acts = res.activations.tolist()
+        ares = activation_maximization(model, layer, units, steps=steps, regularize=regularize, kind=kind, size=size,
+                                       seed=seed, parametrization=parametrization, progress=progress)
+        picture = grid(list(ares.images), nrow=min(8, len(units)), cell_labels=[name(u) for u in units])
+        per_unit = [(f"{tag}_{u}", ares.images[i]) for i, u in enumerate(units)]
+        acts = ares.activations.tolist()
     png = save_png(picture, out / f"maximize_{tag}.png")
     pictures = [save_png(img.float().cpu(), out / "units" / f"{stem}.png") for stem, img in per_unit]
     atomic_write_text(out / "maximize.json", json.dumps({

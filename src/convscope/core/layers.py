@@ -18,6 +18,33 @@ def named_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: mod for name, mod in model.named_modules() if name}
 
 
+OUTPUT = "@output"
+"""The layer name that stands for the model's output (the class logits), e.g. the key of the output among captured
+activations (``acts[OUTPUT]`` in an optimization objective). No submodule set as an attribute can be named so
+(``@`` is not a Python identifier character). Users may write it as listed in :func:`is_output`."""
+OUTPUT_NAMES = ("logits", "output")
+"""What users type for the output on the command line (``--layer logits``); they name the output only when the model
+has no layer of that name."""
+
+
+def is_output(layer: object, model: nn.Module | None = None) -> bool:
+    """True when ``layer`` names the model's output rather than a layer: ``None``, ``""`` (the model itself in
+    ``named_modules()``), :data:`OUTPUT`, the model object itself, or one of :data:`OUTPUT_NAMES` (``"logits"``,
+    ``"output"``) unless ``model`` has a layer of that name."""
+    if layer is None or (model is not None and layer is model):
+        return True
+    if not isinstance(layer, str):
+        return False
+    if layer in ("", OUTPUT):
+        return True
+    return layer in OUTPUT_NAMES and (model is None or layer not in dict(model.named_modules()))
+
+
+def layer_or_output(model: nn.Module, layer: str | nn.Module | None) -> str:
+    """:data:`OUTPUT` when ``layer`` names the model's output (:func:`is_output`), else the layer's resolved name."""
+    return OUTPUT if is_output(layer, model) else resolve_layer(model, cast(str | nn.Module, layer))[0]
+
+
 CALL_SEPARATOR = ":"
 """``"name:k"`` addresses the k-th call (from 0) of a module that runs several times in one forward pass."""
 

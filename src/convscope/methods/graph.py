@@ -32,7 +32,8 @@ from ..errors import ConvscopeError
 
 __all__ = ["GraphGroup", "GraphNode", "ModelGraph", "model_graph"]
 
-INPUT, OUTPUT = "input", "output"
+# the names of the graph's first and last nodes (node names, not layer names: core.layers.OUTPUT is the output layer)
+INPUT_NODE, OUTPUT_NODE = "input", "output"
 # functional op name (as TorchFunctionMode sees it, underscores stripped) -> the name of its join node
 JOIN_NAMES = {"add": "add", "iadd": "add", "radd": "add", "sub": "sub", "isub": "sub", "rsub": "sub",
               "mul": "mul", "imul": "mul", "rmul": "mul", "cat": "cat", "concat": "cat", "concatenate": "cat",
@@ -281,7 +282,7 @@ def model_graph(model: nn.Module, input_size: int | tuple[int, int] | None = Non
                 handles.append(mod.register_forward_pre_hook(tracer.pre_hook(name, leaf), with_kwargs=True))
                 handles.append(mod.register_forward_hook(tracer.post_hook(name, leaf), with_kwargs=True,
                                                          always_call=True))
-            start = tracer.add(INPUT, "input", "Input", None, "", [])
+            start = tracer.add(INPUT_NODE, "input", "Input", None, "", [])
             start.shape = tracer.produce(x, start.key)
             with torch.no_grad(), tracer:
                 out = model(x)
@@ -292,7 +293,7 @@ def model_graph(model: nn.Module, input_size: int | tuple[int, int] | None = Non
         finally:
             for h in handles:
                 h.remove()
-    end = tracer.add(OUTPUT, "output", "Output", None, "", tracer.sources(out))
+    end = tracer.add(OUTPUT_NODE, "output", "Output", None, "", tracer.sources(out))
     end.shape = next((tuple(t.shape[1:]) for t in _tensors(out)), None)
     names, calls = _final_names(tracer.raw, set(modules))
     nodes = []

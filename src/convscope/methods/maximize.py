@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -33,10 +34,9 @@ from torch import nn
 
 from ..core.batching import BatchSize, check_batch_size, resolve_batch_size
 from ..core.images import Preprocess
-from ..core.layers import resolve_layer
+from ..core.layers import OUTPUT, layer_or_output, resolve_layer
 from ..core.model import default_input_size, float_dtype, model_device, model_preprocess
 from ..core.optim import (
-    OUTPUT,
     Fourier,
     Objective,
     OptimResult,
@@ -51,7 +51,7 @@ from ..core.optim import (
     optimize_images,
 )
 from ..core.probe import probe
-from ..core.stream import stream_layers
+from ..core.stream import Images, stream_layers
 from ..errors import ConvscopeError, TargetError
 
 Units = int | Sequence[int] | torch.Tensor
@@ -176,7 +176,7 @@ DEFAULT_LR = {"pixel": 0.1, "rgb": 0.05, "fourier": 0.05}  # Adam step sizes (in
 
 
 def _regularization(regularize: str | Regularization | None, param: ParamSpec,
-                    overrides: dict[str, object]) -> Regularization:
+                    overrides: Mapping[str, Any]) -> Regularization:
     if regularize is None:
         regularize = "olah" if isinstance(param, Fourier) or param == "fourier" else "yosinski"
     if isinstance(regularize, str):
@@ -195,7 +195,7 @@ def _default_lr(param: ParamSpec) -> float:
         return DEFAULT_LR["fourier"]
     if isinstance(param, Pixel):
         return DEFAULT_LR["pixel" if param.space == "input" else "rgb"]
-    return DEFAULT_LR.get(param, DEFAULT_LR["pixel"])
+    return DEFAULT_LR.get(param, DEFAULT_LR["pixel"]) if isinstance(param, str) else DEFAULT_LR["pixel"]
 
 
 def _split(extra: Sequence[Regularizer | Transform]) -> tuple[list[Regularizer], list[Transform]]:
@@ -236,21 +236,25 @@ class MaximizationResult:
 
 def _size(model: nn.Module, size: int | tuple[int, int] | None, init: object) -> tuple[int, int]:
     if isinstance(init, torch.Tensor):
-        return tuple(init.shape[-2:])  # type: ignore[return-value]
+        return int(init.shape[-2]), int(init.shape[-1])
     if size is None:
         return default_input_size(model)
     pair = (size, size) if isinstance(size, int) else tuple(size)
     if len(pair) != 2 or not all(isinstance(s, int) and s >= 1 for s in pair):
         raise ConvscopeError(f"size={size!r}: use an int or an (height, width) pair of positive ints")
-    return pair  # type: ignore[return-value]
+    return int(pair[0]), int(pair[1])
 
 
-def _all_units(model: nn.Module, layer: str | None, size: tuple[int, int]) -> list[int]:
-    name = None if layer is None else resolve_layer(model, layer)[0]
+def _all_units(model: nn.Module, name: str, size: tuple[int, int]) -> list[int]:
+    """Every unit of the resolved layer ``name`` (the classes for :data:`OUTPUT`)."""
     x = torch.zeros(1, 3, *size, dtype=float_dtype(model), device=model_device(model))
-    with torch.no_grad(), probe(model, [] if name is None else name, stop_after=name, detach=True) as p:
+    output = name == OUTPUT
+    with torch.no_grad(), probe(model, [] if output else name, stop_after=None if output else name, detach=True) as p:
         out = p.forward(model, x)
-        a = out if name is None else p.activations[name]
+        a = out if output else p.activations[name]
+    if not isinstance(a, torch.Tensor) or a.dim() < 2:
+        raise ConvscopeError(f"{'the model output' if output else f'layer {name!r}'} is not an N x units tensor; "
+                             "give the units explicitly or pick another layer")
     return list(range(a.shape[1]))
 
 
@@ -265,8 +269,8 @@ def _unit_list(units: Units) -> list[int]:
     return lst
 
 
-def _objective_for(layer: str | None, units: list[int], kind: str) -> Objective:
-    if layer is None:
+def _objective_for(layer: str, units: list[int], kind: str) -> Objective:
+    if layer == OUTPUT:
         return logit(units)
     if kind == "channel":
         return channel(layer, units)
@@ -291,7 +295,8 @@ def activation_maximization(
     Yosinski et al. 2015 or Olah et al. 2017). All units of a batch are optimized together.
 
     Args:
-        layer: a layer name (``convscope layers MODEL``), or None for the class logits (then ``units`` are classes).
+        layer: a layer name (``convscope layers MODEL``), or None for the class logits (then ``units`` are classes;
+            ``"logits"``, ``"output"`` and ``convscope.core.layers.OUTPUT`` say the same, see ``is_output``).
         units: unit (channel) indices, one image each; default every unit of the layer.
         objective: instead of layer/units, an :class:`Objective` (one image) or a list (one image each), e.g.
             ``channel("blocks.10", 3) - 0.5 * channel("blocks.10", 7)``.
@@ -329,16 +334,17 @@ def activation_maximization(
             raise ConvscopeError("objective must be an Objective or a list of them (channel(), neuron(), logit())")
         batch_size = resolve_batch_size(batch_size, model, like, "activation_maximization", grad=True,
                                         limit=len(objs))
-        unit_list, name = None, None
+        unit_list, layer_name = None, None
         names = [o.name for o in objs]
         chunks = [(start, per_image(objs[start:start + batch_size]) if len(objs) > 1 else objs[0],
                    min(batch_size, len(objs) - start)) for start in range(0, len(objs), batch_size)]
     else:
-        name = None if layer is None else resolve_layer(model, layer)[0]
+        name = layer_or_output(model, layer)
+        layer_name = None if name == OUTPUT else name
         unit_list = _all_units(model, name, hw) if units is None else _unit_list(units)
         batch_size = resolve_batch_size(batch_size, model, like, "activation_maximization", grad=True,
                                         limit=len(unit_list))
-        names = [_label(kind if name is not None else "logit", name or OUTPUT, u) for u in unit_list]
+        names = [_label("logit" if name == OUTPUT else kind, name, u) for u in unit_list]
         chunks = [(start, _objective_for(name, unit_list[start:start + batch_size], kind),
                    len(unit_list[start:start + batch_size])) for start in range(0, len(unit_list), batch_size)]
     results = [_optimize(model, obj, n, start, pre, hw, parametrization, init, seed, steps, lr, optimizer, reg,
@@ -347,7 +353,7 @@ def activation_maximization(
     return MaximizationResult(
         images=torch.cat([r.images for r in results]), x=torch.cat([r.x for r in results]),
         activations=torch.cat([r.values for r in results]), history=torch.cat([r.history for r in results], 1),
-        layer=name, units=unit_list, names=names)
+        layer=layer_name, units=unit_list, names=names)
 
 
 
@@ -494,7 +500,8 @@ def encode(model: nn.Module, layer: str, x: torch.Tensor, batch_size: BatchSize 
     if isinstance(x, torch.Tensor) and x.dim() == 4:
         batch_size = resolve_batch_size(batch_size, model, x, "encode", limit=len(x))
     batch_size = batch_size if isinstance(batch_size, int) else 32
-    return torch.cat([acts[name] for _, acts in stream_layers(model, x, [name], batch_size, progress=False)])
+    return torch.cat([cast(torch.Tensor, acts[name])
+                      for _, acts in stream_layers(model, x, [name], batch_size, progress=False)])
 
 
 @dataclass(frozen=True)
@@ -542,7 +549,7 @@ def _gather(images: object, ids: torch.Tensor, batch_size: int) -> torch.Tensor:
 
 
 def multifaceted(
-    model: nn.Module, layer: str, units: Units, images: torch.Tensor | Sequence[torch.Tensor] | object,
+    model: nn.Module, layer: str, units: Units, images: Images,
     facets: int = 4, *, top: int = 50, embed_layer: str | None = None, pca_dims: int = 50, kind: str = "channel",
     steps: int = 256, regularize: str | Regularization | None = None, seed: Seed = 0, batch_size: BatchSize = "auto",
     progress: bool | None = None, **am_kwargs: object,
@@ -572,7 +579,7 @@ def multifaceted(
         raise ConvscopeError(f"top={top!r}: use an int >= facets ({facets}); the paper clusters a unit's top images")
     if isinstance(pca_dims, bool) or not isinstance(pca_dims, int) or pca_dims < 1:
         raise ConvscopeError(f"pca_dims={pca_dims!r}: use a positive int")
-    if not isinstance(images, torch.Tensor) and iter(images) is images:  # type: ignore[call-overload]
+    if not isinstance(images, torch.Tensor) and iter(images) is images:
         raise ConvscopeError("multifaceted() reads the images twice: pass a tensor or a re-iterable stream (a list of "
                              "batches, a DataLoader), not a one-shot generator")
     bad = set(am_kwargs) & {"init", "size", "units", "objective", "batch_size", "layer"}
@@ -596,7 +603,7 @@ def multifaceted(
     emb_name = name if embed_layer is None else resolve_layer(model, embed_layer)[0]
     codes = []
     for _, acts in stream_layers(model, chosen, [emb_name], batch_size, progress=False):
-        a = acts[emb_name]
+        a = cast(torch.Tensor, acts[emb_name])
         codes.append((a.flatten(2).mean(2) if a.dim() > 2 else a.flatten(1)).double().cpu())
     emb = F.normalize(torch.cat(codes), dim=1)
     pos = {int(i): j for j, i in enumerate(needed.tolist())}
@@ -706,17 +713,18 @@ def dgn_am(
         if not objs or not all(isinstance(o, Objective) for o in objs):
             raise ConvscopeError("objective must be an Objective or a list of them (channel(), neuron(), logit())")
         batch_size = resolve_batch_size(batch_size, model, sample, "dgn_am", grad=True, limit=len(objs))
-        unit_list, name, names = None, None, [o.name for o in objs]
+        unit_list, layer_name, names = None, None, [o.name for o in objs]
         chunks = [(s, per_image(objs[s:s + batch_size]) if len(objs) > 1 else objs[0], min(batch_size, len(objs) - s))
                   for s in range(0, len(objs), batch_size)]
     else:
-        name = None if layer is None else resolve_layer(model, layer)[0]
+        name = layer_or_output(model, layer)
+        layer_name = None if name == OUTPUT else name
         if units is None:
-            unit_list = _all_units(model, name, tuple(sample.shape[-2:]))  # type: ignore[arg-type]
+            unit_list = _all_units(model, name, (int(sample.shape[-2]), int(sample.shape[-1])))
         else:
             unit_list = _unit_list(units)
         batch_size = resolve_batch_size(batch_size, model, sample, "dgn_am", grad=True, limit=len(unit_list))
-        names = [_label(kind if name is not None else "logit", name or OUTPUT, u) for u in unit_list]
+        names = [_label("logit" if name == OUTPUT else kind, name, u) for u in unit_list]
         chunks = [(s, _objective_for(name, unit_list[s:s + batch_size], kind), len(unit_list[s:s + batch_size]))
                   for s in range(0, len(unit_list), batch_size)]
     results, codes = [], []
@@ -728,13 +736,13 @@ def dgn_am(
         init = code_init
         if isinstance(init, torch.Tensor) and init.dim() == len(spec.code_shape) + 1 and init.shape[0] > 1:
             init = init[start:start + n]
-        param = make_param(spec, init, n, (1, 1), pre, gens, like)
+        param = spec.build(init, n, (1, 1), pre, gens, like)
         res = optimize_images(model, obj, param, steps=steps, lr=lr, optimizer=optimizer, transforms=extra_trans,
                               regularizers=[CodePenalty(param, lambda_code), *extra_regs], generators=gens,
                               progress=progress, desc="dgn-am")
         results.append(res)
-        codes.append(param.code.detach().clone())  # type: ignore[union-attr]
+        codes.append(param.code.detach().clone())
     return GeneratorResult(
         images=torch.cat([r.images for r in results]), x=torch.cat([r.x for r in results]), codes=torch.cat(codes),
         activations=torch.cat([r.values for r in results]), history=torch.cat([r.history for r in results], 1),
-        layer=name, units=unit_list, names=names)
+        layer=layer_name, units=unit_list, names=names)

@@ -36,8 +36,9 @@ Modules: :mod:`.objectives`, :mod:`.params` (parametrizations and per-image gene
 
 from __future__ import annotations
 
+from ..layers import OUTPUT
 from .loop import OPTIMIZERS, OptimResult, mean_abs_normalized, optimize_images
-from .objectives import OUTPUT, Objective, activation_l2
+from .objectives import Objective, activation_l2
 from .params import (
     CODE_NOISE_STD,
     COLOR_CORRELATION_SVD_SQRT,

@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from ...errors import ConvscopeError
+from ..layers import OUTPUT
 from ..probe import Probe, probe
 from ..progress import progress_bar
 from ..stream import last_layer
-from .objectives import OUTPUT, Objective
+from .objectives import Objective
 from .params import Generators, ImageParam, make_generators
 from .regularizers import Regularization, Regularizer
 from .transforms import Transform

@@ -9,11 +9,10 @@ from typing import TypeGuard
 
 import torch
 
-OUTPUT = "@output"  # the layer name objectives use for the model's output (class logits)
-
 
 class Objective:
-    """One value per image from the activations of named layers (``acts[layer]``, ``acts[OUTPUT]`` the output).
+    """One value per image from the activations of named layers (``acts[layer]``, ``acts[OUTPUT]`` the output,
+    :data:`convscope.core.layers.OUTPUT`).
 
     ``o1 + o2``, ``o1 - o2``, ``-o``, ``2.0 * o``, ``o / 2`` and ``sum([...])`` give new objectives that read the
     union of the layers.

@@ -28,7 +28,8 @@ Seed = int | Sequence[int] | torch.Generator
 def centre_rgb(pre: Preprocess) -> tuple[float, float, float]:
     """The neutral image every regularizer pulls towards: the preprocess mean colour, mid-grey for a model fed raw
     RGB in [0, 1] (zero mean)."""
-    return pre.mean if any(m != 0 for m in pre.mean) else (0.5, 0.5, 0.5)
+    m = pre.mean
+    return (float(m[0]), float(m[1]), float(m[2])) if any(v != 0 for v in m) else (0.5, 0.5, 0.5)
 
 
 class ImageParam(nn.Module):
