@@ -1,8 +1,8 @@
 """``convscope evaluate attribution``: score every attribution method on held-out synthetic images.
 
 For ``n`` images of the synthetic concept dataset that training never saw (by default the ``off-centre`` set of
-:data:`EVAL_SETS`: the dominant object at radii 16-26 % of the side, placed so that the image centre is on it only
-as often as a random pixel is), each method explains the true scene class (the dominant object's shape) and is
+:data:`EVAL_SETS`: the dominant object at radii 16-23 % of the side, placed so that a centred map scores a random
+map's pointing game and mask IoU), each method explains the true scene class (the dominant object's shape) and is
 scored by
 
 * the pointing game (Zhang et al. 2016) against the dominant object's pixel mask, tolerance 15 px at 224 px
@@ -137,14 +137,16 @@ POINTING_TOLERANCE = 15 / 224
 """The pointing game's tolerance as a fraction of the image side (Zhang et al.: 15 px at 224 px)."""
 
 EVAL_SETS: dict[str, SynthConfig] = {
-    "off-centre": SynthConfig(target_radius=(0.16, 0.26), distractor_radius=(0.05, 0.10),
+    "off-centre": SynthConfig(target_radius=(0.16, 0.23), distractor_radius=(0.05, 0.10),
                               centre_at_chance=POINTING_TOLERANCE),
     "centred": SynthConfig(),
 }
-"""Evaluation sets: ``off-centre`` (default) draws the dominant object at several scales and places it so that the
-image centre lies within the pointing tolerance of it as often as a uniformly random pixel does (a centre prior
-scores chance); ``centred`` is the training distribution (large objects, centre near the object: a centred Gaussian
-points at it 85 % of the time)."""
+"""Evaluation sets: ``off-centre`` (default) draws the dominant object at several scales (radius 16-23 % of the side:
+up to that size every shape can be placed so that a centred disc of its area overlaps it no more than a random
+region would) and places it so that a centre prior scores a random map's expected value per image in the pointing
+game (the image centre lies within the tolerance of the object as often as a uniformly random pixel does) and in
+mask IoU (``SynthConfig.centre_at_chance``); ``centred`` is the training distribution (large objects, centre near
+the object: a centred Gaussian points at it 85 % of the time)."""
 
 METRICS: tuple[tuple[str, int], ...] = (("pointing_game", 1), ("mask_iou", 1), ("deletion_auc", -1),
                                         ("insertion_auc", 1), ("spearman_top_layer", -1), ("spearman_all_layers", -1))

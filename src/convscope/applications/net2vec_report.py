@@ -24,9 +24,10 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -123,7 +124,8 @@ def segment(model: nn.Module, dataset: BrodenDataset | str | os.PathLike[str], r
     col = space.names.index(concept)
     unit = result.row(concept).best_unit
     pre = getattr(model, "preprocess", None)
-    norm = pre.normalize if callable(getattr(pre, "normalize", None)) else (lambda t: t)
+    normalize = getattr(pre, "normalize", None)
+    norm: Callable[[torch.Tensor], torch.Tensor] = normalize if callable(normalize) else (lambda t: t)
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
     t = result.thresholds.double()
     images, truth, comb, single, annotated = [], [], [], [], []
@@ -245,7 +247,7 @@ def run_net2vec(model: nn.Module, dataset_path: BrodenDataset | str | os.PathLik
     config = config if config is not None else Net2VecConfig()
     res = net2vec(model, dataset_path, layer, concepts=concepts, config=config, progress=progress)
     k = res.weights.shape[1]
-    rows = []
+    rows: list[dict[str, Any]] = []
     for j, r in enumerate(res.rows):
         w = res.weights[j]
         order = w.abs().argsort(descending=True)[:top_units].tolist()
@@ -304,7 +306,7 @@ def run_net2vec(model: nn.Module, dataset_path: BrodenDataset | str | os.PathLik
         rep.text(f"{len(trivial)} of {len(rows)} concepts do not beat the trivial baselines (beyond the margin): "
                  f"{', '.join(trivial)}. Their IoU says nothing about how the layer encodes them.")
     seg = config.seg_size if config.seg_size is not None else "the dataset's"
-    source = str(Path(getattr(dataset_path, "root", dataset_path)))
+    source = str(dataset_path.root if isinstance(dataset_path, BrodenDataset) else Path(dataset_path))
     loss = f"{res.loss[0]:.4g} / {res.loss[-1]:.4g}" if res.loss else ""
     rep.table([["model", model_name], ["layer", res.layer], ["units", k], ["dataset", source],
                ["training images", res.train_images], ["held-out images", res.val_images], ["concepts", len(rows)],
@@ -325,15 +327,16 @@ def run_net2vec(model: nn.Module, dataset_path: BrodenDataset | str | os.PathLik
                       "gain over baselines [CI]", "beats baselines", "marked", "IoU top-1 weight",
                       "IoU top-5 weights", "units needed", "largest weights"])
     if picture_paths:
+        by_concept = {row["concept"]: row for row in rows}
         rep.heading("Segmentations on held-out images")
         rep.text("Per concept, the held-out images with the most pixels of it: the image (its dataset index), the "
                  "ground truth, the combination's mask and the best single unit's mask, with each mask's IoU on "
                  "that image.")
         for concept, path in picture_paths.items():
-            r = next(r for r in rows if r["concept"] == concept)
+            row = by_concept[concept]
             rep.heading(concept, 3)
-            rep.image(path, caption=f"{path.name}: {concept} ({r['category']}), IoU combination {r['iou_com']:.3f} "
-                                    f"vs unit {r['best_unit']} {r['best_unit_iou']:.3f}")
+            rep.image(path, caption=f"{path.name}: {concept} ({row['category']}), IoU combination "
+                                    f"{row['iou_com']:.3f} vs unit {row['best_unit']} {row['best_unit_iou']:.3f}")
     html = rep.write(out / "net2vec.html")
     json_path = atomic_write_text(out / "net2vec.json", json.dumps({
         "model": model_name, "layer": res.layer, "units": k, "train_images": res.train_images,

@@ -522,22 +522,27 @@ def _centre_excess(mask: np.ndarray, tol: float) -> tuple[float, float]:
     from scipy.ndimage import distance_transform_edt
 
     size = mask.shape[0]
-    near = distance_transform_edt(~mask) <= tol
-    c = (size - 1) // 2
-    k = int(mask.sum())
+    ys, xs = np.nonzero(mask)
+    if not len(ys):
+        return 0.0, 0.0
+    pad = int(math.ceil(tol)) + 1  # the object's bounding box grown by tol holds every pixel within tol of it
+    y0, x0 = max(ys.min() - pad, 0), max(xs.min() - pad, 0)
+    near = distance_transform_edt(~mask[y0:ys.max() + pad + 1, x0:xs.max() + pad + 1]) <= tol
+    k = len(ys)
     f = k / mask.size
     inter = int(mask.ravel()[_centre_order(size)[:k]].sum())
     iou = inter / max(2 * k - inter, 1)
-    return float(near[c, c]) - float(near.mean()), iou - f / (2 - f)
+    return float(_centre_distance(mask) <= tol) - float(near.sum()) / mask.size, iou - f / (2 - f)
 
 
 def _place_at_chance(rng: np.random.Generator, shape: str, size: int, r: float, angle: float,
-                     tol: float, candidates: int = 4) -> tuple[float, float]:
+                     tol: float, candidates: int = 3) -> tuple[float, float]:
     """Centre of the dominant object (``SynthConfig.centre_at_chance``), fully inside the image, drawn so that a
     centre prior scores chance in expectation on both the pointing game (tolerance ``tol`` px) and the mask IoU.
 
     Candidates: ``candidates`` positions where the image centre is within ``tol`` of the object ("cover", uniform
-    in a disc) and ``3 * candidates`` where it is not ("off", uniform in the image), each with its excess
+    in a disc) and ``3 * candidates`` where it is not ("off": two thirds uniform in the image, one third near its
+    corners), each with its excess
     ``(a, b)`` over a random map (:func:`_centre_excess`).  A cover/off pair mixed with weight
     ``w = -a_off / (a_cover - a_off)`` on the cover has pointing excess 0; of all pairs, the two whose IoU excess
     is nearest to 0 from below and from above are mixed to IoU excess 0 and one position is drawn from that
@@ -546,11 +551,14 @@ def _place_at_chance(rng: np.random.Generator, shape: str, size: int, r: float, 
     c = (size - 1) // 2
     lo, hi = r + 1, size - 2 - r
 
-    def draw(cover: bool) -> tuple[float, float, np.ndarray]:
+    def draw(cover: bool, corner: bool = False) -> tuple[float, float, np.ndarray]:
         for _ in range(200):
             if cover:  # offsets that can bring the object within tol of the centre, uniform in a disc
                 rho, phi = (r + tol + 1) * math.sqrt(rng.random()), rng.uniform(0, 2 * math.pi)
                 cy, cx = c + rho * math.sin(phi), c + rho * math.cos(phi)
+            elif corner:  # the outer 15 % of the range on both axes: far from a central disc
+                inward = (hi - lo) * 0.15 * rng.random(2)
+                cy, cx = np.where(rng.random(2) < 0.5, lo + inward, hi - inward)
             else:
                 cy, cx = rng.uniform(lo, hi, size=2)
             if lo <= cy <= hi and lo <= cx <= hi:
@@ -561,7 +569,7 @@ def _place_at_chance(rng: np.random.Generator, shape: str, size: int, r: float, 
         return cy, cx, shape_mask(shape, size, cy, cx, r, angle)
 
     covers = [draw(True) for _ in range(candidates)]
-    offs = [draw(False) for _ in range(3 * candidates)]
+    offs = [draw(False, corner=k % 3 == 2) for k in range(3 * candidates)]
     ex_c = [_centre_excess(m, tol) for *_, m in covers]
     ex_o = [_centre_excess(m, tol) for *_, m in offs]
     pairs = []  # (IoU excess of the pointing-balanced pair, cover index, off index, weight on the cover)

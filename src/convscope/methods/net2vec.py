@@ -212,12 +212,13 @@ def _cache(model: nn.Module, ds: BrodenDataset, layer: str, space: Any, config: 
     acts, cols, il, ann, val = [], [], [], [], []
     mb = 0.0
     size = ds.seg_size
+    label_size = (0, 0)  # the label resolution of the batches (set by the first)
     for batch, out in stream_dataset(model, ds, [layer], config.batch_size, config.workers, 0, "net2vec features",
                                      show):
         a = out[layer]
         a = (a[:, :, None, None] if a.dim() == 2 else a).float().cpu()
         lab = batch_labels(batch, space, size)
-        size = lab.size
+        size = label_size = lab.size
         acts.append(a)
         cols.append(lab.cols.to(torch.int32))
         il.append(lab.image_level)
@@ -238,7 +239,7 @@ def _cache(model: nn.Module, ds: BrodenDataset, layer: str, space: Any, config: 
         v = torch.arange(n) >= n - max(1, round(config.val_fraction * n))
     if v.all() or not v.any():
         raise DataError("net2vec needs at least 2 images (some to train on, some held out)")
-    return _Cache(torch.cat(acts), torch.cat(cols), torch.cat(il), torch.cat(ann), v, size)
+    return _Cache(torch.cat(acts), torch.cat(cols), torch.cat(il), torch.cat(ann), v, label_size)
 
 
 def _features(acts: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int], inputs: str) -> torch.Tensor:
