@@ -27,7 +27,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "Preprocess", "load_image", "load_images", "sample_image", "sample_images", "expand_inputs", "image_name",
         "unique_names",
     ),
-    ".core.layers": ("named_layers", "resolve_layer",),
+    ".core.layers": ("OUTPUT", "is_output", "named_layers", "resolve_layer",),
     ".core.model": ("LayerInfo", "list_layers",),
     ".core.probe": ("preserved_state", "probe",),
     ".core.render": ("apply_colormap", "as_rgb", "filter_grid", "grid", "overlay", "save_png", "to_display", "to_pil",),
@@ -123,7 +123,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the same names (generated fro
         sample_images,
         unique_names,
     )
-    from .core.layers import named_layers, resolve_layer
+    from .core.layers import OUTPUT, is_output, named_layers, resolve_layer
     from .core.model import LayerInfo, list_layers
     from .core.probe import preserved_state, probe
     from .core.render import apply_colormap, as_rgb, filter_grid, grid, overlay, save_png, to_display, to_pil

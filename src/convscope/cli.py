@@ -290,10 +290,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_maximize(args: argparse.Namespace) -> int:
     from .applications.deconv import default_images, parse_units
     from .applications.maximize_report import run_maximize
-    from .core.layers import resolve_layer
+    from .core.layers import is_output, resolve_layer
 
     model = _load(args)
-    layer = None if args.layer in ("logits", "output") else resolve_layer(model, args.layer)[0]
+    layer = None if is_output(args.layer, model) else resolve_layer(model, args.layer)[0]
     units = parse_units(args.units)
     images = default_images(model, args.images or None, args.synthetic) if args.facets else None
     run = run_maximize(model, layer, units, Path(args.out), steps=args.steps, regularize=args.regularize,
