@@ -109,7 +109,8 @@ def test_preprocess_with_one_or_four_channel_statistics():
 
 def test_the_rgb_only_optimizers_refuse_a_grayscale_model_in_one_line(net, x):
     before = snapshot(net)
-    for call in (lambda: cs.invert(net, x, "act", steps=1), lambda: cs.deep_dream(net, x, "act", steps=1, octaves=1)):
+    for call in (lambda: cs.invert(net, x, "act", steps=1), lambda: cs.deep_dream(net, x, "act", steps=1, octaves=1),
+                 lambda: cs.activation_maximization(net, "act", [0], steps=1, size=16, progress=False)):
         with pytest.raises(cs.ConvscopeError, match="1-channel input") as err:
             call()
         assert "\n" not in str(err.value)

@@ -65,6 +65,24 @@ def input_channels(model: nn.Module, default: int = 3) -> int:
     return int(stem[1].in_channels)
 
 
+def check_rgb_model(model: nn.Module, what: str) -> None:
+    """One-line error when ``model`` does not take 3-channel input: the image parametrizations of
+    :mod:`convscope.core.optim` (pixels, Fourier, decorrelated colour) build RGB images only."""
+    channels = input_channels(model)
+    if channels != 3:
+        raise ConvscopeError(f"{what} optimizes RGB images, but this model takes {channels}-channel input; use a "
+                             "3-channel model (or wrap yours: x.mean(1, keepdim=True) as its first op)")
+
+
+def check_rgb_images(model: nn.Module, x: Any, what: str) -> None:
+    """:func:`check_rgb_model`, and ``x`` must be ``N x 3 x H x W`` floats (photos in the model's input space)."""
+    check_rgb_model(model, what)
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3 or not x.is_floating_point():
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ConvscopeError(f"{what}: x must be N x 3 x H x W floats in the model's input space (e.g. from "
+                             f"cs.load_images(paths, model)), got {shape}")
+
+
 def model_float(model: nn.Module) -> tuple[torch.dtype, torch.device] | None:
     """dtype and device of the model's first floating-point parameter or buffer (None for a model without one)."""
     for t in itertools.chain(model.parameters(), model.buffers()):  # lazily: usually the first one answers

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.checks import input_channels
+from ..core.checks import check_rgb_images
 from ..core.layers import resolve_layer
 from ..core.model import model_preprocess
 from ..core.optim import PixelImage, Regularization, activation_l2, make_generators, optimize_images
@@ -79,14 +79,7 @@ def deep_dream(model: nn.Module, x: torch.Tensor, layer: str, steps: int = 10, l
     one generator per image). ``progress``: a bar per octave (``True``, ``False``, ``None``: once it has run 2 s).
     The model is left as it came.
     """
-    channels = input_channels(model)
-    if channels != 3:  # the image parametrizations of core.optim are RGB (3 x H x W) only
-        raise ConvscopeError(f"deep_dream optimizes RGB images, but this model takes {channels}-channel input; use a "
-                             "3-channel model (or wrap yours: x.mean(1, keepdim=True) as its first op)")
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3 or not x.is_floating_point():
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ConvscopeError(f"deep_dream needs photos N x 3 x H x W (floats in the model's input space), got {shape}; "
-                             "load them with cs.load_images(paths, model)")
+    check_rgb_images(model, x, "deep_dream")
     if isinstance(octaves, bool) or not isinstance(octaves, int) or octaves < 1:
         raise ConvscopeError(f"octaves={octaves!r}: use an int >= 1")
     if not (isinstance(octave_scale, int | float) and octave_scale > 1):

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..core.batching import BatchSize, check_batch_size, resolve_batch_size
-from ..core.checks import input_channels
+from ..core.checks import check_rgb_images
 from ..core.images import Preprocess
 from ..core.layers import named_layers, resolve_layers
 from ..core.model import float_dtype, model_preprocess
@@ -159,17 +159,6 @@ class InversionResult:
         return self.images[rows]
 
 
-def _check_images(model: nn.Module, x: torch.Tensor, what: str) -> None:
-    channels = input_channels(model)
-    if channels != 3:  # the image parametrizations of core.optim are RGB (3 x H x W) only
-        raise ConvscopeError(f"{what} optimizes RGB images, but this model takes {channels}-channel input; use a "
-                             "3-channel model (or wrap yours: x.mean(1, keepdim=True) as its first op)")
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3 or not x.is_floating_point():
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ConvscopeError(f"{what}: x must be N x 3 x H x W floats in the model's input space (e.g. from "
-                             f"cs.load_images(paths, model)), got {shape}")
-
-
 def invert(
     model: nn.Module, x: torch.Tensor, layers: str | Sequence[str], *, steps: int = 200,
     lambda_alpha: float | None = None, lambda_tv: float | None = None, alpha: float = 6.0, beta: float = 2.0,
@@ -201,7 +190,7 @@ def invert(
         seed: row ``(l, i)`` uses the generator seeded ``seed + i`` (same pictures batched or layer by layer), or
             ``seed[i]`` for a list of N seeds.
     """
-    _check_images(model, x, "invert")
+    check_rgb_images(model, x, "invert")
     check_batch_size(batch_size, "invert")
     names = list(resolve_layers(model, layers))
     if not names:

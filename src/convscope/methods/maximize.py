@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.batching import BatchSize, check_batch_size, resolve_batch_size
+from ..core.checks import check_rgb_model
 from ..core.images import Preprocess
 from ..core.layers import OUTPUT, layer_or_output, resolve_layer
 from ..core.model import default_input_size, float_dtype, model_device, model_preprocess
@@ -318,6 +319,7 @@ def activation_maximization(
             results do not depend on it); ``"auto"`` (default): from the model's activation sizes at ``size`` and
             the allocator (:mod:`convscope.core.batching`).
     """
+    check_rgb_model(model, "activation_maximization")
     pre = model_preprocess(model, preprocess)
     hw = _size(model, size, init)
     reg = _regularization(regularize, parametrization, dict(
