@@ -51,6 +51,19 @@ class TopBuffer:
         buf._set(s["values"])
         return buf
 
+    def absorb(self, s: Mapping[str, torch.Tensor]) -> None:
+        """Add the :meth:`state` of a buffer over other values of the same layer and dataset (a shard of it): the
+        ``k`` largest of the union are kept. Exact whatever the order of the parts: each of the union's ``k``
+        largest is among its own part's ``k`` largest, so the union of the parts' buffers holds them all."""
+        if int(s["n"]) != self.n or len(s["values"]) != len(self._waiting):
+            raise ConvscopeError(f"cannot merge a quantile buffer of {int(s['n'])} values x {len(s['values'])} units "
+                                 f"into one of {self.n} x {len(self._waiting)}; the parts come from different runs")
+        self._merge()
+        v = s["values"].to(self._values.device) if self._values is not None else s["values"]
+        if self._values is not None:
+            v = torch.cat([self._values, v], 1)
+        self._set(v.topk(min(self.k, v.shape[1]), dim=1, sorted=False).values)
+
     @property
     def values(self) -> torch.Tensor | None:
         """``units x k``: each unit's largest values so far, descending (waiting candidates merged first)."""

@@ -8,6 +8,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -23,7 +24,7 @@ from ...core.stream import stream_layers
 from ...data.broden import BrodenDataset, broden_collate
 from ...errors import ConvscopeError, DataError
 from ..topk import RunningTopK, TopKActivations
-from .concepts import BatchLabels, batch_labels, concept_space
+from .concepts import BatchLabels, ConceptSpace, batch_labels, concept_space
 from .config import DissectConfig
 from .quantile import TopBuffer
 from .results import LayerDissection, layer_result
@@ -69,9 +70,10 @@ def batch_rows(model: nn.Module, dataset: BrodenDataset, config: DissectConfig,
 
 def stream_dataset(model: nn.Module, dataset: BrodenDataset, layers: Sequence[str], batch_size: int, workers: int,
                    start_batch: int = 0, desc: str = "dissect", progress: bool | None = True,
-                   reduce: Callable[[Mapping[str, Any], str, torch.Tensor], Any] | None = None
-                   ) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
-    """``(collated batch, {layer: activations})`` per batch from ``start_batch`` on, images loaded by
+                   reduce: Callable[[Mapping[str, Any], str, torch.Tensor], Any] | None = None,
+                   stop_batch: int | None = None) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """``(collated batch, {layer: activations})`` per batch from ``start_batch`` on (up to ``stop_batch``, not
+    included; None: to the end), images loaded by
     ``workers`` DataLoader processes while the model runs (through :func:`~convscope.methods.topk.stream_layers`);
     images are mapped to the model's input space with ``model.preprocess.normalize`` when it has one.
 
@@ -82,13 +84,14 @@ def stream_dataset(model: nn.Module, dataset: BrodenDataset, layers: Sequence[st
     be counted."""
     from torch.utils.data import DataLoader, Dataset, Subset
 
-    total = math.ceil(len(dataset) / batch_size)
+    end = len(dataset) if stop_batch is None else min(len(dataset), stop_batch * batch_size)
+    total = math.ceil(end / batch_size)
     first = start_batch * batch_size
-    if first >= len(dataset):
+    if first >= end:
         return
     items = cast(Dataset[dict[str, Any]], dataset)  # a map-style dataset: __getitem__ and __len__
     loader: DataLoader[dict[str, Any]] = DataLoader(
-        Subset(items, range(first, len(dataset))), batch_size=batch_size, shuffle=False, num_workers=workers,
+        Subset(items, range(first, end)), batch_size=batch_size, shuffle=False, num_workers=workers,
         collate_fn=broden_collate, persistent_workers=False)
     norm, dev = input_normalizer(model), model_device(model)
     held: dict[str, Any] = {}
@@ -112,8 +115,10 @@ def stream_dataset(model: nn.Module, dataset: BrodenDataset, layers: Sequence[st
         yield held["batch"], acts
 
 
-class _Store:
-    """The resumable state of a run in ``out``: ``dissect_meta.json`` plus ``pass1.pt`` / ``pass2.pt``."""
+class DissectStore:
+    """The resumable state of a run in ``out``: ``dissect_meta.json`` plus ``pass1.pt`` / ``pass2.pt`` (one
+    process) or ``shards.json`` and ``pass1/shard_NNNN.pt`` / ``pass2/shard_NNNN.pt`` (sharded,
+    :mod:`~convscope.methods.dissect.shards`)."""
 
     def __init__(self, out: str | os.PathLike[str], meta: dict[str, Any]) -> None:
         self.out = Path(out)
@@ -128,24 +133,64 @@ class _Store:
         else:
             atomic_write_text(path, json.dumps(meta, indent=1))
 
+    def path(self, name: str) -> Path:
+        return self.out / f"{name}.pt"
+
     def load(self, name: str) -> dict[str, Any] | None:
-        path = self.out / f"{name}.pt"
+        path = self.path(name)
         if not path.is_file():
             return None
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - a damaged state file: say which, and how to recover
             raise ConvscopeError(f"{path} cannot be read ({type(exc).__name__}: {exc}); delete it to recompute "
-                                 "that pass") from None
+                                 "that part") from None
 
     def save(self, name: str, state: dict[str, Any]) -> None:
         buf = io.BytesIO()
         torch.save(state, buf)
-        atomic_write_bytes(self.out / f"{name}.pt", buf.getvalue())
+        path = self.path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, buf.getvalue())
+
+
+def store_meta(model: nn.Module, ds: BrodenDataset, names: Sequence[str], config: DissectConfig) -> dict[str, Any]:
+    """What a resumed run must share with the saved one: model weights, configuration, layers, dataset."""
+    return {"format": 2, "config": config.fingerprint(), "layers": list(names), "model": model_hash(model),
+            "dataset": {"root": str(Path(ds.root).resolve()), "images": len(ds), "split": ds.split,
+                        "size": list(ds.size) if ds.size else None,
+                        "seg_size": list(ds.seg_size) if ds.seg_size else None}}
+
+
+# --------------------------------------------------------------------------- pass 1 over a range of batches
+
+
+def threshold_scan(model: nn.Module, ds: BrodenDataset, names: Sequence[str], config: DissectConfig, rows: int,
+                   bufs: dict[str, TopBuffer], tops: Mapping[str, RunningTopK], start: int = 0,
+                   stop: int | None = None, show: bool | None = False,
+                   after_batch: Callable[[int], None] | None = None) -> int:
+    """Pass 1 (Eq. 18) over batches ``start .. stop - 1`` of ``rows`` images: every layer's activations go into
+    its :class:`TopBuffer` (created on first use, sized for the whole dataset, so parts of it merge exactly) and
+    its :class:`~convscope.methods.topk.RunningTopK`, in place. ``after_batch(batches done)`` runs after each
+    batch (checkpoints). Returns the index of the next batch."""
+    batches = start
+
+    def on_layer(batch: Mapping[str, Any], n: str, act: torch.Tensor) -> None:
+        if n not in bufs:  # n = images x positions (a linear layer has one)
+            bufs[n] = TopBuffer(len(ds) * act[0, 0].numel(), config.quantile, act.shape[1], config.max_buffer_mb, n)
+        bufs[n].update(act)
+        tops[n].update(act, batch["index"])
+
+    for _ in stream_dataset(model, ds, names, rows, config.workers, start, "dissect 1/2 thresholds",
+                            show, reduce=on_layer, stop_batch=stop):
+        batches += 1
+        if after_batch is not None:
+            after_batch(batches)
+    return batches
 
 
 def _pass_thresholds(model: nn.Module, ds: BrodenDataset, names: list[str], config: DissectConfig,
-                     store: _Store | None, show: bool | None
+                     store: DissectStore | None, show: bool | None
                      ) -> tuple[dict[str, torch.Tensor], dict[str, TopKActivations]]:
     state = store.load("pass1") if store else None
     if state and state.get("done"):
@@ -159,9 +204,8 @@ def _pass_thresholds(model: nn.Module, ds: BrodenDataset, names: list[str], conf
         for n in names:
             tops[n] = RunningTopK.from_state(n, config.top_images, state["top"][n])
             bufs[n] = TopBuffer.from_state(state["buffers"][n], config.quantile, config.max_buffer_mb, n)
-    batches = start
 
-    def snapshot(done: bool) -> dict[str, Any]:
+    def snapshot(batches: int, done: bool) -> dict[str, Any]:
         s: dict[str, Any] = {
             "batches": batches, "batch_size": rows, "done": done, "buffers": {n: bufs[n].state() for n in names},
             "top": {n: t.state_dict() for n, t in tops.items()},
@@ -170,37 +214,135 @@ def _pass_thresholds(model: nn.Module, ds: BrodenDataset, names: list[str], conf
             s["thresholds"] = {n: bufs[n].thresholds() for n in names}
         return s
 
-    def on_layer(batch: Mapping[str, Any], n: str, act: torch.Tensor) -> None:
-        if n not in bufs:  # n = images x positions (a linear layer has one)
-            bufs[n] = TopBuffer(len(ds) * act[0, 0].numel(), config.quantile, act.shape[1], config.max_buffer_mb, n)
-        bufs[n].update(act)
-        tops[n].update(act, batch["index"])
-
-    for _ in stream_dataset(model, ds, names, rows, config.workers, start, "dissect 1/2 thresholds",
-                            show, reduce=on_layer):
-        batches += 1
+    def checkpoint(batches: int) -> None:
         if store and batches % config.checkpoint_every == 0:
-            store.save("pass1", snapshot(False))
+            store.save("pass1", snapshot(batches, False))
+
+    batches = threshold_scan(model, ds, names, config, rows, bufs, tops, start, None, show, checkpoint)
     if not bufs or any(b.empty for b in bufs.values()):
         raise DataError(f"{ds.root} yielded no images; check the dataset (and its split)")
-    final = snapshot(True)
+    final = snapshot(batches, True)
     if store:
         store.save("pass1", final)
     return dict(final["thresholds"]), {n: t.result() for n, t in tops.items()}
 
 
+# --------------------------------------------------------------------------- pass 2 over a range of batches
+
+
+@dataclass
+class PassCounts:
+    """Pass 2's sums (Eq. 19) over some images: per layer ``inter`` and ``activated`` (units x concepts), the
+    concept pixels ``truth`` (C) and the label size. Pixel counts held in float64 are integers (exact below
+    2**53), so the sums of dataset parts, added in any order, equal the one-pass sums bit for bit."""
+
+    truth: torch.Tensor
+    inter: dict[str, torch.Tensor] = field(default_factory=dict)
+    activated: dict[str, torch.Tensor] = field(default_factory=dict)
+    seg_size: tuple[int, int] | None = None
+
+    @classmethod
+    def zeros(cls, concepts: int) -> PassCounts:
+        return cls(torch.zeros(concepts, dtype=torch.float64))
+
+    def add_batch(self, n: str, inter: torch.Tensor, activated: torch.Tensor) -> None:
+        self.inter[n] = self.inter[n] + inter if n in self.inter else inter
+        self.activated[n] = self.activated[n] + activated if n in self.activated else activated
+
+    def add(self, other: PassCounts) -> None:
+        """Add the counts of other images (another shard)."""
+        for n in other.inter:
+            self.add_batch(n, other.inter[n], other.activated[n])
+        self.truth = self.truth + other.truth
+        self.seg_size = self.seg_size or other.seg_size
+
+    def state(self) -> dict[str, Any]:
+        return {"inter": self.inter, "activated": self.activated, "truth": self.truth,
+                "seg_size": list(self.seg_size) if self.seg_size else None}
+
+    @classmethod
+    def from_state(cls, s: Mapping[str, Any]) -> PassCounts:
+        seg = s.get("seg_size")
+        return cls(s["truth"], dict(s["inter"]), dict(s["activated"]), (int(seg[0]), int(seg[1])) if seg else None)
+
+
+def count_scan(model: nn.Module, ds: BrodenDataset, names: Sequence[str], config: DissectConfig, space: ConceptSpace,
+               thresholds: Mapping[str, torch.Tensor], rows: int, counts: PassCounts, start: int = 0,
+               stop: int | None = None, show: bool | None = False,
+               after_batch: Callable[[int], None] | None = None) -> int:
+    """Pass 2 (Eq. 19) over batches ``start .. stop - 1`` of ``rows`` images, added into ``counts`` in place
+    (:func:`~convscope.methods.dissect.tally_batch` per layer inside its forward hook). ``after_batch(batches
+    done)`` runs after each batch. Returns the index of the next batch."""
+    size = ds.seg_size
+    current: dict[str, Any] = {}
+    batches = start
+
+    def labels_of(batch: Mapping[str, Any]) -> BatchLabels:
+        if current.get("batch") is not batch:
+            current["batch"], current["labels"] = batch, batch_labels(batch, space, size)
+        return current["labels"]
+
+    def on_layer(batch: Mapping[str, Any], n: str, act: torch.Tensor) -> None:
+        i, a, _ = tally_batch(act, thresholds[n], labels_of(batch))
+        counts.add_batch(n, i, a)
+
+    for batch, _ in stream_dataset(model, ds, names, rows, config.workers, start, "dissect 2/2 IoU", show,
+                                   reduce=on_layer, stop_batch=stop):
+        labels = labels_of(batch)
+        counts.seg_size = labels.size
+        counts.truth = counts.truth + labels.truth
+        batches += 1
+        if after_batch is not None:
+            after_batch(batches)
+    return batches
+
+
+def _pass_counts(model: nn.Module, ds: BrodenDataset, names: list[str], config: DissectConfig, space: ConceptSpace,
+                 thresholds: Mapping[str, torch.Tensor], store: DissectStore | None, show: bool | None) -> PassCounts:
+    state = store.load("pass2") if store else None
+    start = int(state["batches"]) if state else 0
+    rows = batch_rows(model, ds, config, state)
+    counts = PassCounts.from_state(state) if state else PassCounts.zeros(len(space))
+
+    def snapshot(batches: int, done: bool) -> dict[str, Any]:
+        return {"batches": batches, "batch_size": rows, "done": done, **counts.state()}
+
+    def checkpoint(batches: int) -> None:
+        if store and batches % config.checkpoint_every == 0:
+            store.save("pass2", snapshot(batches, False))
+
+    if not (state and state.get("done")):
+        batches = count_scan(model, ds, names, config, space, thresholds, rows, counts, start, None, show,
+                             checkpoint)
+        if store:
+            store.save("pass2", snapshot(batches, True))
+    return counts
+
+
+# --------------------------------------------------------------------------- the entry points
+
+
 def unit_thresholds(model: nn.Module, dataset: BrodenDataset | str | os.PathLike[str], layers: str | Sequence[str],
-                    config: DissectConfig = DissectConfig(), progress: bool | None = None) -> dict[str, torch.Tensor]:
+                    config: DissectConfig = DissectConfig(), progress: bool | None = None, *,
+                    executor: str | None = None, workers: int = 1, shards: int | None = None,
+                    ray_address: str | None = None) -> dict[str, torch.Tensor]:
     """Pass 1 alone: every unit's exact ``T_f`` with ``P(a_f > T_f) = config.quantile`` (Bau et al. 2017, Eq. 18),
-    equal to ``numpy.quantile(a_f, 1 - quantile)`` over all positions of all images (linear interpolation)."""
+    equal to ``numpy.quantile(a_f, 1 - quantile)`` over all positions of all images (linear interpolation).
+    ``executor`` / ``workers`` / ``shards`` / ``ray_address``: sharded over the dataset, as in :func:`dissect`."""
     ds = open_dataset(dataset, model, config)
     names = list(resolve_layers(model, layers))
+    if executor is not None or workers != 1 or shards is not None:
+        from .shards import ShardedRun
+
+        with ShardedRun(model, ds, names, config, None, progress, executor, workers, shards, ray_address) as run:
+            return run.thresholds()[0]
     return _pass_thresholds(model, ds, names, config, None, progress)[0]
 
 
 def dissect(model: nn.Module, dataset: BrodenDataset | str | os.PathLike[str], layers: str | Sequence[str],
             config: DissectConfig = DissectConfig(), out: str | os.PathLike[str] | None = None,
-            progress: bool | None = None) -> dict[str, LayerDissection]:
+            progress: bool | None = None, *, executor: str | None = None, workers: int = 1,
+            shards: int | None = None, ray_address: str | None = None) -> dict[str, LayerDissection]:
     """Network Dissection (Bau et al. 2017; survey Sec. 6.2.1, Eq. 18-19) of every unit of ``layers`` at once.
 
     Args:
@@ -213,6 +355,12 @@ def dissect(model: nn.Module, dataset: BrodenDataset | str | os.PathLike[str], l
         out: a folder for resumable state (thresholds and partial counts, saved atomically); a rerun continues.
         progress: progress bars with an ETA: ``True``, ``False``, or ``None`` (default: each pass's bar once it
             has run 2 s).
+        executor, workers, shards, ray_address: run each pass as ``shards`` tasks over contiguous ranges of whole
+            batches (:mod:`~convscope.methods.dissect.shards`): ``"local"`` with ``workers`` processes (1: this
+            process), or ``"ray"`` (``ray_address`` None: a local Ray instance with ``workers`` CPUs; ``"auto"`` /
+            an address: a running cluster). ``workers > 1`` or ``shards`` alone mean ``"local"``. With ``out``
+            every finished shard is saved at once and a rerun computes only the missing ones. The result equals
+            the one-process run's (same batches) bit for bit.
 
     Returns ``{layer: LayerDissection}`` with one row per unit (unit, label, category, iou, threshold) and the
     full IoU matrix units x concepts.
@@ -222,52 +370,15 @@ def dissect(model: nn.Module, dataset: BrodenDataset | str | os.PathLike[str], l
     ds = open_dataset(dataset, model, config)
     names = list(resolve_layers(model, layers))
     space = concept_space(ds, config.categories)
-    store = None
-    if out is not None:
-        meta = {"format": 2, "config": config.fingerprint(), "layers": names, "model": model_hash(model),
-                "dataset": {"root": str(Path(ds.root).resolve()), "images": len(ds), "split": ds.split,
-                            "size": list(ds.size) if ds.size else None,
-                            "seg_size": list(ds.seg_size) if ds.seg_size else None}}
-        store = _Store(out, meta)
-    thresholds, tops = _pass_thresholds(model, ds, names, config, store, progress)
+    store = DissectStore(out, store_meta(model, ds, names, config)) if out is not None else None
+    if executor is not None or workers != 1 or shards is not None:
+        from .shards import ShardedRun
 
-    state = store.load("pass2") if store else None
-    start = int(state["batches"]) if state else 0
-    rows = batch_rows(model, ds, config, state)
-    c = len(space)
-    inter = dict(state["inter"]) if state else {}
-    activated = dict(state["activated"]) if state else {}
-    truth = state["truth"] if state else torch.zeros(c, dtype=torch.float64)
-    seg_size = tuple(state["seg_size"]) if state and state.get("seg_size") else None
-    batches = start
-
-    def snapshot(done: bool) -> dict[str, Any]:
-        return {"batches": batches, "batch_size": rows, "done": done, "inter": inter, "activated": activated,
-                "truth": truth, "seg_size": list(seg_size) if seg_size else None}
-
-    if not (state and state.get("done")):
-        size = ds.seg_size
-        current: dict[str, Any] = {}
-
-        def labels_of(batch: Mapping[str, Any]) -> BatchLabels:
-            if current.get("batch") is not batch:
-                current["batch"], current["labels"] = batch, batch_labels(batch, space, size)
-            return current["labels"]
-
-        def on_layer(batch: Mapping[str, Any], n: str, act: torch.Tensor) -> None:
-            i, a, _ = tally_batch(act, thresholds[n], labels_of(batch))
-            inter[n] = inter[n] + i if n in inter else i
-            activated[n] = activated[n] + a if n in activated else a
-
-        for batch, _ in stream_dataset(model, ds, names, rows, config.workers, start,
-                                       "dissect 2/2 IoU", progress, reduce=on_layer):
-            labels = labels_of(batch)
-            seg_size = labels.size
-            truth = truth + labels.truth
-            batches += 1
-            if store and batches % config.checkpoint_every == 0:
-                store.save("pass2", snapshot(False))
-        if store:
-            store.save("pass2", snapshot(True))
-    return {n: layer_result(n, space, thresholds[n], inter[n], activated[n], truth, tops[n], config,
-                             seg_size or (0, 0)) for n in names}
+        with ShardedRun(model, ds, names, config, store, progress, executor, workers, shards, ray_address) as run:
+            thresholds, tops = run.thresholds()
+            counts = run.counts(thresholds)
+    else:
+        thresholds, tops = _pass_thresholds(model, ds, names, config, store, progress)
+        counts = _pass_counts(model, ds, names, config, space, thresholds, store, progress)
+    return {n: layer_result(n, space, thresholds[n], counts.inter[n], counts.activated[n], counts.truth, tops[n],
+                            config, counts.seg_size or (0, 0)) for n in names}
