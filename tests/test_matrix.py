@@ -48,11 +48,10 @@ ARCHS: tuple[Arch, ...] = (
     Arch("densenet121", "features.norm5", "features.transition1", "features.conv0"),
     Arch("mobilenet_v3_large", "features.16", "features.6", "features.0.0"),
     Arch("convnext_tiny", "features.7", "features.3", "features.0.0"),
-    # ----------------------------------------------------------------- ViT / Swin: not in the zoo yet.
-    # When zoo.TORCHVISION_ARCHS gets "vit_b_16" and "swin_t", add them here, e.g.
-    #   Arch("vit_b_16", "encoder.layers.encoder_layer_11", "encoder.layers.encoder_layer_5", "conv_proj"),
-    #   Arch("swin_t", "features.7", "features.3", "features.0.0"),
-    # with the input size they need (ViT: a multiple of 16; Swin: of 32) and their cells in EXPECTED.
+    # ViT's CAM layer is the last block's ln_1 (layer="auto"'s choice): after the last attention only the class
+    # token reaches the head, so the block's own output has exactly zero gradients on the patch grid
+    Arch("vit_b_16", "encoder.layers.encoder_layer_11.ln_1", "encoder.layers.encoder_layer_5", "conv_proj"),
+    Arch("swin_t", "features.7", "features.3", "features.0.0"),
 )
 
 METHODS = ("saliency", "smoothgrad", "guided_backprop", "deconvnet_rule", "cam", "gradcam", "gradcam_pp",
@@ -64,22 +63,33 @@ SLOW = {"atlas", "dissect", "explorer"}  # the whole-pipeline cells: run in the 
 # cells that raise a documented ConvscopeError: (arch, method) -> a pattern of its message (docs/models.md says why)
 NOT_GAP = "CAM needs layer"
 NO_RELU = {rule: f"relu_rule='{rule}' changed nothing" for rule in ("guided", "deconvnet")}
+CLASS_TOKEN = "CAM needs the classifier to read the global average"
 EXPECTED: dict[tuple[str, str], str] = {
     ("vgg16", "cam"): NOT_GAP,
     ("mobilenet_v3_large", "cam"): NOT_GAP,
     ("convnext_tiny", "guided_backprop"): NO_RELU["guided"],
     ("convnext_tiny", "guided_gradcam"): NO_RELU["guided"],
     ("convnext_tiny", "deconvnet_rule"): NO_RELU["deconvnet"],
+    ("vit_b_16", "guided_backprop"): NO_RELU["guided"],
+    ("vit_b_16", "guided_gradcam"): NO_RELU["guided"],
+    ("vit_b_16", "deconvnet_rule"): NO_RELU["deconvnet"],
+    ("vit_b_16", "cam"): CLASS_TOKEN,
+    ("swin_t", "guided_backprop"): NO_RELU["guided"],
+    ("swin_t", "guided_gradcam"): NO_RELU["guided"],
+    ("swin_t", "deconvnet_rule"): NO_RELU["deconvnet"],
 }
 
 WHY = {
     NOT_GAP: "CAM (Zhou et al. 2016) needs the last feature maps global-average-pooled straight into the last linear "
              "layer; VGG-16's classifier (three linear layers on a 7x7 map) and MobileNetV3's (a 960 -> 1280 linear "
              "layer before the last one) are not that: use Grad-CAM there.",
-    NO_RELU["guided"]: "ConvNeXt has no ReLU (GELU only), so the guided ReLU rule would change nothing and the result "
-                       "would be the plain gradient: the probe refuses instead of returning a mislabelled saliency "
-                       "map.",
+    NO_RELU["guided"]: "ConvNeXt, ViT-B/16 and Swin-T have no ReLU (GELU only), so the guided ReLU rule would change "
+                       "nothing and the result would be the plain gradient: the probe refuses instead of returning a "
+                       "mislabelled saliency map.",
     NO_RELU["deconvnet"]: "the same for the DeconvNet ReLU rule.",
+    CLASS_TOKEN: "ViT-B/16's head reads the class token after the last block, not a global average of the patch "
+                 "grid, so no classifier row weights the patch map; CAM checks that premise (the logits must equal "
+                 "the head applied to the patch map's mean) on token layers and refuses: use Grad-CAM there.",
 }
 
 
@@ -87,9 +97,14 @@ WHY = {
 
 
 def build(name: str) -> torch.nn.Module:
-    """The zoo model with seeded random weights, fed 64 px images (ImageNet normalization)."""
+    """The zoo model with seeded random weights (a zero-initialized head made random), fed 64 px images (ImageNet
+    normalization)."""
     arch = cs.load_model(name, device="cpu")
     arch.preprocess = Preprocess(resize=SIZE, crop=SIZE, mean=arch.preprocess.mean, std=arch.preprocess.std)
+    head = [m for m in arch.modules() if isinstance(m, torch.nn.Linear)][-1]
+    if not head.weight.any():  # ViT's zero-initialized head (torchvision's init): constant logits, zero gradients
+        with torch.no_grad():
+            head.weight.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(0))
     return arch
 
 
@@ -114,6 +129,8 @@ def cell(method: str, a: Arch, model: torch.nn.Module, tmp: Path, synth: Callabl
     elif method in ("cam", "gradcam", "gradcam_pp"):
         maps = getattr(cs, method)(model, x, target=cs.top_k(2), layer=a.last)
         finite(maps, (1, 2, SIZE, SIZE))
+        if method == "gradcam":  # the layer reaches the logits (not so: a ViT block after its last attention)
+            assert maps.amax() > 0
     elif method == "guided_gradcam":
         finite(cs.guided_gradcam(model, x, layer=a.last), (1, 1, 3, SIZE, SIZE))
     elif method == "occlusion":
