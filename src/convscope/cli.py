@@ -547,13 +547,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.max_upload_mb <= 0 or args.queue_size < 1 or args.port < 0:
         raise ConvscopeError("--max-upload-mb, --queue-size and --port must be positive")
+    if not 3 <= args.embed_images <= 5000:
+        raise ConvscopeError(f"--embed-images must be between 3 and 5000, got {args.embed_images}")
     threads = args.threads or max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                          else os.cpu_count() or 1))
     torch.set_num_threads(threads)
     model = _load(args)
     app = create_app(model, atlas=args.atlas, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
                      max_pixels=args.max_pixels, decode_slots=args.decode_slots,
-                     queue_size=args.queue_size, allowed_hosts=LOOPBACK_HOSTS if args.host in LOOPBACK_HOSTS else None)
+                     queue_size=args.queue_size, embed_images=args.embed_images, allowed_hosts=LOOPBACK_HOSTS if args.host in LOOPBACK_HOSTS else None)
     if args.host not in LOOPBACK_HOSTS:
         print(f"convscope: warning: serving on {args.host}, reachable from other machines; the explorer has no "
               "authentication", file=sys.stderr)
@@ -640,6 +642,8 @@ def add_serve(sub: Subparsers) -> None:
     p.add_argument("--decode-slots", type=int, default=2, help="uploads decoded at once (default 2; bounds memory)")
     p.add_argument("--queue-size", type=int, default=64, help="model jobs allowed to wait before the server answers "
                                                               "503 (default 64)")
+    p.add_argument("--embed-images", type=int, default=200,
+                   help="synthetic scenes the explorer's embedding view lays out (default 200; 3-5000)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: the CPUs available, at most 4)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level (default info)")
