@@ -32,7 +32,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ".core.probe": ("preserved_state", "probe",),
     ".core.render": ("apply_colormap", "as_rgb", "filter_grid", "grid", "overlay", "save_png", "to_display", "to_pil",),
     ".core.report": ("HtmlReport",),
-    ".core.targets": ("target_scores", "top_class", "top_k",),
+    ".core.targets": ("detection", "output", "segmentation", "target_scores", "top_class", "top_k",),
     ".errors": (
         "ConvscopeError", "DataError", "ImageLoadError", "LayerNotFoundError", "ModelLoadError", "TargetError",
     ),
@@ -129,7 +129,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the same names (generated fro
     from .core.render import apply_colormap, as_rgb, filter_grid, grid, overlay, save_png, to_display, to_pil
     from .core.report import HtmlReport
     from .core.stream import layer_features, stream_layers
-    from .core.targets import target_scores, top_class, top_k
+    from .core.targets import detection, output, segmentation, target_scores, top_class, top_k
     from .core.tokens import TokenInfo, as_feature_map, from_feature_map
     from .errors import ConvscopeError, DataError, ImageLoadError, LayerNotFoundError, ModelLoadError, TargetError
     from .methods.adversarial import AdversarialResult, FeatureChange, feature_change, fgsm, pgd
