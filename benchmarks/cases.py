@@ -137,9 +137,14 @@ IG_SHAPES = {"efficientnet_lite0": (SINGLE,), "demo_net": (SINGLE, Shape("8 imgs
 if hasattr(cs, "integrated_gradients"):
     for model in BOTH:
         register(f"integrated_gradients ({IG_STEPS} steps)",
+                 lambda m, x, t: cs.integrated_gradients(m, x, t.convscope, steps=IG_STEPS, method="gausslegendre",
+                                                         progress=False),
+                 work=FB_INPUT, models=[model], shapes=IG_SHAPES[model], per_call=IG_STEPS, unit="step",
+                 note="Gauss-Legendre (Captum's default), zero baseline; ratio per path point")
+        register(f"integrated_gradients adaptive ({IG_STEPS} steps)",
                  lambda m, x, t: cs.integrated_gradients(m, x, t.convscope, steps=IG_STEPS, progress=False),
                  work=FB_INPUT, models=[model], shapes=IG_SHAPES[model], per_call=IG_STEPS, unit="step",
-                 note="Gauss-Legendre, zero baseline, batch_size 32 rows (images x steps); ratio per path point")
+                 note="the default: a forward-only pre-pass places the gradient points; ratio per gradient point")
         register("scorecam", lambda m, x, t: cs.scorecam(m, x, t.convscope, layer=cam_layer(m),
                                                          batch_size=SCORECAM_BATCH, progress=False),
                  work=F_, models=[model], per_call=CAM_CHANNELS[model], unit="channel",

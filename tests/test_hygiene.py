@@ -118,8 +118,7 @@ CASES = {
                                                          loss=_boom2)),
 }
 SKIP = {("cam", "demo_net"): "CAM needs a global-average-pooling net; demo_net has fully connected layers",
-        ("scorecam", "efficientnet_lite0"): "1280 masked forward passes at 224 px: tests/test_cam_more.py covers it",
-        ("cnn_fixations", "efficientnet_lite0"): "CNN fixations are defined for the ops demo_net has (see its docs)"}
+        ("scorecam", "efficientnet_lite0"): "1280 masked forward passes at 224 px: tests/test_cam_more.py covers it"}
 
 
 def _first_relu(m: torch.nn.Module) -> str:

@@ -11,7 +11,7 @@ from .dream import DreamResult, deep_dream
 from .embed import Embedding, embed
 from .filters import first_layer_filters
 from .graph import GraphNode, ModelGraph, model_graph
-from .integrated_gradients import IntegratedGradientsResult, integrated_gradients
+from .integrated_gradients import IntegratedGradientsResult, adaptive_quadrature, integrated_gradients
 from .invert import InversionResult, feature_match, invert
 from .landscape import InterpolationResult, LandscapeResult, interpolate, loss_landscape, random_direction
 from .lrp import lrp
@@ -60,8 +60,8 @@ __all__ = [
     "SimilarityResult", "UnitMatching", "layer_similarity", "linear_cka", "match_units", "rbf_cka", "svcca",
     "InterpolationResult", "LandscapeResult", "interpolate", "loss_landscape", "random_direction",
     "layercam", "scorecam", "FixationResult", "cnn_fixations", "DreamResult", "deep_dream", "Embedding", "embed",
-    "GraphNode", "ModelGraph", "model_graph", "IntegratedGradientsResult", "integrated_gradients", "lrp",
-    "prediction_difference", "visual_backprop",
+    "GraphNode", "ModelGraph", "model_graph", "IntegratedGradientsResult", "adaptive_quadrature",
+    "integrated_gradients", "lrp", "prediction_difference", "visual_backprop",
     "AdversarialResult", "FeatureChange", "OcclusionResult", "cam", "deconvnet_rule", "default_cam_layer",
     "feature_change", "fgsm", "gradcam", "gradcam_pp", "gradient", "guided_backprop", "guided_gradcam",
     "input_x_gradient", "occlusion", "pgd", "saliency", "smoothgrad",
