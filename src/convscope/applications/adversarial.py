@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -91,7 +92,8 @@ def run_adversarial(model: nn.Module, paths: list[Path], out: Path, eps: float =
              f"{layer!r}: the {n_units} units whose maps change most (relative L2), clean | adversarial | "
              "|difference|, clean and adversarial on one colour scale (viridis).")
     rep.image(overview, caption="clean, perturbation, adversarial; top class and its probability")
-    pictures, rows, top = [overview], [], fc.top_units(n_units).cpu()
+    rows: list[dict[str, Any]] = []
+    pictures, top = [overview], fc.top_units(n_units).cpu()
     for i, path in enumerate(paths):
         units = top[i].tolist()
         png = save_png(grid(unit_comparison(fc, i, units), nrow=3, col_labels=["clean", "adversarial", "|diff|"],

@@ -67,9 +67,10 @@ def explain_one(model: nn.Module, x: torch.Tensor, method: str, targets: list[in
     t = torch.tensor([targets], device=x.device)
     extra: list[tuple[torch.Tensor, str]] = []
     if method == "occlusion":
-        kw = {k: v for k, v in (("window", window), ("stride", stride)) if v is not None}
+        kw: dict[str, Any] = {k: v for k, v in (("window", window), ("stride", stride)) if v is not None}
         res = occlusion(model, x, t, layer=layer or None, progress=progress, **kw)
-        if res.strongest_unit is not None:  # Zeiler & Fergus Fig. 7 (b), as a drop: red where the unit looks
+        # Zeiler & Fergus Fig. 7 (b), as a drop: red where the unit looks
+        if res.strongest_unit is not None and res.unit_activation is not None and res.unit is not None:
             drop = res.unit_activation[:1, None, None, None] - res.strongest_unit[:1, None]
             extra.append((drop, f"unit {int(res.unit[0])} of {layer}"))
         return res.maps[0], extra

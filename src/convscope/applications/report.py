@@ -22,7 +22,7 @@ from torch import nn
 from ..core.images import SAMPLE_PREFIX, expand_inputs, load_images, unique_names
 from ..core.io import atomic_write_text
 from ..core.layers import resolve_layer
-from ..core.model import model_name, zoo_name
+from ..core.model import input_denormalizer, model_name, zoo_name
 from ..core.probe import probe
 from ..core.progress import progress_bar
 from ..core.render import fit_text, grid, load_font, overlay, save_png
@@ -75,7 +75,6 @@ def build_report(model: nn.Module, paths: Sequence[str | os.PathLike[str]] | Non
     out = Path(out)
     files = report_images(paths)
     names = unique_names(files)
-    pre = model.preprocess if hasattr(model, "preprocess") else None
     x = load_images(files, model)
     dev = next(model.parameters()).device
     cam_layer = resolve_cam_layer(model, cam_layer)
@@ -89,7 +88,7 @@ def build_report(model: nn.Module, paths: Sequence[str | os.PathLike[str]] | Non
             p.forward(model, chunk)
             acts.append(p.activations[layer].float().cpu())
     cams, unit_acts = torch.cat(maps), torch.cat(acts)
-    pixels = (pre.denormalize(x) if pre is not None else x).clamp(0, 1).float().cpu()
+    pixels = input_denormalizer(model)(x).clamp(0, 1).float().cpu()
     k = cams.shape[1]  # top_classes, at most the number of classes
 
     result = ReportResult(html=out / "report.html", images=files, names=names)
