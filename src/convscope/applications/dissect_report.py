@@ -23,6 +23,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -144,7 +145,7 @@ def unit_images(model: nn.Module, dataset: BrodenDataset, result: LayerDissectio
         return {u: [] for u in units}
     pixels = _load(dataset, ids)
     norm = input_normalizer(model)
-    acts = torch.cat([a[result.layer].cpu() for _, a in stream_layers(
+    acts = torch.cat([cast(torch.Tensor, a[result.layer]).cpu() for _, a in stream_layers(
         model, norm(pixels).to(next((p.device for p in model.parameters()), torch.device("cpu"))),
         [result.layer], batch_size, progress=False)])
     if acts.dim() == 2:
@@ -203,7 +204,8 @@ def dissect_report(model: nn.Module, dataset: BrodenDataset, results: Mapping[st
     out.mkdir(parents=True, exist_ok=True)
     chart = save_png(category_chart(results), out / "dissect_summary.png")
     pages, csvs = [], []
-    payload: dict[str, object] = {"layers": {}}
+    per_layer: dict[str, object] = {}
+    payload = {"layers": per_layer}
     for layer, d in results.items():
         slug = _slug(layer)
         rows = d.table()
@@ -212,7 +214,7 @@ def dissect_report(model: nn.Module, dataset: BrodenDataset, results: Mapping[st
         csvs.append(out / f"iou_{slug}.csv")
         atomic_write_text(csvs[-1], _csv(["unit", *d.concepts],
                                          [[u, *[f"{v:.6g}" for v in d.iou[u].tolist()]] for u in range(len(d.rows))]))
-        payload["layers"][layer] = {  # type: ignore[index]
+        per_layer[layer] = {
             "units": rows, "summary": d.summary(), "detector_counts": d.detector_counts(),
             "concepts": d.concepts, "concept_categories": d.concept_categories, "images": d.images,
             "quantile": d.quantile, "iou_threshold": d.iou_threshold, "iou": [r.tolist() for r in d.iou]}

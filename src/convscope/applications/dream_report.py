@@ -13,6 +13,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -60,9 +61,10 @@ def dream_report(model: nn.Module, photo: str | Path, out: str | Path, layer: st
                      jitter=jitter, seed=seed, progress=progress)
     before = save_png(pre.denormalize(x[0]).clamp(0, 1).cpu(), out / "before.png")
     after = save_png(res.images[0].cpu(), out / "after.png")
-    octave_rows = [{"octave": k + 1, "size": list(s), "objective_first": float(h[0, 0]) if len(h) else None,
-                    "objective_last": float(h[-1, 0]) if len(h) else None}
-                   for k, (s, h) in enumerate(zip(res.octave_sizes, res.history))]
+    octave_rows: list[dict[str, Any]] = [
+        {"octave": k + 1, "size": list(s), "objective_first": float(h[0, 0]) if len(h) else None,
+         "objective_last": float(h[-1, 0]) if len(h) else None}
+        for k, (s, h) in enumerate(zip(res.octave_sizes, res.history))]
     settings = {"model": model_name(model), "photo": str(files[0]), "layer": res.layer, "steps": steps, "lr": lr,
                 "octaves": octaves, "octave_scale": octave_scale, "jitter": jitter, "seed": seed,
                 "size": list(x.shape[-2:])}

@@ -14,6 +14,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -93,7 +94,7 @@ def run_invert(model: nn.Module, paths: Sequence[Path], layers: list[str], out: 
     else:
         raise ConvscopeError(f"unknown inversion method {method!r}; use regularized or upconv")
     tiles = list(originals)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, images, err in per_layer:
         tiles += list(images)
         for i, path in enumerate(paths):

@@ -239,11 +239,11 @@ def curve_picture(xs: Sequence[float] | torch.Tensor, ys: Sequence[float] | torc
 # --------------------------------------------------------------------------- the report
 
 
-def _json_values(t: torch.Tensor) -> list:
+def _json_values(t: torch.Tensor) -> list | float | None:
     """Nested lists of floats, ``None`` for inf / NaN (which JSON cannot hold)."""
     if t.dim() == 0:
         v = float(t)
-        return v if math.isfinite(v) else None  # type: ignore[return-value]
+        return v if math.isfinite(v) else None
     return [_json_values(r) for r in t]
 
 

@@ -134,11 +134,12 @@ def style_transfer(
     p_feats = layer_features(model, content, c_name)
     a_feats = layer_features(model, style, s_names)
     content_obj = 0.5 * feature_match(c_name[0], p_feats[c_name[0]], normalize=False)
-    style_obj = sum(w * gram_match(k, gram(a_feats[k])) for w, k in zip(weights, s_names))
+    terms = [w * gram_match(k, gram(a_feats[k])) for w, k in zip(weights, s_names)]
+    style_obj = sum(terms[1:], terms[0])  # s_names is not empty
     objective = alpha * content_obj + beta * style_obj
     gens = make_generators(seed, n)
     start = content if isinstance(init, str) and init == "content" else init
-    param = make_param("pixel", start, n, tuple(content.shape[-2:]), pre, gens,
+    param = make_param("pixel", start, n, (content.shape[-2], content.shape[-1]), pre, gens,
                        torch.zeros((), dtype=dtype, device=content.device))
     res = optimize_images(model, objective, param, steps=steps, lr=lr, generators=gens, progress=progress,
                           desc="style")

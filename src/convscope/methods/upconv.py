@@ -225,9 +225,10 @@ def train_upconv(
                 opt = torch.optim.Adam(decoder.parameters(), lr=lr)
             decoder.train()
             loss = F.mse_loss(decoder(feats), xb)
-            opt.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+            assert opt is not None  # made with the decoder
+            opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()  # type: ignore[union-attr]
+            opt.step()
             total += float(loss.detach()) * xb.shape[0]
             count += xb.shape[0]
         if decoder is None:
