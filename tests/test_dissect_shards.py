@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -96,13 +97,21 @@ def test_local_workers_and_shards_equal_one_process(synth, reference, tmp_path):
         dissect(model, synth, LAYERS, CFG, out=tmp_path, progress=False, shards=5)
 
 
-def test_sharded_unit_thresholds_and_bad_arguments(synth, reference):
-    t = unit_thresholds(Tiny(), synth, LAYERS, CFG, progress=False, shards=7)  # uneven: 10 batches in 7 shards
+def test_sharded_unit_thresholds_progress_and_bad_arguments(synth, reference, capsys, monkeypatch, tmp_path):
+    t = unit_thresholds(Tiny(), synth, LAYERS, CFG, progress=True, shards=7)  # uneven: 10 batches in 7 shards
     assert all(torch.equal(t[n], reference[n].thresholds) for n in LAYERS)
+    assert "dissect 1/2 thresholds: 100% 7/7 shard" in capsys.readouterr().err  # a bar over the shards
     with pytest.raises(ConvscopeError, match="executor='spark'.*'local'"):
         dissect(Tiny(), synth, LAYERS, CFG, executor="spark")
     with pytest.raises(ConvscopeError, match="shards=0"):
         dissect(Tiny(), synth, LAYERS, CFG, shards=0)
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    model = Tiny()
+    before = snapshot(model)
+    with pytest.raises(ConvscopeError, match=r"pip install 'convscope\[ray\]'") as info:
+        dissect(model, synth, LAYERS, CFG, out=tmp_path, executor="ray", workers=2)
+    assert "\n" not in str(info.value)
+    assert_untouched(model, before)
 
 
 @pytest.mark.parametrize("kill_on_read", [1, pytest.param(2, marks=pytest.mark.slow)])  # in pass 1, in pass 2

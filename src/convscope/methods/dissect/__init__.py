@@ -34,7 +34,9 @@ Scale: memory is bounded by the batch (plus the exact quantile buffers): each la
 forward hook, so only one layer's activations are alive at a time; images load in DataLoader workers while the model
 runs; progress bars; with ``out=`` the pass-1 buffers / thresholds and the pass-2 partial counts are
 written atomically every ``checkpoint_every`` batches, and a rerun with the same model, data and configuration picks
-up where it stopped (a different configuration in the same folder is refused).
+up where it stopped (a different configuration in the same folder is refused).  With ``executor=`` / ``workers=`` /
+``shards=``, both passes run as shard tasks over contiguous batch ranges in local worker processes or on Ray
+(:mod:`~convscope.methods.dissect.shards`), merged exactly, each shard saved in ``out`` as it returns.
 """
 
 from .compare import Comparison, compare
