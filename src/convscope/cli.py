@@ -336,7 +336,8 @@ def cmd_dissect(args: argparse.Namespace) -> int:
         print(run.comparison.text())
         print(f"wrote {run.chart} and {run.csv}")
         return 0
-    results = dissect(model, path, layers, config, out=out / "state")
+    results = dissect(model, path, layers, config, out=out / "state", executor=args.executor, workers=args.workers,
+                      shards=args.shards, ray_address=args.ray_address)
     rep = dissect_report(model, BrodenDataset(path), results, out, top=args.top, max_units=args.max_units,
                          self_contained=args.self_contained)
     print(compare({zoo_name(model) or "model": results}).text())
@@ -555,7 +556,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model = _load(args)
     app = create_app(model, atlas=args.atlas, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
                      max_pixels=args.max_pixels, decode_slots=args.decode_slots,
-                     queue_size=args.queue_size, embed_images=args.embed_images, allowed_hosts=LOOPBACK_HOSTS if args.host in LOOPBACK_HOSTS else None)
+                     queue_size=args.queue_size, embed_images=args.embed_images,
+                     allowed_hosts=LOOPBACK_HOSTS if args.host in LOOPBACK_HOSTS else None)
     if args.host not in LOOPBACK_HOSTS:
         print(f"convscope: warning: serving on {args.host}, reachable from other machines; the explorer has no "
               "authentication", file=sys.stderr)
@@ -800,6 +802,12 @@ def add_dissect(sub: Subparsers) -> None:
     p.add_argument("--checkpoints", nargs="+", metavar="PATH",
                    help="dissect these checkpoints of MODEL's architecture (a folder of epoch_XX.pt from train-demo, "
                         "or .pt files) and compare them side by side, instead of MODEL's own weights")
+    p.add_argument("--executor", choices=["local", "ray"],
+                   help="shard both passes over the dataset on local worker processes or a Ray cluster (the result "
+                        "equals one process; a rerun resumes per shard)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (local) or Ray actors (default 1)")
+    p.add_argument("--shards", type=int, help="dataset shards per pass (default 4 x workers)")
+    p.add_argument("--ray-address", help="a running Ray cluster ('auto' or HOST:PORT; default: a local instance)")
     _html_args(p)
     p.set_defaults(func=cmd_dissect)
 

@@ -68,7 +68,7 @@ from ..methods.topk import (
     top_k_patches,
 )
 from ..models.zoo import load_model
-from .executors import make_executor
+from .executors import make_executor, pickle_for_workers
 from .store import Atlas, AtlasError, LayerRecord
 
 SHARD_BATCHES = 4  # dataset batches per top-k shard (a unit of work and of resume)
@@ -293,20 +293,6 @@ def _sweep_temp(atlas: Atlas) -> None:
         p.unlink(missing_ok=True)
 
 
-def _pickle_module(net: nn.Module) -> bytes:
-    """The user's module for worker processes: by value where cloudpickle is installed (Ray brings it; a class
-    defined in a script then works too), else by reference (its class must be importable in the workers)."""
-    try:
-        import cloudpickle
-    except ImportError:
-        if type(net).__module__ == "__main__":
-            raise ConvscopeError(f"{type(net).__name__} is defined in the script itself, so worker processes cannot "
-                                 "load it; move the class into an importable module, pip install cloudpickle, or "
-                                 "use workers=1") from None
-        return pickle.dumps(net)
-    return cloudpickle.dumps(net)
-
-
 def _chunks(units: Sequence[int], size: int) -> list[tuple[int, ...]]:
     return [tuple(units[i:i + size]) for i in range(0, len(units), size)]
 
@@ -420,7 +406,7 @@ def build_atlas(
         if concepts is not None:
             concept_path = _concept_dataset(str(concepts), out, concept_images, seed, progress)
         remote = executor != "local" or workers > 1
-        shipped = (_pickle_module(net) if remote else b"") if user_module else str(model)
+        shipped = (pickle_for_workers(net) if remote else b"") if user_module else str(model)
         spec = WorkerSpec(shipped, None if weights is None else str(weights), str(device), paths, synthetic)
         stats = BuildStats()
         ex = make_executor(executor, workers if executor == "local" else (workers if workers > 1 else None),
