@@ -79,6 +79,7 @@ def optimize_images(model: nn.Module, objective: Objective, param: ImageParam, *
                     transforms: Sequence[Transform] = (), regularizers: Sequence[Regularizer] = (),
                     generators: Generators | None = None,
                     stop: Callable[[Mapping[str, torch.Tensor]], torch.Tensor] | None = None,
+                    callback: Callable[[int, ImageParam], None] | None = None,
                     progress: bool | None = None, desc: str = "optimize") -> OptimResult:
     """Ascend ``objective`` (one value per image) over the images of ``param`` for ``steps`` steps.
 
@@ -87,7 +88,9 @@ def optimize_images(model: nn.Module, objective: Objective, param: ImageParam, *
     plain gradient ascent ``x <- x + lr * dJ/dx`` (survey Eq. 8), or ``"normalized"``: gradient ascent with each
     image's gradient divided by its mean absolute value (:func:`mean_abs_normalized`; DeepDream). ``stop(acts)``
     (on the untransformed images, before each update) returns a boolean ``N``: images for which it is true keep
-    their current pixels from then on, and the loop ends when all are done. ``progress``: a bar with an ETA
+    their current pixels from then on, and the loop ends when all are done. ``callback(k, param)`` runs after the
+    k-th update (``k = 1..steps``, without gradients), e.g. to keep ``param().clone()`` at checkpoints; it must not
+    change ``param`` nor run the model (still hooked). ``progress``: a bar with an ETA
     (``True``, ``False``, or ``None``: once the loop has run for 2 s;
     see :func:`~convscope.core.progress.progress_bar`). ``regularization``: its penalties, projections and
     transforms run before the ``regularizers`` and ``transforms`` given one by one.
@@ -119,8 +122,12 @@ def optimize_images(model: nn.Module, objective: Objective, param: ImageParam, *
         raise ConvscopeError("the objective reads no layer; build it from channel(), neuron() or logit()")
     stop_after = None if need_output else last_layer(model, layers, param()[:1].detach())
     params = list(param.parameters())
-    opt_cls = torch.optim.Adam if optimizer == "adam" else torch.optim.SGD
-    opt = opt_cls(params, lr=lr, maximize=True)
+    if optimizer == "adam":
+        # the fused kernel: one pass over the images instead of ~10 (same update, rounded differently)
+        fused = all(q.is_floating_point() and q.device.type in ("cpu", "cuda") for q in params) or None
+        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=lr, maximize=True, fused=fused)
+    else:
+        opt = torch.optim.SGD(params, lr=lr, maximize=True)
     done = torch.zeros(n, dtype=torch.bool)
     taken = torch.full((n,), steps, dtype=torch.long)
     history: list[torch.Tensor] = []
@@ -166,6 +173,8 @@ def optimize_images(model: nn.Module, objective: Objective, param: ImageParam, *
                 if keep is not None:
                     for q, k in zip(params, keep):
                         q[done.to(q.device)] = k
+                if callback is not None:
+                    callback(step + 1, param)
             if not bar.disable and step % 10 == 0:
                 bar.set_postfix(objective=f"{float(value.detach().mean()):.3g}", refresh=False)
             bar.update(1)

@@ -92,7 +92,7 @@ class PixelImage(ImageParam):
 
     def clamp_(self) -> None:
         with torch.no_grad():
-            self.delta.copy_(self.delta.clamp(self.lo, self.hi))
+            self.delta.clamp_(self.lo, self.hi)  # in place: no temporary batch
 
 
 def fft_frequencies(h: int, w: int) -> torch.Tensor:

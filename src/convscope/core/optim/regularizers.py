@@ -26,19 +26,26 @@ def decay(x: torch.Tensor, theta_decay: float) -> torch.Tensor:
 def _percentile_rows(v: torch.Tensor, pct: float) -> torch.Tensor:
     """Per-row ``pct``-th percentile of ``N x M`` with linear interpolation (as ``numpy.percentile``), ``N x 1``.
 
-    Sort-based: no size limit (``torch.quantile`` refuses more than 2^24 elements)."""
-    s = v.sort(dim=1).values
-    pos = pct / 100.0 * (s.shape[1] - 1)
-    i0 = min(int(math.floor(pos)), s.shape[1] - 1)
-    i1 = min(i0 + 1, s.shape[1] - 1)
+    Only the two order statistics around the position are selected (``topk`` from the nearer end, not a full sort;
+    the same values a sort gives). No size limit (``torch.quantile`` refuses more than 2^24 elements)."""
+    m = v.shape[1]
+    pos = pct / 100.0 * (m - 1)
+    i0 = min(int(math.floor(pos)), m - 1)
+    i1 = min(i0 + 1, m - 1)
     frac = pos - i0
-    return (s[:, i0] + frac * (s[:, i1] - s[:, i0])).unsqueeze(1)
+    if i1 < m - 1 - i0:  # the i0-th and i1-th smallest: the last two of the i1 + 1 smallest
+        s = v.topk(i1 + 1, dim=1, largest=False, sorted=True).values
+        lo, hi = s[:, i0], s[:, i1]
+    else:  # from the top: the i0-th smallest is the (m - i0)-th largest
+        s = v.topk(m - i0, dim=1, largest=True, sorted=True).values
+        lo, hi = s[:, m - 1 - i0], s[:, m - 1 - i1]
+    return (lo + frac * (hi - lo)).unsqueeze(1)
 
 
 def clip_small_norm(x: torch.Tensor, theta_n_pct: float) -> torch.Tensor:
     """Zero the pixels whose norm over the channels is below the ``theta_n_pct`` percentile of the image
     (Yosinski et al. 2015, Sec. 3, "clipping pixels with small norm")."""
-    norms = x.norm(dim=1).flatten(1)  # N x HW
+    norms = (x * x).sum(dim=1).sqrt().flatten(1)  # N x HW (a strided ``x.norm(dim=1)`` is ~30x slower on CPU)
     small = (norms < _percentile_rows(norms, theta_n_pct)).view(x.shape[0], 1, *x.shape[2:])
     return x.masked_fill(small, 0.0)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,30 @@ class Transform(nn.Module):
 
     def forward(self, x: torch.Tensor, generators: Generators) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+class _Permute(torch.autograd.Function):
+    """``out[n, c, k] = x[n, c, index[n, c, k]]`` for a permutation ``index`` of each row (``N x C x HW``). Its
+    gradient is the inverse permutation, again a gather: no scatter-add (the backward of advanced indexing), so
+    forward and backward cost one read and one write each and are exact."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index, inverse)
+        return x.gather(2, index)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        index, inverse = ctx.saved_tensors
+        return _Permute.apply(grad, inverse, index), None, None
+
+
+def _roll_index(d: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Flat source index ``N x HW`` of a per-image ``torch.roll`` by ``d = (dy, dx)`` rows: ``out[y, x] =
+    in[(y - dy) % h, (x - dx) % w]``."""
+    iy = (torch.arange(h, device=d.device)[None] - d[:, :1]) % h
+    ix = (torch.arange(w, device=d.device)[None] - d[:, 1:]) % w
+    return (iy[:, :, None] * w + ix[:, None, :]).flatten(1)
 
 
 class Jitter(Transform):
@@ -36,11 +61,9 @@ class Jitter(Transform):
         n, c, h, w = x.shape
         d = torch.stack([torch.randint(-self.pixels, self.pixels + 1, (2,), generator=g) for g in generators])
         d = d.to(x.device)
-        iy = (torch.arange(h, device=x.device)[None] - d[:, :1]) % h  # out[y] = in[y - dy], as torch.roll
-        ix = (torch.arange(w, device=x.device)[None] - d[:, 1:]) % w
-        rows = torch.arange(n, device=x.device)[:, None, None, None]
-        chans = torch.arange(c, device=x.device)[None, :, None, None]
-        return x[rows, chans, iy[:, None, :, None], ix[:, None, None, :]]
+        index = _roll_index(d, h, w)[:, None].expand(n, c, h * w)
+        inverse = _roll_index(-d, h, w)[:, None].expand(n, c, h * w)
+        return _Permute.apply(x.reshape(n, c, h * w), index, inverse).view(n, c, h, w)
 
 
 class RandomScale(Transform):
