@@ -33,12 +33,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
+import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..errors import ConvscopeError
 from .checks import check_finite, check_forward_args, refuse_scripted
@@ -192,7 +195,10 @@ def probe(model: nn.Module, layers: str | Sequence[str] | None = None, *, edit: 
             requested layer), whatever the execution order (use :meth:`Probe.forward`). The first pass still runs
             the whole model (``check_first_pass``), so a shared module asked for by its bare name is caught.
         eval_mode, freeze: put the model in eval mode / set ``requires_grad=False`` on its parameters.
-        detach: record detached outputs (no graph kept: cheaper for pure feature extraction).
+        detach: record detached outputs (no graph kept: cheaper for pure feature extraction). A record shares
+            its layer's output memory; a later in-place write of the model (``out += identity``, ``F.relu(x,
+            True)``) copies it first (copy-on-write, :class:`CopyOnWrite`; a copy at once for models with
+            TorchScript parts).
         keep_all_calls: keep every call of a module that runs several times (shared modules). Without it, a
             shared module named by its bare name is an error naming its calls: ``"name:k"`` is its k-th call (from
             0) in each ``model(x)`` pass (count by calling the model, not its submodules).
@@ -311,8 +317,9 @@ def probe(model: nn.Module, layers: str | Sequence[str] | None = None, *, edit: 
             if reduce is not None:
                 recorded = reduce(name, new.detach())
             elif detach:
-                # a copy: a later in-place op of the model (torchvision's ``out += identity``) cannot rewrite it
-                recorded = new.detach().clone()
+                # copy-on-write: a later in-place op of the model (torchvision's ``out += identity``) gives the
+                # record its own copy first; without the mode (TorchScript parts), a copy now
+                recorded = new.detach().clone() if cow is None else cow.share(new)
             else:
                 recorded = new
             if not detach and new.requires_grad:
@@ -355,6 +362,7 @@ def probe(model: nn.Module, layers: str | Sequence[str] | None = None, *, edit: 
         completed[0] += 1
 
     mode = CountingRuleMode(all_rules) if all_rules else None
+    cow = CopyOnWrite() if detach and reduce is None and resolved and CopyOnWrite.can_watch(model) else None
     with preserved_state(model, eval_mode, freeze):
         try:
             if not isinstance(model, torch.jit.ScriptModule):
@@ -370,7 +378,9 @@ def probe(model: nn.Module, layers: str | Sequence[str] | None = None, *, edit: 
                 handles.append(model.register_forward_hook(record_calls))
             for base, entries in by_module.items():
                 handles.append(resolved[entries[0][0]].register_forward_hook(make_hook(base, entries)))
-            with mode if mode is not None else contextlib.nullcontext():
+            # copy-on-write below the rule mode: it sees the in-place copy_ a rule makes for relu_ / F.relu(x, True)
+            with cow if cow is not None else contextlib.nullcontext(), \
+                    mode if mode is not None else contextlib.nullcontext():
                 yield p
             if relu_rule is not None and mode is not None and completed[0] and not mode.hits[relu_rule]:
                 raise ConvscopeError(
@@ -394,6 +404,149 @@ class CountingRuleMode(RuleMode):
         if rule is not None:
             self.hits[rule.name] = self.hits.get(rule.name, 0) + 1
         return super().__torch_function__(func, types, args, kwargs)
+
+
+_NOT_WRITES = frozenset({"requires_grad_", "detach_", "share_memory_", "retain_grad_"})
+"""In-place by name, but they change a tensor's flags, never its values."""
+_NOT_IOPS = frozenset({"__init__", "__index__", "__int__", "__invert__", "__iter__", "__init_subclass__",
+                       "__instancecheck__"})
+_UNKNOWN = -2  # the signature cannot be read
+_ABSENT = -1  # no positional ``inplace`` parameter
+_KINDS: dict[Any, tuple[tuple[int, ...], tuple[str, ...], int]] = {}
+
+
+def write_kind(func: Any) -> tuple[tuple[int, ...], tuple[str, ...], int]:
+    """How ``func`` writes in place (cached): ``(positions, keywords, inplace_at)``: the arguments it always writes
+    (by position and keyword), and where its ``inplace`` flag sits (``-1``: keyword only or none, ``-2``: the
+    signature cannot be read, so a positional ``True`` counts as one). An ``out=`` keyword is checked apart."""
+    try:
+        return _KINDS[func]
+    except (KeyError, TypeError):
+        pass
+    kind: tuple[tuple[int, ...], tuple[str, ...], int]
+    schema = getattr(func, "_schema", None)  # torch.ops overloads declare what they write (``Tensor(a!)``)
+    if schema is not None and hasattr(schema, "arguments"):
+        written = [(i, a.name) for i, a in enumerate(schema.arguments)
+                   if a.alias_info is not None and a.alias_info.is_write]
+        kind = (tuple(i for i, _ in written), tuple(n for _, n in written), _ABSENT)
+    else:
+        name = str(getattr(func, "__name__", "") or "").split(".")[0]
+        first = (name == "__setitem__" or (name.startswith("__i") and name.endswith("__") and name not in _NOT_IOPS)
+                 or (name.endswith("_") and not name.endswith("__") and name not in _NOT_WRITES))
+        at = _ABSENT
+        try:
+            params = inspect.signature(func).parameters
+        except (TypeError, ValueError):
+            at = _UNKNOWN
+        else:
+            param = params.get("inplace")
+            if param is not None and param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
+                at = list(params).index("inplace")
+        kind = ((0,) if first else (), ("input", "self") if first else (), at)
+    with contextlib.suppress(TypeError):
+        _KINDS[func] = kind
+    return kind
+
+
+def written_tensors(func: Any, args: tuple, kwargs: Mapping[str, Any]) -> list[torch.Tensor]:
+    """The tensors ``func(*args, **kwargs)`` may write in place, conservatively: the first argument of an in-place
+    function (``add_``, ``__iadd__``, ``__setitem__``, ``torch.ops`` schemas), ``out=``, and the input of a function
+    whose ``inplace`` argument is true (``F.relu(x, True)``, ``F.hardtanh(x, 0., 6., True)``)."""
+    positions, keywords, at = write_kind(func)
+    found: list[Any] = [kwargs["out"]] if "out" in kwargs else []
+    if not positions:
+        flag = kwargs.get("inplace")
+        if flag is None and at >= 0 and len(args) > at:
+            flag = args[at]
+        elif flag is None and at == _UNKNOWN:
+            flag = any(a is True for a in args[1:])
+        if flag is True or (isinstance(flag, int) and flag == 1):
+            positions, keywords = (0,), ("input", "self")
+    found += [args[i] for i in positions if i < len(args)] + [kwargs[k] for k in keywords if k in kwargs]
+    tensors: list[torch.Tensor] = []
+    for f in found:
+        if isinstance(f, torch.Tensor):
+            tensors.append(f)
+        elif isinstance(f, (list, tuple)):  # out=(values, indices), torch._foreach_add_([...])
+            tensors += [t for t in f if isinstance(t, torch.Tensor)]
+    return tensors
+
+
+class CopyOnWrite(TorchFunctionMode):
+    """Records that share their storage with the model's tensors, copied only when something writes that storage.
+
+    :meth:`share` returns a record aliasing a layer output (no copy) and remembers its storage; while the mode is
+    active, every torch call that may write in place (:func:`written_tensors`) into a remembered storage first moves
+    the records of that storage onto a copy of their own (same tensor objects, so references taken earlier stay
+    right). A record written itself (``p.activations[n].relu_()``) gets its copy before the write, so the write
+    lands in the record only, as with a recorded copy.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared: dict[int, list[weakref.ref[torch.Tensor]]] = {}  # storage address -> records on it
+        self.thread = threading.get_ident()  # modes are per thread: a hook running elsewhere copies at once
+
+    @staticmethod
+    def can_watch(model: nn.Module) -> bool:
+        """False when in-place ops of ``model`` may bypass Python's torch functions (TorchScript or compiled parts,
+        replicas run in threads)."""
+        return not any(isinstance(m, (torch.jit.ScriptModule, nn.DataParallel)) or hasattr(m, "_orig_mod")
+                       for m in model.modules())
+
+    def share(self, t: torch.Tensor) -> torch.Tensor:
+        """A detached record of ``t`` on the same storage (a copy when the storage cannot be watched)."""
+        if (type(t) is not torch.Tensor or t.layout != torch.strided or t.is_quantized or t.is_complex()
+                or threading.get_ident() != self.thread):
+            return t.detach().clone()
+        try:
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key == 0:
+                return t.detach().clone()
+            # a fresh tensor on t's storage, not a detach() view: its own version counter, and set_ may move it
+            record = t.new_empty(0).set_(storage, t.storage_offset(), t.size(), t.stride())
+        except (RuntimeError, NotImplementedError):  # functorch wrappers, inference tensors: no storage to watch
+            return t.detach().clone()
+        refs = [r for r in self.shared.get(key, ()) if r() is not None]
+        refs.append(weakref.ref(record))
+        self.shared[key] = refs
+        return record
+
+    def unshare(self, target: torch.Tensor) -> None:
+        """Before ``target`` is written: move the records on its storage onto copies of their own."""
+        try:
+            keys = [target.untyped_storage().data_ptr()]
+        except (RuntimeError, NotImplementedError, TypeError):
+            keys = list(self.shared)  # the storage cannot be read: every record gets its copy
+        for key in keys:
+            records = [r for r in (ref() for ref in self.shared.pop(key, ())) if r is not None]
+            if any(r is target for r in records):  # a record written itself: only it moves, the write follows it
+                own_copy(target)
+                records = [r for r in records if r is not target]
+                if records:
+                    self.shared[key] = [weakref.ref(r) for r in records]
+                continue
+            kept = [r for r in records if target._base is r]  # a view of a record: the write is for the record
+            for r in records:
+                if not any(r is k for k in kept):
+                    own_copy(r)
+            if kept:
+                self.shared[key] = [weakref.ref(r) for r in kept]
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.shared:
+            for target in written_tensors(func, args, kwargs):
+                self.unshare(target)
+        return func(*args, **kwargs)
+
+
+def own_copy(record: torch.Tensor) -> None:
+    """Point ``record`` at a copy of its values (same tensor object, new storage)."""
+    with torch.no_grad():
+        copy = record.clone()
+        record.set_(copy.untyped_storage(), copy.storage_offset(), copy.size(), copy.stride())
 
 
 def declared_patch_size(model: nn.Module) -> int | tuple[int, int] | None:
