@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 import convscope as cs
-from convscope.core.device import first_use
 from convscope.core import progress as P
+from convscope.core.device import first_use
 from convscope.core.progress import LogLines, is_terminal, progress_bar
 
 LINE = re.compile(r"^\[\d\d:\d\d:\d\d\] ")
