@@ -23,6 +23,7 @@ The policy (:func:`auto_batch_size`):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import weakref
 from dataclasses import dataclass
@@ -119,7 +120,7 @@ def available_memory(device: torch.device) -> int:
 
 def auto_batch_size(model: nn.Module, sample: torch.Tensor, *, multiplier: int = 1, grad: bool = False,
                     limit: int | None = None, allocator: AllocatorState | None = None,
-                    memory: int | None = None) -> int:
+                    memory: int | None = None, row_bytes: int | None = None) -> int:
     """Rows per pass for ``model`` on images shaped like ``sample`` (see the module docstring).
 
     Args:
@@ -127,9 +128,13 @@ def auto_batch_size(model: nn.Module, sample: torch.Tensor, *, multiplier: int =
         grad: the pass is forward + backward (every layer's output stays alive until the backward).
         limit: the method's useful maximum (copies, units, images).
         allocator, memory: the allocator state and the free bytes to assume (default: this process's, measured).
+        row_bytes: the largest buffer one row allocates, when the method knows it better than the model's
+            largest layer output (incremental occlusion computes only each copy's dirty boxes).
     """
     device = sample.device
     sizes = activation_sizes(model, sample)
+    if sizes is not None and row_bytes is not None:
+        sizes = dataclasses.replace(sizes, largest=max(1, int(row_bytes)))
     ceiling = CUDA_MAX_ROWS if device.type == "cuda" else CPU_MAX_ROWS
     rows = min(ceiling, limit) if limit is not None else ceiling
     if sizes is None:
@@ -154,13 +159,14 @@ def check_batch_size(batch_size: object, what: str) -> None:
 
 
 def resolve_batch_size(batch_size: BatchSize, model: nn.Module, sample: torch.Tensor, what: str, *,
-                       multiplier: int = 1, grad: bool = False, limit: int | None = None) -> int:
+                       multiplier: int = 1, grad: bool = False, limit: int | None = None,
+                       row_bytes: int | None = None) -> int:
     """``batch_size`` as rows per pass: a positive int as given, ``"auto"`` through :func:`auto_batch_size` (on the
     CPU, the allocator's first-use policy applies first: :func:`~convscope.core.device.first_use`); anything else
     a one-line error naming ``what``."""
     if isinstance(batch_size, str) and batch_size == AUTO:
         if sample.device.type == "cpu":
             first_use()
-        return auto_batch_size(model, sample, multiplier=multiplier, grad=grad, limit=limit)
+        return auto_batch_size(model, sample, multiplier=multiplier, grad=grad, limit=limit, row_bytes=row_bytes)
     check_batch_size(batch_size, what)
     return int(batch_size)

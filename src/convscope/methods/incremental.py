@@ -469,6 +469,22 @@ Env = dict[Union[fx.Node, tuple[str, fx.Node]], Any]
 """A run's values: each node's occluded output, and ``("full", node)`` for a local map materialized whole."""
 
 
+def copy_bytes(plan: IncrementalPlan) -> int:
+    """The largest buffer one occluded copy allocates when run through ``plan``: a local step's dirty box
+    (box area x channels), a full step's whole map; what ``batch_size="auto"`` sizes occlusion's rows by."""
+    largest = 1
+    for step in plan.steps:
+        value = plan.clean.get(step.node)
+        if step.mode == "const" or not isinstance(value, torch.Tensor) or value.dim() < 2:
+            continue
+        per_image = value[0].numel() * value.element_size()
+        if step.mode == "local" and step.boxes is not None and value.dim() == 4:
+            rows, cols = step.boxes
+            per_image = value.shape[1] * rows.size * cols.size * value.element_size()
+        largest = max(largest, per_image)
+    return largest
+
+
 class IncrementalRunner:
     """Runs a batch of occluded copies through an :class:`IncrementalPlan` (one call per chunk of positions)."""
 

@@ -29,7 +29,7 @@ from ..core.probe import preserved_state, probe
 from ..core.progress import progress_bar
 from ..core.targets import Target, scores_of, target_scores, top_class
 from ..errors import ConvscopeError, TargetError
-from .incremental import IncrementalRunner, make_batch, plan_incremental
+from .incremental import IncrementalRunner, copy_bytes, make_batch, plan_incremental
 
 Fill = str | float | torch.Tensor
 
@@ -127,7 +127,6 @@ def occlusion(model: nn.Module, x: torch.Tensor, target: Target = top_class, win
     col_in = (xs >= c0[:, None]) & (xs < c0[:, None] + ww)
     n_pos = len(rows) * len(cols)
     total = num * n_pos
-    batch_size = resolve_batch_size(batch_size, model, x, "occlusion", limit=total)
 
     with torch.no_grad(), preserved_state(model), \
             progress_bar(total=total, desc="occlusion", unit="copy", progress=progress, leave=False) as bar:
@@ -149,13 +148,16 @@ def occlusion(model: nn.Module, x: torch.Tensor, target: Target = top_class, win
                 runner = IncrementalRunner(plan, filled)
             elif incremental is True:
                 warnings.warn(f"occlusion: {path}", stacklevel=2)
+        # incremental copies hold only their dirty boxes: "auto" sizes rows by that, not by the full activations
+        per_pass = resolve_batch_size(batch_size, model, x, "occlusion", limit=total,
+                                      row_bytes=copy_bytes(runner.plan) if runner is not None else None)
         scores = torch.empty(total, k, dtype=clean.dtype, device=clean.device)
         predicted = torch.empty(total, dtype=torch.long, device=x.device)
         unit_sums = torch.empty(total, dtype=x.dtype, device=x.device) if layer is not None else None
         with contextlib.ExitStack() as stack:
             looped = stack.enter_context(probe(model, layer, detach=True)) if runner is None else None
-            for start in range(0, total, batch_size):
-                flat = torch.arange(start, min(start + batch_size, total), device=x.device)
+            for start in range(0, total, per_pass):
+                flat = torch.arange(start, min(start + per_pass, total), device=x.device)
                 img = flat // n_pos  # row order: image-major, then window row, then window column
                 if runner is not None:
                     batch = make_batch(flat, n_pos, len(cols))
