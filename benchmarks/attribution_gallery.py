@@ -59,7 +59,7 @@ SHORT = {"efficientnet_lite0": "lite0", "demo_net": "demo"}
 OPTIONS: dict[str, dict[str, Any]] = {
     "smoothgrad": {"n": 16},
     "occlusion": {"window": 16, "stride": 8},
-    "integrated-gradients": {"steps": 32},
+    "integrated-gradients": {"steps": 32, "method": "adaptive"},
     "scorecam": {"batch_size": 64},
     "prediction-difference": {"window": 16, "samples": 4},  # stride: image side / 14 (PD_GRID windows a side)
 }
