@@ -46,6 +46,7 @@ import convscope as cs  # noqa: E402
 from convscope.core.batching import activation_sizes, resolve_batch_size  # noqa: E402
 from convscope.core.device import allocator_state  # noqa: E402
 from convscope.core.model import input_normalizer  # noqa: E402
+from convscope.methods.incremental import copy_bytes, plan_incremental  # noqa: E402
 from harness import load_average, md_table, model_inputs, pearson_per_map  # noqa: E402
 
 FIXED = (1, 4, 8, 16, 32, 64)
@@ -105,6 +106,18 @@ def interleaved(calls: dict[str, Callable[[], Any]], reps: int, warm: bool = Tru
 # ------------------------------------------------------------------------------------------------ rows
 
 
+def occlusion_rows(model: torch.nn.Module, x: torch.Tensor, window: int, stride: int) -> int:
+    """The copies per pass ``cs.occlusion(batch_size="auto")`` uses: sized by an incremental copy's dirty boxes
+    (``incremental.copy_bytes``) where the model runs incrementally, else by its full activations."""
+    with torch.no_grad():
+        out = model(x)
+    starts = list(range(0, x.shape[-1] - window + 1, stride))
+    plan, _ = plan_incremental(model, x, out, starts, starts, (window, window), None, None)
+    copies = len(x) * len(starts) ** 2
+    return resolve_batch_size("auto", model, x, "occlusion", limit=copies,
+                              row_bytes=copy_bytes(plan) if plan is not None else None)
+
+
 def method_rows(model: torch.nn.Module, quick: bool, only: list[str] | None) -> list[dict[str, Any]]:
     """``{name, unit, units, fn(batch) -> call, auto (int), max}`` per method."""
     x1 = model_inputs(model, 1)
@@ -118,7 +131,7 @@ def method_rows(model: torch.nn.Module, quick: bool, only: list[str] | None) -> 
     layers = ["blocks.3", "blocks.9", "blocks.15"]
     rows = [
         {"name": f"occlusion ({window}/{stride}, 1 image)", "key": "occlusion", "unit": "copy", "units": copies,
-         "max": copies, "auto": resolve_batch_size("auto", model, x1, "occlusion", limit=copies),
+         "max": copies, "auto": "auto", "auto_rows": occlusion_rows(model, x1, window, stride),
          "fn": lambda b: lambda: cs.occlusion(model, x1, window=window, stride=stride, batch_size=b, progress=False)},
         {"name": f"smoothgrad (n={samples}, 1 image)", "key": "smoothgrad", "unit": "sample", "units": samples,
          "max": samples, "auto": "auto",
@@ -136,8 +149,9 @@ def method_rows(model: torch.nn.Module, quick: bool, only: list[str] | None) -> 
     ]
     for r in rows:  # what "auto" resolves to, for the table
         sample = {"am": am_x, "topk": xs}.get(r["key"], x1)
-        r["auto_rows"] = r["auto"] if isinstance(r["auto"], int) else resolve_batch_size(
-            "auto", model, sample, r["key"], grad=r["key"] in ("smoothgrad", "ig", "am"), limit=r["max"])
+        if "auto_rows" not in r:
+            r["auto_rows"] = r["auto"] if isinstance(r["auto"], int) else resolve_batch_size(
+                "auto", model, sample, r["key"], grad=r["key"] in ("smoothgrad", "ig", "am"), limit=r["max"])
     return [r for r in rows if not only or r["key"] in only]
 
 
@@ -177,7 +191,7 @@ def run_peers(model: torch.nn.Module, args: argparse.Namespace) -> list[dict[str
     span = x.reshape(n, -1)
     stdev = float((0.15 * (span.amax(1) - span.amin(1))).mean())
     layer = dict(model.named_modules())[CAM_LAYER]
-    occ_rows = resolve_batch_size("auto", model, x, "occlusion", limit=n * 16)
+    occ_rows = "auto"
     pairs = {
         "Occlusion (56/56)": (
             lambda: cs.occlusion(model, x, target, window=56, stride=56, batch_size=occ_rows, progress=False).maps,
