@@ -366,3 +366,21 @@ def test_compare_and_report(synth, planted_result, tmp_path):
     assert payload["units"][0]["label"] == "red" and len(payload["iou"]) == 6
     iou_rows = (tmp_path / "iou_units.csv").read_text().splitlines()
     assert len(iou_rows) == 7 and iou_rows[0].split(",")[1:] == d.concepts
+
+
+def test_top_buffer_takes_non_contiguous_maps():
+    """A transformer block's token map (class token sliced off, tokens viewed as a grid) reaches the buffer as a
+    non-contiguous tensor: the running scan once failed on it ("view size is not compatible"); the thresholds must
+    equal those of the same values fed contiguously."""
+    from convscope.methods.dissect.quantile import TopBuffer
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(6, 1 + 16, 5, generator=g)  # N x (class + 4 x 4 patches) x D
+    grid = tokens[:, 1:].reshape(6, 4, 4, 5).permute(0, 3, 1, 2)  # N x D x 4 x 4, neither layout contiguous
+    assert not grid.is_contiguous() and not grid.is_contiguous(memory_format=torch.channels_last)
+    a = TopBuffer(12, 0.1, 5, 64.0, "block")
+    b = TopBuffer(12, 0.1, 5, 64.0, "block")
+    for chunk in grid.split(2):
+        a.update(chunk)
+        b.update(chunk.contiguous())
+    torch.testing.assert_close(a.thresholds(), b.thresholds(), rtol=0, atol=0)

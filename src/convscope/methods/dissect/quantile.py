@@ -104,7 +104,7 @@ class TopBuffer:
             else:
                 x = x.reshape(x.shape[0], u, -1)  # units first (a copy only if the layout is unusual)
                 over = x > self._bound[:, None]
-            at = over.view(-1).nonzero().squeeze(1)  # a flat scan: far cheaper than a masked select
+            at = over.reshape(-1).nonzero().squeeze(1)  # a flat scan: far cheaper than a masked select
             if len(at):
                 units = at % u if over.dim() == 2 else (at // over.shape[2]) % u
                 self._units.append(units.to(torch.int32))  # half the memory of the waiting pairs
