@@ -213,10 +213,10 @@ def test_bad_incremental_value(x):
 def test_copy_bytes_is_the_largest_dirty_box_and_auto_batches_by_it():
     """One 3x3 conv (4 -> 5 channels, padding 1) on 16 x 16, window 4 / stride 4: a copy's dirty box at the conv
     output is the window grown by the kernel's reach, 6 x 6 (clipped to the map where it meets an edge), so one
-    copy holds 5 x 6 x 6 float32 there, far less than the 5 x 16 x 16 map; "auto" therefore runs every copy in one
-    pass, and the maps equal one copy per pass."""
+    copy holds 5 x 6 x 6 float32 there (times the workspace factor), far less than the 5 x 16 x 16 map; "auto"
+    therefore runs every copy in one pass, and the maps equal one copy per pass."""
     from convscope.core.batching import auto_batch_size
-    from convscope.methods.incremental import copy_bytes, plan_incremental
+    from convscope.methods.incremental import COPY_WORKSPACE, copy_bytes, plan_incremental
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(4, 5, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
@@ -227,8 +227,8 @@ def test_copy_bytes_is_the_largest_dirty_box_and_auto_batches_by_it():
         out = net(x)
     plan, _ = plan_incremental(net, x, out, starts, starts, (4, 4), None, None)
     assert plan is not None
-    assert copy_bytes(plan) == 5 * 6 * 6 * 4
-    assert copy_bytes(plan) < 5 * 16 * 16 * 4
+    assert copy_bytes(plan) == COPY_WORKSPACE * 5 * 6 * 6 * 4
+    assert copy_bytes(plan) < COPY_WORKSPACE * 5 * 16 * 16 * 4
     assert auto_batch_size(net, x, row_bytes=copy_bytes(plan), limit=16) == 16
     auto = cs.occlusion(net, x, window=4, stride=4, progress=False).maps
     one = cs.occlusion(net, x, window=4, stride=4, batch_size=1, progress=False).maps
