@@ -39,7 +39,8 @@ def test_folder_of_images(folder, tmp_path, capsys):
 @pytest.mark.parametrize("method", [m for m in EXPLAIN_METHODS if m not in ("cam", "gradcam")])
 def test_every_method_writes_overlays_grid_and_html(method, tmp_path):
     extra = {"occlusion": ["--window", "56", "--stride", "28", "--layer", "features.relu5"],
-             "smoothgrad": ["--samples", "2"]}.get(method, [])
+             "smoothgrad": ["--samples", "2"],
+             "prediction-difference": ["--window", "16", "--stride", "8"]}.get(method, [])
     model = "demo_vit" if method == "rollout" else "demo_net"  # attention rollout needs a vision transformer
     assert main(["explain", str(cs.sample_image("chelsea")), "--model", model, "--device", "cpu",
                  "--method", method, "--target", "top2", "--out", str(tmp_path), *extra]) == 0

@@ -663,8 +663,10 @@ def add_explain(sub: Subparsers) -> None:
                                                "occlusion, also show this layer's strongest unit")
     p.add_argument("--target", default="top", help="class index, comma list (281,282), 'top' or 'topN' (default top)")
     p.add_argument("--out", "-o", default="out/explain", help="output folder (default out/explain/)")
-    p.add_argument("--window", type=int, help="occlusion: square size in pixels (default 16)")
-    p.add_argument("--stride", type=int, help="occlusion: step in pixels (default 8)")
+    p.add_argument("--window", type=int,
+                   help="occlusion (default 16) and prediction-difference (default 8): square size in pixels")
+    p.add_argument("--stride", type=int,
+                   help="occlusion (default 8) and prediction-difference (default 1): step in pixels")
     p.add_argument("--samples", type=int, default=50, help="smoothgrad: noisy copies (default 50)")
     p.add_argument("--seed", type=int, default=0, help="smoothgrad: noise seed (default 0)")
     _html_args(p)

@@ -75,6 +75,8 @@ def explain_one(model: nn.Module, x: torch.Tensor, method: str, targets: list[in
             extra.append((drop, f"unit {int(res.unit[0])} of {layer}"))
         return res.maps[0], extra
     options: dict[str, Any] = {"n": samples, "seed": seed} if method == "smoothgrad" else {}
+    if method == "prediction-difference":  # Zintgraf et al.'s window slides like occlusion's
+        options = {k: v for k, v in (("window", window), ("stride", stride)) if v is not None}
     maps = attribution_method(method).maps(model, x, t, layer=layer, **options)[0]
     if maps.shape[0] == 1 and len(targets) > 1:  # a class-agnostic method (VisualBackProp): one map for every class
         maps = maps.expand(len(targets), *maps.shape[1:])
