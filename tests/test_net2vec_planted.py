@@ -7,26 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from convscope.data import BrodenSample, write_broden
 from convscope.methods.net2vec import Net2VecConfig, net2vec
 
 from .helpers import assert_untouched, snapshot
-
-
-class Channels(nn.Module):
-    """Layer ``units``: the image's three channels as three units (a 1 x 1 identity convolution)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.units = nn.Conv2d(3, 3, 1)
-        with torch.no_grad():
-            self.units.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
-            self.units.bias.zero_()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.units(x)
+from .test_net2vec import Channels
 
 
 def majority_dataset(root, n: int = 40, size: int = 16, seed: int = 3):
