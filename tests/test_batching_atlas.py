@@ -11,6 +11,8 @@ from convscope.atlas.builder import build_atlas
 from convscope.cli import build_parser, cli_batch_rows
 from convscope.core.device import AllocatorState
 
+from .test_batching import Rows
+
 LARGEST = 8 * 16 * 16 * 4  # the tiny net's largest output for one 16 px image (conv 0: 8 x 16 x 16 float32)
 
 
@@ -26,14 +28,6 @@ def allocator(monkeypatch: pytest.MonkeyPatch, rows: int) -> None:
     monkeypatch.setattr(batching, "allocator_state", lambda: AllocatorState("glibc default", rows * LARGEST, False))
 
 
-class Rows:
-    def __init__(self, model: nn.Module) -> None:
-        self.seen: list[int] = []
-        self.handle = model.register_forward_pre_hook(lambda _m, args: self.seen.append(args[0].shape[0]))
-
-    def close(self) -> list[int]:
-        self.handle.remove()
-        return self.seen
 
 
 def test_atlas_batches_default_to_auto_and_a_resume_keeps_them(monkeypatch, tmp_path, one_thread):
