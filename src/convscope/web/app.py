@@ -388,8 +388,9 @@ def create_app(model: str | nn.Module = "efficientnet_lite0", atlas: str | os.Pa
     async def atlas_search_page(request: Request, q: str = Query("", max_length=100)) -> Response:
         a = need_atlas()
         found = await run_in_threadpool(a.search, q, 200) if q.strip() else []
+        layers = await run_in_threadpool(_matching_layers, a, q) if q.strip() else []
         return templates.TemplateResponse(request, "atlas_search.html", {
-            **common, "q": q, "units": [atlas_record(r) for r in found]})
+            **common, "q": q, "units": [atlas_record(r) for r in found], "layers": layers})
 
     @app.get("/atlas/files/{path:path}")
     async def atlas_file(path: str) -> FileResponse:
@@ -408,12 +409,17 @@ def create_app(model: str | nn.Module = "efficientnet_lite0", atlas: str | os.Pa
         return FileResponse(target, headers={"Cache-Control": "public, max-age=600"})
 
     @app.get("/atlas/{layer}", response_class=HTMLResponse)
-    async def atlas_layer(request: Request, layer: str) -> Response:
+    async def atlas_layer(request: Request, layer: str, built: bool = False) -> Response:
         a = need_atlas()
         entry = await run_in_threadpool(atlas_layer_record, a, layer)
-        units = await run_in_threadpool(a.units, layer)
+        units = [atlas_record(r) for r in await run_in_threadpool(a.units, layer)]
+        with_pictures = [u for u in units if u["am_image"] or u["top_image"]]
+        names = [rec.name for rec in await run_in_threadpool(a.layers)]
+        at = names.index(entry.name)
         return templates.TemplateResponse(request, "atlas_layer.html", {
-            **common, "layer": entry, "units": [atlas_record(r) for r in units],
+            **common, "layer": entry, "units": with_pictures if built else units, "built": built,
+            "n_built": len(with_pictures), "prev": names[at - 1] if at > 0 else None,
+            "next": names[at + 1] if at + 1 < len(names) else None, "position": at + 1, "n_layers": len(names),
             "explorable": layer in {e.name for e in explorer.layers}})
 
     @app.get("/atlas/{layer}/{unit}", response_class=HTMLResponse)
@@ -422,8 +428,11 @@ def create_app(model: str | nn.Module = "efficientnet_lite0", atlas: str | os.Pa
         n = (await run_in_threadpool(atlas_layer_record, a, layer)).units
         index = unit_number(unit, n, f"layer {shown(layer)}")
         rec = await run_in_threadpool(a.unit, layer, index)
+        built = await run_in_threadpool(_built_units, a, layer)
         return templates.TemplateResponse(request, "atlas_unit.html", {
             **common, "u": atlas_record(rec), "n_units": n,
+            "prev_built": _skip(max((u for u in built if u < index), default=None), index - 1),
+            "next_built": _skip(min((u for u in built if u > index), default=None), index + 1),
             "explorable": layer in {e.name for e in explorer.layers}})
 
     return app
@@ -446,6 +455,24 @@ def unit_number(text: str, count: int, where: str) -> int:
     if not INDEX.fullmatch(text) or int(text) >= count:
         raise AtlasError(f"unit {shown(text, 24)} is not a unit of {where}; its units are 0..{count - 1}")
     return int(text)
+
+
+def _skip(unit: int | None, neighbour: int) -> int | None:
+    """``unit`` unless it is the neighbour the pager links anyway."""
+    return None if unit == neighbour else unit
+
+
+def _built_units(a: Atlas, layer: str) -> set[int]:
+    """Units of ``layer`` with at least one picture (a partial or sampled atlas leaves the others empty)."""
+    return a.done(layer, "am_image") | a.done(layer, "top_image")
+
+
+def _matching_layers(a: Atlas, q: str) -> list[dict[str, Any]]:
+    """Atlas layers whose name contains ``q`` (case-insensitive), in model order, with their units and how many
+    have pictures: with dozens of layers, the search box finds a layer by name as well as units by concept."""
+    text = q.strip().lower()
+    return [{"name": rec.name, "units": rec.units, "built": len(_built_units(a, rec.name))}
+            for rec in a.layers() if text in rec.name.lower()]
 
 
 def _layer_summaries(a: Atlas) -> list[dict[str, Any]]:
