@@ -24,6 +24,7 @@ import io
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +37,14 @@ from ..core.images import Preprocess
 from ..core.io import atomic_write_bytes
 from ..core.layers import resolve_layer
 from ..core.model import model_name, model_preprocess
+from ..core.probe import probe
 from ..core.progress import progress_bar
 from ..core.stream import layer_features
 from ..errors import ConvscopeError, ModelLoadError
 from .invert import InversionResult
 
 UPSAMPLING = ("unpool", "transposed")
+NORMS = ("none", "batch")
 LEAK = 0.2
 FORMAT = "convscope.upconv/1"
 
@@ -72,18 +75,25 @@ class UpconvNet(nn.Module):
 
     ``upsample``: ``"unpool"`` (unpool + ``kernel`` x ``kernel`` conv) or ``"transposed"`` (4x4 stride-2 transposed
     conv). ``width``: channels of the last stage (doubling towards the code, at most ``max_width``).
+    ``norm``: ``"none"`` (Dosovitskiy & Brox's decoders) or ``"batch"``: batch normalization (Ioffe & Szegedy 2015)
+    after every hidden convolution, which makes a small decoder learn in hundreds rather than tens of thousands of
+    steps (in eval mode it is a fixed affine map, so the decoder stays a deterministic function of the code).
     """
 
     code_scale: torch.Tensor  # buffer: 1 / the RMS of the training codes
     losses: list[float]  # mean training loss of each epoch (set by train_upconv / load_upconv)
+    feature_losses: list[float]  # mean feature-space term of each epoch (train_upconv with feature_loss > 0)
+    info: dict[str, Any]  # what a saved file says of its training (load_upconv; empty otherwise)
 
     def __init__(self, code_shape: tuple[int, ...], image_size: tuple[int, int], *, upsample: str = "unpool",
                  width: int = 16, max_width: int = 256, kernel: int = 3, layer: str = "", model_name: str = "",
                  mean: tuple[float, ...] = (0.0, 0.0, 0.0), std: tuple[float, ...] = (1.0, 1.0, 1.0),
-                 channels: int = 3) -> None:
+                 channels: int = 3, norm: str = "none") -> None:
         super().__init__()
         if upsample not in UPSAMPLING:
             raise ConvscopeError(f"upsample={upsample!r}: use one of {', '.join(UPSAMPLING)}")
+        if norm not in NORMS:
+            raise ConvscopeError(f"norm={norm!r}: use one of {', '.join(NORMS)}")
         if len(code_shape) not in (1, 3) or len(image_size) != 2:
             raise ConvscopeError(f"UpconvNet: code_shape {code_shape} must be (C,) or (C, h, w), image_size (H, W)")
         if width < 1 or kernel < 1 or kernel % 2 == 0:
@@ -95,7 +105,7 @@ class UpconvNet(nn.Module):
         self.layer, self.model_name = layer, model_name
         self.config = dict(code_shape=list(self.code_shape), image_size=list(self.image_size), upsample=upsample,
                            width=width, max_width=max_width, kernel=kernel, layer=layer, model_name=model_name,
-                           mean=list(mean), std=list(std), channels=channels)
+                           mean=list(mean), std=list(std), channels=channels, norm=norm)
         self.preprocess = Preprocess(mean=tuple(mean), std=tuple(std))
         H, W = self.image_size
         if len(code_shape) == 1:  # a fully connected code: start from a small map (about 4..7 px)
@@ -106,21 +116,27 @@ class UpconvNet(nn.Module):
             k = max(0, round(math.log2(max(H / h0, W / w0))))
         chans = [min(max_width, width * 2**(k - i)) for i in range(k + 1)]  # channels at each resolution
         c0 = chans[0]
+
+        def act(c: int) -> list[nn.Module]:  # (batch norm,) leaky ReLU after a hidden convolution
+            return [nn.BatchNorm2d(c), _act()] if norm == "batch" else [_act()]
+
         if len(code_shape) == 1:
             self.stem: nn.Module = nn.Sequential(nn.Linear(self.code_shape[0], c0 * h0 * w0), _act(),
                                                  nn.Unflatten(1, (c0, h0, w0)))
         else:
-            self.stem = nn.Sequential(nn.Conv2d(self.code_shape[0], c0, 3, padding=1), _act())
-        layers: list[nn.Module] = [nn.Conv2d(c0, c0, 3, padding=1), _act()]
+            self.stem = nn.Sequential(nn.Conv2d(self.code_shape[0], c0, 3, padding=1), *act(c0))
+        layers: list[nn.Module] = [nn.Conv2d(c0, c0, 3, padding=1), *act(c0)]
         for i in range(k):
             if upsample == "unpool":
-                layers += [Unpool2x(), nn.Conv2d(chans[i], chans[i + 1], kernel, padding=kernel // 2), _act()]
+                layers += [Unpool2x(), nn.Conv2d(chans[i], chans[i + 1], kernel, padding=kernel // 2),
+                           *act(chans[i + 1])]
             else:
-                layers += [nn.ConvTranspose2d(chans[i], chans[i + 1], 4, stride=2, padding=1), _act()]
+                layers += [nn.ConvTranspose2d(chans[i], chans[i + 1], 4, stride=2, padding=1), *act(chans[i + 1])]
         layers.append(nn.Conv2d(chans[-1], channels, 3, padding=1))
         self.body = nn.Sequential(*layers)
         self.out_size = (h0 * 2**k, w0 * 2**k)
         self.register_buffer("code_scale", torch.ones(()))
+        self.losses, self.feature_losses, self.info = [], [], {}
 
     def forward(self, code: torch.Tensor) -> torch.Tensor:
         if tuple(code.shape[1:]) != self.code_shape:
@@ -143,18 +159,21 @@ class UpconvNet(nn.Module):
 Images = torch.Tensor | Iterable[torch.Tensor] | Callable[[], Iterable[torch.Tensor]]
 
 
-def _batches(images: Images, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
-    """One epoch of batches: a shuffled tensor, or the stream (a callable is called once per epoch)."""
+def _batches(images: Images, batch_size: int, gen: torch.Generator
+             ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """One epoch of ``(batch, positions in the tensor or None)``: a shuffled tensor, or the stream (a callable is
+    called once per epoch)."""
     if isinstance(images, torch.Tensor):
         order = torch.randperm(images.shape[0], generator=gen)
         for s in range(0, len(order), batch_size):
-            yield images[order[s:s + batch_size]]
+            idx = order[s:s + batch_size]
+            yield images[idx], idx
         return
     stream = images() if callable(images) else images
     for b in stream:
         if not isinstance(b, torch.Tensor) or b.dim() != 4:
             raise ConvscopeError("an image stream must yield N x C x H x W tensors in the model's input space")
-        yield b
+        yield b, None
 
 
 def augment_batch(x: torch.Tensor, gen: torch.Generator, flip: bool = True, crop: int = 8) -> torch.Tensor:
@@ -173,58 +192,95 @@ def augment_batch(x: torch.Tensor, gen: torch.Generator, flip: bool = True, crop
 def train_upconv(
     model: nn.Module, layer: str, images: Images, *, epochs: int = 10, lr: float = 1e-3, batch_size: int = 32,
     augment: bool = True, crop: int = 8, upsample: str = "unpool", width: int = 16, max_width: int = 256,
-    kernel: int = 3, seed: int = 0, out: str | os.PathLike[str] | None = None, progress: bool | None = None,
-    preprocess: Preprocess | None = None,
+    kernel: int = 3, norm: str = "none", feature_loss: float = 0.0, feature_layer: str | None = None, seed: int = 0,
+    out: str | os.PathLike[str] | None = None, progress: bool | None = None, preprocess: Preprocess | None = None,
 ) -> UpconvNet:
     """Train an :class:`UpconvNet` to invert ``layer`` (Dosovitskiy & Brox 2016, survey Eq. 16): Adam on the mean
-    squared error ``||x - D(Phi(x))||^2`` in the model's input space, ``Phi`` frozen.
+    squared error ``||x - D(Phi(x))||^2`` in the model's input space, ``Phi`` frozen; with ``feature_loss=lambda``
+    also the feature-space loss of Dosovitskiy & Brox 2016b ("Generating images with perceptual similarity metrics",
+    Eq. 2, the comparator being the model itself, as for Nguyen et al.'s DGN-AM generator):
+
+        L = mean (D(h) - x)^2 + lambda * mean (C(D(h)) - C(x))^2 / s^2,   h = Phi(x),
+
+    ``C`` the output of ``feature_layer`` (default: ``layer``), ``s^2`` its mean square on the first batch (so the
+    term starts near 1 whatever the layer's scale). The adversarial term of 2016b is not implemented.
 
     Args:
         images: ``N x C x H x W`` in the model's input space (shuffled each epoch), an iterable of such batches
             (a generator is used up after one epoch: pass a callable returning a fresh one for several epochs).
+            Without ``augment``, a tensor's codes (and comparator features) are computed once, before the first
+            epoch, rather than in every step (same numbers; memory: N codes).
         augment: random horizontal flips and crops (``crop`` px reflect-padded shifts) before the features.
-        upsample, width, max_width, kernel: the decoder's shape (:class:`UpconvNet`).
+        upsample, width, max_width, kernel, norm: the decoder's shape (:class:`UpconvNet`).
+        feature_loss, feature_layer: weight ``lambda`` (>= 0; 0: pixel loss only, as before) and the comparator
+            layer ``C``; each step then also runs the model to ``feature_layer`` on ``D(h)`` with gradients (about
+            one forward + backward of the model per image).
         seed: decoder initialization, shuffling and augmentation.
         out: a checkpoint path, written atomically after every epoch (config + weights), for :func:`load_upconv`.
         progress: a bar over the epochs with an ETA: ``True``, ``False``, or ``None`` (default: once training has
             run 2 s).
-    Returns the decoder (eval mode) with ``decoder.losses``: the mean training loss of each epoch.
+    Returns the decoder (eval mode) with ``decoder.losses``: the mean training loss ``L`` of each epoch, and
+    ``decoder.feature_losses``: the mean feature term (before ``lambda``) of each epoch (empty without it).
     """
     name = resolve_layer(model, layer)[0]
     if not isinstance(epochs, int) or epochs < 1 or not isinstance(batch_size, int) or batch_size < 1:
         raise ConvscopeError(f"epochs={epochs!r}, batch_size={batch_size!r}: use positive ints")
     if not lr > 0:
         raise ConvscopeError(f"lr={lr!r}: the learning rate must be > 0")
+    if not (isinstance(feature_loss, int | float) and feature_loss >= 0 and math.isfinite(feature_loss)):
+        raise ConvscopeError(f"feature_loss={feature_loss!r}: use a finite weight >= 0 (0: pixel loss only)")
+    comparator = resolve_layer(model, feature_layer)[0] if feature_layer is not None else name
+    use_features = feature_loss > 0
+    names = list(dict.fromkeys([name, comparator] if use_features else [name]))
     channels = input_channels(model)
     if isinstance(images, torch.Tensor) and (images.dim() != 4 or images.shape[1] != channels or images.shape[0] == 0):
         raise ConvscopeError(f"images must be N x {channels} x H x W in the model's input space, got "
                              f"{tuple(images.shape)}")
     pre = model_preprocess(model, preprocess)
     gen = torch.Generator().manual_seed(seed)
+    cache: dict[str, torch.Tensor] | None = None
+    if not augment and isinstance(images, torch.Tensor):  # the targets do not change between epochs
+        parts = [layer_features(model, images[s:s + batch_size].detach(), names)
+                 for s in range(0, images.shape[0], batch_size)]
+        cache = {n: torch.cat([part[n] for part in parts]) for n in names}
     decoder: UpconvNet | None = None
     opt: torch.optim.Optimizer | None = None
     losses: list[float] = []
+    feature_losses: list[float] = []
+    feature_scale = 1.0
     net_name = model_name(model)
     bar = progress_bar(range(epochs), desc=f"upconv {name}", unit="epoch", progress=progress, leave=False)
     for _ in bar:
-        total, count = 0.0, 0
-        for xb in _batches(images, batch_size, gen):
+        total, total_feat, count = 0.0, 0.0, 0
+        for xb, idx in _batches(images, batch_size, gen):
             xb = xb.detach()
             if augment:
                 xb = augment_batch(xb, gen, crop=crop)
-            feats = layer_features(model, xb, name)[name]
+            if cache is not None and idx is not None:
+                targets = {n: cache[n][idx] for n in names}
+            else:
+                targets = layer_features(model, xb, names)
+            feats = targets[name]
             if decoder is None:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(seed)
                     decoder = UpconvNet(tuple(feats.shape[1:]), (int(xb.shape[-2]), int(xb.shape[-1])),
                                         upsample=upsample, width=width, max_width=max_width, kernel=kernel,
-                                        layer=name, model_name=net_name,
+                                        layer=name, model_name=net_name, norm=norm,
                                         mean=pre.mean, std=pre.std, channels=int(xb.shape[1]))
                 decoder.to(xb.device, xb.dtype)
                 decoder.code_scale.fill_(1.0 / float(feats.pow(2).mean().sqrt().clamp_min(1e-8)))
+                feature_scale = 1.0 / float(targets[comparator].pow(2).mean().clamp_min(1e-12))
                 opt = torch.optim.Adam(decoder.parameters(), lr=lr)
             decoder.train()
-            loss = F.mse_loss(decoder(feats), xb)
+            y = decoder(feats)
+            loss = F.mse_loss(y, xb)
+            if use_features:
+                with probe(model, [comparator], stop_early=True) as p:  # frozen, eval mode, restored after
+                    p.forward(model, y)
+                    feat = F.mse_loss(p.activations[comparator], targets[comparator]) * feature_scale
+                loss = loss + feature_loss * feat
+                total_feat += float(feat.detach()) * xb.shape[0]
             assert opt is not None  # made with the decoder
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -234,7 +290,10 @@ def train_upconv(
         if decoder is None:
             raise ConvscopeError("train_upconv got no images; pass a tensor or a non-empty stream of batches")
         losses.append(total / max(count, 1))
+        if use_features:
+            feature_losses.append(total_feat / max(count, 1))
         decoder.losses = list(losses)
+        decoder.feature_losses = list(feature_losses)
         decoder.eval()
         if out is not None:
             save_upconv(decoder, out)
@@ -246,11 +305,20 @@ def train_upconv(
 # --------------------------------------------------------------------------- checkpoints
 
 
-def save_upconv(decoder: UpconvNet, path: str | os.PathLike[str]) -> Path:
-    """Write the decoder's config and weights to ``path`` atomically (``torch.save`` of plain data)."""
+def save_upconv(decoder: UpconvNet, path: str | os.PathLike[str], dtype: torch.dtype | None = None,
+                info: dict[str, Any] | None = None) -> Path:
+    """Write the decoder's config and weights to ``path`` atomically (``torch.save`` of plain data).
+
+    ``dtype``: store floating-point weights in this type (``torch.float16`` halves the file; :func:`load_upconv`
+    loads them back into float32). ``info``: plain JSON-like data kept with the file (e.g. how it was trained)."""
+    def cast(v: torch.Tensor) -> torch.Tensor:
+        v = v.detach().cpu()
+        return v.to(dtype) if dtype is not None and v.is_floating_point() else v
+
     buf = io.BytesIO()
     torch.save({"format": FORMAT, "config": dict(decoder.config), "losses": list(getattr(decoder, "losses", [])),
-                "state_dict": {k: v.detach().cpu() for k, v in decoder.state_dict().items()}}, buf)
+                "feature_losses": list(getattr(decoder, "feature_losses", [])), "info": dict(info or {}),
+                "state_dict": {k: cast(v) for k, v in decoder.state_dict().items()}}, buf)
     return atomic_write_bytes(path, buf.getvalue())
 
 
@@ -270,9 +338,28 @@ def load_upconv(path: str | os.PathLike[str], device: str | torch.device = "cpu"
     cfg = dict(ckpt["config"])
     decoder = UpconvNet(tuple(cfg.pop("code_shape")), tuple(cfg.pop("image_size")),
                         mean=tuple(cfg.pop("mean")), std=tuple(cfg.pop("std")), **cfg)
-    decoder.load_state_dict(ckpt["state_dict"])
+    decoder.load_state_dict(ckpt["state_dict"])  # float16 weights are copied into the float32 parameters
     decoder.losses = list(ckpt.get("losses", []))
+    decoder.feature_losses = list(ckpt.get("feature_losses", []))
+    decoder.info = dict(ckpt.get("info", {}))
     return decoder.to(device).eval()
+
+
+BUNDLED = {"demo_net": "dgn_demo_net.pt"}  # zoo model -> bundled generator in convscope/models/weights
+
+
+def load_generator(name: str = "demo_net", device: str | torch.device = "cpu") -> UpconvNet:
+    """The bundled DGN-AM generator (an :class:`UpconvNet`) for the zoo model ``name``: for ``"demo_net"``, decoding
+    ``features.pool5`` codes (128 x 7 x 7) to 112 px images, trained with pixel + feature-space loss by
+    ``docs/make_dgn_figure.py --train`` (``decoder.info`` says how)."""
+    if name not in BUNDLED:
+        raise ModelLoadError(f"no bundled generator for {name!r} (there is one for {', '.join(BUNDLED)}); train "
+                             "one with train_upconv(model, layer, images, feature_loss=1.0, out=PATH)")
+    path = resources.files("convscope.models").joinpath("weights", BUNDLED[name])
+    if not path.is_file():
+        raise ModelLoadError(f"the bundled generator {BUNDLED[name]} is missing from this install; rebuild it with "
+                             "docs/make_dgn_figure.py --train")
+    return load_upconv(Path(str(path)), device)
 
 
 # --------------------------------------------------------------------------- reconstruction
