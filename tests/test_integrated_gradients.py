@@ -16,6 +16,7 @@ from convscope.methods.integrated_gradients import (
     adaptive_quadrature,
     integrated_gradients,
     quadrature,
+    segment_residuals,
 )
 
 from .helpers import assert_untouched, snapshot
@@ -217,14 +218,19 @@ def test_rows_per_pass_are_bounded(one_thread):
         integrated_gradients(net, _images(3), target=0, steps=10, batch_size=4, method="riemann_middle")
         fixed = sizes[:]
         sizes.clear()
-        integrated_gradients(net, _images(3), target=0, steps=10, batch_size=4, path_samples=6)
+        integrated_gradients(net, _images(3), target=0, steps=10, batch_size=4, method="kink", path_samples=6)
+        kink = sizes[:]
+        sizes.clear()
+        integrated_gradients(net, _images(3), target=0, steps=10, batch_size=4)
         adaptive = sizes[:]
     finally:
         h.remove()
     assert fixed[0] == 6  # images and baselines in one pass (targets, F(x), F(x'))
     assert max(fixed[1:]) <= 4 and sum(fixed[1:]) == 30  # all 3 x 10 path points, at most 4 rows a pass
+    assert kink[0] == 6 and max(kink[1:]) <= 4
+    assert sum(kink[1:]) == 3 * 5 + 30  # forward pre-pass at 5 inner points of each path, then the gradients
     assert adaptive[0] == 6 and max(adaptive[1:]) <= 4
-    assert sum(adaptive[1:]) == 3 * 5 + 30  # forward pre-pass at 5 inner points of each path, then the gradients
+    assert sum(adaptive[1:]) == 30  # no pre-pass: each path's 10 gradient points, the grid refined from them
 
 
 def test_top_class_pinned_on_clean_image_and_callable_scores(one_thread):
@@ -329,12 +335,39 @@ def test_works_inside_no_grad():
         torch.testing.assert_close(integrated_gradients(net, x, target=1, steps=4), ref)
 
 
+def test_segment_residuals_by_hand_float64():
+    """F(a) = |a - 0.3| on [0, 1] (one kink): on the grid 0, 0.5, 1 the first segment's trapezoid gets
+    0.5 * (-1 + 1) / 2 = 0 against F(0.5) - F(0) = 0.2 - 0.3 = -0.1, the second is exact (no kink)."""
+    a = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    f = (a - 0.3).abs()[:, None]
+    g = torch.sign(a - 0.3)[:, None]
+    r = segment_residuals(a, f, g)
+    torch.testing.assert_close(r, torch.tensor([[-0.1], [0.0]], dtype=torch.float64))
+    # the residuals of any grid sum to the total completeness error of the trapezoid rule on it
+    a2 = torch.tensor([0.0, 0.1, 0.25, 0.7, 1.0], dtype=torch.float64)
+    f2, g2 = (a2 - 0.3).abs()[:, None], torch.sign(a2 - 0.3)[:, None]
+    w = torch.zeros_like(a2)
+    w[:-1] += (a2[1:] - a2[:-1]) / 2
+    w[1:] += (a2[1:] - a2[:-1]) / 2
+    total = (f2[-1] - f2[0]) - (w[:, None] * g2).sum(0)
+    torch.testing.assert_close(segment_residuals(a2, f2, g2).sum(0), total)
+
+
+def test_adaptive_refines_where_the_residual_is(one_thread):
+    """A float64 net whose score moves only in a narrow stretch of the path: with the same 32 points, the refined
+    grid's completeness error is far below the evenly spaced trapezoid's (the same rule on a fixed grid)."""
+    net = Steep(50.0, 1).eval()
+    x = 0.5 + 0.5 * torch.rand(1, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    res = integrated_gradients(net, x, target=[[0, 1]], steps=32, return_error=True)
+    even = integrated_gradients(net, x, target=[[0, 1]], steps=32, method="riemann_trapezoid", return_error=True)
+    assert res.relative_error.max() < even.relative_error.max() / 3, (res.relative_error, even.relative_error)
+
+
 @pytest.mark.slow
 def test_completeness_lite0(lite0):
-    """The bundled rocket photo at 224 px, top class, zero baseline, 64 steps of the adaptive default (63 forward
-    pre-pass points): within 1 % of completeness (measured 0.25 %; Gauss-Legendre 3.8 %, trapezoid 23 %). About
-    40 s on one idle core. Not every photo gets there at 64 steps: chelsea 1.3 % (Gauss-Legendre 8.8 %); the table
-    is in docs/attribution.md."""
+    """The bundled rocket photo at 224 px, top class, zero baseline, 64 steps of the adaptive default: within 1 %
+    of completeness (measured 0.03 %; Gauss-Legendre 3.8 %, trapezoid 23 %). About 15 s on one idle core. Not
+    every photo gets there at 64 steps: astronaut 1.5 %; the table is in docs/attribution.md."""
     x = cs.load_images([cs.sample_image("rocket")], lite0)
     assert x.shape[-2:] == (224, 224)
     t0 = time.perf_counter()

@@ -59,7 +59,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ".models": ("get_classes", "get_preprocess", "imagenet_classes", "list_models", "load_model", "load_weights",),
     ".models.predict": ("Prediction", "predict",),
     ".applications.monitor": ("EvolutionMonitor",),
-    ".methods.integrated_gradients": ("IntegratedGradientsResult", "adaptive_quadrature", "integrated_gradients",),
+    ".methods.integrated_gradients": ("IntegratedGradientsResult", "adaptive_quadrature", "integrated_gradients",
+                                      "segment_residuals",),
     ".methods.lrp": ("lrp",),
     ".methods.visual_backprop": ("visual_backprop",),
     ".methods.cnn_fixations": ("FixationResult", "cnn_fixations",),
@@ -142,7 +143,12 @@ if TYPE_CHECKING:  # static analysers and IDEs see the same names (generated fro
     from .methods.embed import Embedding, embed
     from .methods.filters import first_layer_filters
     from .methods.graph import GraphNode, ModelGraph, model_graph
-    from .methods.integrated_gradients import IntegratedGradientsResult, adaptive_quadrature, integrated_gradients
+    from .methods.integrated_gradients import (
+        IntegratedGradientsResult,
+        adaptive_quadrature,
+        integrated_gradients,
+        segment_residuals,
+    )
     from .methods.invert import InversionResult, invert
     from .methods.landscape import InterpolationResult, LandscapeResult, interpolate, loss_landscape, random_direction
     from .methods.lrp import lrp

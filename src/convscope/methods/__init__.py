@@ -11,7 +11,12 @@ from .dream import DreamResult, deep_dream
 from .embed import Embedding, embed
 from .filters import first_layer_filters
 from .graph import GraphNode, ModelGraph, model_graph
-from .integrated_gradients import IntegratedGradientsResult, adaptive_quadrature, integrated_gradients
+from .integrated_gradients import (
+    IntegratedGradientsResult,
+    adaptive_quadrature,
+    integrated_gradients,
+    segment_residuals,
+)
 from .invert import InversionResult, feature_match, invert
 from .landscape import InterpolationResult, LandscapeResult, interpolate, loss_landscape, random_direction
 from .lrp import lrp
@@ -60,7 +65,7 @@ __all__ = [
     "SimilarityResult", "UnitMatching", "layer_similarity", "linear_cka", "match_units", "rbf_cka", "svcca",
     "InterpolationResult", "LandscapeResult", "interpolate", "loss_landscape", "random_direction",
     "layercam", "scorecam", "FixationResult", "cnn_fixations", "DreamResult", "deep_dream", "Embedding", "embed",
-    "GraphNode", "ModelGraph", "model_graph", "IntegratedGradientsResult", "adaptive_quadrature",
+    "GraphNode", "ModelGraph", "model_graph", "IntegratedGradientsResult", "adaptive_quadrature", "segment_residuals",
     "integrated_gradients", "lrp", "prediction_difference", "visual_backprop",
     "AdversarialResult", "FeatureChange", "OcclusionResult", "cam", "deconvnet_rule", "default_cam_layer",
     "feature_change", "fgsm", "gradcam", "gradcam_pp", "gradient", "guided_backprop", "guided_gradcam",
