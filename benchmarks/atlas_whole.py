@@ -9,13 +9,21 @@ per layer, projected to every unit and to N machines (issue 21, part 4).
     python benchmarks/atlas_whole.py --report          # markdown tables and the projection from the JSONs above
 
 The full atlas is days of CPU here, so every run is the real builder (:func:`convscope.build_atlas`, the atlas
-defaults: top-9 on the bundled photos, activation maximization 128 steps at 224 px, preset ``yosinski``, chunk 16,
-batch ``auto``) on **every** layer, restricted to ``--units`` evenly spaced units per layer (first and last
-included). The restriction is the store's list of units still to do: the script opens the store through a
-subclass of :class:`~convscope.atlas.store.Atlas` whose ``done`` also lists the units outside the sample, so those
-units stay unrecorded (NULL) in the atlas and nothing else in the builder changes. Per task (a top-k shard, one
-layer's top-k pictures, one layer's activation maximization), the seconds measured inside the worker are
-recorded through a wrapper around the builder's executor.
+defaults: top-9 on the bundled photos, activation maximization at 224 px, preset ``yosinski``, batch ``auto``) on
+**every** layer, restricted to ``--units`` evenly spaced units per layer (first and last included), cut into
+chunks of ``--chunk`` (2) units, and ``--am-steps`` (16) of the default 128 steps (a step costs the same every
+time; the projection scales it to 128). The restriction is the store's list of units still to do: the script
+opens the store through a subclass of :class:`~convscope.atlas.store.Atlas` whose ``done`` also lists the units
+outside the sample, so those units stay unrecorded (NULL) in the atlas and nothing else in the builder changes.
+Per task (a top-k shard, one chunk of top-k pictures, one chunk of activation maximization), the seconds measured
+inside the worker are recorded through a wrapper around the builder's executor.
+
+**Fixed and marginal costs.** A worker pays some costs once per layer (the top-k pictures' receptive-field box
+table of the layer, found by gradient passes and then shared by every unit; AM's first pass), so a sample's
+seconds per unit overstate a full layer's. With two chunks per layer in one process, the second chunk's seconds per
+unit are the marginal cost and the first chunk's excess is the layer's fixed cost; the projection charges the fixed
+cost once per worker that touches the layer (at most one per 16-unit chunk of the full atlas) and the marginal cost
+per unit.
 
 ``--config one`` also measures the model's own cost of the same work (as ``atlas_bench.py``): **F** of the scanned
 images at the pass's batch (top-k pass), **F+B(input)** per DeconvNet projection at the projections' batch
@@ -32,6 +40,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import shutil
 import signal
@@ -87,16 +96,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", choices=sorted(CONFIGS), help="one process, 2 local workers, or local Ray (2 actors)")
     p.add_argument("--units", type=int, default=4, help="units per layer, evenly spaced (default 4)")
-    p.add_argument("--am-steps", type=int, default=builder.DEFAULT_AM_STEPS,
-                   help=f"activation maximization steps (default {builder.DEFAULT_AM_STEPS}, the atlas default)")
+    p.add_argument("--am-steps", type=int, default=16,
+                   help=f"activation maximization steps measured (default 16; projected to the atlas default "
+                        f"{builder.DEFAULT_AM_STEPS})")
+    p.add_argument("--chunk", type=int, default=2, help="units per task (default 2: two chunks per layer)")
     p.add_argument("--k", type=int, default=9, help="top activations per unit (default 9)")
     p.add_argument("--out", help="atlas folder (default: out/atlas_lite0_whole for --config one, else a fresh "
                                  "out/atlas_lite0_whole_<config>, removed after the run)")
     p.add_argument("--resume-check", type=float, metavar="S",
                    help="build --units 1 into out/atlas_lite0_resume in a child process, kill -9 it after S "
                         "seconds, rerun it to the end, and compare every unit with out/atlas_lite0_whole")
+    p.add_argument("--layers", type=int, help="only the first N conv layers (a smoke test; default all 49)")
     p.add_argument("--resume", action="store_true", help="keep --out's atlas and resume it (default: start afresh)")
-    p.add_argument("--json", help="result JSON (default benchmarks/results/atlas_whole_<config>.json)")
+    p.add_argument("--results", default=str(RESULTS), help="folder of the result JSONs (default benchmarks/results)")
+    p.add_argument("--json", help="result JSON (default RESULTS/atlas_whole_<config>.json)")
     p.add_argument("--no-baselines", action="store_true", help="skip the model's own cost (--config one)")
     p.add_argument("--report", action="store_true", help="print the markdown tables from the results JSONs")
     return p.parse_args(argv)
@@ -228,7 +241,7 @@ class LoadSampler:
         self.others = round(self.others_jiffies / os.sysconf("SC_CLK_TCK") / self.seconds, 3)
 
 
-def sampled_build(out: Path, config: str, sample: dict[str, list[int]], k: int, am_steps: int,
+def sampled_build(out: Path, config: str, sample: dict[str, list[int]], k: int, am_steps: int, chunk: int,
                   progress: bool = True) -> tuple[Recorder, float]:
     """The real builder on ``sample``'s layers and units; returns the task record and the wall seconds."""
     executor, workers = CONFIGS[config]
@@ -240,7 +253,7 @@ def sampled_build(out: Path, config: str, sample: dict[str, list[int]], k: int, 
         t0 = time.perf_counter()
         rec.t0 = t0
         atlas = builder.build_atlas(MODEL, list(sample), out, k=k, am_steps=am_steps, executor=executor,
-                                    workers=workers, progress=progress)
+                                    workers=workers, chunk=chunk, progress=progress)
         wall = time.perf_counter() - t0
     atlas.close()
     return rec, wall
@@ -278,7 +291,7 @@ def run_config(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     allocator = "tuned" if tune_cpu_allocator() else "default"
     model = load_model(MODEL)
-    layers = conv_layers(model)
+    layers = conv_layers(model)[:args.layers]
     with torch.no_grad():
         from convscope.core.stream import layer_features
 
@@ -295,9 +308,11 @@ def run_config(args: argparse.Namespace) -> int:
                             capture_output=True, text=True).stdout.strip()
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "src/convscope"],
+                           capture_output=True, text=True).stdout.split("\n")  # others' uncommitted work measured too
     m = machine_info(torch.device("cpu"), 1, allocator)
     with LoadSampler() as load:
-        rec, wall = sampled_build(out, config, sample, args.k, args.am_steps)
+        rec, wall = sampled_build(out, config, sample, args.k, args.am_steps, args.chunk)
     m["loadavg_end"] = machine_info(torch.device("cpu"), 1, allocator)["loadavg_start"]
     atlas = open_atlas(out)
     meta = atlas.meta()
@@ -308,9 +323,10 @@ def run_config(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "config": config,
         "executor": CONFIGS[config][0], "workers": last["workers"], "model": MODEL, "head": head,
-        "topk_commit": commit, "settings": {"units_per_layer": args.units, "k": args.k, "am_steps": args.am_steps,
-                                            "am_size": model.preprocess.input_size[0], "chunk": 16,
-                                            "batch_rows": int(meta.get("auto_batch_rows", 0)), "images": images},
+        "topk_commit": commit, "uncommitted": [d[3:] for d in dirty if d.strip()],
+        "settings": {"units_per_layer": args.units, "k": args.k, "am_steps": args.am_steps,
+                     "am_size": model.preprocess.input_size[0], "chunk": args.chunk,
+                     "batch_rows": int(meta.get("auto_batch_rows", 0)), "images": images},
         "layers": [{"name": n, "units": units[n], "sample": sample[n], "done": done[n]} for n in layers],
         "tasks": rec.tasks, "stages": last["stages"], "wall_phases": last["wall"], "wall_seconds": wall,
         "load": {"others_cores": load.others, "cpu_busy": load.busy, "seconds": load.seconds},
@@ -318,9 +334,9 @@ def run_config(args: argparse.Namespace) -> int:
     }
     if config == "one" and not args.no_baselines:
         log("measuring the model's own cost of the same work ...")
-        result["baselines"] = baselines(model, images, result["settings"]["batch_rows"], args.units,
+        result["baselines"] = baselines(model, images, result["settings"]["batch_rows"], args.chunk,
                                         result["settings"]["am_size"])
-    path = Path(args.json) if args.json else RESULTS / f"atlas_whole_{config}.json"
+    path = Path(args.json) if args.json else Path(args.results) / f"atlas_whole_{config}.json"
     atomic_write(path, json.dumps(result, indent=1))
     if config != "one" and not args.out:
         shutil.rmtree(out, ignore_errors=True)
@@ -339,7 +355,7 @@ def resume_check(args: argparse.Namespace) -> int:
     out = ROOT / "out" / "atlas_lite0_resume"
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, __file__, "--config", "one", "--units", "1", "--am-steps", str(args.am_steps),
-           "--k", str(args.k), "--out", str(out), "--resume", "--no-baselines",
+           "--k", str(args.k), "--chunk", "1", "--out", str(out), "--resume", "--no-baselines",
            "--json", str(RESULTS / "atlas_whole_resume_run.json")]
     child = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
     time.sleep(args.resume_check)
@@ -382,93 +398,106 @@ def group_of(layer: str) -> str:
     return ".".join(parts[:2]) if parts[0] == "blocks" else parts[0]
 
 
-def per_unit(tasks: list[dict[str, Any]], stage: str) -> dict[str, float]:
-    """Per layer: worker seconds per unit of ``stage``."""
-    secs: dict[str, float] = {}
-    n: dict[str, int] = {}
-    for t in tasks:
-        if t["stage"] == stage:
-            secs[t["layer"]] = secs.get(t["layer"], 0.0) + t["seconds"]
-            n[t["layer"]] = n.get(t["layer"], 0) + t["units"]
-    return {k: secs[k] / n[k] for k in secs}
+def layer_costs(r: dict[str, Any]) -> dict[str, dict[str, tuple[float, float]]]:
+    """Per layer and stage (``top``, ``am``): ``(fixed, marginal)`` seconds, from a one-process run with at least two
+    chunks per layer: the later chunks' seconds per unit are the marginal cost, the first chunk's excess over them
+    is what the worker pays once per layer."""
+    out: dict[str, dict[str, tuple[float, float]]] = {}
+    for L in r["layers"]:
+        out[L["name"]] = {}
+        for stage in ("top", "am"):
+            ts = [t for t in r["tasks"] if t["stage"] == stage and t.get("layer") == L["name"]]
+            rest = ts[1:] or ts
+            m = sum(t["seconds"] for t in rest) / sum(t["units"] for t in rest)
+            out[L["name"]][stage] = (max(0.0, ts[0]["seconds"] - m * ts[0]["units"]) if ts[1:] else 0.0, m)
+    return out
 
 
-def project(r: dict[str, Any], am_steps: int) -> dict[str, float]:
-    """Hours of the whole atlas (every unit of every layer) from one run's per-unit worker seconds: ``work`` summed
-    over workers, and ``wall`` on that run's workers with that run's efficiency (task seconds / (workers x wall of
-    the unit phase))."""
-    scale = am_steps / r["settings"]["am_steps"]
-    top, am = per_unit(r["tasks"], "top"), per_unit(r["tasks"], "am")
-    work = sum(L["units"] * (top[L["name"]] + am[L["name"]] * scale) for L in r["layers"])
-    topk = sum(t["seconds"] for t in r["tasks"] if t["stage"] == "topk")
-    task_units = sum(t["seconds"] for t in r["tasks"] if t["stage"] != "topk")
-    eff = task_units / (r["workers"] * r["wall_phases"]["units"])
-    return {"work_h": (work + topk) / 3600, "topk_s": topk, "efficiency": eff, "workers": r["workers"],
-            "units_h_per_machine": work / (r["workers"] * eff) / 3600}
+def work_seconds(costs: dict[str, dict[str, tuple[float, float]]], layers: list[dict[str, Any]], processes: int,
+                 am_scale: float, units_key: str = "units", chunk: int = FULL_CHUNK) -> float:
+    """Seconds of task work (summed over processes) for every unit (``units_key="units"``) or the sample
+    (``"sample"``) of every layer: a layer's fixed cost once per process that gets one of its chunks (at most
+    ``processes``), the marginal cost per unit (AM's scaled to the projected steps)."""
+    total = 0.0
+    for L in layers:
+        n = L["units"] if units_key == "units" else len(L["sample"])
+        touched = min(processes, math.ceil(n / chunk))
+        for stage, scale in (("top", 1.0), ("am", am_scale)):
+            fixed, marginal = costs[L["name"]][stage]
+            total += touched * fixed + n * marginal * scale
+    return total
 
 
-def report() -> int:
-    runs = {c: json.loads((RESULTS / f"atlas_whole_{c}.json").read_text()) for c in CONFIGS
-            if (RESULTS / f"atlas_whole_{c}.json").is_file()}
-    if "one" not in runs:
+def report(results: Path) -> int:
+    runs = {c: json.loads((results / f"atlas_whole_{c}.json").read_text()) for c in CONFIGS
+            if (results / f"atlas_whole_{c}.json").is_file()}
+    if "one" not in runs or "baselines" not in runs["one"]:
         log("run --config one first")
         return 1
     one = runs["one"]
     b, s = one["baselines"], one["settings"]
+    scale = builder.DEFAULT_AM_STEPS / s["am_steps"]
     f_img = b["F_batch"] / b["F_rows"]
     fb_row = b["FB_batch"] / b["FB_rows"]
     fb_am_row = b["FB_am_batch"] / b["am_rows"]
     rows_k = min(s["k"], s["images"])
-    top, am = per_unit(one["tasks"], "top"), per_unit(one["tasks"], "am")
-    groups: dict[str, dict[str, Any]] = {}
+    costs = layer_costs(one)
+    topk = sum(t["seconds"] for t in one["tasks"] if t["stage"] == "topk")
+    groups: dict[str, dict[str, float]] = {}
     for L in one["layers"]:
-        g = groups.setdefault(group_of(L["name"]), {"layers": 0, "units": 0, "top": 0.0, "am": 0.0, "n": 0})
+        g = groups.setdefault(group_of(L["name"]), dict.fromkeys(("layers", "units", "tf", "tm", "af", "am"), 0.0))
+        (tf, tm), (af, am) = costs[L["name"]]["top"], costs[L["name"]]["am"]
         g["layers"] += 1
         g["units"] += L["units"]
-        g["top"] += top[L["name"]] * L["units"]
-        g["am"] += am[L["name"]] * L["units"]
+        g["tf"] += tf
+        g["tm"] += tm * L["units"]
+        g["af"] += af
+        g["am"] += am * scale * L["units"]
+    total = {key: sum(g[key] for g in groups.values()) for key in ("layers", "units", "tf", "tm", "af", "am")}
     body = []
-    for name, g in groups.items():
-        t_u, a_u = g["top"] / g["units"], g["am"] / g["units"]
-        body.append([name, g["layers"], g["units"], f"{t_u:.2f}", fmt_ratio(t_u / (rows_k * fb_row)),
-                     f"{a_u:.2f}", fmt_ratio(a_u / (s["am_steps"] * fb_am_row)),
-                     f"{g['units'] * (t_u + a_u) / 3600:.2f}"])
-    units = sum(L["units"] for L in one["layers"])
-    t_all = sum(g["top"] for g in groups.values())
-    a_all = sum(g["am"] for g in groups.values())
-    topk = sum(t["seconds"] for t in one["tasks"] if t["stage"] == "topk")
-    body.append(["**all**", len(one["layers"]), units, f"{t_all / units:.2f}",
-                 fmt_ratio(t_all / units / (rows_k * fb_row)), f"{a_all / units:.2f}",
-                 fmt_ratio(a_all / units / (s["am_steps"] * fb_am_row)), f"**{(t_all + a_all + topk) / 3600:.1f}**"])
-    print(f"Sample: {s['units_per_layer']} units per layer ({sum(len(L['sample']) for L in one['layers'])} units), "
-          f"k={s['k']} over {s['images']} images, AM {s['am_steps']} steps at {s['am_size']} px, one process, "
-          f"1 thread; measured {one['date']} at HEAD {one['head']} (top-k code: {one['topk_commit']})\n")
-    print(md_table(["layer group", "conv layers", "units", "top-k pictures s/unit", "× F+B(input) per projection",
-                    "AM s/unit", "× F+B(input) per step", "projected hours (1 process)"], body))
-    model_h = (units * (rows_k * fb_row + s["am_steps"] * fb_am_row) + s["images"] * f_img) / 3600
-    print(f"\ntop-k pass (all 49 layers, {s['images']} images): {topk:.1f} s = "
-          f"{fmt_ratio(topk / (s['images'] * f_img))} F of the same images; whole atlas "
-          f"{(t_all + a_all + topk) / 3600:.1f} h against the model's own {model_h:.1f} h: "
-          f"{fmt_ratio((t_all + a_all + topk) / 3600 / model_h)}")
+    for name, g in [*groups.items(), ("**all**", total)]:
+        u = g["units"]
+        body.append([name, int(g["layers"]), int(u), f"{g['tf']:.1f}", f"{g['tm'] / u:.2f}",
+                     fmt_ratio(g["tm"] / u / (rows_k * fb_row)), f"{g['am'] / u:.2f}",
+                     fmt_ratio(g["am"] / u / (builder.DEFAULT_AM_STEPS * fb_am_row)),
+                     f"{(g['tf'] + g['tm'] + g['af'] + g['am']) / 3600:.2f}"])
+    sampled = sum(len(L["sample"]) for L in one["layers"])
+    print(f"Sample: {s['units_per_layer']} units per layer ({sampled} units) in chunks of {s['chunk']}, k={s['k']} "
+          f"over {s['images']} images ({rows_k} projections per unit), AM {s['am_steps']} steps at {s['am_size']} px "
+          f"(projected to {builder.DEFAULT_AM_STEPS}), one process, 1 thread; measured {one['date']} at HEAD "
+          f"{one['head']} (top-k code: {one['topk_commit']}; uncommitted then: "
+          f"{', '.join(one.get('uncommitted', [])) or 'nothing'})\n")
+    print(md_table(["layer group", "conv layers", "units", "top-k pictures: fixed s per layer (sum)",
+                    "marginal s/unit", "× F+B(input) per projection", f"AM s/unit ({builder.DEFAULT_AM_STEPS} steps)",
+                    "× F+B(input) per row-step", "hours, 1 process"], body))
+    work1 = work_seconds(costs, one["layers"], 1, scale) + topk
+    model_s = total["units"] * (rows_k * fb_row + builder.DEFAULT_AM_STEPS * fb_am_row) + s["images"] * f_img
+    print(f"\ntop-k pass (all 49 layers, {s['images']} images, one task): {topk:.1f} s = "
+          f"{fmt_ratio(topk / (s['images'] * f_img))} F of the same images. Whole atlas, one process: "
+          f"{work1 / 3600:.1f} h against the model's own {model_s / 3600:.1f} h of the same work: "
+          f"{fmt_ratio(work1 / model_s)}")
     print(f"baselines: F {f_img * 1e3:.1f} ms/img (batch {b['F_rows']}), F+B(input) {fb_row * 1e3:.1f} ms/row "
-          f"(batch {b['FB_rows']}), AM F+B(input) {fb_am_row * 1e3:.1f} ms/row at batch {b['am_rows']}, "
+          f"(batch {b['FB_rows']}); AM-size F+B(input) {fb_am_row * 1e3:.1f} ms/row at batch {b['am_rows']}, "
           f"{b['FB_am16_batch'] / FULL_CHUNK * 1e3:.1f} ms/row at batch {FULL_CHUNK}")
     cfg_rows, proj_rows = [], []
     for c, r in runs.items():
-        p = project(r, s["am_steps"])
-        sampled = sum(len(L["sample"]) for L in r["layers"])
-        cfg_rows.append([c, f"{r['executor']}, {r['workers']} worker(s)", sampled, f"{r['wall_seconds']:.0f}",
-                         f"{r['wall_phases']['topk']:.0f}", f"{r['wall_phases']['units']:.0f}",
-                         f"{p['efficiency']:.2f}", f"{r['load']['others_cores']:.2f}",
+        w = r["workers"]
+        expected = work_seconds(costs, r["layers"], w, 1.0, "sample", r["settings"]["chunk"])
+        per_worker = expected / (w * r["wall_phases"]["units"])  # throughput of a worker relative to a lone process
+        cfg_rows.append([c, f"{r['executor']}, {w} worker(s)", sum(len(L["sample"]) for L in r["layers"]),
+                         f"{r['wall_seconds']:.0f}", f"{r['wall_phases']['topk']:.0f}",
+                         f"{r['wall_phases']['units']:.0f}", f"{per_worker:.2f}", f"{r['load']['others_cores']:.2f}",
                          " / ".join(f"{v:.2f}" for v in r["load"]["cpu_busy"].values()), r["head"]])
-        proj_rows.append([c, f"{p['work_h']:.1f}"] + [f"{p['units_h_per_machine'] / n + p['topk_s'] / 3600:.1f}"
-                                                    for n in MACHINES])
+        hours = [(work_seconds(costs, one["layers"], n * w, scale) / (n * w * per_worker) + topk) / 3600
+                 for n in MACHINES]
+        proj_rows.append([c, f"{w}"] + [f"{h:.2f}" for h in hours])
     print()
     print(md_table(["config", "executor", "sampled units", "wall s", "top-k pass s", "unit phase s",
-                    "efficiency", "other jobs (cores)", "CPU busy (cpu0 / cpu1)", "commit"], cfg_rows))
+                    "per-worker throughput (× one process)", "other jobs (cores)", "CPU busy (cpu0 / cpu1)",
+                    "commit"], cfg_rows))
     print()
-    print(md_table(["from config", "work (CPU-hours)"] + [f"{n} machine{'s' if n > 1 else ''} (h)" for n in MACHINES],
-                   proj_rows))
+    print(md_table(["throughput of", "workers per machine"]
+                   + [f"{n} machine{'s' if n > 1 else ''} (h)" for n in MACHINES], proj_rows))
     print(f"\n{describe_machine(one['machine'])}")
     return 0
 
@@ -476,7 +505,7 @@ def report() -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.report:
-        return report()
+        return report(Path(args.results))
     if args.resume_check is not None:
         return resume_check(args)
     if not args.config:
