@@ -3,6 +3,8 @@
 
     python benchmarks/atlas_bench.py            # 3 layers (blocks.3, blocks.9, blocks.15: 472 units), k=9, 128 AM steps
     python benchmarks/atlas_bench.py --quick    # 3 small layers (144 units), k=2, 2 AM steps: a couple of minutes
+    python benchmarks/atlas_bench.py --stages top --repeats 3   # the top-k pictures stage alone, 3 timed runs
+    python benchmarks/atlas_bench.py --stages top --profile 25  # ... once under cProfile (untimed): top 25 items
 
 Builds a fresh atlas on the bundled photos, then measures, in the same process, the bare model doing the same work:
 
@@ -10,6 +12,11 @@ Builds a fresh atlas on the bundled photos, then measures, in the same process, 
 * top-k pictures: **F+B(input)** of one image per DeconvNet projection (``units x k`` rows, the projections'
   batch size): the DeconvNet is one backward pass per projected activation;
 * activation maximization: **F+B(input)** of a batch of ``chunk`` images at the AM size, per step and chunk.
+
+``--stages top`` times the top-k pictures stage alone (the builder's ``RenderTop`` tasks, chunk by chunk, in this
+process, a freshly loaded model per repeat so that no receptive-field box is cached from the repeat before),
+with its F+B(input) baseline measured in the same run, and records a digest of every picture and top list (equal
+digests: the same atlas pictures and lists; compare before / after a change). Writes ``results/atlas_top.json``.
 
 The baselines run the whole model; the atlas stops each forward pass after the deepest layer it needs, so a
 ratio below 1 is possible for shallow layers. Writes ``benchmarks/results/atlas.json`` and prints a markdown table.
@@ -19,9 +26,14 @@ Not part of the test suite.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import datetime as dt
+import hashlib
+import io
 import json
 import math
+import pstats
+import statistics
 import sys
 import tempfile
 import time
@@ -33,8 +45,10 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 
-from convscope.atlas.builder import build_atlas  # noqa: E402
+from convscope.applications.deconv import default_images  # noqa: E402
+from convscope.atlas.builder import Context, RenderTop, WorkerSpec, build_atlas  # noqa: E402
 from convscope.core.device import tune_cpu_allocator  # noqa: E402
+from convscope.methods.topk import top_k_activations  # noqa: E402
 from convscope.models import load_model  # noqa: E402
 from harness import (  # noqa: E402
     F_,
@@ -45,6 +59,7 @@ from harness import (  # noqa: E402
     baseline_state,
     describe_machine,
     fmt_ratio,
+    load_average,
     machine_info,
     md_table,
     measure_clean,
@@ -72,7 +87,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1, help="local worker processes (default 1: in this process)")
     p.add_argument("--threads", type=int, help="torch threads in this process (default: torch's)")
     p.add_argument("--keep", help="build into this folder and keep it (default: a temp folder, removed)")
-    p.add_argument("--out", default=str(HERE / "results" / "atlas.json"), help="JSON output")
+    p.add_argument("--stages", choices=("all", "top"), default="all",
+                   help="all: build the whole atlas (default); top: time the top-k pictures stage alone")
+    p.add_argument("--repeats", type=int, default=3, help="--stages top: timed runs, median reported (default 3)")
+    p.add_argument("--profile", type=int, metavar="N",
+                   help="--stages top: run the stage once under cProfile instead (untimed), print the top N items")
+    p.add_argument("--save", help="--stages top: write every picture and top list of the first run into this folder")
+    p.add_argument("--display", default="percentile", help="projection display of the pictures (default percentile)")
+    p.add_argument("--out", help="JSON output (default results/atlas.json; --stages top: results/atlas_top.json)")
     return p.parse_args(argv)
 
 
@@ -80,6 +102,90 @@ def _time(model: torch.nn.Module, x: torch.Tensor, kind: str, policy: RepeatPoli
     """Median seconds of one call of the bare model doing ``kind`` on ``x``."""
     with baseline_state(model, kind):
         return measure_clean(baseline_fn(model, x, kind), policy, synchronizer(x.device), log=log).median
+
+
+def _top_stage(model: torch.nn.Module, data: Any, results: dict[str, Any], cfg: dict[str, Any], chunk: int,
+               bs: int, display: str, save: str | None = None) -> tuple[float, dict[str, float], str]:
+    """The builder's top-k pictures stage in this process: ``(seconds of task work, seconds per layer, digest of
+    every picture and top list)``."""
+    ctx = Context(model, WorkerSpec(MODEL), data)
+    digest = hashlib.sha256()
+    per_layer: dict[str, float] = {}
+    for name in cfg["layers"]:
+        units = results[name].values.shape[0]
+        per_layer[name] = 0.0
+        for c0 in range(0, units, chunk):
+            task = RenderTop(name, tuple(range(c0, min(c0 + chunk, units))), results[name], display, bs)
+            t0 = time.perf_counter()
+            out = task.run(ctx)
+            per_layer[name] += time.perf_counter() - t0
+            for u, r in sorted(out.items()):
+                if save:
+                    Path(save).mkdir(parents=True, exist_ok=True)
+                    (Path(save) / f"{name}_{u}.png").write_bytes(r["png"])
+                    (Path(save) / f"{name}_{u}.json").write_text(json.dumps([r["top"], r["max_activation"]]))
+                digest.update(f"{name}/{u}".encode())
+                digest.update(r["png"])
+                digest.update(json.dumps([r["top"], r["max_activation"]]).encode())
+        log(f"  {name}: {units} units, {per_layer[name]:.1f} s")
+    return sum(per_layer.values()), per_layer, digest.hexdigest()
+
+
+def main_top(args: argparse.Namespace, cfg: dict[str, Any], allocator: str) -> int:
+    """``--stages top``: the top-k pictures stage alone, ``--repeats`` times, against F+B(input) per projection."""
+    model = load_model(MODEL)
+    device = next(model.parameters()).device
+    data = default_images(model, None, None, progress=False)
+    bs, chunk = args.batch_size, args.chunk
+    results = top_k_activations(model, data.batches(bs), cfg["layers"], k=cfg["k"], batch_size=bs, progress=False)
+    units = sum(r.values.shape[0] for r in results.values())
+    rows_k = sum(r.values.numel() for r in results.values())  # one DeconvNet projection per unit and top activation
+    if args.profile:
+        prof = cProfile.Profile()
+        prof.enable()
+        _top_stage(load_model(MODEL), data, results, cfg, chunk, bs, args.display)
+        prof.disable()
+        for key in ("tottime", "cumulative"):
+            buf = io.StringIO()
+            pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(args.profile)
+            print(buf.getvalue())
+        return 0
+    runs = []
+    for i in range(args.repeats):
+        log(f"run {i + 1}/{args.repeats} (a fresh model: no cached boxes)")
+        runs.append(_top_stage(load_model(MODEL), data, results, cfg, chunk, bs, args.display,
+                               args.save if i == 0 else None))
+    digests = {d for _, _, d in runs}
+    if len(digests) != 1:
+        log(f"warning: the runs gave {len(digests)} different results")
+    log("measuring F+B(input) ...")
+    policy = RepeatPolicy.quick() if args.quick else RepeatPolicy()
+    gen = torch.Generator().manual_seed(0)
+    t_fb = _time(model, torch.randn(bs, 3, *model.preprocess.input_size, generator=gen).to(device), FB_INPUT, policy)
+    cost = t_fb * math.ceil(rows_k / bs)
+    secs = [s for s, _, _ in runs]
+    median = statistics.median(secs)
+    m = machine_info(device, torch.get_num_threads(), allocator)
+    m["loadavg_end"] = load_average()
+    result: dict[str, Any] = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "stage": "top", "model": MODEL,
+        "layers": {n: list(r.shape) for n, r in results.items()}, "units": units, "projections": rows_k,
+        "images": len(data), "settings": {**cfg, "chunk": chunk, "batch_size": bs, "display": args.display},
+        "seconds": secs, "median_seconds": median, "per_layer_seconds": [p for _, p, _ in runs],
+        "model_seconds": cost, "ratio": median / cost, "ratios": [s / cost for s in secs],
+        "fb_input_ms": t_fb * 1e3, "digest": runs[0][2], "digests_equal": len(digests) == 1, "machine": m,
+    }
+    atomic_write(Path(args.out or HERE / "results" / "atlas_top.json"), json.dumps(result, indent=1))
+    per = {n: statistics.median(p[n] for _, p, _ in runs) for n in cfg["layers"]}
+    print(f"Top-k pictures of {MODEL} ({', '.join(f'{n}: {r.values.shape[0]} units' for n, r in results.items())}), "
+          f"k={cfg['k']}, {len(data)} images, chunk {chunk}, batch {bs}\n")
+    print(md_table(["stage", "units", "seconds (median of runs)", "runs", "model cost (s)", "ratio", "baseline"],
+                   [["top-k pictures (DeconvNet + patches)", units, f"{median:.1f}",
+                     ", ".join(f"{s:.1f}" for s in secs), f"{cost:.1f}", fmt_ratio(median / cost),
+                     f"F+B(input) per projection ({rows_k}, batch {bs}: {t_fb * 1e3:.0f} ms)"]]
+                   + [[f"  {n}", results[n].values.shape[0], f"{per[n]:.1f}", "", "", "", ""] for n in per]))
+    print(f"\ndigest {runs[0][2][:16]} (runs equal: {len(digests) == 1})\n{describe_machine(m)}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     allocator = "tuned" if tune_cpu_allocator() else "default"
+    if args.stages == "top":
+        return main_top(args, cfg, allocator)
+    args.out = args.out or str(HERE / "results" / "atlas.json")
     model = load_model(MODEL)
     device = next(model.parameters()).device
 

@@ -35,8 +35,12 @@ wherever both apply, and extends it by each operation's transpose:
 ``path="auto"`` (default) takes the explicit path when the network allows it, else autograd.
 
 Batched over units: the N images are expanded to ``N x U`` rows (image-major), ``batch_size`` rows per backward
-pass. The explicit path runs one forward pass per group of ``batch_size // U`` images and reuses its switches for
-all units of those images; the autograd path runs one forward and one backward pass per chunk of rows.
+pass; :func:`deconvnet_rows` takes any rows ``(image, unit)`` instead (an image may come back in many rows, as in
+the top-k pictures). Each image's forward pass is run once for all its rows: the explicit path runs one forward
+pass per group of images (about ``batch_size`` rows) and reuses its switches for all their rows; the autograd path
+runs one forward pass of an image with several rows and sends its rows down in one batched backward pass per
+``batch_size`` rows (``torch.autograd.grad(..., is_grads_batched=True)``: the saved forward tensors are shared by
+the rows), and one forward and backward pass per chunk of ``batch_size`` images that have a single row each.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from torch import nn
 
 from ..core.attribution import check_input
 from ..core.layers import resolve_layer
-from ..core.probe import preserved_state, probe
+from ..core.probe import Probe, preserved_state, probe
 from ..core.rules import DECONVNET, LRN_PASS_THROUGH
 from ..errors import ConvscopeError, TargetError
 
@@ -312,8 +316,45 @@ def unit_backprop(model: nn.Module, x: torch.Tensor, layer: str, units: Units, r
         raise ConvscopeError(f"unit_backprop(rule={rule!r}): use one of {', '.join(rules)}")
     layer, x, table = _prepare(model, x, layer, units, mode, batch_size, "unit_backprop")
     out = torch.empty(*table.shape, *x.shape[1:], dtype=x.dtype, device=x.device)
-    _autograd(model, layer, x, table, mode, batch_size, out, rules[rule])
+    rows_img = torch.arange(len(x), device=x.device).repeat_interleave(table.shape[1])
+    _autograd(model, layer, x, rows_img, table.reshape(-1), mode, batch_size, out.view(-1, *x.shape[1:]),
+              rules[rule])
     return out
+
+
+def deconvnet_rows(model: nn.Module, x: torch.Tensor, layer: str, images: torch.Tensor | Sequence[int],
+                   units: torch.Tensor | Sequence[int], mode: Mode = "max", path: Path = "auto",
+                   batch_size: int = 32) -> torch.Tensor:
+    """DeconvNet projections (Zeiler & Fergus 2014, Sec. 2.1) of rows ``r`` = unit ``units[r]`` of image
+    ``images[r]`` of ``x``: ``R x C x H x W``. Each image's forward pass is shared by all its rows (the top-k
+    pictures project many units of few images). ``mode`` / ``path`` / ``batch_size`` as in :func:`deconvnet`."""
+    rows_img = torch.as_tensor(images).reshape(-1)
+    rows_unit = torch.as_tensor(units).reshape(-1)
+    if rows_img.is_floating_point() or rows_unit.is_floating_point() or rows_img.shape != rows_unit.shape:
+        raise TargetError("deconvnet_rows(images=..., units=...): give two integer sequences of the same length")
+    if len(rows_img) and (int(rows_img.min()) < 0 or int(rows_img.max()) >= len(x)):
+        raise TargetError(f"deconvnet_rows(images=...): image indices must be in 0..{len(x) - 1}")
+    if not len(rows_unit):
+        raise TargetError("deconvnet_rows(units=...): give at least one row")
+    layer, x, table = _prepare(model, x, layer, rows_unit, mode, batch_size, "deconvnet")  # N x R, the same rows
+    out = torch.empty(len(rows_unit), *x.shape[1:], dtype=x.dtype, device=x.device)
+    _project(model, layer, x, rows_img.long().to(x.device), table[0], mode, path, batch_size, out)
+    return out
+
+
+def _project(model: nn.Module, layer: str, x: torch.Tensor, rows_img: torch.Tensor, rows_unit: torch.Tensor,
+             mode: Mode, path: Path, batch_size: int, out: torch.Tensor) -> None:
+    """Rows ``(rows_img[r], rows_unit[r])`` projected into ``out[r]`` by the explicit chain or autograd."""
+    chain: Chain | str = "path='autograd' was asked for"
+    if path != "autograd":
+        chain = build_chain(model, x[:1], layer)
+        if isinstance(chain, str) and path == "explicit":
+            raise ConvscopeError(f"deconvnet(path='explicit'): {layer!r} cannot be reached through the classic "
+                                 f"DeconvNet layers: {chain}. Use path='autograd' (or 'auto')")
+    if isinstance(chain, Chain):
+        _explicit(model, chain, x, rows_img, rows_unit, mode, batch_size, out)
+    else:
+        _autograd(model, layer, x, rows_img, rows_unit, mode, batch_size, out)
 
 
 def deconvnet(model: nn.Module, x: torch.Tensor, layer: str, units: Units, mode: Mode = "max", path: Path = "auto",
@@ -336,61 +377,80 @@ def deconvnet(model: nn.Module, x: torch.Tensor, layer: str, units: Units, mode:
     if path not in ("auto", "explicit", "autograd"):
         raise ConvscopeError(f"deconvnet(path={path!r}): use 'auto', 'explicit' or 'autograd'")
     layer, x, table = _prepare(model, x, layer, units, mode, batch_size, "deconvnet")
-    chain: Chain | str = "path='autograd' was asked for"
-    if path != "autograd":
-        chain = build_chain(model, x[:1], layer)
-        if isinstance(chain, str) and path == "explicit":
-            raise ConvscopeError(f"deconvnet(path='explicit'): {layer!r} cannot be reached through the classic "
-                                 f"DeconvNet layers: {chain}. Use path='autograd' (or 'auto')")
     out = torch.empty(*table.shape, *x.shape[1:], dtype=x.dtype, device=x.device)
-    if isinstance(chain, Chain):
-        _explicit(model, chain, x, table, mode, batch_size, out)
-    else:
-        _autograd(model, layer, x, table, mode, batch_size, out)
+    rows_img = torch.arange(len(x), device=x.device).repeat_interleave(table.shape[1])
+    _project(model, layer, x, rows_img, table.reshape(-1), mode, path, batch_size, out.view(-1, *x.shape[1:]))
     return out
 
 
-def _explicit(model: nn.Module, chain: Chain, x: torch.Tensor, table: torch.Tensor, mode: Mode, batch_size: int,
-              out: torch.Tensor) -> None:
-    n, u = table.shape
-    group = max(1, batch_size // u)  # images per forward pass; their switches serve all their units
+def _by_image(rows_img: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """The rows of each image, ``[(image, row indices)]``, images in order of first appearance."""
+    order = rows_img.argsort(stable=True)
+    imgs, counts = torch.unique_consecutive(rows_img[order], return_counts=True)
+    first = {int(i): int(r) for i, r in zip(imgs, torch.cumsum(counts, 0) - counts)}
+    groups = [(int(i), order[first[int(i)]:first[int(i)] + int(c)]) for i, c in zip(imgs, counts)]
+    return sorted(groups, key=lambda g: int(g[1][0]))
+
+
+def _explicit(model: nn.Module, chain: Chain, x: torch.Tensor, rows_img: torch.Tensor, rows_unit: torch.Tensor,
+              mode: Mode, batch_size: int, out: torch.Tensor) -> None:
+    groups = _by_image(rows_img)
+    most = max(len(r) for _, r in groups)
+    per = max(1, batch_size // most)  # images per forward pass; their switches serve all their rows
     with preserved_state(model):
-        for i0 in range(0, n, group):
-            imgs = x[i0:i0 + group]
-            act, switches = chain_forward(chain, imgs)
-            if i0 == 0:
-                _check_units(table, act, chain.layer)
-            rows_img = torch.arange(len(imgs), device=x.device).repeat_interleave(u)
-            rows_unit = table[i0:i0 + group].reshape(-1)
-            for r0 in range(0, len(rows_img), batch_size):
-                ri, ru = rows_img[r0:r0 + batch_size], rows_unit[r0:r0 + batch_size]
-                proj = chain_down(chain, unit_signal(act[ri], ru, mode), switches, ri)
-                flat = (i0 * u + r0) + torch.arange(len(ri), device=x.device)
-                out[flat // u, flat % u] = proj
+        for g0 in range(0, len(groups), per):
+            part = groups[g0:g0 + per]
+            act, switches = chain_forward(chain, x[[i for i, _ in part]])
+            if g0 == 0:
+                _check_units(rows_unit[:, None], act, chain.layer)
+            rows = torch.cat([r for _, r in part])
+            local = torch.cat([torch.full((len(r),), j, device=x.device) for j, (_, r) in enumerate(part)])
+            for r0 in range(0, len(rows), batch_size):
+                ri, rr = local[r0:r0 + batch_size], rows[r0:r0 + batch_size]
+                out[rr] = chain_down(chain, unit_signal(act[ri], rows_unit[rr], mode), switches, ri)
 
 
-def _autograd(model: nn.Module, layer: str, x: torch.Tensor, table: torch.Tensor, mode: Mode, batch_size: int,
-              out: torch.Tensor, rule: str | None = "deconvnet") -> None:
-    n, u = table.shape
-    rows_img = torch.arange(n, device=x.device).repeat_interleave(u)
-    rows_unit = table.reshape(-1)
+def _autograd(model: nn.Module, layer: str, x: torch.Tensor, rows_img: torch.Tensor, rows_unit: torch.Tensor,
+              mode: Mode, batch_size: int, out: torch.Tensor, rule: str | None = "deconvnet") -> None:
+    """Images with several rows: one forward pass each, their rows sent down together (``is_grads_batched``,
+    ``batch_size`` rows per backward pass); images with one row: forward and backward ``batch_size`` at a time."""
+    groups = _by_image(rows_img)
+    shared = [(i, r) for i, r in groups if len(r) > 1]
+    single = torch.cat([r for _, r in groups if len(r) == 1] or [rows_img[:0]])
     rules = [LRN_PASS_THROUGH] if rule == "deconvnet" else []
+    checked = [False]
+
+    def layer_output(p: Probe, xx: torch.Tensor) -> torch.Tensor:
+        p.forward(model, xx)
+        act = p.activations.get(layer)
+        if not isinstance(act, torch.Tensor):
+            raise ConvscopeError(f"layer {layer!r} did not output a tensor in the forward pass; pick a layer "
+                                 "that computes the output (`convscope layers MODEL` lists them)")
+        if not checked[0]:
+            _check_units(rows_unit[:, None], act, layer)
+            checked[0] = True
+        return act
+
     with torch.enable_grad(), probe(model, layer, relu_rule=rule, rules=rules, stop_after=layer) as p:
-        for r0 in range(0, n * u, batch_size):
-            ri, ru = rows_img[r0:r0 + batch_size], rows_unit[r0:r0 + batch_size]
-            xx = x[ri].clone().requires_grad_(True)
-            p.forward(model, xx)
-            act = p.activations.get(layer)
-            if not isinstance(act, torch.Tensor):
-                raise ConvscopeError(f"layer {layer!r} did not output a tensor in the forward pass; pick a layer "
-                                     "that computes the output (`convscope layers MODEL` lists them)")
-            if r0 == 0:
-                _check_units(table, act, layer)
-            (g,) = torch.autograd.grad(act, xx, grad_outputs=unit_signal(act.detach(), ru, mode), allow_unused=True)
+        for r0 in range(0, len(single), batch_size):
+            rr = single[r0:r0 + batch_size]
+            xx = x[rows_img[rr]].clone().requires_grad_(True)
+            act = layer_output(p, xx)
+            (g,) = torch.autograd.grad(act, xx, grad_outputs=unit_signal(act.detach(), rows_unit[rr], mode),
+                                       allow_unused=True)
             p.clear()
-            flat = r0 + torch.arange(len(ri), device=x.device)
-            out[flat // u, flat % u] = torch.zeros_like(xx) if g is None else g
+            out[rr] = torch.zeros_like(xx) if g is None else g
+        for i, rows in shared:
+            xx = x[i:i + 1].clone().requires_grad_(True)
+            act = layer_output(p, xx)
+            for r0 in range(0, len(rows), batch_size):
+                rr = rows[r0:r0 + batch_size]
+                signal = unit_signal(act.detach().expand(len(rr), *act.shape[1:]), rows_unit[rr], mode)
+                (g,) = torch.autograd.grad(act, xx, grad_outputs=signal[:, None], allow_unused=True,
+                                           retain_graph=r0 + batch_size < len(rows), is_grads_batched=True)
+                out[rr] = 0 if g is None else g[:, 0]
+            p.clear()
 
 
-__all__ = ["Chain", "Step", "build_chain", "chain_down", "chain_forward", "deconvnet", "spatial_max", "trace_calls",
-           "unit_backprop", "unit_signal"]
+__all__ = ["Chain", "Step", "build_chain", "chain_down", "chain_forward", "deconvnet", "deconvnet_rows", "spatial_max",
+           "trace_calls", "unit_backprop", "unit_signal"]

@@ -35,7 +35,7 @@ from ..core.probe import probe
 from ..core.render import DisplayMode, grid, to_display
 from ..core.stream import Images, layer_features, stream_layers
 from ..errors import ConvscopeError, DataError
-from .deconvnet import Chain, build_chain, deconvnet, spatial_max
+from .deconvnet import Chain, build_chain, deconvnet_rows, spatial_max
 
 
 @dataclass(frozen=True)
@@ -325,7 +325,14 @@ def _gradient_boxes(model: nn.Module, layer: str, locations: torch.Tensor, x: to
     return boxes
 
 
-BoxCache = dict[tuple[int, int], torch.Tensor]
+class BoxCache(dict[tuple[int, int], torch.Tensor]):
+    """Gradient receptive-field boxes by location ``(y, x)``. ``shifted``: ``True`` once every location's box was
+    filled from translation equivariance (:func:`shifted_boxes`), ``False`` when its check failed (boxes are then
+    found location by location), ``None`` while it was not tried."""
+
+    shifted: bool | None = None
+
+
 _BOXES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], BoxCache]] = weakref.WeakKeyDictionary()
 
 
@@ -344,8 +351,67 @@ def box_cache(model: nn.Module, layer: str, size: tuple[int, int], dtype: torch.
     if key not in per_model:
         for old in [k for k in per_model if k[:4] == key[:4]]:  # stale weights
             del per_model[old]
-        per_model[key] = {}
+        per_model[key] = BoxCache()
     return per_model[key]
+
+
+def shifted_boxes(model: nn.Module, layer: str, shape: tuple[int, int], size: tuple[int, int], x: torch.Tensor,
+                  batch_size: int, cache: BoxCache) -> bool:
+    """Fill ``cache`` with the gradient box of every location of ``layer``'s ``shape`` map from translation
+    equivariance: in a network of convolutions, pooling and element-wise operations a location's field is one box
+    moved by the layer's stride per location and clipped to the image, ``[a + s y, b + s y)`` per axis.
+
+    The gradient boxes (:func:`_gradient_boxes` on the random images ``x``) of four locations give every edge:
+    the top / left edges at ``(h-2, w-2)`` and ``(h-1, w-1)`` (where they are least clipped), the bottom / right
+    edges at ``(0, 0)`` and ``(1, 1)``; both values of an edge give its offset and the stride, or, when the inner
+    one is clipped, the edge is clipped at every location but the last. The prediction is then checked against
+    the gradient boxes of the other corners, the centre and its neighbour, and 3 random locations; on any
+    difference (non-uniform strides, attention, size-dependent layers) nothing is filled and ``False`` is
+    returned, so the boxes are found location by location. Returns ``True`` when every location was filled.
+    """
+    h, w = shape
+    if h < 3 or w < 3:  # a map this small is cheap location by location
+        return False
+    gen = torch.Generator().manual_seed(1)
+    rand = [(int(torch.randint(h, (1,), generator=gen)), int(torch.randint(w, (1,), generator=gen)))
+            for _ in range(3)]
+    basis = [(0, 0), (1, 1), (h - 2, w - 2), (h - 1, w - 1)]
+    checks = [(0, w - 1), (h - 1, 0), ((h - 1) // 2, (w - 1) // 2), ((h - 1) // 2 + 1, (w - 1) // 2 + 1), *rand]
+    locs = list(dict.fromkeys(basis + checks))
+    missing = [loc for loc in locs if loc not in cache]
+    if missing:
+        found = _gradient_boxes(model, layer, torch.tensor(missing).to(x.device), x, batch_size)
+        for loc, box in zip(missing, found):
+            cache[loc] = box
+    b = {loc: [int(v) for v in cache[loc]] for loc in basis}
+    top = _clipped_line(b[(h - 2, w - 2)][0], b[(h - 1, w - 1)][0], h, 0)
+    left = _clipped_line(b[(h - 2, w - 2)][1], b[(h - 1, w - 1)][1], w, 0)
+    bottom = _clipped_line(b[(1, 1)][2], b[(0, 0)][2], h, size[0]).flip(0)
+    right = _clipped_line(b[(1, 1)][3], b[(0, 0)][3], w, size[1]).flip(0)
+    table = torch.stack([top[:, None].expand(h, w), left[None, :].expand(h, w),
+                         bottom[:, None].expand(h, w), right[None, :].expand(h, w)], dim=-1)
+    if any(not torch.equal(table[loc], cache[loc]) for loc in locs):
+        return False
+    for y in range(h):
+        for x_ in range(w):
+            cache.setdefault((y, x_), table[y, x_])
+    return True
+
+
+def _clipped_line(inner: int, outer: int, n: int, limit: int) -> torch.Tensor:
+    """An edge at every location ``0 .. n-1`` of an axis, from its values at the last two (``inner`` at ``n - 2``,
+    ``outer`` at ``n - 1``), where it is least clipped: the edge is ``a + s i`` clipped at ``limit`` (``0`` for a
+    top / left edge; the image side for a bottom / right edge, whose locations are then counted from the other
+    end). Both values unclipped give ``a`` and the stride ``s``; a clipped ``inner`` means the edge is clipped at
+    every location but the last (it is monotone)."""
+    i = torch.arange(n)
+    if inner == limit:
+        out = torch.full((n,), limit, dtype=torch.long)
+        out[-1] = outer
+        return out
+    s = outer - inner
+    line = outer - s * (n - 1 - i)
+    return line.clamp(min=limit) if limit == 0 else line.clamp(max=limit)
 
 
 def receptive_fields(model: nn.Module, layer: str, locations: torch.Tensor | Sequence[Sequence[int]],
@@ -355,9 +421,11 @@ def receptive_fields(model: nn.Module, layer: str, locations: torch.Tensor | Seq
     ``method="analytic"``: from the chain of conv / pool kernels, strides, paddings and dilations (sequential
     networks: the explicit DeconvNet chain); ``"gradient"``: the bounding box of the gradient's support, unioned
     over 4 random images (any network; it can be smaller than the theoretical field where units are inactive on
-    all of them, and it is the whole image for globally pooled or attention layers); ``"auto"``: analytic where
-    possible. Boxes are clipped to the image. Gradient boxes are computed once per (layer, input size, location)
-    and kept with the model while its weights do not change (:func:`box_cache`).
+    all of them, and it is the whole image for globally pooled or attention layers), one gradient pass per
+    location; ``"auto"``: analytic where possible, else the gradient boxes of a few locations shifted to every
+    location by translation equivariance where a check on more locations allows it (:func:`shifted_boxes`), else
+    ``"gradient"``. Boxes are clipped to the image. Gradient boxes are computed once per (layer, input size,
+    location) and kept with the model while its weights do not change (:func:`box_cache`).
     """
     if method not in ("auto", "analytic", "gradient"):
         raise ConvscopeError(f"receptive_field(method={method!r}): use 'auto', 'analytic' or 'gradient'")
@@ -383,9 +451,11 @@ def receptive_fields(model: nn.Module, layer: str, locations: torch.Tensor | Seq
     distinct, back = torch.unique(locs, dim=0, return_inverse=True)  # top-k locations repeat: one pass each
     cache = box_cache(model, layer, size, dtype, dev)
     keys = [(int(y), int(x_)) for y, x_ in distinct.tolist()]
+    rand = torch.randn(4, x.shape[1], *size, generator=gen).to(dev, dtype)
+    if method == "auto" and cache.shifted is None:
+        cache.shifted = shifted_boxes(model, layer, (shape[0], shape[1]), size, rand, batch_size, cache)
     missing = [i for i, key in enumerate(keys) if key not in cache]
     if missing:
-        rand = torch.randn(4, x.shape[1], *size, generator=gen).to(dev, dtype)
         found = _gradient_boxes(model, layer, distinct[missing].to(dev), rand, batch_size)
         for i, box in zip(missing, found):
             cache[keys[i]] = box
@@ -437,8 +507,9 @@ def top_k_patches(model: nn.Module, images: torch.Tensor | Callable[[torch.Tenso
     k = result.values.shape[1]
     ids = result.image_ids[units].reshape(-1).cpu()  # (U k)
     locs = result.locations[units].reshape(-1, 2).cpu()
-    x = images(ids) if callable(images) and not isinstance(images, torch.Tensor) else images[ids]
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or len(x) != len(ids):
+    distinct, rows_img = torch.unique(ids, return_inverse=True)  # each image loaded and run forward once
+    x = images(distinct) if callable(images) and not isinstance(images, torch.Tensor) else images[distinct]
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or len(x) != len(distinct):
         raise ConvscopeError("render_top_k(images=...): give the dataset tensor indexed by image id, or a function "
                              "from an id tensor to an n x C x H x W tensor")
     if denormalize is None:
@@ -447,8 +518,8 @@ def top_k_patches(model: nn.Module, images: torch.Tensor | Callable[[torch.Tenso
     pixels = denormalize(x.detach()).clamp(0, 1)
     proj = None
     if projections:
-        unit_rows = torch.tensor(units).repeat_interleave(k)[:, None]
-        proj = deconvnet(model, x, result.layer, unit_rows, mode="max", batch_size=batch_size)[:, 0]
+        unit_rows = torch.tensor(units).repeat_interleave(k)
+        proj = deconvnet_rows(model, x, result.layer, rows_img, unit_rows, mode="max", batch_size=batch_size)
     crops: list[list[torch.Tensor]] = []
     pcrops: list[list[torch.Tensor]] = []
     for j in range(len(units)):
@@ -456,7 +527,7 @@ def top_k_patches(model: nn.Module, images: torch.Tensor | Callable[[torch.Tenso
         pcrops.append([])
         for r in range(j * k, (j + 1) * k):
             t, left, b, right = (int(v) for v in boxes[r])
-            crops[j].append(pixels[r, :, t:b, left:right])
+            crops[j].append(pixels[int(rows_img[r]), :, t:b, left:right])
             if proj is not None:
                 pcrops[j].append(proj[r, :, t:b, left:right])
     return TopKPatches(units, boxes.view(len(units), k, 4), crops, pcrops if proj is not None else None)
@@ -494,5 +565,6 @@ def render_patches(found: TopKPatches, display: str = "signed", scale: int | Non
     return grid(blocks, nrow=len(cols), padding=4, row_labels=[f"unit {u}" for u in found.units], col_labels=cols)
 
 
-__all__ = ["DeadUnits", "TopKActivations", "TopKPatches", "dead_units", "receptive_field", "receptive_fields",
-           "render_patches", "render_top_k", "top_k_activations", "top_k_patches"]
+__all__ = ["BoxCache", "DeadUnits", "TopKActivations", "TopKPatches", "box_cache", "dead_units", "receptive_field",
+           "receptive_fields", "render_patches", "render_top_k", "shifted_boxes", "top_k_activations",
+           "top_k_patches"]
