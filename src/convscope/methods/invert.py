@@ -7,8 +7,9 @@ with ``R_alpha(x) = ||x / B||_alpha^alpha / (H W)`` (alpha = 6) and ``R_TV(x) = 
 ``x`` the deviation from the mean image, ``B`` a typical pixel magnitude and ``V = B / 6.5`` a typical difference
 between neighbouring pixels (the paper's normalization, Sec. 3.3, so the lambdas are dimensionless and transfer
 between models: ``B = 80`` on the 0..255 scale, converted here to the model's input units). The reconstruction
-starts from noise and is jittered by a few pixels each step (the paper's IJCV version; Olah et al. 2017's
-transformation robustness).
+starts from noise; jitter (a random shift each step: the paper's IJCV version, Olah et al. 2017's transformation
+robustness) is available but off by default: measured on efficientnet_lite0 and demo_net it raised the feature
+error at every depth (docs/inversion.md, "Defaults by measurement").
 
 Everything runs on the shared image-optimization loop of :mod:`convscope.core.optim` (the data term is an
 :class:`~convscope.core.optim.Objective`, the two priors are :class:`~convscope.core.optim.AlphaNorm` and
@@ -95,14 +96,24 @@ class InversionDefaults:
     jitter: int
 
 
+# lambda_TV by relative depth: (depth from which it applies, weight). Chosen by measurement over a grid of settings
+# (docs/make_inversion_table.py; docs/inversion.md, "Defaults by measurement"): efficientnet_lite0 at 224 px and
+# demo_net at 112 px, 200 Adam steps of lr DEFAULT_LR, jitter 0 and lambda_alpha 1e-3 (jitter raised the error at
+# every depth, lambda_alpha 1e-2 changed little).
+TV_BY_DEPTH: tuple[tuple[float, float], ...] = ((0.0, 1e-3), (0.2, 3e-3))
+
+
 def default_hyperparameters(depth: float, size: int = 224) -> InversionDefaults:
-    """Shallow layers keep most of the image (weak priors, no jitter); deep layers need a strong TV prior and some
-    jitter to give a natural-looking pre-image (Mahendran & Vedaldi 2015 raise lambda_TV with depth too). Tuned on
-    demo_net (112 px) and efficientnet_lite0 (224 px); ``jitter`` scales with the image size."""
+    """The measured defaults for a layer at relative depth ``depth`` (:data:`TV_BY_DEPTH`): no jitter,
+    ``lambda_alpha = 1e-3`` and a TV weight that is never weaker for a deeper layer (Mahendran & Vedaldi 2015 also
+    raise lambda_TV with depth, Sec. 4). Weak priors keep the feature error lowest; the stronger TV prior of deeper
+    layers buys PSNR. ``size`` is kept for callers; the defaults no longer depend on it (no jitter)."""
     d = min(max(float(depth), 0.0), 1.0)
-    lambda_tv = 10 ** (-2.0 + 2.0 * d)  # 0.01 at the input .. 1 at the output
-    jitter = 0 if d < 0.15 else max(1, round((1 + 3 * d) * size / 224))
-    return InversionDefaults(lambda_alpha=1e-3, lambda_tv=lambda_tv, jitter=jitter)
+    lambda_tv = TV_BY_DEPTH[0][1]
+    for start, tv in TV_BY_DEPTH:
+        if d >= start:
+            lambda_tv = tv
+    return InversionDefaults(lambda_alpha=1e-3, lambda_tv=lambda_tv, jitter=0)
 
 
 def layer_depths(model: nn.Module, layers: Sequence[str], x: torch.Tensor) -> dict[str, float]:
@@ -178,10 +189,10 @@ def invert(
         layers: a layer name, a comma-separated string or a list (``convscope layers MODEL``).
         steps: Adam steps (``lr``: in the model's input units, default 0.05).
         lambda_alpha, lambda_tv: weights of the normalized alpha-norm and TV_beta priors; None picks them from the
-            layer's depth (:func:`default_hyperparameters`; deeper layers get a stronger TV prior). A single value
-            applies to every layer.
+            layer's depth (:func:`default_hyperparameters`, measured; deeper layers get a stronger TV prior). A
+            single value applies to every layer.
         alpha, beta: the exponents (6 and 2 as in the paper).
-        jitter: random shift in pixels each step (None: by depth, 0 for the first layers).
+        jitter: random shift in pixels each step (None: the measured default, 0 at every depth).
         B, V: typical pixel magnitude and neighbour difference as RGB in [0, 1] (default ``80/255`` and ``B/6.5``),
             converted to the model's input units with its preprocess std.
         target_features: ``{layer: N x ...}`` features to invert instead of the layer's features of ``x`` (e.g.
