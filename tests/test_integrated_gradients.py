@@ -365,14 +365,17 @@ def test_adaptive_refines_where_the_residual_is(one_thread):
 
 @pytest.mark.slow
 def test_completeness_lite0(lite0):
-    """The bundled rocket photo at 224 px, top class, zero baseline, 64 steps of the adaptive default: within 1 %
-    of completeness (measured 0.03 %; Gauss-Legendre 3.8 %, trapezoid 23 %). About 15 s on one idle core. Not
-    every photo gets there at 64 steps: astronaut 1.5 %; the table is in docs/attribution.md."""
-    x = cs.load_images([cs.sample_image("rocket")], lite0)
+    """The 7 bundled photos at 224 px in one call, top class, zero baseline, 64 steps of the adaptive default: the
+    completeness error is within 1 % on the median photo and 2 % on every one (measured: 0.03-1.47 %, median
+    0.6 %; Gauss-Legendre 1.8-14 %, median 3.3 %; the table is in docs/attribution.md). About 45 s on one idle
+    core."""
+    names = ["chelsea", "rocket", "coffee", "astronaut", "motorcycle", "china", "flower"]
+    x = cs.load_images([cs.sample_image(n) for n in names], lite0)
     assert x.shape[-2:] == (224, 224)
     t0 = time.perf_counter()
     res = integrated_gradients(lite0, x, steps=64, return_error=True)
     elapsed = time.perf_counter() - t0
-    assert res.attributions.shape == (1, 1, 3, 224, 224)
+    assert res.attributions.shape == (7, 1, 3, 224, 224)
     assert (res.scores - res.baseline_scores).abs().min() > 1.0
-    assert res.relative_error.max() <= 0.01, (res.relative_error, elapsed)
+    err = res.relative_error.flatten()
+    assert err.median() <= 0.01 and err.max() <= 0.02, (err, elapsed)
