@@ -197,7 +197,8 @@ def print_markdown(table: dict[str, dict]) -> None:
     for i, row in enumerate(table.values()):
         c = row["cells"]
         keys = [s.key for s in grid_settings(row["model"], row["layer"])]
-        if i == 0 or keys != [s.key for s in grid_settings(row["model"], list(table.values())[i - 1]["layer"])]:
+        prev = list(table.values())[i - 1]
+        if i == 0 or keys != [s.key for s in grid_settings(prev["model"], prev["layer"])]:
             print("\n| layer | d | " + " | ".join(f"`{k}`" for k in keys) + " | old defaults | new defaults |")
             print("|" + "---|" * (len(keys) + 4))
         cols = [f"{c[k]['error']:.3f} / {c[k]['psnr']:.1f}" for k in keys]
