@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.attribution import check_input, input_gradient, pinned_target, repeat_target, summed_input_gradient
+from ..core.attribution import check_input, input_gradient, pinned_target, summed_input_gradient
 from ..core.batching import BatchSize, check_batch_size, resolve_batch_size
 from ..core.model import input_normalizer
 from ..core.probe import preserved_state
@@ -298,7 +298,7 @@ def _refined(model: nn.Module, base: torch.Tensor, diff: torch.Tensor, fixed: to
         for i0 in range(0, num, group):
             ids = list(range(i0, min(num, i0 + group)))
             grid = {i: torch.linspace(0, 1, min(steps, REFINE_START), dtype=torch.float64) for i in ids}
-            found = {i: _path_points(model, base, diff, fixed, i, grid[i], rows) for i in ids}
+            found = _path_points(model, base, diff, fixed, grid, rows)
             bar.update(sum(len(a) for a in grid.values()))
             while len(grid[ids[0]]) < steps:
                 new: dict[int, torch.Tensor] = {}
@@ -307,14 +307,13 @@ def _refined(model: nn.Module, base: torch.Tensor, diff: torch.Tensor, fixed: to
                     worst = (segment_residuals(a, f, g).abs() / scale[i]).sum(1)
                     pick = worst.topk(min(REFINE_ROUND, steps - len(a), len(worst))).indices
                     new[i] = (a[pick] + a[pick + 1]) / 2
+                more = _path_points(model, base, diff, fixed, new, rows)  # one round of every image: shared passes
                 for i in ids:
-                    f2, g2, grad2 = _path_points(model, base, diff, fixed, i, new[i], rows)
-                    f, g, grad = found[i]
                     a = torch.cat([grid[i], new[i]])
                     order = a.argsort()
                     grid[i] = a[order]
-                    found[i] = (torch.cat([f, f2])[order], torch.cat([g, g2])[order], torch.cat([grad, grad2])[order])
-                    bar.update(len(new[i]))
+                    found[i] = tuple(torch.cat([old, add])[order] for old, add in zip(found[i], more[i]))
+                bar.update(sum(len(a) for a in new.values()))
             for i in ids:
                 a = grid[i]
                 h = a[1:] - a[:-1]
@@ -326,23 +325,31 @@ def _refined(model: nn.Module, base: torch.Tensor, diff: torch.Tensor, fixed: to
     return torch.cat(out)
 
 
-def _path_points(model: nn.Module, base: torch.Tensor, diff: torch.Tensor, fixed: torch.Tensor | Callable, i: int,
-                 alphas: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """At the points ``alphas`` of image ``i``'s path, at most ``rows`` a pass: the target scores ``P x K`` and the
-    path derivatives ``P x K`` (float64, CPU), and the input gradients ``P x K x C x H x W``."""
-    a = alphas.to(device=base.device, dtype=base.dtype).reshape(-1, *([1] * (base.dim() - 1)))
-    t = _rows_of(fixed, slice(i, i + 1))
+def _path_points(model: nn.Module, base: torch.Tensor, diff: torch.Tensor, fixed: torch.Tensor | Callable,
+                 points: dict[int, torch.Tensor], rows: int) -> dict[int, tuple[torch.Tensor, ...]]:
+    """At the path points ``points[i]`` of each image ``i`` (all images' points in shared passes of at most
+    ``rows`` rows), per image: the target scores ``P x K`` and path derivatives ``P x K`` (float64, CPU), and the
+    input gradients ``P x K x C x H x W``."""
+    image = torch.cat([torch.full((len(a),), i, dtype=torch.long) for i, a in points.items()])
+    alpha = torch.cat(list(points.values())).to(device=base.device, dtype=base.dtype)
+    idx = pinned_indices(fixed)
+    per = max(1, rows // (1 if idx is None else idx.shape[1]))
     fs, gs, grads = [], [], []
-    idx = pinned_indices(t)
-    k_per = 1 if idx is None else idx.shape[1]
-    per = max(1, rows // k_per)
-    for p0 in range(0, len(a), per):
-        pts = base[i:i + 1] + a[p0:p0 + per] * diff[i:i + 1]
-        res = input_gradient(model, pts, repeat_target(t, len(pts)))
+    for r0 in range(0, len(image), per):
+        im = image[r0:r0 + per].to(base.device)
+        d = diff[im]
+        pts = base[im] + alpha[r0:r0 + per].reshape(-1, *([1] * (base.dim() - 1))) * d
+        res = input_gradient(model, pts, _rows_of(fixed, im))
         grads.append(res.grads.detach())
         fs.append(res.scores.detach().to("cpu", torch.float64))
-        gs.append((res.grads * diff[i:i + 1].unsqueeze(1)).flatten(2).sum(2).detach().to("cpu", torch.float64))
-    return torch.cat(fs), torch.cat(gs), torch.cat(grads)
+        gs.append((res.grads * d.unsqueeze(1)).flatten(2).sum(2).detach().to("cpu", torch.float64))
+    f, g, grad = torch.cat(fs), torch.cat(gs), torch.cat(grads)
+    out: dict[int, tuple[torch.Tensor, ...]] = {}
+    start = 0
+    for i, a in points.items():
+        out[i] = (f[start:start + len(a)], g[start:start + len(a)], grad[start:start + len(a)])
+        start += len(a)
+    return out
 
 
 def _path_scores(model: nn.Module, base: torch.Tensor, diff: torch.Tensor, fixed: torch.Tensor | Callable,
