@@ -111,6 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--results", default=str(RESULTS), help="folder of the result JSONs (default benchmarks/results)")
     p.add_argument("--json", help="result JSON (default RESULTS/atlas_whole_<config>.json)")
     p.add_argument("--no-baselines", action="store_true", help="skip the model's own cost (--config one)")
+    p.add_argument("--reference", default=str(KEEP), help="--resume-check compares with this atlas (default "
+                                                          "out/atlas_lite0_whole, built by --config one)")
     p.add_argument("--report", action="store_true", help="print the markdown tables from the results JSONs")
     return p.parse_args(argv)
 
@@ -319,7 +321,7 @@ def run_config(args: argparse.Namespace) -> int:
     last = json.loads(meta["last_build"])
     done = {n: {"top": len(atlas.done(n, "top_image")), "am": len(atlas.done(n, "am_image"))} for n in layers}
     atlas.close()
-    images = last["stages"]["topk"]["units"]
+    images = last["stages"].get("topk", {}).get("units", 0)  # 0: a resumed build whose top-k pass was done
     result: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "config": config,
         "executor": CONFIGS[config][0], "workers": last["workers"], "model": MODEL, "head": head,
@@ -354,9 +356,12 @@ def resume_check(args: argparse.Namespace) -> int:
     ``S`` seconds, rerun to the end; every unit must equal the same unit of out/atlas_lite0_whole."""
     out = ROOT / "out" / "atlas_lite0_resume"
     shutil.rmtree(out, ignore_errors=True)
+    results = Path(args.results)
     cmd = [sys.executable, __file__, "--config", "one", "--units", "1", "--am-steps", str(args.am_steps),
            "--k", str(args.k), "--chunk", "1", "--out", str(out), "--resume", "--no-baselines",
-           "--json", str(RESULTS / "atlas_whole_resume_run.json")]
+           "--json", str(results / "atlas_whole_resume_run.json")]
+    if args.layers:
+        cmd += ["--layers", str(args.layers)]
     child = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
     time.sleep(args.resume_check)
     os.kill(child.pid, signal.SIGKILL)
@@ -370,7 +375,9 @@ def resume_check(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     rc = subprocess.run(cmd, stderr=subprocess.DEVNULL).returncode
     again = time.perf_counter() - t0
-    resumed, ref = open_atlas(out), open_atlas(KEEP)
+    rerun = json.loads((results / "atlas_whole_resume_run.json").read_text())["stages"] if rc == 0 else {}
+    redone = {stage: int(v["units"]) for stage, v in rerun.items()}  # what the rerun computed (the rest was kept)
+    resumed, ref = open_atlas(out), open_atlas(args.reference)
     worst, same_top, n = 0.0, True, 0
     for layer in resumed.layers():
         for u in sorted(resumed.done(layer.name, "am_image") | resumed.done(layer.name, "top_image")):
@@ -382,10 +389,10 @@ def resume_check(args: argparse.Namespace) -> int:
     resumed.close()
     ref.close()
     out_json = {"killed_after_s": args.resume_check, "recorded_before": before, "shards_before": shards,
-                "resume_seconds": again, "rc": rc, "units_compared": n, "top_lists_identical": same_top,
+                "resume_seconds": again, "rc": rc, "redone": redone, "units_compared": n, "top_lists_identical": same_top,
                 "am_activation_max_rel_diff": worst}
-    atomic_write(RESULTS / "atlas_whole_resume.json", json.dumps(out_json, indent=1))
-    log(f"resumed in {again:.0f} s (rc {rc}); {n} units against out/atlas_lite0_whole: top-k lists identical: "
+    atomic_write(results / "atlas_whole_resume.json", json.dumps(out_json, indent=1))
+    log(f"resumed in {again:.0f} s (rc {rc}), computing only {redone}; {n} units against {args.reference}: top-k lists identical: "
         f"{same_top}, AM activation max relative difference {worst:.2e}")
     return 0 if rc == 0 and same_top and worst < 1e-4 and n == len(before) else 1
 
