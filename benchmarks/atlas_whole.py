@@ -389,11 +389,11 @@ def resume_check(args: argparse.Namespace) -> int:
     resumed.close()
     ref.close()
     out_json = {"killed_after_s": args.resume_check, "recorded_before": before, "shards_before": shards,
-                "resume_seconds": again, "rc": rc, "redone": redone, "units_compared": n, "top_lists_identical": same_top,
-                "am_activation_max_rel_diff": worst}
+                "resume_seconds": again, "rc": rc, "redone": redone, "units_compared": n,
+                "top_lists_identical": same_top, "am_activation_max_rel_diff": worst}
     atomic_write(results / "atlas_whole_resume.json", json.dumps(out_json, indent=1))
-    log(f"resumed in {again:.0f} s (rc {rc}), computing only {redone}; {n} units against {args.reference}: top-k lists identical: "
-        f"{same_top}, AM activation max relative difference {worst:.2e}")
+    log(f"resumed in {again:.0f} s (rc {rc}), computing only {redone}; {n} units against {args.reference}: "
+        f"top-k lists identical: {same_top}, AM activation max relative difference {worst:.2e}")
     return 0 if rc == 0 and same_top and worst < 1e-4 and n == len(before) else 1
 
 
