@@ -55,7 +55,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "DeadUnits", "TopKActivations", "TopKPatches", "dead_units", "receptive_field", "receptive_fields",
         "render_top_k", "top_k_activations", "top_k_patches",
     ),
-    ".methods.upconv": ("UpconvNet", "load_upconv", "reconstruct", "train_upconv",),
+    ".methods.upconv": ("UpconvNet", "load_generator", "load_upconv", "reconstruct", "train_upconv",),
     ".models": ("get_classes", "get_preprocess", "imagenet_classes", "list_models", "load_model", "load_weights",),
     ".models.predict": ("Prediction", "predict",),
     ".applications.monitor": ("EvolutionMonitor",),
@@ -193,7 +193,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the same names (generated fro
         top_k_activations,
         top_k_patches,
     )
-    from .methods.upconv import UpconvNet, load_upconv, reconstruct, train_upconv
+    from .methods.upconv import UpconvNet, load_generator, load_upconv, reconstruct, train_upconv
     from .methods.visual_backprop import visual_backprop
     from .models import get_classes, get_preprocess, imagenet_classes, list_models, load_model, load_weights
     from .models.exported import export_model

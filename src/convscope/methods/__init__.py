@@ -57,7 +57,7 @@ from .topk import (
     top_k_activations,
     top_k_patches,
 )
-from .upconv import UpconvNet, decode, load_upconv, reconstruct, save_upconv, train_upconv, unpool2x
+from .upconv import UpconvNet, decode, load_generator, load_upconv, reconstruct, save_upconv, train_upconv, unpool2x
 from .visual_backprop import visual_backprop
 
 __all__ = [
@@ -76,8 +76,8 @@ __all__ = [
     "fooling_image", "log_softmax", "logit", "neuron", "per_image",
     "GeneratorResult", "MultifacetedResult", "dgn_am", "encode", "kmeans", "multifaceted",
     "InversionResult", "feature_match", "invert", "layer_features", "PERTURBATIONS", "PerturbationStudy",
-    "binarize", "drop_least", "dropout", "perturb", "perturbation_study", "UpconvNet", "decode", "load_upconv",
-    "reconstruct", "save_upconv", "train_upconv", "unpool2x",
+    "binarize", "drop_least", "dropout", "perturb", "perturbation_study", "UpconvNet", "decode",
+    "load_generator", "load_upconv", "reconstruct", "save_upconv", "train_upconv", "unpool2x",
     "Comparison", "DissectConfig", "LayerDissection", "UnitLabel", "compare", "dissect", "unit_thresholds",
     "ConceptVector", "Net2VecConfig", "Net2VecResult", "net2vec",
 ]
