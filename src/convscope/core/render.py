@@ -79,12 +79,18 @@ def to_display(
 
 def _percentile(flat: torch.Tensor, q: float) -> torch.Tensor:
     """Per-row percentile with linear interpolation (no size limit, unlike ``torch.quantile``)."""
-    s = flat.sort(dim=1).values
-    pos = q / 100 * (s.shape[1] - 1)
+    n = flat.shape[1]
+    pos = q / 100 * (n - 1)
     i0 = math.floor(pos)
-    i1 = min(i0 + 1, s.shape[1] - 1)
+    i1 = min(i0 + 1, n - 1)
     frac = pos - i0
-    return (s[:, i0] * (1 - frac) + s[:, i1] * frac).unsqueeze(1)
+    if i1 < n / 2:  # only the order statistics needed: the i1 + 1 smallest (or n - i0 largest), not a full sort
+        s = flat.topk(i1 + 1, dim=1, largest=False, sorted=True).values
+        a, b = s[:, i0], s[:, i1]
+    else:
+        s = flat.topk(n - i0, dim=1, largest=True, sorted=True).values
+        a, b = s[:, n - 1 - i0], s[:, n - 1 - i1]
+    return (a * (1 - frac) + b * frac).unsqueeze(1)
 
 
 # --------------------------------------------------------------------------- colormaps
