@@ -39,7 +39,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ".methods.adversarial": ("AdversarialResult", "FeatureChange", "feature_change", "fgsm", "pgd",),
     ".methods.backprop": ("deconvnet_rule", "guided_backprop", "guided_gradcam",),
     ".methods.cam": ("cam", "gradcam", "gradcam_pp", "layercam", "scorecam", "resolve_cam_layer",),
-    ".methods.deconvnet": ("deconvnet", "unit_backprop",),
+    ".methods.deconvnet": ("deconvnet", "deconvnet_rows", "unit_backprop",),
     ".methods.dissect": ("Comparison", "DissectConfig", "LayerDissection", "UnitLabel", "compare", "dissect",),
     ".methods.filters": ("first_layer_filters",),
     ".methods.invert": ("InversionResult", "invert",),
@@ -137,7 +137,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the same names (generated fro
     from .methods.backprop import deconvnet_rule, guided_backprop, guided_gradcam
     from .methods.cam import cam, gradcam, gradcam_pp, layercam, resolve_cam_layer, scorecam
     from .methods.cnn_fixations import FixationResult, cnn_fixations
-    from .methods.deconvnet import deconvnet, unit_backprop
+    from .methods.deconvnet import deconvnet, deconvnet_rows, unit_backprop
     from .methods.dissect import Comparison, DissectConfig, LayerDissection, UnitLabel, compare, dissect
     from .methods.dream import DreamResult, deep_dream
     from .methods.embed import Embedding, embed

@@ -5,7 +5,7 @@ from .adversarial import AdversarialResult, FeatureChange, feature_change, fgsm,
 from .backprop import deconvnet_rule, guided_backprop, guided_gradcam
 from .cam import cam, default_cam_layer, gradcam, gradcam_pp, layercam, resolve_cam_layer, scorecam
 from .cnn_fixations import FixationResult, cnn_fixations
-from .deconvnet import deconvnet
+from .deconvnet import deconvnet, deconvnet_rows
 from .dissect import Comparison, DissectConfig, LayerDissection, UnitLabel, compare, dissect, unit_thresholds
 from .dream import DreamResult, deep_dream
 from .embed import Embedding, embed
@@ -70,8 +70,8 @@ __all__ = [
     "AdversarialResult", "FeatureChange", "OcclusionResult", "cam", "deconvnet_rule", "default_cam_layer",
     "feature_change", "fgsm", "gradcam", "gradcam_pp", "gradient", "guided_backprop", "guided_gradcam",
     "input_x_gradient", "occlusion", "pgd", "saliency", "smoothgrad",
-    "DeadUnits", "TopKActivations", "dead_units", "deconvnet", "first_layer_filters", "receptive_field",
-    "receptive_fields", "render_top_k", "top_k_activations", "TopKPatches", "top_k_patches",
+    "DeadUnits", "TopKActivations", "dead_units", "deconvnet", "deconvnet_rows", "first_layer_filters",
+    "receptive_field", "receptive_fields", "render_top_k", "top_k_activations", "TopKPatches", "top_k_patches",
     "PRESETS", "FoolingResult", "MaximizationResult", "Regularization", "activation_maximization", "channel",
     "fooling_image", "log_softmax", "logit", "neuron", "per_image",
     "GeneratorResult", "MultifacetedResult", "dgn_am", "encode", "kmeans", "multifaceted",
