@@ -495,9 +495,10 @@ def report(results: Path) -> int:
                          f"{r['wall_seconds']:.0f}", f"{r['wall_phases']['topk']:.0f}",
                          f"{r['wall_phases']['units']:.0f}", f"{per_worker:.2f}", f"{r['load']['others_cores']:.2f}",
                          " / ".join(f"{v:.2f}" for v in r["load"]["cpu_busy"].values()), r["head"]])
-        hours = [(work_seconds(costs, one["layers"], n * w, scale) / (n * w * per_worker) + topk) / 3600
-                 for n in MACHINES]
-        proj_rows.append([c, f"{w}"] + [f"{h:.2f}" for h in hours])
+        for label, each in [(c, w)] + ([("one (its per-core throughput on 2 dedicated cores)", 2)] if w == 1 else []):
+            hours = [(work_seconds(costs, one["layers"], n * each, scale) / (n * each * per_worker) + topk) / 3600
+                     for n in MACHINES]
+            proj_rows.append([label, f"{each}"] + [f"{h:.2f}" for h in hours])
     print()
     print(md_table(["config", "executor", "sampled units", "wall s", "top-k pass s", "unit phase s",
                     "per-worker throughput (× one process)", "other jobs (cores)", "CPU busy (cpu0 / cpu1)",
