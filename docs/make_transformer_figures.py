@@ -2,9 +2,9 @@
 
 Writes into ``docs/img`` (each PNG well under 300 KB):
 
-* ``vit_gradcam_rollout.png``: held-out scenes (one per class), Grad-CAM of the true class on the last block's
-  ``ln_1`` (the auto CAM layer of a ViT), attention rollout (Abnar & Zuidema 2020), and demo_net's Grad-CAM
-  (``features.relu5``) for comparison;
+* ``vit_gradcam_rollout.png``: held-out scenes (one per class), Grad-CAM of the true class on the auto CAM layer
+  (demo_vit reads the mean of the patch tokens, so its last token layer ``encoder.ln`` reaches the head),
+  attention rollout (Abnar & Zuidema 2020), and demo_net's Grad-CAM (``features.relu5``) for comparison;
 * ``vit_topk_block<i>.png``: the 9 held-out scenes with the strongest activation of a few units of a middle block,
   the unit's token map over each (a ViT token's receptive field is the whole image, so whole images are shown);
 * ``vit_dissect.png``: unique detectors per category of two blocks, trained vs the untrained network
@@ -137,7 +137,7 @@ def main() -> None:
     numbers["predicted_classes"] = {"demo_vit": dict(zip(SHAPES, torch.bincount(pv, minlength=8).tolist())),
                                     "true": dict(zip(SHAPES, torch.bincount(labels, minlength=8).tolist()))}
     target = labels[:, None]
-    last = f"encoder.layers.encoder_layer_{len(vit.encoder.layers) - 1}.ln_1"
+    last = cs.resolve_cam_layer(vit)  # the auto CAM layer: with demo_vit's mean-pooled head, encoder.ln's patch tokens
     cam_v = torch.cat([cs.gradcam(vit, xb, tb, layer=last) for xb, tb in zip(xv.split(32), target.split(32))])
     roll = batched(lambda xb: cs.attention_rollout(vit, xb), xv)
     cam_n = torch.cat([cs.gradcam(net, xb, tb, layer="features.relu5") for xb, tb in zip(xn.split(32),

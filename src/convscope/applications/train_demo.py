@@ -36,7 +36,7 @@ from ..core.io import atomic_path, atomic_write_text
 from ..core.progress import progress_bar
 from ..data.synthetic import SynthConfig, render_arrays
 from ..models.demo_net import INPUT_SIZE, DemoNet, fold_batchnorm
-from ..models.vit import DEMO_VIT_CONFIG, DEMO_VIT_STEM, demo_vit
+from ..models.vit import DEMO_VIT_CONFIG, DEMO_VIT_POOL, DEMO_VIT_STEM, StemLayer, demo_vit
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,8 @@ class VitConfig(TrainConfig):
     num_heads: int = DEMO_VIT_CONFIG["num_heads"]
     hidden_dim: int = DEMO_VIT_CONFIG["hidden_dim"]
     mlp_dim: int = DEMO_VIT_CONFIG["mlp_dim"]
-    stem: tuple[int, ...] = DEMO_VIT_STEM
+    stem: tuple[StemLayer, ...] = DEMO_VIT_STEM
+    pool: str = DEMO_VIT_POOL
 
 
 def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
@@ -82,7 +83,7 @@ def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
     if isinstance(config, VitConfig):
         return demo_vit(num_classes, image_size=config.size, dropout=config.dropout, patch_size=config.patch_size,
                         num_layers=config.num_layers, num_heads=config.num_heads, hidden_dim=config.hidden_dim,
-                        mlp_dim=config.mlp_dim, stem=tuple(config.stem))
+                        mlp_dim=config.mlp_dim, stem=tuple(config.stem), pool=config.pool)
     return DemoNet(num_classes=num_classes, dropout=config.dropout, batch_norm=True)
 
 

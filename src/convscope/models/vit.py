@@ -37,6 +37,7 @@ from torch import nn
 from ..errors import ConvscopeError
 
 LayerNorm6 = partial(nn.LayerNorm, eps=1e-6)
+POOLS = ("token", "mean")  # what the head reads: the class token (torchvision), or the mean of the patch tokens
 
 
 class ConvStemConfig(NamedTuple):
@@ -144,14 +145,19 @@ class VisionTransformer(nn.Module):
 
     Takes ``N x 3 x H x W`` with ``H`` and ``W`` multiples of ``patch_size`` (the position embeddings are
     interpolated when the grid differs from ``image_size // patch_size``); returns ``N x num_classes`` logits
-    read from the class token. ``representation_size`` adds torchvision's ``heads.pre_logits`` + ``heads.act``."""
+    read from the class token (``pool="token"``, the paper's Eq. 4 and torchvision's) or from the mean of the
+    patch tokens after ``encoder.ln`` (``pool="mean"``: global average pooling, Beyer et al. 2022, "Better plain
+    ViT baselines for ImageNet-1k"; the class token stays in the sequence, so the token layout and attention
+    rollout are unchanged). ``representation_size`` adds torchvision's ``heads.pre_logits`` + ``heads.act``."""
 
     def __init__(self, image_size: int = 224, patch_size: int = 16, num_layers: int = 12, num_heads: int = 12,
                  hidden_dim: int = 768, mlp_dim: int = 3072, dropout: float = 0.0, attention_dropout: float = 0.0,
                  num_classes: int = 1000, representation_size: int | None = None,
                  norm_layer: Callable[..., nn.Module] = LayerNorm6,
-                 conv_stem_configs: list[ConvStemConfig] | None = None) -> None:
+                 conv_stem_configs: list[ConvStemConfig] | None = None, pool: str = "token") -> None:
         super().__init__()
+        if pool not in POOLS:
+            raise ConvscopeError(f"ViT pool={pool!r}: use one of {', '.join(POOLS)}")
         if image_size % patch_size:
             raise ConvscopeError(f"ViT image_size {image_size} is not a multiple of patch_size {patch_size}; "
                                  "choose sizes where patch_size divides image_size")
@@ -164,6 +170,7 @@ class VisionTransformer(nn.Module):
         self.mlp_dim = mlp_dim
         self.num_classes = num_classes
         self.representation_size = representation_size
+        self.pool = pool
         if conv_stem_configs:
             stride = math.prod(c.stride for c in conv_stem_configs)
             if stride != patch_size:
@@ -220,7 +227,7 @@ class VisionTransformer(nn.Module):
         x, grid = self._process_input(x)
         x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = self.encoder(x, grid)
-        return self.heads(x[:, 0])
+        return self.heads(x[:, 1:].mean(dim=1) if self.pool == "mean" else x[:, 0])
 
 
 def rename_legacy_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -263,19 +270,27 @@ def need_attention_weights(model: nn.Module) -> Iterator[list[str]]:
 
 # demo_vit: the project's own small ViT, trained on the synthetic concept scenes like demo_net (``convscope
 # train-demo --arch vit``): 112 px input as demo_net, a 7 x 7 token grid (16 px patches), 4 layers, 4 heads, width
-# 128, MLP 2x, and torchvision's conv stem (four 3x3 stride-2 convolutions, Xiao et al. 2021) as patch embedding:
-# with the plain 16 px linear patch embedding the same recipe stayed at chance (loss ln 8) for 400+ steps.
+# 128, MLP 2x, torchvision's conv stem (four 3x3 stride-2 convolutions with batch norm and ReLU, Xiao et al. 2021)
+# as patch embedding, the class read from the class token.
 DEMO_VIT_SIZE = 112
 DEMO_VIT_CONFIG: dict[str, int] = dict(patch_size=16, num_layers=4, num_heads=4, hidden_dim=128, mlp_dim=256)
-DEMO_VIT_STEM: tuple[int, ...] = (24, 48, 96, 192)  # output channels of the stride-2 3x3 stem convolutions
+StemLayer = int | tuple[int, int]  # output channels (stride 2), or (output channels, stride)
+DEMO_VIT_STEM: tuple[StemLayer, ...] = (24, 48, 96, 192)  # the stem's 3x3 convolutions
+DEMO_VIT_POOL = "token"
+
+
+def stem_configs(stem: tuple[StemLayer, ...]) -> list[ConvStemConfig]:
+    """3x3 conv-stem layers from ``stem`` entries: ``c`` (``c`` channels, stride 2) or ``(c, stride)``."""
+    return [ConvStemConfig(c, 3, 2) if isinstance(c, int) else ConvStemConfig(int(c[0]), 3, int(c[1])) for c in stem]
 
 
 def demo_vit(num_classes: int = 8, image_size: int = DEMO_VIT_SIZE, dropout: float = 0.0,
-             stem: tuple[int, ...] = DEMO_VIT_STEM, **overrides: int) -> VisionTransformer:
+             stem: tuple[StemLayer, ...] = DEMO_VIT_STEM, pool: str = DEMO_VIT_POOL,
+             **overrides: int) -> VisionTransformer:
     """``demo_vit``'s architecture (Dosovitskiy et al. 2021, Eq. 1-4, at the small size of ``DEMO_VIT_CONFIG``, with
-    the conv stem of Xiao et al. 2021: ``stem`` channels, each 3x3 stride 2; ``()`` for the linear patch embedding);
+    the conv stem of Xiao et al. 2021: ``stem`` 3x3 convolutions, each ``channels`` (stride 2) or ``(channels,
+    stride)``; ``()`` for the linear patch embedding; ``pool``: what the head reads, see :class:`VisionTransformer`);
     ``overrides`` (``patch_size``, ``num_layers``, ``num_heads``, ``hidden_dim``, ``mlp_dim``) change it."""
     cfg: dict[str, Any] = {**DEMO_VIT_CONFIG, **overrides}
-    configs = [ConvStemConfig(c, 3, 2) for c in stem] or None
     return VisionTransformer(image_size=image_size, num_classes=num_classes, dropout=dropout,
-                             conv_stem_configs=configs, **cfg)
+                             conv_stem_configs=stem_configs(stem) or None, pool=pool, **cfg)
