@@ -276,6 +276,24 @@ def test_baselines_none_float_tensor(one_thread):
         del net.preprocess
 
 
+class LogMean(nn.Module):
+    """log of the mean positive part: -inf on the zero baseline, so the path's scores are not all finite."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.clamp_min(0).flatten(1).mean(1, keepdim=True)
+        return torch.cat([m.log(), m], 1)
+
+
+@pytest.mark.parametrize("method", ["adaptive", "kink"])
+def test_non_finite_path_scores_raise_instead_of_nan(method):
+    """Both rules that evaluate the baseline's end of the path refuse its -inf score in one line (the adaptive
+    rule through the probe's output check, the kink rule's pre-pass by its own): no NaN attributions come back."""
+    x = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)) + 0.1
+    with pytest.raises(cs.ConvscopeError, match="inf|not finite") as err:
+        integrated_gradients(LogMean(), x, target=0, steps=8, method=method)
+    assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"steps": 0}, "steps=0"),
     ({"steps": 2.5}, "steps=2.5"),

@@ -385,11 +385,10 @@ def deconvnet(model: nn.Module, x: torch.Tensor, layer: str, units: Units, mode:
 
 def _by_image(rows_img: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     """The rows of each image, ``[(image, row indices)]``, images in order of first appearance."""
-    order = rows_img.argsort(stable=True)
-    imgs, counts = torch.unique_consecutive(rows_img[order], return_counts=True)
-    first = {int(i): int(r) for i, r in zip(imgs, torch.cumsum(counts, 0) - counts)}
-    groups = [(int(i), order[first[int(i)]:first[int(i)] + int(c)]) for i, c in zip(imgs, counts)]
-    return sorted(groups, key=lambda g: int(g[1][0]))
+    groups: dict[int, list[int]] = {}
+    for r, i in enumerate(rows_img.tolist()):
+        groups.setdefault(i, []).append(r)
+    return [(i, torch.tensor(rows, device=rows_img.device)) for i, rows in groups.items()]
 
 
 def _explicit(model: nn.Module, chain: Chain, x: torch.Tensor, rows_img: torch.Tensor, rows_unit: torch.Tensor,

@@ -451,14 +451,17 @@ def receptive_fields(model: nn.Module, layer: str, locations: torch.Tensor | Seq
     distinct, back = torch.unique(locs, dim=0, return_inverse=True)  # top-k locations repeat: one pass each
     cache = box_cache(model, layer, size, dtype, dev)
     keys = [(int(y), int(x_)) for y, x_ in distinct.tolist()]
-    rand = torch.randn(4, x.shape[1], *size, generator=gen).to(dev, dtype)
-    if method == "auto" and cache.shifted is None:
-        cache.shifted = shifted_boxes(model, layer, (shape[0], shape[1]), size, rand, batch_size, cache)
+    try_shift = method == "auto" and cache.shifted is None
     missing = [i for i, key in enumerate(keys) if key not in cache]
-    if missing:
-        found = _gradient_boxes(model, layer, distinct[missing].to(dev), rand, batch_size)
-        for i, box in zip(missing, found):
-            cache[keys[i]] = box
+    if try_shift or missing:  # random probe images only when some box is still to find
+        rand = torch.randn(4, x.shape[1], *size, generator=gen).to(dev, dtype)
+        if try_shift:
+            cache.shifted = shifted_boxes(model, layer, (shape[0], shape[1]), size, rand, batch_size, cache)
+            missing = [i for i, key in enumerate(keys) if key not in cache]
+        if missing:
+            found = _gradient_boxes(model, layer, distinct[missing].to(dev), rand, batch_size)
+            for i, box in zip(missing, found):
+                cache[keys[i]] = box
     return torch.stack([cache[key] for key in keys])[back]
 
 
