@@ -51,14 +51,23 @@ class Setting:
     tv: float
     alpha: float
     lr: float
+    tv_end: float | None = None  # lambda_TV annealed geometrically from tv (step 0) to tv_end (last step)
+    decay: float = 0.0  # the last `decay` fraction of the steps: lr decays to 0 (half cosine)
 
     @property
     def key(self) -> str:
-        return f"j{self.jitter}_tv{self.tv:.3g}_a{self.alpha:g}_lr{self.lr:g}"
+        return (f"j{self.jitter}_tv{self.tv:.3g}" + (f"-{self.tv_end:.3g}" if self.tv_end is not None else "")
+                + f"_a{self.alpha:g}_lr{self.lr:g}" + (f"_cos{self.decay:g}" if self.decay else ""))
 
     @property
     def label(self) -> str:
-        return f"jitter {self.jitter}, TV {self.tv:.3g}, alpha {self.alpha:g}, lr {self.lr:g}"
+        tv = f"TV {self.tv:.3g}" + (f" -> {self.tv_end:.3g} (geometric)" if self.tv_end is not None else "")
+        lr = f"lr {self.lr:g}" + (f", cosine decay over the last {self.decay:g} of the steps" if self.decay else "")
+        return f"jitter {self.jitter}, {tv}, alpha {self.alpha:g}, {lr}"
+
+    @property
+    def lambda_tv(self) -> float | tuple[float, float]:
+        return self.tv if self.tv_end is None else (self.tv, self.tv_end)
 
 
 def grid_settings(model: str = "demo_net", layer: str = "") -> list[Setting]:
@@ -87,7 +96,7 @@ def old_defaults(depth: float, size: int) -> Setting:
 def new_defaults(depth: float, size: int) -> Setting:
     """What ``cs.invert`` does now when no setting is given (``default_hyperparameters``)."""
     h = default_hyperparameters(depth, size)
-    return Setting(h.jitter, h.lambda_tv, h.lambda_alpha, DEFAULT_LR)
+    return Setting(h.jitter, h.lambda_tv, h.lambda_alpha, DEFAULT_LR, h.lambda_tv_end, h.lr_decay)
 
 
 def run_cells(model: torch.nn.Module, mname: str, x: torch.Tensor, photos: list[str], layer: str,
@@ -102,8 +111,9 @@ def run_cells(model: torch.nn.Module, mname: str, x: torch.Tensor, photos: list[
         todo = [i for i, p in enumerate(photos) if not files[p].exists()]
         if todo:
             t0 = time.perf_counter()
-            res = cs.invert(model, x[todo], [layer], steps=STEPS, lambda_alpha=s.alpha, lambda_tv=s.tv,
-                            jitter=s.jitter, lr=s.lr, seed=[PHOTOS.index(photos[i]) for i in todo], progress=False)
+            res = cs.invert(model, x[todo], [layer], steps=STEPS, lambda_alpha=s.alpha, lambda_tv=s.lambda_tv,
+                            jitter=s.jitter, lr=s.lr, lr_decay=s.decay, seed=[PHOTOS.index(photos[i]) for i in todo],
+                            progress=False)
             sec = (time.perf_counter() - t0) / len(todo)
             for k, i in enumerate(todo):
                 img = res.images[k].clamp(0, 1)

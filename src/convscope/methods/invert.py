@@ -33,14 +33,17 @@ from ..core.images import Preprocess
 from ..core.layers import named_layers, resolve_layers
 from ..core.model import float_dtype, model_preprocess
 from ..core.optim import (
+    AlphaNorm,
     Jitter,
     Objective,
-    Regularization,
     Regularizer,
+    TotalVariation,
     make_generators,
     make_param,
     optimize_images,
 )
+from ..core.optim.loop import cosine_decay, geometric
+from ..core.optim.regularizers import Schedule, Scheduled
 from ..core.probe import probe
 from ..core.stream import layer_features
 from ..errors import ConvscopeError
@@ -89,11 +92,15 @@ def per_rows(objectives: Sequence[Objective], counts: Sequence[int]) -> Objectiv
 
 @dataclass(frozen=True)
 class InversionDefaults:
-    """Hyperparameters chosen from a layer's relative depth ``d`` (0: first module, 1: the output)."""
+    """Hyperparameters chosen from a layer's relative depth ``d`` (0: first module, 1: the output). ``lambda_tv``:
+    the TV weight at the first step, annealed geometrically to ``lambda_tv_end`` at the last (None: constant);
+    ``lr_decay``: the fraction of the steps, at the end, over which the step size decays to 0 (cosine)."""
 
     lambda_alpha: float
     lambda_tv: float
     jitter: int
+    lambda_tv_end: float | None = None
+    lr_decay: float = 0.0
 
 
 # lambda_TV by relative depth: (depth from which it applies, weight). Chosen by measurement over a grid of settings
@@ -172,8 +179,9 @@ class InversionResult:
 
 def invert(
     model: nn.Module, x: torch.Tensor, layers: str | Sequence[str], *, steps: int = 200,
-    lambda_alpha: float | None = None, lambda_tv: float | None = None, alpha: float = 6.0, beta: float = 2.0,
-    jitter: int | None = None, lr: float | None = None, B: float = B_PIXELS, V: float | None = None,
+    lambda_alpha: float | None = None, lambda_tv: float | tuple[float, float] | None = None, alpha: float = 6.0,
+    beta: float = 2.0, jitter: int | None = None, lr: float | None = None, lr_decay: float | None = None,
+    B: float = B_PIXELS, V: float | None = None,
     target_features: Mapping[str, torch.Tensor] | None = None, init: str | torch.Tensor = "noise",
     seed: int | Sequence[int] = 0, progress: bool | None = None, preprocess: Preprocess | None = None,
     batch_size: BatchSize = "auto",
@@ -189,8 +197,11 @@ def invert(
         layers: a layer name, a comma-separated string or a list (``convscope layers MODEL``).
         steps: Adam steps (``lr``: in the model's input units, default 0.05).
         lambda_alpha, lambda_tv: weights of the normalized alpha-norm and TV_beta priors; None picks them from the
-            layer's depth (:func:`default_hyperparameters`, measured; deeper layers get a stronger TV prior). A
-            single value applies to every layer.
+            layer's depth (:func:`default_hyperparameters`, measured). A single value applies to every layer; a pair
+            ``lambda_tv=(first, last)`` anneals the TV weight geometrically from ``first`` at step 0 to ``last`` at
+            the last step (a strong prior fixes a smooth image early, the weak one lets the features match late).
+        lr_decay: the fraction of the steps, at the end, over which the step size ``lr`` decays to 0 by a half
+            cosine (:func:`~convscope.core.optim.loop.cosine_decay`; 0: constant); None: the measured default.
         alpha, beta: the exponents (6 and 2 as in the paper).
         jitter: random shift in pixels each step (None: the measured default, 0 at every depth).
         B, V: typical pixel magnitude and neighbour difference as RGB in [0, 1] (default ``80/255`` and ``B/6.5``),
@@ -226,7 +237,12 @@ def invert(
         bad = [k for k in names if targets[k].shape[0] != n]
         if bad:
             raise ConvscopeError(f"target_features[{bad[0]!r}] has {targets[bad[0]].shape[0]} rows for {n} images")
-    depths = layer_depths(model, names, x) if None in (lambda_alpha, lambda_tv, jitter) else {}
+    if lr_decay is not None and not 0 <= lr_decay <= 1:
+        raise ConvscopeError(f"invert: lr_decay={lr_decay!r}; give the decayed fraction of the steps in [0, 1]")
+    tv_given = _tv_pair(lambda_tv)
+    if lambda_alpha is not None and not lambda_alpha >= 0:
+        raise ConvscopeError(f"invert: lambda_alpha={lambda_alpha!r} must be >= 0 (0 switches the prior off)")
+    depths = layer_depths(model, names, x) if None in (lambda_alpha, lambda_tv, jitter, lr_decay) else {}
     size = int(max(x.shape[-2:]))
     std = sum(abs(s) for s in pre.std) / len(pre.std)
     b_in = B / std
@@ -236,10 +252,29 @@ def invert(
     def pick(k: str, given: float | int | None, field: str) -> float:
         return given if given is not None else getattr(hyper[k], field)
 
+    def penalties(k: str) -> list[Regularizer]:
+        """Layer ``k``'s priors: alpha-norm, and TV with a constant or an annealed weight."""
+        h = hyper[k]
+        la = float(pick(k, lambda_alpha, "lambda_alpha"))
+        if tv_given is not None:
+            first, last = tv_given
+        else:
+            assert h is not None  # depths were measured: lambda_tv was not given
+            first, last = h.lambda_tv, h.lambda_tv_end
+        out: list[Regularizer] = [AlphaNorm(la, alpha, b_in)] if la else []
+        if last is not None and last != first:
+            out.append(Scheduled(TotalVariation(1.0, beta, v_in), geometric(first, last, steps)))
+        elif first:
+            out.append(TotalVariation(first, beta, v_in))
+        return out
+
     # rows of one layer share its hyperparameters; each block of rows gets its own priors and jitter
-    blocks = [Regularization(lambda_alpha=pick(k, lambda_alpha, "lambda_alpha"), alpha=alpha, B=b_in,
-                             lambda_tv=pick(k, lambda_tv, "lambda_tv"), beta=beta, V=v_in,
-                             jitter=int(pick(k, jitter, "jitter"))) for k in names]
+    blocks = [penalties(k) for k in names]
+    amplitudes = [int(pick(k, jitter, "jitter")) for k in names]
+    if any(a < 0 for a in amplitudes):
+        raise ConvscopeError(f"invert: jitter={jitter!r} must be >= 0 pixels")
+    decay = lr_decay if lr_decay is not None else max(h.lr_decay for h in hyper.values() if h is not None)
+    schedule: Schedule | None = cosine_decay(steps, decay) if decay else None
     rows = len(names) * n
     if isinstance(seed, int) and not isinstance(seed, bool):
         seeds = [seed + i for i in range(n)]
@@ -249,7 +284,6 @@ def invert(
             raise ConvscopeError(f"seed: give an int or {n} ints (one per image), got {seed!r}")
     like = torch.zeros((), dtype=dtype, device=x.device)
     per_image = isinstance(init, torch.Tensor) and init.dim() == 4 and init.shape[0] == n
-    amplitudes = [r.jitter for r in blocks]
     step = max(1, resolve_batch_size(batch_size, model, x, "invert", grad=True, limit=rows) // len(names))
     parts = []
     for i0 in range(0, n, step):  # images i0 .. i1 - 1 with all their layers: rows (l, i), layer-major
@@ -264,7 +298,7 @@ def invert(
         transforms = [_RowJitter(amplitudes, m)] if any(amplitudes) else []
         parts.append(optimize_images(model, objective, param, steps=steps, lr=lr if lr is not None else DEFAULT_LR,
                                      transforms=transforms, regularizers=[_BlockPenalty(blocks, m)],
-                                     generators=gens, progress=progress, desc="invert"))
+                                     generators=gens, progress=progress, desc="invert", lr_schedule=schedule))
 
     def layer_major(ts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
         """Per-chunk rows (l, i in chunk) -> rows (l, i) over all images."""
@@ -279,11 +313,16 @@ def invert(
 
 
 class _BlockPenalty(Regularizer):
-    """Block ``b`` of ``n`` rows (one layer) gets the penalties of ``blocks[b]``."""
+    """Block ``b`` of ``n`` rows (one layer) gets the penalties ``blocks[b]``."""
 
-    def __init__(self, blocks: Sequence[Regularization], n: int) -> None:
-        self.regs = [[r for r in b.regularizers() if not r.projection] for b in blocks]
+    def __init__(self, blocks: Sequence[Sequence[Regularizer]], n: int) -> None:
+        self.regs = [list(b) for b in blocks]
         self.n = n
+
+    def set_step(self, step: int) -> None:
+        for regs in self.regs:
+            for r in regs:
+                r.set_step(step)
 
     def penalty(self, delta: torch.Tensor) -> torch.Tensor:
         n = self.n
@@ -296,6 +335,20 @@ class _BlockPenalty(Regularizer):
                     total = total + pen
             out.append(total)
         return torch.cat(out)
+
+
+def _tv_pair(lambda_tv: float | tuple[float, float] | None) -> tuple[float, float | None] | None:
+    """``lambda_tv`` as (first, last); last None: constant."""
+    if lambda_tv is None:
+        return None
+    if isinstance(lambda_tv, (tuple, list)):
+        if len(lambda_tv) != 2 or not all(isinstance(v, (int, float)) and v > 0 for v in lambda_tv):
+            raise ConvscopeError(f"invert: lambda_tv={lambda_tv!r}; an annealed TV weight is a pair (first, last) of "
+                                 "weights > 0, e.g. (1e-2, 1e-4)")
+        return float(lambda_tv[0]), float(lambda_tv[1])
+    if not isinstance(lambda_tv, (int, float)) or not lambda_tv >= 0:
+        raise ConvscopeError(f"invert: lambda_tv={lambda_tv!r}; give a weight >= 0 or a pair (first, last)")
+    return float(lambda_tv), None
 
 
 class _RowJitter(Jitter):

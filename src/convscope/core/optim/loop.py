@@ -1,8 +1,11 @@
 """The image-optimization loop (:func:`optimize_images`): one forward and one backward pass per step for the whole
-batch, Adam / plain / normalized gradient ascent, penalties and projections, early stop per image."""
+batch, Adam / plain / normalized gradient ascent, penalties and projections, early stop per image, and schedules
+(:data:`Schedule`: a factor per step for the step size, :func:`cosine_decay`, or a penalty's weight,
+:func:`geometric` with :class:`~convscope.core.optim.regularizers.Scheduled`)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import cast
@@ -17,10 +20,55 @@ from ..progress import progress_bar
 from ..stream import last_layer
 from .objectives import Objective
 from .params import Generators, ImageParam, make_generators
-from .regularizers import Regularization, Regularizer
+from .regularizers import Regularization, Regularizer, Schedule
 from .transforms import Transform
 
 OPTIMIZERS = ("adam", "sgd", "normalized")
+
+
+def cosine_decay(steps: int, fraction: float = 1.0, floor: float = 0.0) -> Schedule:
+    """A step-size schedule: factor 1 for the first ``steps - m`` steps, ``m = round(fraction * steps)``, then a
+    half cosine ``floor + (1 - floor) (1 + cos(pi t)) / 2``, ``t = (k - (steps - m)) / m``, from 1 towards ``floor``
+    over the last ``m`` steps (Loshchilov & Hutter 2017's cosine annealing, without restarts). Mahendran & Vedaldi
+    2015 likewise lower the learning rate of their momentum gradient descent as the optimization proceeds."""
+    if not isinstance(steps, int) or steps < 0:
+        raise ConvscopeError(f"cosine_decay: steps={steps!r}; use an int >= 0")
+    if not 0 <= fraction <= 1 or not 0 <= floor <= 1:
+        raise ConvscopeError(f"cosine_decay: fraction={fraction!r}, floor={floor!r}; both must be in [0, 1]")
+    m = round(fraction * steps)
+    start = steps - m
+
+    def factor(k: int) -> float:
+        if k < start or m == 0:
+            return 1.0
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * (k - start) / m))
+    return factor
+
+
+def geometric(first: float, last: float, steps: int, fraction: float = 1.0) -> Schedule:
+    """A schedule moving geometrically (linearly in log) from ``first`` at step 0 to ``last`` at step
+    ``round(fraction * steps) - 1``, then staying at ``last``: e.g. a penalty weight annealed from strong to weak
+    (:class:`~convscope.core.optim.regularizers.Scheduled`)."""
+    if not first > 0 or not last > 0:
+        raise ConvscopeError(f"geometric: first={first!r}, last={last!r}; both must be > 0 (use a weight of 0 to "
+                             "switch a penalty off)")
+    if not isinstance(steps, int) or steps < 0 or not 0 < fraction <= 1:
+        raise ConvscopeError(f"geometric: steps={steps!r}, fraction={fraction!r}; use an int >= 0 and (0, 1]")
+    m = max(1, round(fraction * steps))
+    ratio = math.log(last / first)
+
+    def factor(k: int) -> float:
+        t = min(k, m - 1) / (m - 1) if m > 1 else 1.0
+        return float(first * math.exp(ratio * t))
+    return factor
+
+
+def _factor(schedule: Schedule, step: int, what: str) -> float:
+    f = float(schedule(step))
+    if not (math.isfinite(f) and f >= 0):
+        raise ConvscopeError(f"{what} schedule gave {f!r} at step {step}; a schedule must return a finite factor "
+                             ">= 0 for every step")
+    return f
 
 
 @dataclass(frozen=True)
@@ -80,7 +128,8 @@ def optimize_images(model: nn.Module, objective: Objective, param: ImageParam, *
                     generators: Generators | None = None,
                     stop: Callable[[Mapping[str, torch.Tensor]], torch.Tensor] | None = None,
                     callback: Callable[[int, ImageParam], None] | None = None,
-                    progress: bool | None = None, desc: str = "optimize") -> OptimResult:
+                    progress: bool | None = None, desc: str = "optimize",
+                    lr_schedule: Schedule | None = None) -> OptimResult:
     """Ascend ``objective`` (one value per image) over the images of ``param`` for ``steps`` steps.
 
     One forward and one backward pass per step for the whole batch; the forward pass stops after the deepest layer
@@ -134,6 +183,11 @@ def optimize_images(model: nn.Module, objective: Objective, param: ImageParam, *
     with torch.enable_grad(), probe(model, layers, stop_after=stop_after) as p, \
             progress_bar(total=steps, desc=desc, unit="step", progress=progress, leave=False) as bar:
         for step in range(steps):
+            if lr_schedule is not None:
+                for group in opt.param_groups:
+                    group["lr"] = lr * _factor(lr_schedule, step, "lr")
+            for r in regularizers:
+                r.set_step(step)
             x = param()
             xt = x
             for t in transforms:

@@ -8,6 +8,7 @@ that methods pass whole to :func:`~convscope.core.optim.optimize_images`."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -16,6 +17,8 @@ from ...errors import ConvscopeError
 from ..imageops import gaussian_blur
 from .params import GeneratorImage
 from .transforms import Jitter, RandomScale, Transform
+
+Schedule = Callable[[int], float]  # step (0-based) -> factor (of a step size or a penalty weight)
 
 
 def decay(x: torch.Tensor, theta_decay: float) -> torch.Tensor:
@@ -64,6 +67,10 @@ class Regularizer:
     (``project``). Both see the image as its deviation from the centre image (mean colour), in input space."""
 
     projection = False
+
+    def set_step(self, step: int) -> None:
+        """Called by the loop before each step's penalty (``step`` 0-based); scheduled penalties read it."""
+        return None
 
     def penalty(self, delta: torch.Tensor) -> torch.Tensor | None:
         """Per-image penalty ``N`` (differentiable), or None."""
@@ -179,6 +186,38 @@ class ClipContribution(Regularizer):
 
     def project(self, delta: torch.Tensor, grad: torch.Tensor, step: int) -> torch.Tensor:
         return clip_small_contribution(delta, grad, self.theta_c_pct)
+
+
+class Scheduled(Regularizer):
+    """A penalty whose weight follows a schedule: ``schedule(k) * inner.penalty(x)`` at step ``k`` (e.g.
+    ``Scheduled(TotalVariation(1.0, V=v), geometric(1e-2, 1e-4, steps))`` anneals lambda_TV from 1e-2 to 1e-4).
+    The loop sets the step (:meth:`set_step`); outside a loop it is step 0."""
+
+    def __init__(self, inner: Regularizer, schedule: Schedule) -> None:
+        if not isinstance(inner, Regularizer) or inner.projection:
+            raise ConvscopeError("Scheduled needs a penalty regularizer (AlphaNorm, TotalVariation, L2Penalty, ...), "
+                                 f"not {type(inner).__name__}; projections have no weight to schedule")
+        if not callable(schedule):
+            raise ConvscopeError("Scheduled: schedule must be a callable step -> factor, e.g. geometric(1, 0.01, 200)")
+        self.inner, self.schedule = inner, schedule
+        self.step = 0
+
+    def set_step(self, step: int) -> None:
+        self.step = int(step)
+        self.inner.set_step(step)
+
+    @property
+    def factor(self) -> float:
+        """The weight at the current step."""
+        f = float(self.schedule(self.step))
+        if not (math.isfinite(f) and f >= 0):
+            raise ConvscopeError(f"Scheduled: the schedule gave {f!r} at step {self.step}; return a finite factor "
+                                 ">= 0 for every step")
+        return f
+
+    def penalty(self, delta: torch.Tensor) -> torch.Tensor | None:
+        pen = self.inner.penalty(delta)
+        return None if pen is None else self.factor * pen
 
 
 class CodePenalty(Regularizer):
