@@ -133,3 +133,24 @@ def test_method_cost_ranks_the_slow_methods():
     assert method_cost("occlusion", 112) == 13 * 13 + 1  # window 16, stride 8: 13 positions a side
     assert method_cost("occlusion", 112) > method_cost("smoothgrad", 112) > method_cost("gradcam", 112)
     assert set(METHODS) >= {"occlusion", "smoothgrad", "random"}
+
+
+def test_all_methods_leave_out_those_that_do_not_apply_and_named_ones_must_apply(tmp_path, monkeypatch):
+    import convscope as cs
+    from convscope.applications import evaluate as ev
+
+    def not_here(m, x, y, layer, progress):
+        raise ConvscopeError("rollout needs a ViT's attention weights; explain a ViT")
+
+    few = {"saliency": METHODS["saliency"], "rollout": not_here, "random": METHODS["random"]}
+    monkeypatch.setattr(ev, "METHODS", few)
+    model = cs.load_model("demo_net", device="cpu")
+    res = ev.evaluate_attribution(model, tmp_path, n=4, n_curve=2, n_sanity=2, steps=4, resamples=20,
+                                  progress=False)
+    assert [r["method"] for r in res.rows] == ["saliency", "random"]
+    assert "`rollout`: rollout needs a ViT's attention weights" in res.markdown
+    assert json.loads((tmp_path / "evaluation.json").read_text())["not_applicable"] == {
+        "rollout": "rollout needs a ViT's attention weights; explain a ViT"}
+    with pytest.raises(ConvscopeError, match="explain a ViT"):  # asked for by name: the error reaches the user
+        ev.evaluate_attribution(model, tmp_path, n=4, methods=["saliency", "rollout"], n_curve=2, n_sanity=2,
+                                steps=4, resamples=20, progress=False)

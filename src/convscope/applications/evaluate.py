@@ -243,7 +243,9 @@ def evaluate_attribution(model: nn.Module, out: Path, n: int = 200, methods: lis
     Three stages, each with a progress bar and an ETA (``progress``: ``True``, ``False``, or ``None``: bars that
     appear once a stage has run 2 s): every method's maps (``batch_size`` images per call), then the deletion /
     insertion curves of all methods in one batched pass, then the randomization check of all methods on one
-    cascade (top layer and all layers; every stage for Grad-CAM, for the figure).
+    cascade (top layer and all layers; every stage for Grad-CAM, for the figure). With ``methods=None`` a method
+    that does not apply to ``model`` (its first call raises a :class:`ConvscopeError`, e.g. LRP on a ViT's
+    LayerNorm, rollout on a CNN) is left out and listed under the table with its reason; named methods must apply.
     """
     names = list(METHODS) if methods is None else methods
     if eval_set not in EVAL_SETS:
@@ -271,7 +273,7 @@ def evaluate_attribution(model: nn.Module, out: Path, n: int = 200, methods: lis
     with channels_last_inputs(model):
         with torch.no_grad():
             acc = float(torch.cat([model(xb).argmax(1) for xb in x.split(batch_size)]).eq(labels).float().mean())
-        maps, seconds = {}, {}
+        maps, seconds, skipped = {}, {}, {}
         cost = {m: method_cost(m, x.shape[-1]) for m in names}
         total = sum(round(len(xb) * cost[m]) for m in names for xb in x.split(batch_size))
         with progress_bar(total=total, desc="maps", unit="fwd", progress=progress) as bar:
@@ -280,10 +282,20 @@ def evaluate_attribution(model: nn.Module, out: Path, n: int = 200, methods: lis
                 fn, parts = METHODS[name], []
                 t0 = time.perf_counter()
                 for xb, yb in zip(x.split(batch_size), labels.split(batch_size)):
-                    parts.append(fn(model, xb, yb, layer, inner).detach().float())
+                    try:
+                        parts.append(fn(model, xb, yb, layer, inner).detach().float())
+                    except ConvscopeError as e:
+                        if methods is not None or parts:  # a named method, or one that failed after its first batch
+                            raise
+                        skipped[name] = str(e)
+                        bar.update(round(n * cost[name]))
+                        break
                     bar.update(round(len(xb) * cost[name]))
+                if name in skipped:
+                    continue
                 seconds[name] = (time.perf_counter() - t0) / n
                 maps[name] = torch.cat(parts).cpu()
+        names = [m for m in names if m not in skipped]
         curves = deletion_insertion_many(model, x[:k], {m: maps[m][:k].to(device) for m in names},
                                          labels[:k].tolist(), steps=steps, batch_size=CURVE_BATCH, progress=progress)
         explainers = {m: _explainer(m, labels[:s], layer, inner) for m in names}
@@ -311,12 +323,15 @@ def evaluate_attribution(model: nn.Module, out: Path, n: int = 200, methods: lis
         examples["_cascade"] = (cascade.layers, [mp[0] for mp in cascade.maps])
     pointing = {"chance": float(chance.mean()), "chance_ci": chance_ci, "tolerance_px": tol}
     md = _markdown(rows, n, k, s, acc, layer, getattr(model, "zoo_name", ""), eval_set, pointing)
+    if skipped:
+        md += "\nNot applicable to this model (left out):\n\n" + "".join(f"* `{m}`: {why}\n"
+                                                                          for m, why in skipped.items())
     out = Path(out)
     files = [atomic_write_text(out / "evaluation.md", md),
              atomic_write_text(out / "evaluation.json", json.dumps({
                  "n": n, "n_curve": k, "n_sanity": s, "steps": steps, "layer": layer, "eval_set": eval_set,
                  "resamples": resamples, "seed": seed, "pointing_game": pointing,
-                 "accuracy": acc, "rows": rows}, indent=1))]
+                 "accuracy": acc, "rows": rows, "not_applicable": skipped}, indent=1))]
     files += _html(out, rows, md, examples, images[:6].float().div(255), masks[:6], layer)
     return Evaluation(rows, md, acc, files)
 
