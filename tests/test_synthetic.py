@@ -241,3 +241,19 @@ def test_render_arrays_equals_render_sample_in_any_number_of_processes():
         assert np.array_equal(one.images[i], s.image) and np.array_equal(one.target_masks[i], s.target_mask)
         assert one.scenes[i] == SynthConfig().scene_class(s.scene)
     assert render_arrays(0, 2, size=48, progress=False).target_masks is None
+
+
+def test_render_arrays_objects_name_the_shape_drawn_at_each_pixel():
+    from convscope.data.synthetic import SynthConfig, render_arrays, render_sample
+
+    cfg = SynthConfig()
+    arr = render_arrays(7, 4, size=48, seed=2, workers=1, progress=False, masks=True, objects=True)
+    assert arr.objects is not None and arr.objects.dtype == np.int8 and arr.objects.shape == (4, 48, 48)
+    names = cfg.label_names()
+    for i in range(4):
+        s = render_sample(7 + i, size=48, seed=2)
+        expected = np.vectorize(lambda v: cfg.shapes.index(names[v]) if v else len(cfg.shapes))(s.masks["object"])
+        assert np.array_equal(arr.objects[i], expected)
+        # the dominant object's pixels carry the scene's class
+        assert (arr.objects[i][s.target_mask] == arr.scenes[i]).all()
+    assert render_arrays(0, 2, size=48, progress=False).objects is None

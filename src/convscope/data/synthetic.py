@@ -691,21 +691,35 @@ def _run(job: functools.partial, n: int, workers: int) -> Iterator[tuple[BrodenR
 
 class SynthArrays(NamedTuple):
     """Images ``start .. start+n-1`` in memory: ``images`` uint8 ``N x H x W x 3``, ``scenes`` the scene class
-    indices (positions in ``SynthConfig.shapes``), ``target_masks`` bool ``N x H x W`` (or None when not asked)."""
+    indices (positions in ``SynthConfig.shapes``), ``target_masks`` bool ``N x H x W`` (or None when not asked),
+    ``objects`` int8 ``N x H x W``: the shape class drawn at each pixel (dominant object or distractor; the
+    position in ``SynthConfig.shapes``, ``len(shapes)`` for background; None when not asked)."""
 
     images: np.ndarray
     scenes: np.ndarray
     target_masks: np.ndarray | None
+    objects: np.ndarray | None = None
 
 
-def _arrays_one(i: int, start: int, size: int, seed: int, cfg: SynthConfig,
-                masks: bool) -> tuple[np.ndarray, int, np.ndarray | None]:
+def object_classes(sample: SynthSample, cfg: SynthConfig) -> np.ndarray:
+    """int8 ``H x W`` shape class per pixel of ``sample`` (``len(cfg.shapes)``: no object), from its object mask."""
+    voc = _vocab(cfg)
+    lut = np.full(max(voc.names) + 1, len(cfg.shapes), np.int8)
+    for k, shape in enumerate(cfg.shapes):
+        lut[voc.number[("object", shape)]] = k
+    return lut[sample.masks["object"]]
+
+
+def _arrays_one(i: int, start: int, size: int, seed: int, cfg: SynthConfig, masks: bool,
+                objects: bool = False) -> tuple[np.ndarray, int, np.ndarray | None, np.ndarray | None]:
     s = _render(start + i, size, seed, cfg)[0]
-    return s.image, cfg.scene_class(s.scene), s.target_mask if masks else None
+    return (s.image, cfg.scene_class(s.scene), s.target_mask if masks else None,
+            object_classes(s, cfg) if objects else None)
 
 
 def render_arrays(start: int, n: int, size: int = 112, seed: int = 0, workers: int = 1,
-                  progress: bool | None = True, masks: bool = False, config: SynthConfig | None = None) -> SynthArrays:
+                  progress: bool | None = True, masks: bool = False, config: SynthConfig | None = None,
+                  objects: bool = False) -> SynthArrays:
     """Render images ``start .. start+n-1`` into arrays (no files), in ``workers`` processes with identical
     output; for training (``train-demo``) and for held-out evaluation sets (from :data:`HELD_OUT_START`).
     ``progress``: a bar with an ETA (``True``: from the start for 50 images or more, else once rendering has run
@@ -714,13 +728,15 @@ def render_arrays(start: int, n: int, size: int = 112, seed: int = 0, workers: i
     _check_args(size, seed, start)
     if not isinstance(n, int | np.integer) or n < 1:
         raise DataError(f"n must be a positive int, got {n!r}")
-    job = functools.partial(_arrays_one, start=int(start), size=int(size), seed=int(seed), cfg=cfg, masks=masks)
+    job = functools.partial(_arrays_one, start=int(start), size=int(size), seed=int(seed), cfg=cfg, masks=masks,
+                            objects=objects)
     from convscope.core.progress import progress_bar
 
     show = None if progress is True and n < 50 else progress  # a few images: only when they are slow
     items = list(progress_bar(_run(job, int(n), int(workers)), total=n, desc="render", unit="img", progress=show))
-    return SynthArrays(np.stack([im for im, _, _ in items]), np.array([c for _, c, _ in items], dtype=np.int64),
-                       np.stack([m for _, _, m in items]) if masks else None)
+    return SynthArrays(np.stack([it[0] for it in items]), np.array([it[1] for it in items], dtype=np.int64),
+                       np.stack([it[2] for it in items]) if masks else None,
+                       np.stack([it[3] for it in items]) if objects else None)
 
 
 def generate(
