@@ -275,10 +275,10 @@ def cmd_adversarial(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .applications.evaluate import METHODS, evaluate_attribution
+    from .applications.evaluate import evaluate_attribution
 
     model = _load(args)
-    methods = _names(args.methods) or list(METHODS)
+    methods = _names(args.methods) or None  # None: every method that applies to the model
     res = evaluate_attribution(model, Path(args.out), n=args.n, methods=methods, layer=args.layer,
                                n_curve=args.n_curve, n_sanity=args.n_sanity, steps=args.steps, eval_set=args.set,
                                resamples=args.resamples)

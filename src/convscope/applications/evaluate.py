@@ -78,8 +78,9 @@ def _occlusion(m: nn.Module, x: torch.Tensor, y: torch.Tensor, layer: str, progr
 
 EVALUATED = ("saliency", "input_x_gradient", "smoothgrad", "guided", "deconv", "gradcam", "gradcam++",
              "guided-gradcam", "occlusion", "integrated-gradients", "lrp", "layercam", "scorecam", "visual-backprop",
-             "cnn-fixations", "prediction-difference")
-"""The registry methods scored, in table order (``gradient`` is saliency before its max, CAM needs a GAP net)."""
+             "cnn-fixations", "prediction-difference", "rollout")
+"""The registry methods scored, in table order (``gradient`` is saliency before its max, CAM needs a GAP net;
+``rollout`` applies to ViTs only and is left out on CNNs when every method is scored)."""
 
 EVAL_NAMES = {"deconv": "deconvnet", "guided-gradcam": "guided_gradcam"}
 """Registry name -> the name in the evaluation's tables and ``--methods``, where they differ."""
@@ -129,7 +130,7 @@ def method_cost(name: str, size: int) -> float:
         window, stride = _occlusion_grid(size)
         return len(window_positions(size, window, stride)) ** 2 + 1.0
     return {"smoothgrad": 49.0, "guided_gradcam": 6.0, "integrated-gradients": 48.0, "scorecam": 256.0,
-            "prediction-difference": (size // 16) ** 2 * 4.0, "visual-backprop": 1.0, "random": 0.1,
+            "prediction-difference": (size // 16) ** 2 * 4.0, "visual-backprop": 1.0, "rollout": 1.0, "random": 0.1,
             "center": 0.1}.get(name, 3.0)
 
 
