@@ -15,6 +15,12 @@ training state, so a run that is stopped resumes where it was and ends with the 
 held-out split: the same augmentation (the 16 px patch grid of a 112 px image maps onto itself under the 8
 symmetries), AdamW with warm-up + cosine, label smoothing; no weight decay on biases, norms, the class token and
 the position embeddings. Its weights are saved as trained (float32; the conv stem keeps torchvision's batch norm).
+
+demo_vit also learns by **token labeling** (Jiang et al. 2021, "All Tokens Matter", Eq. 2-3): besides the class
+token's cross entropy, every patch token of the final LayerNorm predicts, through an auxiliary linear layer, the
+fraction of its patch covered by each shape class or by background, a soft label taken here from the dataset's
+ground-truth segmentation (where the paper uses a teacher's dense score map): ``loss = CE(cls) + beta *
+mean_i H(token_i, y_i)``. The auxiliary layer is dropped after training; the shipped ViT is the plain architecture.
 """
 
 from __future__ import annotations
@@ -35,8 +41,9 @@ from ..core.device import resolve_device
 from ..core.io import atomic_path, atomic_write_text
 from ..core.progress import progress_bar
 from ..data.synthetic import SynthConfig, render_arrays
+from ..errors import ConvscopeError
 from ..models.demo_net import INPUT_SIZE, DemoNet, fold_batchnorm
-from ..models.vit import DEMO_VIT_CONFIG, DEMO_VIT_POOL, DEMO_VIT_STEM, StemLayer, demo_vit
+from ..models.vit import DEMO_VIT_CONFIG, DEMO_VIT_POOL, DEMO_VIT_STEM, StemLayer, VisionTransformer, demo_vit
 
 
 @dataclass(frozen=True)
@@ -63,8 +70,9 @@ class VitConfig(TrainConfig):
     """``demo_vit``'s recipe: the same images and loop as demo_net, ViT hyper-parameters (measured on 2 CPU cores)."""
 
     name: ClassVar[str] = "demo_vit"
-    epochs: int = 8
-    lr: float = 1e-3
+    epochs: int = 15
+    lr: float = 2e-3
+    batch_size: int = 64
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     dropout: float = 0.0
@@ -76,6 +84,7 @@ class VitConfig(TrainConfig):
     mlp_dim: int = DEMO_VIT_CONFIG["mlp_dim"]
     stem: tuple[StemLayer, ...] = DEMO_VIT_STEM
     pool: str = DEMO_VIT_POOL
+    token_labels: float = 1.0  # beta of token labeling (0: the class token's loss alone)
 
 
 def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
@@ -117,6 +126,26 @@ def render_split(start: int, n: int, size: int, seed: int, workers: int = 2,
     return torch.from_numpy(arrays.images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(arrays.scenes)
 
 
+def token_label_targets(objects: torch.Tensor, grid: tuple[int, int], num_classes: int) -> torch.Tensor:
+    """Soft token labels (Jiang et al. 2021) from per-pixel classes: ``objects`` int ``N x H x W`` (``num_classes``
+    = background) -> ``N x (num_classes + 1) x gh x gw``, the fraction of each token's patch covered by each class
+    (H and W must be multiples of the grid)."""
+    h, w = objects.shape[-2:]
+    if h % grid[0] or w % grid[1]:
+        raise ConvscopeError(f"token labels need the image ({h}x{w}) to be a multiple of the token grid {grid}; "
+                             "use an image size divisible by the ViT's patch size")
+    kernel = (h // grid[0], w // grid[1])
+    return torch.cat([F.avg_pool2d(F.one_hot(chunk.long(), num_classes + 1).permute(0, 3, 1, 2).float(), kernel)
+                      for chunk in objects.split(256)])  # in chunks: the one-hot maps of all images at once are GBs
+
+
+def token_labeling_loss(tokens: torch.Tensor, head: nn.Module, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of the soft cross entropy ``H(head(token_i), y_i)`` (Jiang et al. 2021, Eq. 2);
+    ``tokens`` ``N x T x D`` (patch tokens, row-major grid), ``targets`` ``N x K x gh x gw``."""
+    y = targets.flatten(2).transpose(1, 2)
+    return -(y * F.log_softmax(head(tokens), dim=-1)).sum(-1).mean()
+
+
 def to_input(images: torch.Tensor) -> torch.Tensor:
     """uint8 images -> demo_net's input space (its preprocess: mean 0.5, std 0.5)."""
     return images.float().div_(255).sub_(0.5).div_(0.5)
@@ -151,14 +180,28 @@ def train_demo(out: Path, config: TrainConfig = TrainConfig(), workers: int = 2,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     classes = SynthConfig().shapes
-    x_train, y_train = render_split(0, config.n_train, config.size, config.data_seed, workers, progress)
+    beta = config.token_labels if isinstance(config, VitConfig) else 0.0
+    if beta > 0:
+        arrays = render_arrays(0, config.n_train, config.size, config.data_seed, workers=workers, progress=progress,
+                               objects=True)
+        x_train = torch.from_numpy(arrays.images).permute(0, 3, 1, 2).contiguous()
+        y_train = torch.from_numpy(arrays.scenes)
+    else:
+        x_train, y_train = render_split(0, config.n_train, config.size, config.data_seed, workers, progress)
     x_test, y_test = render_split(config.n_train, config.n_test, config.size, config.data_seed, workers, progress)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = build_model(config, len(classes)).to(dev)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and n not in NO_DECAY]  # none on biases, norms
-    rest = [p for n, p in model.named_parameters() if p.ndim <= 1 or n in NO_DECAY]
+        tokens = None
+        if beta > 0:  # the auxiliary token head (Jiang et al. 2021), trained alongside and not shipped
+            assert isinstance(model, VisionTransformer) and arrays.objects is not None
+            targets = token_label_targets(torch.from_numpy(arrays.objects), model.grid(config.size, config.size),
+                                          len(classes))
+            tokens = TokenLabels(nn.Linear(model.hidden_dim, len(classes) + 1).to(dev), targets, beta)
+    named = [*model.named_parameters(), *(tokens.head.named_parameters(prefix="token_head") if tokens else [])]
+    decay = [p for n, p in named if p.ndim > 1 and n not in NO_DECAY]  # none on biases, norms
+    rest = [p for n, p in named if p.ndim <= 1 or n in NO_DECAY]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                              {"params": rest, "weight_decay": 0.0}], lr=config.lr)
     steps = config.epochs * math.ceil(config.n_train / config.batch_size)
@@ -171,6 +214,8 @@ def train_demo(out: Path, config: TrainConfig = TrainConfig(), workers: int = 2,
     state = _resume_state(out, config)
     if state is not None:
         model.load_state_dict({k: v.to(dev) for k, v in state["state_dict"].items()})
+        if tokens is not None:
+            tokens.head.load_state_dict({k: v.to(dev) for k, v in state["token_head"].items()})
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         gen.set_state(state["generator"])
@@ -180,10 +225,11 @@ def train_demo(out: Path, config: TrainConfig = TrainConfig(), workers: int = 2,
         _save_epoch(out, model, 0, history, classes, config)
 
     for epoch in range(start, config.epochs + 1):
-        loss = _train_epoch(model, opt, sched, gen, x_train, y_train, epoch, config, progress)
+        loss = _train_epoch(model, opt, sched, gen, x_train, y_train, epoch, config, progress, tokens)
         history.append({"epoch": epoch, "train_loss": loss, "test_accuracy": accuracy(model, x_test, y_test)})
         _save_epoch(out, model, epoch, history, classes, config)
         _save(out / "resume.pt", {"state_dict": model.state_dict(), "optimizer": opt.state_dict(),
+                                  "token_head": tokens.head.state_dict() if tokens else {},
                                   "scheduler": sched.state_dict(), "generator": gen.get_state(), "epoch": epoch,
                                   "history": json.dumps(history), "config": json.dumps(asdict(config))})
 
@@ -210,10 +256,35 @@ def dihedral(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     return torch.where(m & 4 == 4, x.transpose(-1, -2), x)
 
 
+@dataclass
+class TokenLabels:
+    """Token labeling's training state: the auxiliary head, the soft targets ``N x K x gh x gw`` of the training
+    images, and the loss weight ``beta``."""
+
+    head: nn.Linear
+    targets: torch.Tensor
+    beta: float
+
+
 def _train_epoch(model: nn.Module, opt, sched, gen: torch.Generator, x_train: torch.Tensor,  # noqa: ANN001
-                 y_train: torch.Tensor, epoch: int, config: TrainConfig, progress: bool | None) -> float:
+                 y_train: torch.Tensor, epoch: int, config: TrainConfig, progress: bool | None,
+                 tokens: TokenLabels | None = None) -> float:
     """One epoch, returning the mean training loss. Dropout draws from a global RNG seeded from (seed, epoch)
-    inside ``fork_rng``, so a resumed run is identical to an uninterrupted one and the caller's RNG is untouched."""
+    inside ``fork_rng``, so a resumed run is identical to an uninterrupted one and the caller's RNG is untouched.
+    With ``tokens``, the final LayerNorm's patch tokens also pay the token-labeling loss."""
+    seen: dict[str, torch.Tensor] = {}
+    hook = (model.get_submodule("encoder").register_forward_hook(lambda m, i, o: seen.__setitem__("tokens", o))
+            if tokens is not None else None)
+    try:
+        return _epoch(model, opt, sched, gen, x_train, y_train, epoch, config, progress, tokens, seen)
+    finally:
+        if hook is not None:
+            hook.remove()
+
+
+def _epoch(model: nn.Module, opt, sched, gen: torch.Generator, x_train: torch.Tensor,  # noqa: ANN001
+           y_train: torch.Tensor, epoch: int, config: TrainConfig, progress: bool | None,
+           tokens: TokenLabels | None, seen: dict[str, torch.Tensor]) -> float:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed * 100_003 + epoch)
         model.train()
@@ -226,8 +297,12 @@ def _train_epoch(model: nn.Module, opt, sched, gen: torch.Generator, x_train: to
         for idx in bar:
             if len(idx) < 2:  # batch norm needs two samples; a last batch of one is skipped
                 continue
-            xb = dihedral(to_input(x_train[idx].to(dev)), codes[idx].to(dev))
+            code = codes[idx].to(dev)
+            xb = dihedral(to_input(x_train[idx].to(dev)), code)
             loss = F.cross_entropy(model(xb), y_train[idx].to(dev), label_smoothing=config.label_smoothing)
+            if tokens is not None:  # the patch grid maps onto itself under the 8 symmetries: labels move along
+                loss = loss + tokens.beta * token_labeling_loss(
+                    seen["tokens"][:, 1:], tokens.head, dihedral(tokens.targets[idx].to(dev), code))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
