@@ -31,7 +31,7 @@ from convscope.applications.invert_report import psnr
 from convscope.core.io import atomic_write_text
 from convscope.core.model import input_denormalizer
 from convscope.core.render import grid, save_png
-from convscope.methods.invert import DEFAULT_LR, default_hyperparameters, layer_depths
+from convscope.methods.invert import default_hyperparameters, layer_depths
 
 PHOTOS = ["chelsea", "rocket"]  # seed of each photo: its index here
 STEPS = 200
@@ -70,20 +70,34 @@ class Setting:
         return self.tv if self.tv_end is None else (self.tv, self.tv_end)
 
 
+# issue 22, second round: constant lambda_TV with the two step-size schedules of the defaults (so the "best setting"
+# includes decayed-lr constant-TV runs), and lambda_TV annealed geometrically from a strong to a weak prior, around
+# the defaults (start 1e-2 .. 1e-1, end 3e-5 .. 3e-4, lr 0.05 .. 0.2, cosine decay over the last 0.2 or 0.5 of the
+# steps)
+LR_SCHEDULES = ((0.2, 0.5), (0.05, 0.2))  # (lr, decayed fraction)
+DECAYED = [Setting(0, tv, 1e-3, lr, None, dec) for lr, dec in LR_SCHEDULES for tv in (1e-4, 1e-3, 1e-2, 1e-1)]
+ANNEALED = [Setting(0, a, 1e-3, lr, b, dec) for a, b, lr, dec in (
+    (1e-2, 1e-4, 0.05, 0.2), (1e-2, 1e-4, 0.1, 0.5), (1e-2, 1e-4, 0.2, 0.5), (3e-2, 1e-4, 0.05, 0.2),
+    (3e-2, 1e-4, 0.1, 0.5), (3e-2, 1e-4, 0.2, 0.5), (3e-2, 3e-4, 0.05, 0.2), (3e-2, 3e-4, 0.1, 0.5),
+    (3e-2, 3e-4, 0.2, 0.5), (3e-2, 3e-5, 0.2, 0.5), (1e-1, 1e-4, 0.2, 0.5), (1e-1, 3e-5, 0.2, 0.5),
+    (3e-2, 1e-4, 0.2, 0.7), (3e-2, 1e-4, 0.3, 0.5), (1e-1, 1e-4, 0.3, 0.5), (5e-2, 1e-4, 0.2, 0.5))]
+
+
 def grid_settings(model: str = "demo_net", layer: str = "") -> list[Setting]:
     """The grid: lambda_TV over four decades without jitter (lambda_alpha 1e-3, lr 0.05), and around lambda_TV 0.01
     one change at a time: jitter 1, lambda_alpha 1e-2, lr 0.1. efficientnet_lite0 (8-10x the cost per step at
     224 px, on a shared core) gets the whole sweep at its two shallow layers (and the three changes at the quarter
-    depth) and lambda_TV 1e-4, 1e-3 at blocks.8 (head.conv was dropped for time)."""
+    depth) and lambda_TV 1e-4, 1e-3 at blocks.8 (head.conv was dropped for time). Then, at every layer, the
+    schedules: :data:`DECAYED` and :data:`ANNEALED`."""
     sweep = [Setting(0, tv, 1e-3, 0.05) for tv in (1e-4, 1e-3, 3e-3, 0.01, 0.1, 1.0)]
     more = [Setting(1, 0.01, 1e-3, 0.05), Setting(0, 0.01, 1e-2, 0.05), Setting(0, 0.01, 1e-3, 0.1)]
     if model == "efficientnet_lite0":
         if layer == "blocks.1":
-            return sweep
+            return sweep + DECAYED + ANNEALED
         if layer == "blocks.4.expand_conv":
-            return sweep + more
-        return [s for s in sweep if s.tv in (1e-4, 1e-3)]
-    return sweep + more
+            return sweep + more + DECAYED + ANNEALED
+        return [s for s in sweep if s.tv in (1e-4, 1e-3)] + DECAYED + ANNEALED
+    return sweep + more + DECAYED + ANNEALED
 
 
 def old_defaults(depth: float, size: int) -> Setting:
@@ -96,7 +110,7 @@ def old_defaults(depth: float, size: int) -> Setting:
 def new_defaults(depth: float, size: int) -> Setting:
     """What ``cs.invert`` does now when no setting is given (``default_hyperparameters``)."""
     h = default_hyperparameters(depth, size)
-    return Setting(h.jitter, h.lambda_tv, h.lambda_alpha, DEFAULT_LR, h.lambda_tv_end, h.lr_decay)
+    return Setting(h.jitter, h.lambda_tv, h.lambda_alpha, h.lr, h.lambda_tv_end, h.lr_decay)
 
 
 def run_cells(model: torch.nn.Module, mname: str, x: torch.Tensor, photos: list[str], layer: str,
@@ -203,27 +217,40 @@ def main() -> None:
 
 
 def print_markdown(table: dict[str, dict]) -> None:
-    """The docs' tables: layer x setting -> error / PSNR (one per model), then the default against the best."""
-    for i, row in enumerate(table.values()):
-        c = row["cells"]
-        keys = [s.key for s in grid_settings(row["model"], row["layer"])]
-        prev = list(table.values())[i - 1]
-        if i == 0 or keys != [s.key for s in grid_settings(prev["model"], prev["layer"])]:
-            print("\n| layer | d | " + " | ".join(f"`{k}`" for k in keys) + " | old defaults | new defaults |")
-            print("|" + "---|" * (len(keys) + 4))
-        cols = [f"{c[k]['error']:.3f} / {c[k]['psnr']:.1f}" for k in keys]
-        cols += [f"{c[row['old']]['error']:.3f} / {c[row['old']]['psnr']:.1f} (`{row['old']}`)",
-                 f"{c[row['default']]['error']:.3f} / {c[row['default']]['psnr']:.1f} (`{row['default']}`)"]
-        print(f"| {row['model'].replace('efficientnet_', '')} `{row['layer']}` | {row['depth']:.2f} | "
-              + " | ".join(cols) + " |")
+    """The docs' tables: setting x layer -> error / PSNR (one per model; "-" where the setting was not run), the
+    default against the best, and how each single setting of the grid would fare as the default everywhere."""
+    rows = list(table.values())
+    for mname in dict.fromkeys(r["model"] for r in rows):
+        mrows = [r for r in rows if r["model"] == mname]
+        keys = list(dict.fromkeys(s.key for r in mrows for s in grid_settings(mname, r["layer"])))
+        print(f"\n| {mname} setting | " + " | ".join(f"`{r['layer']}` (d {r['depth']:.2f})" for r in mrows) + " |")
+        print("|---|" + "---|" * len(mrows))
+
+        def cell(r: dict, k: str) -> str:
+            c = r["cells"].get(k)
+            return "-" if c is None else f"{c['error']:.4f} / {c['psnr']:.1f}"
+        for k in keys:
+            print(f"| `{k}` | " + " | ".join(cell(r, k) for r in mrows) + " |")
+        for name, field in (("old defaults", "old"), ("**new defaults**", "default")):
+            print(f"| {name} | " + " | ".join(f"{cell(r, r[field])} (`{r[field]}`)" for r in mrows) + " |")
     print("\n| layer | default | error (best) | ratio | PSNR dB (best) | ratio | within 10 % | MSE reading |")
     print("|---|---|---|---|---|---|---|---|")
-    for row in table.values():
+    for row in rows:
         c = row["cells"][row["default"]]
         print(f"| {row['model'].replace('efficientnet_', '')} `{row['layer']}` | `{row['default']}` | "
               f"{c['error']:.4f} ({row['best_error']:.4f}) | {row['error_ratio']:.2f} | {c['psnr']:.2f} "
               f"({row['best_psnr']:.2f}) | {row['psnr_ratio']:.3f} | {'yes' if row['ok'] else 'NO'} | "
               f"{'yes' if row['ok_mse'] else 'no'} |")
+    print("\nOne setting everywhere (settings run at every layer; layers within 10 % on both, then the worst error "
+          "and PSNR ratios):\n")
+    common = [k for k in rows[0]["cells"] if all(k in r["cells"] for r in rows)] if rows else []
+    fares = []
+    for k in common:
+        er = [r["cells"][k]["error"] / r["best_error"] for r in rows]
+        pr = [r["cells"][k]["psnr"] / r["best_psnr"] for r in rows]
+        fares.append((sum(e <= 1.1 and p >= 0.9 for e, p in zip(er, pr)), k, max(er), min(pr)))
+    for ok, k, e, p in sorted(fares, key=lambda t: (-t[0], t[2]))[:8]:
+        print(f"* `{k}`: {ok} of {len(rows)} layers, error ratio <= {e:.2f}, PSNR ratio >= {p:.3f}")
 
 
 if __name__ == "__main__":

@@ -9,14 +9,18 @@ between neighbouring pixels (the paper's normalization, Sec. 3.3, so the lambdas
 between models: ``B = 80`` on the 0..255 scale, converted here to the model's input units). The reconstruction
 starts from noise; jitter (a random shift each step: the paper's IJCV version, Olah et al. 2017's transformation
 robustness) is available but off by default: measured on efficientnet_lite0 and demo_net it raised the feature
-error at every depth (docs/inversion.md, "Defaults by measurement").
+error at every depth (docs/inversion.md, "Defaults by measurement"). By default the TV weight is annealed
+geometrically from a strong to a weak prior over the steps (the strong prior fixes a smooth image early, the weak one
+lets the features match late) and Adam's step decays to 0 at the end (a half cosine; Mahendran & Vedaldi's own
+momentum descent also lowers its learning rate as it goes): both are schedules of the shared loop
+(:func:`~convscope.core.optim.loop.geometric`, :func:`~convscope.core.optim.loop.cosine_decay`).
 
 Everything runs on the shared image-optimization loop of :mod:`convscope.core.optim` (the data term is an
 :class:`~convscope.core.optim.Objective`, the two priors are :class:`~convscope.core.optim.AlphaNorm` and
 :class:`~convscope.core.optim.TotalVariation`). N images x L layers are one optimization batch of ``L * N`` rows,
 row ``l * N + i`` reconstructing image ``i`` from layer ``l``: one forward pass per step, stopped after the deepest
-layer. Row ``(l, i)`` draws its noise and jitter from a generator seeded ``seed + i``, so a batch of layers gives
-the same pictures as inverting each layer alone.
+layer (layers with different step sizes run as separate batches). Row ``(l, i)`` draws its noise and jitter from a
+generator seeded ``seed + i``, so a batch of layers gives the same pictures as inverting each layer alone.
 """
 
 from __future__ import annotations
@@ -94,33 +98,42 @@ def per_rows(objectives: Sequence[Objective], counts: Sequence[int]) -> Objectiv
 class InversionDefaults:
     """Hyperparameters chosen from a layer's relative depth ``d`` (0: first module, 1: the output). ``lambda_tv``:
     the TV weight at the first step, annealed geometrically to ``lambda_tv_end`` at the last (None: constant);
-    ``lr_decay``: the fraction of the steps, at the end, over which the step size decays to 0 (cosine)."""
+    ``lr``: Adam's step size; ``lr_decay``: the fraction of the steps, at the end, over which it decays to 0
+    (cosine)."""
 
     lambda_alpha: float
     lambda_tv: float
     jitter: int
     lambda_tv_end: float | None = None
+    lr: float = DEFAULT_LR
     lr_decay: float = 0.0
 
 
-# lambda_TV by relative depth: (depth from which it applies, weight). Chosen by measurement over a grid of settings
-# (docs/make_inversion_table.py; docs/inversion.md, "Defaults by measurement"): efficientnet_lite0 at 224 px and
-# demo_net at 112 px, 200 Adam steps of lr DEFAULT_LR, jitter 0 and lambda_alpha 1e-3 (jitter raised the error at
-# every depth, lambda_alpha 1e-2 changed little).
-TV_BY_DEPTH: tuple[tuple[float, float], ...] = ((0.0, 1e-3), (0.2, 3e-3))
+# The defaults by relative depth: (depth from which they apply, hyperparameters). Chosen by measurement over a grid
+# of settings (docs/make_inversion_table.py; docs/inversion.md, "Defaults by measurement"): efficientnet_lite0 at
+# 224 px and demo_net at 112 px, 200 Adam steps. No jitter (it raised the error at every depth), lambda_alpha 1e-3,
+# lambda_TV annealed geometrically from 3e-2 to 1e-4 at every depth; the step size: 0.2, decayed over the last 70 %
+# of the steps, below relative depth 0.4 (demo_net relu1-relu3, lite0 blocks.1-blocks.4), 0.05 decayed over the last
+# 20 % from there (demo_net relu4-relu5, lite0 blocks.8: there the larger step left the error 1.2-3x higher).
+DEFAULTS_BY_DEPTH: tuple[tuple[float, InversionDefaults], ...] = (
+    (0.0, InversionDefaults(lambda_alpha=1e-3, lambda_tv=3e-2, jitter=0, lambda_tv_end=1e-4, lr=0.2, lr_decay=0.7)),
+    (0.4, InversionDefaults(lambda_alpha=1e-3, lambda_tv=3e-2, jitter=0, lambda_tv_end=1e-4, lr=0.05,
+                            lr_decay=0.2)),
+)
 
 
 def default_hyperparameters(depth: float, size: int = 224) -> InversionDefaults:
-    """The measured defaults for a layer at relative depth ``depth`` (:data:`TV_BY_DEPTH`): no jitter,
-    ``lambda_alpha = 1e-3`` and a TV weight that is never weaker for a deeper layer (Mahendran & Vedaldi 2015 also
-    raise lambda_TV with depth, Sec. 4). Weak priors keep the feature error lowest; the stronger TV prior of deeper
-    layers buys PSNR. ``size`` is kept for callers; the defaults no longer depend on it (no jitter)."""
+    """The measured defaults for a layer at relative depth ``depth`` (:data:`DEFAULTS_BY_DEPTH`): no jitter,
+    ``lambda_alpha = 1e-3``, ``lambda_TV`` annealed geometrically from 3e-2 (a smooth start) to 1e-4 (the features
+    matched closely at the end), and Adam's step decayed to 0 by a half cosine at the end: 0.2 over the last 70 % of
+    the steps below depth 0.4, 0.05 over the last 20 % from there. ``size`` is kept for callers; the defaults do not
+    depend on it (no jitter)."""
     d = min(max(float(depth), 0.0), 1.0)
-    lambda_tv = TV_BY_DEPTH[0][1]
-    for start, tv in TV_BY_DEPTH:
+    chosen = DEFAULTS_BY_DEPTH[0][1]
+    for start, h in DEFAULTS_BY_DEPTH:
         if d >= start:
-            lambda_tv = tv
-    return InversionDefaults(lambda_alpha=1e-3, lambda_tv=lambda_tv, jitter=0)
+            chosen = h
+    return chosen
 
 
 def layer_depths(model: nn.Module, layers: Sequence[str], x: torch.Tensor) -> dict[str, float]:
@@ -195,7 +208,8 @@ def invert(
     Args:
         x: ``N x 3 x H x W`` images in the model's input space (``cs.load_images(paths, model)``).
         layers: a layer name, a comma-separated string or a list (``convscope layers MODEL``).
-        steps: Adam steps (``lr``: in the model's input units, default 0.05).
+        steps: Adam steps; ``lr``: their size in the model's input units (None: the measured default by depth;
+            layers of different step sizes are optimized in separate groups, the pictures do not change).
         lambda_alpha, lambda_tv: weights of the normalized alpha-norm and TV_beta priors; None picks them from the
             layer's depth (:func:`default_hyperparameters`, measured). A single value applies to every layer; a pair
             ``lambda_tv=(first, last)`` anneals the TV weight geometrically from ``first`` at step 0 to ``last`` at
@@ -242,7 +256,7 @@ def invert(
     tv_given = _tv_pair(lambda_tv)
     if lambda_alpha is not None and not lambda_alpha >= 0:
         raise ConvscopeError(f"invert: lambda_alpha={lambda_alpha!r} must be >= 0 (0 switches the prior off)")
-    depths = layer_depths(model, names, x) if None in (lambda_alpha, lambda_tv, jitter, lr_decay) else {}
+    depths = layer_depths(model, names, x) if None in (lambda_alpha, lambda_tv, jitter, lr, lr_decay) else {}
     size = int(max(x.shape[-2:]))
     std = sum(abs(s) for s in pre.std) / len(pre.std)
     b_in = B / std
@@ -273,8 +287,12 @@ def invert(
     amplitudes = [int(pick(k, jitter, "jitter")) for k in names]
     if any(a < 0 for a in amplitudes):
         raise ConvscopeError(f"invert: jitter={jitter!r} must be >= 0 pixels")
-    decay = lr_decay if lr_decay is not None else max(h.lr_decay for h in hyper.values() if h is not None)
-    schedule: Schedule | None = cosine_decay(steps, decay) if decay else None
+    if lr is not None and not lr > 0:
+        raise ConvscopeError(f"invert: lr={lr!r} must be > 0")
+    # layers sharing a step size and its decay are optimized together (one Adam), the others separately
+    groups: dict[tuple[float, float], list[int]] = {}
+    for li, k in enumerate(names):
+        groups.setdefault((float(pick(k, lr, "lr")), float(pick(k, lr_decay, "lr_decay"))), []).append(li)
     rows = len(names) * n
     if isinstance(seed, int) and not isinstance(seed, bool):
         seeds = [seed + i for i in range(n)]
@@ -285,31 +303,40 @@ def invert(
     like = torch.zeros((), dtype=dtype, device=x.device)
     per_image = isinstance(init, torch.Tensor) and init.dim() == 4 and init.shape[0] == n
     step = max(1, resolve_batch_size(batch_size, model, x, "invert", grad=True, limit=rows) // len(names))
-    parts = []
-    for i0 in range(0, n, step):  # images i0 .. i1 - 1 with all their layers: rows (l, i), layer-major
+    size_hw = (int(x.shape[-2]), int(x.shape[-1]))
+    parts: list[list[torch.Tensor]] = []  # per chunk of images: x, images, values, history, rows (l, i) layer-major
+    for i0 in range(0, n, step):  # images i0 .. i1 - 1 with all their layers
         i1 = min(n, i0 + step)
         m = i1 - i0
-        gens = make_generators([s for _ in names for s in seeds[i0:i1]], len(names) * m)
-        start = init
-        if per_image and isinstance(init, torch.Tensor):
-            start = init[i0:i1].repeat(len(names), 1, 1, 1)
-        param = make_param("pixel", start, len(names) * m, (int(x.shape[-2]), int(x.shape[-1])), pre, gens, like)
-        objective = per_rows([feature_match(k, targets[k][i0:i1]) for k in names], [m] * len(names))
-        transforms = [_RowJitter(amplitudes, m)] if any(amplitudes) else []
-        parts.append(optimize_images(model, objective, param, steps=steps, lr=lr if lr is not None else DEFAULT_LR,
-                                     transforms=transforms, regularizers=[_BlockPenalty(blocks, m)],
-                                     generators=gens, progress=progress, desc="invert", lr_schedule=schedule))
+        by_layer: dict[int, list[torch.Tensor]] = {}
+        for (g_lr, g_decay), lis in groups.items():
+            gens = make_generators([s for _ in lis for s in seeds[i0:i1]], len(lis) * m)
+            start = init
+            if per_image and isinstance(init, torch.Tensor):
+                start = init[i0:i1].repeat(len(lis), 1, 1, 1)
+            param = make_param("pixel", start, len(lis) * m, size_hw, pre, gens, like)
+            objective = per_rows([feature_match(names[li], targets[names[li]][i0:i1]) for li in lis], [m] * len(lis))
+            amps = [amplitudes[li] for li in lis]
+            schedule: Schedule | None = cosine_decay(steps, g_decay) if g_decay else None
+            r = optimize_images(model, objective, param, steps=steps, lr=g_lr, lr_schedule=schedule,
+                                transforms=[_RowJitter(amps, m)] if any(amps) else [],
+                                regularizers=[_BlockPenalty([blocks[li] for li in lis], m)], generators=gens,
+                                progress=progress, desc="invert")
+            for j, li in enumerate(lis):
+                own = slice(j * m, (j + 1) * m)
+                by_layer[li] = [r.x[own], r.images[own], r.values[own], r.history[:, own]]
+        parts.append([torch.cat([by_layer[li][f] for li in range(len(names))], 1 if f == 3 else 0) for f in range(4)])
 
     def layer_major(ts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
         """Per-chunk rows (l, i in chunk) -> rows (l, i) over all images."""
         split = [t.unflatten(dim, (len(names), -1)) for t in ts]
         return torch.cat(split, dim + 1).flatten(dim, dim + 1)
 
-    err = -layer_major([r.values for r in parts]).cpu()  # the data term alone, on the final (unjittered) images
-    return InversionResult(images=layer_major([r.images for r in parts]), x=layer_major([r.x for r in parts]),
+    err = -layer_major([p[2] for p in parts]).cpu()  # the data term alone, on the final (unjittered) images
+    return InversionResult(images=layer_major([p[1] for p in parts]), x=layer_major([p[0] for p in parts]),
                            error=err, layers=[k for k in names for _ in range(n)],
                            image_index=torch.arange(n).repeat(len(names)),
-                           history=-layer_major([r.history for r in parts], 1).cpu())
+                           history=-layer_major([p[3] for p in parts], 1).cpu())
 
 
 class _BlockPenalty(Regularizer):
