@@ -114,7 +114,7 @@ class InversionDefaults:
 # 224 px and demo_net at 112 px, 200 Adam steps. No jitter (it raised the error at every depth), lambda_alpha 1e-3,
 # lambda_TV annealed geometrically from 3e-2 to 1e-4 at every depth; the step size: 0.2, decayed over the last 70 %
 # of the steps, below relative depth 0.4 (demo_net relu1-relu3, lite0 blocks.1-blocks.4), 0.05 decayed over the last
-# 20 % from there (demo_net relu4-relu5, lite0 blocks.8: there the larger step left the error 1.2-3x higher).
+# 20 % from there (demo_net relu4-relu5, lite0 blocks.8: there the larger step left the error 1.2-2.4x higher).
 DEFAULTS_BY_DEPTH: tuple[tuple[float, InversionDefaults], ...] = (
     (0.0, InversionDefaults(lambda_alpha=1e-3, lambda_tv=3e-2, jitter=0, lambda_tv_end=1e-4, lr=0.2, lr_decay=0.7)),
     (0.4, InversionDefaults(lambda_alpha=1e-3, lambda_tv=3e-2, jitter=0, lambda_tv_end=1e-4, lr=0.05,
