@@ -1,8 +1,9 @@
 """Inversion defaults by measurement (docs/inversion.md, "Defaults by measurement"; issue 22).
 
 Regularized inversion (``cs.invert``, Mahendran & Vedaldi 2015) of bundled photos from several depths of
-efficientnet_lite0 (224 px) and demo_net (112 px), 200 Adam steps, over a small grid of settings (jitter, TV weight,
-alpha-norm weight, learning rate) plus the old and the current per-depth defaults. For each layer and setting: the
+efficientnet_lite0 (224 px) and demo_net (112 px), 200 Adam steps, over a grid of settings (jitter, TV weight,
+alpha-norm weight, learning rate; constant TV with a decayed learning rate; TV annealed from a strong to a weak weight)
+plus the old and the current per-depth defaults. For each layer and setting: the
 normalized feature error ``||Phi(x*) - Phi(x0)||^2 / ||Phi(x0)||^2`` and the PSNR of the pixels, averaged over the
 photos. Writes ``docs/img/inversion_table.json`` (every cell, every photo), ``docs/img/inversion_defaults.png``
 (per depth: input, old defaults, new defaults, the grid's lowest-error and highest-PSNR settings) and prints the
@@ -10,8 +11,8 @@ markdown tables of the docs.
 
 Seeded (each photo's noise and jitter come from a generator seeded by the photo's position in ``PHOTOS``, whatever
 is batched with it). Cells are cached in ``--cache`` (reconstructions as uint8 and their numbers), so an interrupted
-run resumes and a changed rule only runs its new cells. Untimed heavy work (about 1.5 CPU-hours alone): run it
-pinned to one core from the repository root:
+run resumes and a changed rule only runs its new cells. Untimed heavy work (the first round ~1.5 h, the schedule
+cells another ~30 min on a shared core): run it pinned to one core from the repository root:
 
     taskset -c 1 env OMP_NUM_THREADS=1 .venv/bin/python docs/make_inversion_table.py
 """
