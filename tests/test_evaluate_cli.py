@@ -154,3 +154,18 @@ def test_all_methods_leave_out_those_that_do_not_apply_and_named_ones_must_apply
     with pytest.raises(ConvscopeError, match="explain a ViT"):  # asked for by name: the error reaches the user
         ev.evaluate_attribution(model, tmp_path, n=4, methods=["saliency", "rollout"], n_curve=2, n_sanity=2,
                                 steps=4, resamples=20, progress=False)
+
+
+def test_a_figure_undefined_on_every_image_is_said_so_not_printed_as_nan():
+    from convscope.applications.evaluate import _markdown, json_safe
+
+    g = torch.Generator().manual_seed(0)
+    per_image = {m: {metric: torch.rand(20, generator=g) for metric, _ in METRICS} for m in ("random", "center", "x")}
+    per_image["x"]["spearman_all_layers"][:] = float("nan")  # constant maps after randomization: no rank correlation
+    ci = intervals(per_image, resamples=50, seed=0)
+    assert "spearman_all_layers" not in ci["x"]["not_beyond_baseline"]  # not judged
+    row = {"method": "x", **{m: float(per_image["x"][m].nanmean()) for m, _ in METRICS}, "ms_per_image": 1.0,
+           **ci["x"]}
+    md = _markdown([row], 20, 20, 20, 0.5, "layer", "model")
+    assert "undefined (constant maps)" in md and not re.search(r"\bnan\b", md, re.IGNORECASE)
+    assert json.loads(json.dumps(json_safe(row)))["spearman_all_layers"] is None

@@ -25,6 +25,7 @@ randomization cascade, into ``out/``.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -185,6 +186,9 @@ def intervals(per_image: dict[str, dict[str, torch.Tensor]], resamples: int = 10
         refs = [i for i, m in enumerate(names) if m in BASELINES]
         best = max(refs, key=lambda i: sign * float(values[:, i].nanmean())) if refs else None
         for i, m in enumerate(names):
+            if bool(torch.isnan(values[:, i]).all()):  # undefined on every image (constant maps): not judged
+                out[m][f"{metric}_ci"] = [math.nan, math.nan]
+                continue
             out[m][f"{metric}_ci"] = [float(lo[i]), float(hi[i])]
             if best is None or m in BASELINES:
                 continue
@@ -332,7 +336,7 @@ def evaluate_attribution(model: nn.Module, out: Path, n: int = 200, methods: lis
              atomic_write_text(out / "evaluation.json", json.dumps({
                  "n": n, "n_curve": k, "n_sanity": s, "steps": steps, "layer": layer, "eval_set": eval_set,
                  "resamples": resamples, "seed": seed, "pointing_game": pointing,
-                 "accuracy": acc, "rows": rows, "not_applicable": skipped}, indent=1))]
+                 "accuracy": acc, "rows": [json_safe(r) for r in rows], "not_applicable": skipped}, indent=1))]
     files += _html(out, rows, md, examples, images[:6].float().div(255), masks[:6], layer)
     return Evaluation(rows, md, acc, files)
 
@@ -343,8 +347,22 @@ def _explainer(name: str, labels: torch.Tensor, layer: str, progress: bool | Non
     return lambda m, xx: fn(m, xx, labels, layer, progress)
 
 
+def json_safe(value: object) -> object:
+    """``value`` with every NaN float replaced by None (JSON has no NaN)."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def _cell(r: dict, key: str, digits: int) -> str:
-    """A figure with its interval: ``0.690 [0.62, 0.75]``."""
+    """A figure with its interval: ``0.690 [0.62, 0.75]``; a figure undefined on every image (a rank correlation
+    of maps that are constant after randomization) says so instead of printing NaN."""
+    if math.isnan(r[key]):
+        return "undefined (constant maps)"
     lo, hi = r.get(f"{key}_ci", (float("nan"), float("nan")))
     return f"{r[key]:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
