@@ -1,7 +1,7 @@
 """Inversion defaults chosen by measurement (issue 22; docs/inversion.md, "Defaults by measurement").
 
 The per-depth rule of ``default_hyperparameters`` (fast), that ``invert`` applies it when no setting is given (fast,
-on a tiny net: layers of different step sizes are optimized in separate groups, same pixels as alone), that its TV
+on a tiny net: layers of different step sizes share one batch, same pixels as alone), that its TV
 annealing and step decay are the shared loop's schedules (fast), and the quarter-depth efficientnet_lite0 case of
 the issue: chelsea from ``blocks.4.expand_conv``, 200 steps, defaults, reaches a normalized feature error <= 0.1 (it
 was 0.158 with the old jittered defaults)."""
@@ -61,7 +61,7 @@ def test_invert_applies_the_rule_per_layer():
     layers = ["1", "5"]
     d = layer_depths(model, layers, x)
     hs = [default_hyperparameters(d[name], 12) for name in layers]
-    assert hs[0].lr != hs[1].lr  # two step sizes: the layers are optimized in two groups
+    assert hs[0].lr != hs[1].lr  # two step sizes in one batch: per-row step factors
     auto = invert(model, x, layers, steps=6, progress=False)
     by_hand = [invert(model, x, [name], steps=6, lambda_alpha=h.lambda_alpha, lambda_tv=(h.lambda_tv, h.lambda_tv_end),
                       jitter=h.jitter, lr=h.lr, lr_decay=h.lr_decay, progress=False) for name, h in zip(layers, hs)]

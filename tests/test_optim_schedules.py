@@ -72,6 +72,27 @@ def test_lr_and_penalty_weight_follow_their_schedules_exactly():
     assert (plain.x - x).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_per_image_step_factors_equal_each_image_alone(optimizer):
+    """A schedule returning one factor per image gives image i the step ``lr * factor_i``: the same pixels as
+    optimizing it alone with that step size and a plain schedule."""
+    model, x0 = _net(), _start()
+    pre = cs.Preprocess.identity()
+    curve = cosine_decay(STEPS, 0.5)
+    both = optimize_images(model, _objective(), PixelImage(x0.clone(), pre), steps=STEPS, lr=0.1,
+                           optimizer=optimizer, progress=False,
+                           lr_schedule=lambda k: torch.tensor([1.0, 0.25 * curve(k)], dtype=torch.float64))
+    first = optimize_images(model, _objective(), PixelImage(x0[:1].clone(), pre), steps=STEPS, lr=0.1,
+                            optimizer=optimizer, progress=False)
+    second = optimize_images(model, _objective(), PixelImage(x0[1:].clone(), pre), steps=STEPS, lr=0.025,
+                             optimizer=optimizer, lr_schedule=curve, progress=False)
+    assert torch.allclose(both.x, torch.cat([first.x, second.x]), atol=1e-12, rtol=0)
+    assert (first.x - x0[:1]).abs().max() > 3 * (second.x - x0[1:]).abs().max()  # the factors mattered
+    with pytest.raises(cs.ConvscopeError, match="one per image"):
+        optimize_images(model, _objective(), PixelImage(x0.clone(), pre), steps=1, lr=0.1, progress=False,
+                        lr_schedule=lambda k: torch.ones(3))
+
+
 def test_adam_lr_schedule_of_zero_freezes_the_images():
     model, x0 = _net(), _start()
     pre = cs.Preprocess.identity()

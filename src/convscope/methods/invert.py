@@ -19,13 +19,13 @@ Everything runs on the shared image-optimization loop of :mod:`convscope.core.op
 :class:`~convscope.core.optim.Objective`, the two priors are :class:`~convscope.core.optim.AlphaNorm` and
 :class:`~convscope.core.optim.TotalVariation`). N images x L layers are one optimization batch of ``L * N`` rows,
 row ``l * N + i`` reconstructing image ``i`` from layer ``l``: one forward pass per step, stopped after the deepest
-layer (layers with different step sizes run as separate batches). Row ``(l, i)`` draws its noise and jitter from a
+layer (layers of different step sizes get per-row step factors). Row ``(l, i)`` draws its noise and jitter from a
 generator seeded ``seed + i``, so a batch of layers gives the same pictures as inverting each layer alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,7 +47,7 @@ from ..core.optim import (
     optimize_images,
 )
 from ..core.optim.loop import cosine_decay, geometric
-from ..core.optim.regularizers import Schedule, Scheduled
+from ..core.optim.regularizers import Scheduled
 from ..core.probe import probe
 from ..core.stream import layer_features
 from ..errors import ConvscopeError
@@ -209,7 +209,7 @@ def invert(
         x: ``N x 3 x H x W`` images in the model's input space (``cs.load_images(paths, model)``).
         layers: a layer name, a comma-separated string or a list (``convscope layers MODEL``).
         steps: Adam steps; ``lr``: their size in the model's input units (None: the measured default by depth;
-            layers of different step sizes are optimized in separate groups, the pictures do not change).
+            layers of different step sizes still share one batch: each row's update is scaled to its step).
         lambda_alpha, lambda_tv: weights of the normalized alpha-norm and TV_beta priors; None picks them from the
             layer's depth (:func:`default_hyperparameters`, measured). A single value applies to every layer; a pair
             ``lambda_tv=(first, last)`` anneals the TV weight geometrically from ``first`` at step 0 to ``last`` at
@@ -289,10 +289,9 @@ def invert(
         raise ConvscopeError(f"invert: jitter={jitter!r} must be >= 0 pixels")
     if lr is not None and not lr > 0:
         raise ConvscopeError(f"invert: lr={lr!r} must be > 0")
-    # layers sharing a step size and its decay are optimized together (one Adam), the others separately
-    groups: dict[tuple[float, float], list[int]] = {}
-    for li, k in enumerate(names):
-        groups.setdefault((float(pick(k, lr, "lr")), float(pick(k, lr_decay, "lr_decay"))), []).append(li)
+    # one step size and decay per layer: the same for every layer (a plain schedule), or per row (a tensor)
+    lrs = [float(pick(k, lr, "lr")) for k in names]
+    decays = [float(pick(k, lr_decay, "lr_decay")) for k in names]
     rows = len(names) * n
     if isinstance(seed, int) and not isinstance(seed, bool):
         seeds = [seed + i for i in range(n)]
@@ -303,40 +302,47 @@ def invert(
     like = torch.zeros((), dtype=dtype, device=x.device)
     per_image = isinstance(init, torch.Tensor) and init.dim() == 4 and init.shape[0] == n
     step = max(1, resolve_batch_size(batch_size, model, x, "invert", grad=True, limit=rows) // len(names))
-    size_hw = (int(x.shape[-2]), int(x.shape[-1]))
-    parts: list[list[torch.Tensor]] = []  # per chunk of images: x, images, values, history, rows (l, i) layer-major
-    for i0 in range(0, n, step):  # images i0 .. i1 - 1 with all their layers
+    parts = []
+    for i0 in range(0, n, step):  # images i0 .. i1 - 1 with all their layers: rows (l, i), layer-major
         i1 = min(n, i0 + step)
         m = i1 - i0
-        by_layer: dict[int, list[torch.Tensor]] = {}
-        for (g_lr, g_decay), lis in groups.items():
-            gens = make_generators([s for _ in lis for s in seeds[i0:i1]], len(lis) * m)
-            start = init
-            if per_image and isinstance(init, torch.Tensor):
-                start = init[i0:i1].repeat(len(lis), 1, 1, 1)
-            param = make_param("pixel", start, len(lis) * m, size_hw, pre, gens, like)
-            objective = per_rows([feature_match(names[li], targets[names[li]][i0:i1]) for li in lis], [m] * len(lis))
-            amps = [amplitudes[li] for li in lis]
-            schedule: Schedule | None = cosine_decay(steps, g_decay) if g_decay else None
-            r = optimize_images(model, objective, param, steps=steps, lr=g_lr, lr_schedule=schedule,
-                                transforms=[_RowJitter(amps, m)] if any(amps) else [],
-                                regularizers=[_BlockPenalty([blocks[li] for li in lis], m)], generators=gens,
-                                progress=progress, desc="invert")
-            for j, li in enumerate(lis):
-                own = slice(j * m, (j + 1) * m)
-                by_layer[li] = [r.x[own], r.images[own], r.values[own], r.history[:, own]]
-        parts.append([torch.cat([by_layer[li][f] for li in range(len(names))], 1 if f == 3 else 0) for f in range(4)])
+        gens = make_generators([s for _ in names for s in seeds[i0:i1]], len(names) * m)
+        start = init
+        if per_image and isinstance(init, torch.Tensor):
+            start = init[i0:i1].repeat(len(names), 1, 1, 1)
+        param = make_param("pixel", start, len(names) * m, (int(x.shape[-2]), int(x.shape[-1])), pre, gens, like)
+        objective = per_rows([feature_match(k, targets[k][i0:i1]) for k in names], [m] * len(names))
+        transforms = [_RowJitter(amplitudes, m)] if any(amplitudes) else []
+        parts.append(optimize_images(model, objective, param, steps=steps, lr=max(lrs),
+                                     lr_schedule=_layer_schedule(lrs, decays, steps, m),
+                                     transforms=transforms, regularizers=[_BlockPenalty(blocks, m)],
+                                     generators=gens, progress=progress, desc="invert"))
 
     def layer_major(ts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
         """Per-chunk rows (l, i in chunk) -> rows (l, i) over all images."""
         split = [t.unflatten(dim, (len(names), -1)) for t in ts]
         return torch.cat(split, dim + 1).flatten(dim, dim + 1)
 
-    err = -layer_major([p[2] for p in parts]).cpu()  # the data term alone, on the final (unjittered) images
-    return InversionResult(images=layer_major([p[1] for p in parts]), x=layer_major([p[0] for p in parts]),
+    err = -layer_major([r.values for r in parts]).cpu()  # the data term alone, on the final (unjittered) images
+    return InversionResult(images=layer_major([r.images for r in parts]), x=layer_major([r.x for r in parts]),
                            error=err, layers=[k for k in names for _ in range(n)],
                            image_index=torch.arange(n).repeat(len(names)),
-                           history=-layer_major([p[3] for p in parts], 1).cpu())
+                           history=-layer_major([r.history for r in parts], 1).cpu())
+
+
+def _layer_schedule(lrs: Sequence[float], decays: Sequence[float], steps: int, m: int,
+                    ) -> Callable[[int], float | torch.Tensor] | None:
+    """The loop's step-size schedule (factors of ``max(lrs)``) for rows (l, i), ``m`` rows per layer: layer ``l``
+    steps ``lrs[l]``, cosine-decayed over the last ``decays[l]`` of the steps; a plain schedule when all layers
+    agree, one factor per row otherwise."""
+    if len(set(zip(lrs, decays))) == 1:
+        return cosine_decay(steps, decays[0]) if decays[0] else None
+    base = max(lrs)
+    curves = [cosine_decay(steps, f) for f in decays]
+
+    def rows(k: int) -> torch.Tensor:
+        return torch.tensor([lr / base * c(k) for lr, c in zip(lrs, curves)], dtype=torch.float64).repeat_interleave(m)
+    return rows
 
 
 class _BlockPenalty(Regularizer):

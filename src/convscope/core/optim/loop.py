@@ -63,11 +63,21 @@ def geometric(first: float, last: float, steps: int, fraction: float = 1.0) -> S
     return factor
 
 
-def _factor(schedule: Schedule, step: int, what: str) -> float:
-    f = float(schedule(step))
+def _row_factors(value: float | torch.Tensor, n: int, step: int) -> torch.Tensor | None:
+    """A schedule's tensor of per-image factors (checked), or None for a plain float."""
+    if not isinstance(value, torch.Tensor):
+        return None
+    f = value.detach().reshape(-1)
+    if f.shape != (n,) or not bool(torch.isfinite(f).all()) or bool((f < 0).any()):
+        raise ConvscopeError(f"lr schedule gave {tuple(value.shape)} factors at step {step}; a per-image schedule must "
+                             f"return {n} finite factors >= 0 (one per image), or one float")
+    return f
+
+
+def _factor(f: float, step: int) -> float:
     if not (math.isfinite(f) and f >= 0):
-        raise ConvscopeError(f"{what} schedule gave {f!r} at step {step}; a schedule must return a finite factor "
-                             ">= 0 for every step")
+        raise ConvscopeError(f"lr schedule gave {f!r} at step {step}; a schedule must return a finite factor >= 0 for "
+                             "every step")
     return f
 
 
@@ -129,7 +139,7 @@ def optimize_images(model: nn.Module, objective: Objective, param: ImageParam, *
                     stop: Callable[[Mapping[str, torch.Tensor]], torch.Tensor] | None = None,
                     callback: Callable[[int, ImageParam], None] | None = None,
                     progress: bool | None = None, desc: str = "optimize",
-                    lr_schedule: Schedule | None = None) -> OptimResult:
+                    lr_schedule: Callable[[int], float | torch.Tensor] | None = None) -> OptimResult:
     """Ascend ``objective`` (one value per image) over the images of ``param`` for ``steps`` steps.
 
     One forward and one backward pass per step for the whole batch; the forward pass stops after the deepest layer
@@ -142,7 +152,11 @@ def optimize_images(model: nn.Module, objective: Objective, param: ImageParam, *
     change ``param`` nor run the model (still hooked). ``progress``: a bar with an ETA
     (``True``, ``False``, or ``None``: once the loop has run for 2 s;
     see :func:`~convscope.core.progress.progress_bar`). ``regularization``: its penalties, projections and
-    transforms run before the ``regularizers`` and ``transforms`` given one by one.
+    transforms run before the ``regularizers`` and ``transforms`` given one by one. ``lr_schedule(k)``: the step
+    size of step ``k`` (0-based) is ``lr * lr_schedule(k)`` (a :data:`Schedule`, e.g. :func:`cosine_decay`), or, when
+    it returns a tensor of ``N`` factors, ``lr * factor_i`` for image ``i`` (each image's update is scaled: exactly a
+    per-image step size for Adam and plain ascent, whose updates are linear in it). Penalties whose weight follows a
+    schedule are :class:`~convscope.core.optim.regularizers.Scheduled` (every regularizer is told the step first).
     """
     if not isinstance(steps, int) or steps < 0:
         raise ConvscopeError(f"steps={steps!r}: use an int >= 0")
@@ -183,9 +197,12 @@ def optimize_images(model: nn.Module, objective: Objective, param: ImageParam, *
     with torch.enable_grad(), probe(model, layers, stop_after=stop_after) as p, \
             progress_bar(total=steps, desc=desc, unit="step", progress=progress, leave=False) as bar:
         for step in range(steps):
+            rows = None
             if lr_schedule is not None:
+                value = lr_schedule(step)
+                rows = _row_factors(value, n, step)
                 for group in opt.param_groups:
-                    group["lr"] = lr * _factor(lr_schedule, step, "lr")
+                    group["lr"] = lr if rows is not None else lr * _factor(float(value), step)
             for r in regularizers:
                 r.set_step(step)
             x = param()
@@ -215,8 +232,13 @@ def optimize_images(model: nn.Module, objective: Objective, param: ImageParam, *
             keep = [q.detach()[done.to(q.device)].clone() for q in params] if bool(done.any()) else None
             for q, g in zip(params, grads):
                 q.grad = mean_abs_normalized(g) if optimizer == "normalized" else g
+            before = [q.detach().clone() for q in params] if rows is not None else None
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if before is not None and rows is not None:
+                with torch.no_grad():
+                    for q, b in zip(params, before):  # every parameter has the images as its first dimension
+                        q.copy_(b + (q - b) * rows.to(q).view(-1, *([1] * (q.dim() - 1))))
             with torch.no_grad():
                 if projections:
                     delta = cast(torch.Tensor, param.delta)  # projectable: a pixel parametrization
