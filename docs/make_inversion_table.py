@@ -12,7 +12,7 @@ markdown tables of the docs.
 Seeded (each photo's noise and jitter come from a generator seeded by the photo's position in ``PHOTOS``, whatever
 is batched with it). Cells are cached in ``--cache`` (reconstructions as uint8 and their numbers), so an interrupted
 run resumes and a changed rule only runs its new cells. Untimed heavy work (the first round ~1.5 h, the schedule
-cells another ~30 min on a shared core): run it pinned to one core from the repository root:
+cells another ~40 min on a shared core): run it pinned to one core from the repository root:
 
     taskset -c 1 env OMP_NUM_THREADS=1 .venv/bin/python docs/make_inversion_table.py
 """
@@ -75,7 +75,7 @@ class Setting:
 # includes decayed-lr constant-TV runs), and lambda_TV annealed geometrically from a strong to a weak prior, around
 # the defaults (start 1e-2 .. 1e-1, end 3e-5 .. 3e-4, lr 0.05 .. 0.2, cosine decay over the last 0.2 or 0.5 of the
 # steps)
-LR_SCHEDULES = ((0.2, 0.5), (0.05, 0.2))  # (lr, decayed fraction)
+LR_SCHEDULES = ((0.2, 0.5), (0.2, 0.7), (0.05, 0.2))  # (lr, decayed fraction)
 DECAYED = [Setting(0, tv, 1e-3, lr, None, dec) for lr, dec in LR_SCHEDULES for tv in (1e-4, 1e-3, 1e-2, 1e-1)]
 ANNEALED = [Setting(0, a, 1e-3, lr, b, dec) for a, b, lr, dec in (
     (1e-2, 1e-4, 0.05, 0.2), (1e-2, 1e-4, 0.1, 0.5), (1e-2, 1e-4, 0.2, 0.5), (3e-2, 1e-4, 0.05, 0.2),
