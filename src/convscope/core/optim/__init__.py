@@ -21,6 +21,8 @@ Pieces, each replaceable:
   DGN-AM, Nguyen et al. 2016; survey Eq. 10), with :class:`CodePenalty` as the L2 prior on the code.
 * **Transforms** (:class:`Jitter`, :class:`RandomScale`): differentiable random shifts / zooms applied before each
   forward pass (Mordvintsev et al. 2015; Olah et al. 2017, "Transformation robustness").
+* **Schedules** (:data:`Schedule`, :func:`cosine_decay`, :func:`geometric`): a factor per step for Adam's step
+  size (``optimize_images(lr_schedule=...)``) or for a penalty's weight (:class:`Scheduled`).
 * **Regularizers**: penalties added to the loss (:class:`L2Penalty`, Simonyan et al. 2014 Eq. 1; :class:`AlphaNorm`
   and :class:`TotalVariation`, Mahendran & Vedaldi 2015 Eq. 3-4) or projections
   applied to the image after each step (:class:`Decay`, :class:`Blur`, :class:`ClipNorm`,
@@ -37,7 +39,7 @@ Modules: :mod:`.objectives`, :mod:`.params` (parametrizations and per-image gene
 from __future__ import annotations
 
 from ..layers import OUTPUT
-from .loop import OPTIMIZERS, OptimResult, mean_abs_normalized, optimize_images
+from .loop import OPTIMIZERS, OptimResult, cosine_decay, geometric, mean_abs_normalized, optimize_images
 from .objectives import Objective, activation_l2
 from .params import (
     CODE_NOISE_STD,
@@ -71,6 +73,8 @@ from .regularizers import (
     L2Penalty,
     Regularization,
     Regularizer,
+    Schedule,
+    Scheduled,
     TotalVariation,
     alpha_norm,
     clip_small_contribution,
@@ -85,7 +89,7 @@ __all__ = [
     "PARAMETRIZATIONS", "PIXEL_NOISE_STD", "AlphaNorm", "Blur", "ClipContribution", "ClipNorm", "CodePenalty", "Decay",
     "Fourier", "FourierImage", "GeneratorImage", "GeneratorParam", "Generators", "ImageParam", "Jitter", "L2Penalty",
     "Objective", "OptimResult", "ParamSpec", "Pixel", "PixelImage", "RandomScale", "Regularization", "Regularizer",
-    "Seed", "TotalVariation", "Transform", "activation_l2", "alpha_norm", "centre_rgb", "clip_small_contribution",
-    "clip_small_norm", "decay", "fft_frequencies", "make_generators", "make_param", "mean_abs_normalized",
-    "optimize_images", "total_variation",
+    "Schedule", "Scheduled", "Seed", "TotalVariation", "Transform", "activation_l2", "alpha_norm", "centre_rgb",
+    "clip_small_contribution", "clip_small_norm", "cosine_decay", "decay", "fft_frequencies", "geometric",
+    "make_generators", "make_param", "mean_abs_normalized", "optimize_images", "total_variation",
 ]
