@@ -211,8 +211,9 @@ def test_top_k_maximization_inversion_on_transformers(make, layer, x):
     means = (grid(t) if t.dim() == 3 else t.permute(0, 3, 1, 2)).mean((2, 3))  # channel objective on the map
     assert am.images.shape[0] == 2
     torch.testing.assert_close(am.activations, torch.stack([means[0, 0], means[1, 3]]), rtol=1e-4, atol=1e-5)
-    # lambda_*/jitter given: invert's layer_depths (every leaf module once) does not run, as Swin shares modules
-    inv = cs.invert(model, x[:1], layer, steps=2, lambda_alpha=1e-5, lambda_tv=1e-5, jitter=0)
+    # priors, jitter, lr and lr_decay all given: invert's layer_depths (every leaf module once, for the per-depth
+    # defaults) does not run, as Swin shares modules
+    inv = cs.invert(model, x[:1], layer, steps=2, lambda_alpha=1e-5, lambda_tv=1e-5, jitter=0, lr=0.05, lr_decay=0.0)
     assert inv.images.shape == (1, 3, 32, 32) and torch.isfinite(inv.images).all()
     assert_untouched(model, before)
 
