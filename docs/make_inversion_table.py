@@ -83,22 +83,40 @@ ANNEALED = [Setting(0, a, 1e-3, lr, b, dec) for a, b, lr, dec in (
     (3e-2, 3e-4, 0.2, 0.5), (3e-2, 3e-5, 0.2, 0.5), (1e-1, 1e-4, 0.2, 0.5), (1e-1, 3e-5, 0.2, 0.5),
     (3e-2, 1e-4, 0.2, 0.7), (3e-2, 1e-4, 0.3, 0.5), (1e-1, 1e-4, 0.3, 0.5), (5e-2, 1e-4, 0.2, 0.5))]
 
+# issue 22, third round (docs/inversion_screen.py): weaker last TV weights (5e-5, 3e-5, 1e-5), larger and longer-
+# decayed steps, run where they could be the default: the shallow band's step (lr 0.2-0.3, decayed over the last
+# 70-90 %) at the layers below depth 0.4, the deep band's (lr 0.05 over the last 20 %) from there
+SHALLOW3 = [Setting(0, a, 1e-3, lr, b, dec) for a, b, lr, dec in (
+    (3e-2, 3e-5, 0.2, 0.7), (3e-2, 1e-4, 0.3, 0.7), (3e-2, 3e-5, 0.3, 0.7), (3e-2, 1e-5, 0.2, 0.7),
+    (3e-2, 5e-5, 0.2, 0.7), (3e-2, 5e-5, 0.3, 0.7), (3e-2, 3e-5, 0.25, 0.7), (5e-2, 3e-5, 0.3, 0.7),
+    (3e-2, 3e-5, 0.3, 0.9), (3e-2, 3e-5, 0.2, 0.9), (1e-1, 3e-5, 0.3, 0.7), (1.5e-2, 5e-5, 0.2, 0.7),
+    (1.5e-2, 5e-5, 0.3, 0.7), (1.5e-2, 5e-5, 0.25, 0.7))]
+DEEP3 = [Setting(0, a, 1e-3, 0.05, b, 0.2) for a, b in ((1.5e-2, 5e-5), (3e-2, 5e-5), (3e-2, 3e-5), (3e-2, 1e-5))]
+THIRD = {  # (model, layer): the third round's cells measured there
+    **{("demo_net", f"features.relu{i}"): SHALLOW3 for i in (1, 2, 3)},
+    **{("demo_net", f"features.relu{i}"): DEEP3 for i in (4, 5)},
+    **{("efficientnet_lite0", k): [SHALLOW3[0], SHALLOW3[2], SHALLOW3[3]] for k in ("blocks.1",
+                                                                                "blocks.4.expand_conv")},
+    ("efficientnet_lite0", "blocks.8"): [DEEP3[2], DEEP3[3]],
+}
+
 
 def grid_settings(model: str = "demo_net", layer: str = "") -> list[Setting]:
     """The grid: lambda_TV over four decades without jitter (lambda_alpha 1e-3, lr 0.05), and around lambda_TV 0.01
     one change at a time: jitter 1, lambda_alpha 1e-2, lr 0.1. efficientnet_lite0 (8-10x the cost per step at
     224 px, on a shared core) gets the whole sweep at its two shallow layers (and the three changes at the quarter
     depth) and lambda_TV 1e-4, 1e-3 at blocks.8 (head.conv was dropped for time). Then, at every layer, the
-    schedules: :data:`DECAYED` and :data:`ANNEALED`."""
+    schedules: :data:`DECAYED` and :data:`ANNEALED`, and the third round's cells there (:data:`THIRD`)."""
     sweep = [Setting(0, tv, 1e-3, 0.05) for tv in (1e-4, 1e-3, 3e-3, 0.01, 0.1, 1.0)]
     more = [Setting(1, 0.01, 1e-3, 0.05), Setting(0, 0.01, 1e-2, 0.05), Setting(0, 0.01, 1e-3, 0.1)]
+    third = THIRD.get((model, layer), [])
     if model == "efficientnet_lite0":
         if layer == "blocks.1":
-            return sweep + DECAYED + ANNEALED
+            return sweep + DECAYED + ANNEALED + third
         if layer == "blocks.4.expand_conv":
-            return sweep + more + DECAYED + ANNEALED
-        return [s for s in sweep if s.tv in (1e-4, 1e-3)] + DECAYED + ANNEALED
-    return sweep + more + DECAYED + ANNEALED
+            return sweep + more + DECAYED + ANNEALED + third
+        return [s for s in sweep if s.tv in (1e-4, 1e-3)] + DECAYED + ANNEALED + third
+    return sweep + more + DECAYED + ANNEALED + third
 
 
 def old_defaults(depth: float, size: int) -> Setting:
@@ -115,8 +133,9 @@ def new_defaults(depth: float, size: int) -> Setting:
 
 
 def run_cells(model: torch.nn.Module, mname: str, x: torch.Tensor, photos: list[str], layer: str,
-              settings: list[Setting], cache: Path) -> dict[str, dict]:
-    """Invert ``layer`` under each setting (the photos batched in one call), cached per (layer, setting, photo)."""
+              settings: list[Setting], cache: Path, steps: int = STEPS) -> dict[str, dict]:
+    """Invert ``layer`` under each setting (the photos batched in one call), cached per (layer, setting, photo);
+    ``steps`` other than :data:`STEPS` belong in another cache folder."""
     truth = input_denormalizer(model)(x).clamp(0, 1)
     out: dict[str, dict] = {}
     for s in settings:
@@ -126,7 +145,7 @@ def run_cells(model: torch.nn.Module, mname: str, x: torch.Tensor, photos: list[
         todo = [i for i, p in enumerate(photos) if not files[p].exists()]
         if todo:
             t0 = time.perf_counter()
-            res = cs.invert(model, x[todo], [layer], steps=STEPS, lambda_alpha=s.alpha, lambda_tv=s.lambda_tv,
+            res = cs.invert(model, x[todo], [layer], steps=steps, lambda_alpha=s.alpha, lambda_tv=s.lambda_tv,
                             jitter=s.jitter, lr=s.lr, lr_decay=s.decay, seed=[PHOTOS.index(photos[i]) for i in todo],
                             progress=False)
             sec = (time.perf_counter() - t0) / len(todo)

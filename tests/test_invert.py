@@ -108,12 +108,12 @@ def test_batched_layers_equal_one_layer_at_a_time():
     assert torch.equal(both.for_layer("3"), both.images[2:])
 
 
-def test_default_hyperparameters_grow_with_depth():
+def test_default_hyperparameters_step_shrinks_with_depth():
     model = _tiny_cnn()
     d = layer_depths(model, ["0", "3", "5"], _images(1, 12))
     assert 0 < d["0"] < d["3"] < d["5"] == 1.0
     shallow, deep = default_hyperparameters(d["0"], 112), default_hyperparameters(1.0, 112)
-    assert shallow.lambda_tv < deep.lambda_tv and shallow.jitter <= deep.jitter
+    assert shallow.lr > deep.lr and shallow.lr_decay > deep.lr_decay and shallow.jitter <= deep.jitter
     res = invert(model, _images(1, 12), "3,5", steps=2, progress=False)  # defaults picked per layer
     assert res.images.shape == (2, 3, 12, 12) and torch.isfinite(res.error).all()
 

@@ -8,6 +8,8 @@ was 0.158 with the old jittered defaults)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -25,6 +27,7 @@ from convscope.methods.invert import (
     InversionDefaults,
     default_hyperparameters,
     feature_match,
+    final_tv_weight,
     invert,
     layer_depths,
 )
@@ -38,19 +41,28 @@ def _tiny_cnn() -> nn.Sequential:
 
 def test_rule_no_jitter_annealed_tv_and_a_decayed_step_by_depth():
     depths = [0.0, 0.1, 0.25, 0.39, 0.4, 0.5, 0.75, 1.0]
-    rules = [default_hyperparameters(d, 224) for d in depths]
+    rules = [default_hyperparameters(d, size) for d in depths for size in (64, 112, 224, 448)]
     assert all(r.jitter == 0 and r.lambda_alpha == 1e-3 for r in rules)  # jitter always raised the error
     assert all(r.lambda_tv_end is not None and r.lambda_tv_end < r.lambda_tv for r in rules)  # strong -> weak prior
-    # docs/inversion.md, the measured bands: (lambda_TV first, last, lr, decayed fraction)
-    shallow, deep = (3e-2, 1e-4, 0.2, 0.7), (3e-2, 1e-4, 0.05, 0.2)
-    for d, want in {0.0: shallow, 0.12: shallow, 0.25: shallow, 0.39: shallow, 0.4: deep, 0.55: deep,
-                    1.0: deep}.items():
-        h = default_hyperparameters(d, 112)
-        assert (h.lambda_tv, h.lambda_tv_end, h.lr, h.lr_decay) == pytest.approx(want)
-    # the size does not matter (no jitter), and depths outside [0, 1] are clamped
-    assert default_hyperparameters(0.3, 112) == default_hyperparameters(0.3, 448)
+    # docs/inversion.md, the measured bands: (lambda_TV first, last, lr, decayed fraction) at 224 px and 112 px
+    for size, end in ((224, 1e-4), (112, 3e-5)):
+        shallow, deep = (3e-2, end, 0.2, 0.7), (3e-2, end, 0.05, 0.2)
+        for d, want in {0.0: shallow, 0.12: shallow, 0.25: shallow, 0.39: shallow, 0.4: deep, 0.55: deep,
+                        1.0: deep}.items():
+            h = default_hyperparameters(d, size)
+            assert (h.lambda_tv, h.lambda_tv_end, h.lr, h.lr_decay) == pytest.approx(want)
+    # only the last TV weight depends on the size: geometric in the size between the two measured sizes (at the
+    # geometric mean of 112 and 224 px, the geometric mean of 3e-5 and 1e-4), constant outside them
+    mid = (112 * 224) ** 0.5
+    assert final_tv_weight(round(mid)) == pytest.approx((3e-5 * 1e-4) ** 0.5, rel=1e-2)
+    assert final_tv_weight(160) == pytest.approx(1e-4 * 0.3 ** (1 - math.log(160 / 112) / math.log(2)))
+    assert final_tv_weight(32) == pytest.approx(3e-5) and final_tv_weight(1024) == pytest.approx(1e-4)
+    for d in depths:
+        a, b = default_hyperparameters(d, 112), default_hyperparameters(d, 448)
+        assert (a.lambda_tv, a.lr, a.lr_decay, a.jitter) == (b.lambda_tv, b.lr, b.lr_decay, b.jitter)
     assert default_hyperparameters(-1.0) == default_hyperparameters(0.0)
     assert default_hyperparameters(2.0) == default_hyperparameters(1.0)
+    assert default_hyperparameters(0.3) == default_hyperparameters(0.3, 224)
     assert isinstance(rules[0], InversionDefaults)
 
 

@@ -25,8 +25,9 @@ generator seeded ``seed + i``, so a batch of layers gives the same pictures as i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -109,31 +110,48 @@ class InversionDefaults:
     lr_decay: float = 0.0
 
 
-# The defaults by relative depth: (depth from which they apply, hyperparameters). Chosen by measurement over a grid
-# of settings (docs/make_inversion_table.py; docs/inversion.md, "Defaults by measurement"): efficientnet_lite0 at
-# 224 px and demo_net at 112 px, 200 Adam steps. No jitter (it raised the error at every depth), lambda_alpha 1e-3,
-# lambda_TV annealed geometrically from 3e-2 to 1e-4 at every depth; the step size: 0.2, decayed over the last 70 %
-# of the steps, below relative depth 0.4 (demo_net relu1-relu3, lite0 blocks.1-blocks.4), 0.05 decayed over the last
-# 20 % from there (demo_net relu4-relu5, lite0 blocks.8: there the larger step left the error 1.2-2.4x higher).
+# The defaults by relative depth: (depth from which they apply, hyperparameters at 224 px). Chosen by measurement
+# over a grid of settings (docs/make_inversion_table.py; docs/inversion.md, "Defaults by measurement"):
+# efficientnet_lite0 at 224 px and demo_net at 112 px, 200 Adam steps. No jitter (it raised the error at every
+# depth), lambda_alpha 1e-3, lambda_TV annealed geometrically from 3e-2 to 1e-4 at 224 px (the last weight is lower
+# on smaller images: :data:`TV_END_BY_SIZE`); the step size: 0.2, decayed over the last 70 % of the steps, below
+# relative depth 0.4 (demo_net relu1-relu3, lite0 blocks.1-blocks.4), 0.05 decayed over the last 20 % from there
+# (demo_net relu4-relu5, lite0 blocks.8: there the larger step left the error 1.2-2.4x higher).
 DEFAULTS_BY_DEPTH: tuple[tuple[float, InversionDefaults], ...] = (
     (0.0, InversionDefaults(lambda_alpha=1e-3, lambda_tv=3e-2, jitter=0, lambda_tv_end=1e-4, lr=0.2, lr_decay=0.7)),
     (0.4, InversionDefaults(lambda_alpha=1e-3, lambda_tv=3e-2, jitter=0, lambda_tv_end=1e-4, lr=0.05,
                             lr_decay=0.2)),
 )
 
+# The last TV weight by image size (pixels, weight), measured at these two sizes only (issue 22, third round):
+# demo_net at 112 px matched its features 1.1-1.3x closer with 3e-5 than with 1e-4 at the same PSNR ratio (a natural
+# image's own R_TV is 1.3-2x larger per pixel at 112 px than at 224 px), while efficientnet_lite0 at 224 px lost
+# PSNR with it (0.88 of the best at its quarter depth). Geometric in the size between them, constant outside.
+TV_END_BY_SIZE: tuple[tuple[int, float], tuple[int, float]] = ((112, 3e-5), (224, 1e-4))
+
+
+def final_tv_weight(size: int, at_224: float = 1e-4) -> float:
+    """The default last TV weight at image size ``size`` (:data:`TV_END_BY_SIZE`: ``at_224`` times 0.3 at 112 px,
+    geometric in the size between 112 and 224 px, constant outside)."""
+    (s0, w0), (s1, w1) = TV_END_BY_SIZE
+    t = min(max(math.log(max(int(size), 1) / s0) / math.log(s1 / s0), 0.0), 1.0)
+    return at_224 * (w0 / w1) ** (1.0 - t)
+
 
 def default_hyperparameters(depth: float, size: int = 224) -> InversionDefaults:
-    """The measured defaults for a layer at relative depth ``depth`` (:data:`DEFAULTS_BY_DEPTH`): no jitter,
-    ``lambda_alpha = 1e-3``, ``lambda_TV`` annealed geometrically from 3e-2 (a smooth start) to 1e-4 (the features
-    matched closely at the end), and Adam's step decayed to 0 by a half cosine at the end: 0.2 over the last 70 % of
-    the steps below depth 0.4, 0.05 over the last 20 % from there. ``size`` is kept for callers; the defaults do not
-    depend on it (no jitter)."""
+    """The measured defaults for a layer at relative depth ``depth`` of a model seeing ``size``-pixel images
+    (:data:`DEFAULTS_BY_DEPTH`, :data:`TV_END_BY_SIZE`): no jitter, ``lambda_alpha = 1e-3``, ``lambda_TV`` annealed
+    geometrically from 3e-2 (a smooth start) to 1e-4 at 224 px, 3e-5 at 112 px (the features matched closely at the
+    end; :func:`final_tv_weight`), and Adam's step decayed to 0 by a half cosine at the end: 0.2 over the last 70 % of
+    the steps below depth 0.4, 0.05 over the last 20 % from there."""
     d = min(max(float(depth), 0.0), 1.0)
     chosen = DEFAULTS_BY_DEPTH[0][1]
     for start, h in DEFAULTS_BY_DEPTH:
         if d >= start:
             chosen = h
-    return chosen
+    if chosen.lambda_tv_end is None:
+        return chosen
+    return replace(chosen, lambda_tv_end=final_tv_weight(size, chosen.lambda_tv_end))
 
 
 def layer_depths(model: nn.Module, layers: Sequence[str], x: torch.Tensor) -> dict[str, float]:
