@@ -12,7 +12,8 @@ markdown tables of the docs.
 Seeded (each photo's noise and jitter come from a generator seeded by the photo's position in ``PHOTOS``, whatever
 is batched with it). Cells are cached in ``--cache`` (reconstructions as uint8 and their numbers), so an interrupted
 run resumes and a changed rule only runs its new cells. Untimed heavy work (the first round ~1.5 h, the schedule
-cells another ~40 min on a shared core): run it pinned to one core from the repository root:
+cells another ~40 min on a shared core, the third round's ~10 min, screened with ``docs/inversion_screen.py``): run
+it pinned to one core from the repository root:
 
     taskset -c 1 env OMP_NUM_THREADS=1 .venv/bin/python docs/make_inversion_table.py
 """
