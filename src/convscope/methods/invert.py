@@ -229,9 +229,10 @@ def invert(
         steps: Adam steps; ``lr``: their size in the model's input units (None: the measured default by depth;
             layers of different step sizes still share one batch: each row's update is scaled to its step).
         lambda_alpha, lambda_tv: weights of the normalized alpha-norm and TV_beta priors; None picks them from the
-            layer's depth (:func:`default_hyperparameters`, measured). A single value applies to every layer; a pair
-            ``lambda_tv=(first, last)`` anneals the TV weight geometrically from ``first`` at step 0 to ``last`` at
-            the last step (a strong prior fixes a smooth image early, the weak one lets the features match late).
+            layer's depth and the image size (:func:`default_hyperparameters`, measured). A single value applies to
+            every layer; a pair ``lambda_tv=(first, last)`` anneals the TV weight geometrically from ``first`` at
+            step 0 to ``last`` at the last step (a strong prior fixes a smooth image early, the weak one lets the
+            features match late).
         lr_decay: the fraction of the steps, at the end, over which the step size ``lr`` decays to 0 by a half
             cosine (:func:`~convscope.core.optim.loop.cosine_decay`; 0: constant); None: the measured default.
         alpha, beta: the exponents (6 and 2 as in the paper).
