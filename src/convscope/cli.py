@@ -915,7 +915,7 @@ def add_train_demo(sub: Subparsers) -> None:
     p.add_argument("--out", "-o", default="runs/demo_net", help="checkpoint folder (default runs/demo_net)")
     p.add_argument("--n-train", type=int, help="training images (default 12000, as the bundled weights)")
     p.add_argument("--n-test", type=int, help="held-out test images (default 1000)")
-    p.add_argument("--epochs", type=int, help="epochs (default 12)")
+    p.add_argument("--epochs", type=int, help="epochs (default: 12 for demo_net, 15 for vit, as the bundled weights)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, order and dropout")
     p.add_argument("--workers", type=int, default=2, help="processes rendering the images")
