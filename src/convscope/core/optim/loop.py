@@ -20,7 +20,7 @@ from ..progress import progress_bar
 from ..stream import last_layer
 from .objectives import Objective
 from .params import Generators, ImageParam, make_generators
-from .regularizers import Regularization, Regularizer, Schedule
+from .regularizers import Regularization, Regularizer, Schedule, schedule_factor
 from .transforms import Transform
 
 OPTIMIZERS = ("adam", "sgd", "normalized")
@@ -71,13 +71,6 @@ def _row_factors(value: float | torch.Tensor, n: int, step: int) -> torch.Tensor
     if f.shape != (n,) or not bool(torch.isfinite(f).all()) or bool((f < 0).any()):
         raise ConvscopeError(f"lr schedule gave {tuple(value.shape)} factors at step {step}; a per-image schedule must "
                              f"return {n} finite factors >= 0 (one per image), or one float")
-    return f
-
-
-def _factor(f: float, step: int) -> float:
-    if not (math.isfinite(f) and f >= 0):
-        raise ConvscopeError(f"lr schedule gave {f!r} at step {step}; a schedule must return a finite factor >= 0 for "
-                             "every step")
     return f
 
 
@@ -202,7 +195,7 @@ def optimize_images(model: nn.Module, objective: Objective, param: ImageParam, *
                 value = lr_schedule(step)
                 rows = _row_factors(value, n, step)
                 for group in opt.param_groups:
-                    group["lr"] = lr if rows is not None else lr * _factor(float(value), step)
+                    group["lr"] = lr if rows is not None else lr * schedule_factor(float(value), step, "lr")
             for r in regularizers:
                 r.set_step(step)
             x = param()

@@ -21,6 +21,15 @@ from .transforms import Jitter, RandomScale, Transform
 Schedule = Callable[[int], float]  # step (0-based) -> factor (of a step size or a penalty weight)
 
 
+def schedule_factor(value: float, step: int, what: str) -> float:
+    """``value``, a schedule's factor at ``step``, checked finite and >= 0 (``what`` names the schedule)."""
+    f = float(value)
+    if not (math.isfinite(f) and f >= 0):
+        raise ConvscopeError(f"{what} schedule gave {f!r} at step {step}; a schedule must return a finite factor "
+                             ">= 0 for every step")
+    return f
+
+
 def decay(x: torch.Tensor, theta_decay: float) -> torch.Tensor:
     """L2 decay (Yosinski et al. 2015, Sec. 3): ``r(x) = (1 - theta_decay) x``."""
     return (1 - theta_decay) * x
@@ -209,11 +218,7 @@ class Scheduled(Regularizer):
     @property
     def factor(self) -> float:
         """The weight at the current step."""
-        f = float(self.schedule(self.step))
-        if not (math.isfinite(f) and f >= 0):
-            raise ConvscopeError(f"Scheduled: the schedule gave {f!r} at step {self.step}; return a finite factor "
-                                 ">= 0 for every step")
-        return f
+        return schedule_factor(self.schedule(self.step), self.step, "Scheduled: the penalty weight's")
 
     def penalty(self, delta: torch.Tensor) -> torch.Tensor | None:
         pen = self.inner.penalty(delta)
