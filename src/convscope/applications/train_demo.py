@@ -29,18 +29,19 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from ..core.device import resolve_device
 from ..core.io import atomic_path, atomic_write_text
 from ..core.progress import progress_bar
-from ..data.synthetic import SynthConfig, render_arrays
+from ..data.synthetic import SynthArrays, SynthConfig, render_arrays
 from ..errors import ConvscopeError
 from ..models.demo_net import INPUT_SIZE, DemoNet, fold_batchnorm
 from ..models.vit import DEMO_VIT_CONFIG, DEMO_VIT_POOL, DEMO_VIT_STEM, StemLayer, VisionTransformer, demo_vit
@@ -122,7 +123,11 @@ class TrainResult:
 def render_split(start: int, n: int, size: int, seed: int, workers: int = 2,
                  progress: bool | None = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Synthetic images ``start .. start+n-1`` as ``uint8 N x 3 x H x W`` and their scene classes."""
-    arrays = render_arrays(start, n, size, seed, workers=workers, progress=progress)
+    return split_tensors(render_arrays(start, n, size, seed, workers=workers, progress=progress))
+
+
+def split_tensors(arrays: SynthArrays) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rendered arrays as ``uint8 N x 3 x H x W`` images and their scene classes."""
     return torch.from_numpy(arrays.images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(arrays.scenes)
 
 
@@ -181,13 +186,9 @@ def train_demo(out: Path, config: TrainConfig = TrainConfig(), workers: int = 2,
     out.mkdir(parents=True, exist_ok=True)
     classes = SynthConfig().shapes
     beta = config.token_labels if isinstance(config, VitConfig) else 0.0
-    if beta > 0:
-        arrays = render_arrays(0, config.n_train, config.size, config.data_seed, workers=workers, progress=progress,
-                               objects=True)
-        x_train = torch.from_numpy(arrays.images).permute(0, 3, 1, 2).contiguous()
-        y_train = torch.from_numpy(arrays.scenes)
-    else:
-        x_train, y_train = render_split(0, config.n_train, config.size, config.data_seed, workers, progress)
+    arrays = render_arrays(0, config.n_train, config.size, config.data_seed, workers=workers, progress=progress,
+                           objects=beta > 0)  # token labels need the shape class under each pixel
+    x_train, y_train = split_tensors(arrays)
     x_test, y_test = render_split(config.n_train, config.n_test, config.size, config.data_seed, workers, progress)
 
     with torch.random.fork_rng(devices=[]):
@@ -224,14 +225,19 @@ def train_demo(out: Path, config: TrainConfig = TrainConfig(), workers: int = 2,
     else:
         _save_epoch(out, model, 0, history, classes, config)
 
-    for epoch in range(start, config.epochs + 1):
-        loss = _train_epoch(model, opt, sched, gen, x_train, y_train, epoch, config, progress, tokens)
-        history.append({"epoch": epoch, "train_loss": loss, "test_accuracy": accuracy(model, x_test, y_test)})
-        _save_epoch(out, model, epoch, history, classes, config)
-        _save(out / "resume.pt", {"state_dict": model.state_dict(), "optimizer": opt.state_dict(),
-                                  "token_head": tokens.head.state_dict() if tokens else {},
-                                  "scheduler": sched.state_dict(), "generator": gen.get_state(), "epoch": epoch,
-                                  "history": json.dumps(history), "config": json.dumps(asdict(config))})
+    hook = tokens.capture(model) if tokens is not None else None
+    try:
+        for epoch in range(start, config.epochs + 1):
+            loss = _train_epoch(model, opt, sched, gen, x_train, y_train, epoch, config, progress, tokens)
+            history.append({"epoch": epoch, "train_loss": loss, "test_accuracy": accuracy(model, x_test, y_test)})
+            _save_epoch(out, model, epoch, history, classes, config)
+            _save(out / "resume.pt", {"state_dict": model.state_dict(), "optimizer": opt.state_dict(),
+                                      "token_head": tokens.head.state_dict() if tokens else {},
+                                      "scheduler": sched.state_dict(), "generator": gen.get_state(), "epoch": epoch,
+                                      "history": json.dumps(history), "config": json.dumps(asdict(config))})
+    finally:
+        if hook is not None:
+            hook.remove()
 
     plain = plain_model(model).to(dev)
     test_acc = accuracy(plain, x_test, y_test)
@@ -259,11 +265,18 @@ def dihedral(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
 @dataclass
 class TokenLabels:
     """Token labeling's training state: the auxiliary head, the soft targets ``N x K x gh x gw`` of the training
-    images, and the loss weight ``beta``."""
+    images, the loss weight ``beta``, and the final LayerNorm's tokens of the last forward pass (:meth:`capture`)."""
 
     head: nn.Linear
     targets: torch.Tensor
     beta: float
+    seen: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def capture(self, model: nn.Module) -> RemovableHandle:
+        """Keep ``model.encoder``'s output (``N x T x D``) of every forward pass in ``seen["tokens"]``; the caller
+        removes the returned handle."""
+        return model.get_submodule("encoder").register_forward_hook(
+            lambda _m, _i, out: self.seen.__setitem__("tokens", out))
 
 
 def _train_epoch(model: nn.Module, opt, sched, gen: torch.Generator, x_train: torch.Tensor,  # noqa: ANN001
@@ -271,20 +284,8 @@ def _train_epoch(model: nn.Module, opt, sched, gen: torch.Generator, x_train: to
                  tokens: TokenLabels | None = None) -> float:
     """One epoch, returning the mean training loss. Dropout draws from a global RNG seeded from (seed, epoch)
     inside ``fork_rng``, so a resumed run is identical to an uninterrupted one and the caller's RNG is untouched.
-    With ``tokens``, the final LayerNorm's patch tokens also pay the token-labeling loss."""
-    seen: dict[str, torch.Tensor] = {}
-    hook = (model.get_submodule("encoder").register_forward_hook(lambda m, i, o: seen.__setitem__("tokens", o))
-            if tokens is not None else None)
-    try:
-        return _epoch(model, opt, sched, gen, x_train, y_train, epoch, config, progress, tokens, seen)
-    finally:
-        if hook is not None:
-            hook.remove()
-
-
-def _epoch(model: nn.Module, opt, sched, gen: torch.Generator, x_train: torch.Tensor,  # noqa: ANN001
-           y_train: torch.Tensor, epoch: int, config: TrainConfig, progress: bool | None,
-           tokens: TokenLabels | None, seen: dict[str, torch.Tensor]) -> float:
+    With ``tokens`` (capturing, :meth:`TokenLabels.capture`), the final LayerNorm's patch tokens also pay the
+    token-labeling loss."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed * 100_003 + epoch)
         model.train()
@@ -302,7 +303,7 @@ def _epoch(model: nn.Module, opt, sched, gen: torch.Generator, x_train: torch.Te
             loss = F.cross_entropy(model(xb), y_train[idx].to(dev), label_smoothing=config.label_smoothing)
             if tokens is not None:  # the patch grid maps onto itself under the 8 symmetries: labels move along
                 loss = loss + tokens.beta * token_labeling_loss(
-                    seen["tokens"][:, 1:], tokens.head, dihedral(tokens.targets[idx].to(dev), code))
+                    tokens.seen["tokens"][:, 1:], tokens.head, dihedral(tokens.targets[idx].to(dev), code))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
