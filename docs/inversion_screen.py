@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_inversion_table import MODELS, PHOTOS, STEPS, Setting, run_cells  # noqa: E402
 
 NUM = r"(\d[0-9.]*(?:e-\d+)?)"
-KEY = re.compile(rf"j(\d+)_tv{NUM}(?:-{NUM})?_a{NUM}_lr{NUM}(?:_cos([0-9.]+))?$")
+KEY = re.compile(rf"j(\d+)_tv{NUM}(?:-{NUM})?_a{NUM}_lr{NUM}((?:\+{NUM})*)(?:_cos([0-9.]+))?$")
 
 
 def parse(key: str) -> Setting:
@@ -41,8 +41,9 @@ def parse(key: str) -> Setting:
     m = KEY.match(key)
     if m is None:
         raise SystemExit(f"not a setting key: {key!r} (e.g. j0_tv0.03-0.0001_a0.001_lr0.2_cos0.7)")
-    j, tv, end, a, lr, dec = m.groups()
-    s = Setting(int(j), float(tv), float(a), float(lr), float(end) if end else None, float(dec) if dec else 0.0)
+    j, tv, end, a, lr, more, _, dec = m.groups()
+    s = Setting(int(j), float(tv), float(a), float(lr), float(end) if end else None, float(dec) if dec else 0.0,
+                tuple(float(v) for v in more.split("+")[1:]))
     if s.key != key:
         raise SystemExit(f"{key!r} reads as {s.key!r}; give the key as the table writes it")
     return s
@@ -65,7 +66,7 @@ def seed_spread(model: torch.nn.Module, x: torch.Tensor, photos: list[str], laye
     truth = input_denormalizer(model)(x).clamp(0, 1)
     seeds = [100 * k + PHOTOS.index(p) for k in range(n) for p in photos]
     res = cs.invert(model, x.repeat(n, 1, 1, 1), [layer], steps=steps, lambda_alpha=s.alpha,
-                    lambda_tv=s.lambda_tv, jitter=s.jitter, lr=s.lr, lr_decay=s.decay, seed=seeds, progress=False)
+                    lambda_tv=s.lambda_tv, jitter=s.jitter, lr=s.lrs, lr_decay=s.decay, seed=seeds, progress=False)
     p = len(photos)
     out = []
     for k in range(n):

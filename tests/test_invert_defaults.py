@@ -30,6 +30,7 @@ from convscope.methods.invert import (
     final_tv_weight,
     invert,
     layer_depths,
+    lowest_error_rows,
 )
 
 
@@ -46,11 +47,11 @@ def test_rule_no_jitter_annealed_tv_and_a_decayed_step_by_depth():
     assert all(r.lambda_tv_end is not None and r.lambda_tv_end < r.lambda_tv for r in rules)  # strong -> weak prior
     # docs/inversion.md, the measured bands: (lambda_TV first, last, lr, decayed fraction) at 224 px and 112 px
     for size, end in ((224, 1e-4), (112, 3e-5)):
-        shallow, deep = (3e-2, end, 0.2, 0.7), (3e-2, end, 0.05, 0.2)
-        for d, want in {0.0: shallow, 0.12: shallow, 0.25: shallow, 0.39: shallow, 0.4: deep, 0.55: deep,
-                        1.0: deep}.items():
+        shallow, deep = ((3e-2, end, 0.7), (0.2, 0.3)), ((3e-2, end, 0.2), 0.05)  # two step sizes: best of both
+        for d, (want, lr) in {0.0: shallow, 0.12: shallow, 0.25: shallow, 0.39: shallow, 0.4: deep, 0.55: deep,
+                              1.0: deep}.items():
             h = default_hyperparameters(d, size)
-            assert (h.lambda_tv, h.lambda_tv_end, h.lr, h.lr_decay) == pytest.approx(want)
+            assert (h.lambda_tv, h.lambda_tv_end, h.lr_decay) == pytest.approx(want) and h.lr == lr
     # only the last TV weight depends on the size: geometric in the size between the two measured sizes (at the
     # geometric mean of 112 and 224 px, the geometric mean of 3e-5 and 1e-4), constant outside them
     mid = (112 * 224) ** 0.5
@@ -82,6 +83,35 @@ def test_invert_applies_the_rule_per_layer():
     # a wrong rule would show: a constant step and prior give other pixels
     other = invert(model, x, ["5"], steps=6, lambda_tv=hs[1].lambda_tv, lr=hs[1].lr, lr_decay=0.0, progress=False)
     assert not torch.allclose(other.x, by_hand[1].x, atol=1e-3)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_several_step_sizes_keep_each_images_lowest_error():
+    """lr=(a, b): each image's reconstruction is the one of its two runs (each alone: lr=a, lr=b) with the lower
+    feature error, with that run's pixels, history and step size; the runs share the batch but not their rows."""
+    model = _tiny_cnn()
+    x = 0.1 + 0.8 * torch.rand(4, 3, 12, 12, generator=torch.Generator().manual_seed(3))
+    kw = dict(steps=8, lambda_alpha=1e-3, lambda_tv=(0.1, 1e-3), jitter=0, lr_decay=0.5, seed=[0, 1, 2, 3],
+              progress=False)
+    both = invert(model, x, ["1", "5"], lr=(0.02, 0.3), **kw)
+    alone = [invert(model, x, ["1", "5"], lr=v, **kw) for v in (0.02, 0.3)]
+    errs = torch.stack([r.error for r in alone])  # 2 x rows
+    pick = errs.argmin(0)
+    assert torch.allclose(both.error, errs.min(0).values, rtol=1e-4, atol=1e-8)
+    assert both.lr is not None and both.lr.tolist() == [(0.02, 0.3)[int(k)] for k in pick]
+    for row, k in enumerate(pick.tolist()):
+        assert torch.allclose(both.x[row], alone[k].x[row], atol=1e-5)
+        assert both.history is not None and alone[k].history is not None
+        assert torch.allclose(both.history[:, row], alone[k].history[:, row], rtol=1e-4, atol=1e-7)
+    assert both.layers == alone[0].layers and torch.equal(both.image_index, alone[0].image_index)
+    # the selection itself, on made-up errors: rows (run, image), run-major; NaN loses, a tie keeps the first run
+    nan = float("nan")
+    err = torch.tensor([3.0, 1.0, 3.0, nan, nan, 1.0, 9.0, 0.5])
+    assert lowest_error_rows(err, ["a", "a", "b", "b"], ["a", "b"]).tolist() == [0, 1, 6, 7]
+    assert lowest_error_rows(err, ["a", "b", "a", "b"], ["b"]).tolist() == [2, 7]
+    for bad in ((), (0.1, -1.0), 0.0, (True,)):
+        with pytest.raises(cs.ConvscopeError, match="step size"):
+            invert(model, x, "3", steps=1, lr=bad, progress=False)
 
 
 @pytest.mark.usefixtures("one_thread")

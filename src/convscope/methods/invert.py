@@ -13,7 +13,9 @@ error at every depth (docs/inversion.md, "Defaults by measurement"). By default 
 geometrically from a strong to a weak prior over the steps (the strong prior fixes a smooth image early, the weak one
 lets the features match late) and Adam's step decays to 0 at the end (a half cosine; Mahendran & Vedaldi's own
 momentum descent also lowers its learning rate as it goes): both are schedules of the shared loop
-(:func:`~convscope.core.optim.loop.geometric`, :func:`~convscope.core.optim.loop.cosine_decay`).
+(:func:`~convscope.core.optim.loop.geometric`, :func:`~convscope.core.optim.loop.cosine_decay`). Below relative
+depth 0.4 each image is inverted with two step sizes and keeps the reconstruction of lower feature error (no single
+step suited every measured layer there; the objective picks, so no image is needed).
 
 Everything runs on the shared image-optimization loop of :mod:`convscope.core.optim` (the data term is an
 :class:`~convscope.core.optim.Objective`, the two priors are :class:`~convscope.core.optim.AlphaNorm` and
@@ -26,8 +28,10 @@ generator seeded ``seed + i``, so a batch of layers gives the same pictures as i
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import cast
 
 import torch
 from torch import nn
@@ -99,14 +103,14 @@ def per_rows(objectives: Sequence[Objective], counts: Sequence[int]) -> Objectiv
 class InversionDefaults:
     """Hyperparameters chosen from a layer's relative depth ``d`` (0: first module, 1: the output). ``lambda_tv``:
     the TV weight at the first step, annealed geometrically to ``lambda_tv_end`` at the last (None: constant);
-    ``lr``: Adam's step size; ``lr_decay``: the fraction of the steps, at the end, over which it decays to 0
-    (cosine)."""
+    ``lr``: Adam's step size, or several: each image is inverted with each and keeps the reconstruction of lowest
+    feature error; ``lr_decay``: the fraction of the steps, at the end, over which it decays to 0 (cosine)."""
 
     lambda_alpha: float
     lambda_tv: float
     jitter: int
     lambda_tv_end: float | None = None
-    lr: float = DEFAULT_LR
+    lr: float | tuple[float, ...] = DEFAULT_LR
     lr_decay: float = 0.0
 
 
@@ -114,11 +118,15 @@ class InversionDefaults:
 # over a grid of settings (docs/make_inversion_table.py; docs/inversion.md, "Defaults by measurement"):
 # efficientnet_lite0 at 224 px and demo_net at 112 px, 200 Adam steps. No jitter (it raised the error at every
 # depth), lambda_alpha 1e-3, lambda_TV annealed geometrically from 3e-2 to 1e-4 at 224 px (the last weight is lower
-# on smaller images: :data:`TV_END_BY_SIZE`); the step size: 0.2, decayed over the last 70 % of the steps, below
-# relative depth 0.4 (demo_net relu1-relu3, lite0 blocks.1-blocks.4), 0.05 decayed over the last 20 % from there
-# (demo_net relu4-relu5, lite0 blocks.8: there the larger step left the error 1.2-2.4x higher).
+# on smaller images: :data:`TV_END_BY_SIZE`); the step size, below relative depth 0.4 (demo_net relu1-relu3, lite0
+# blocks.1-blocks.4): both 0.2 and 0.3, decayed over the last 70 % of the steps, each image keeping the one of lower
+# feature error (the objective itself picks; no single step suited every layer there: 0.3 matched demo_net relu2
+# 1.4x closer, 0.2 matched relu3 and lite0's quarter depth 1.1-1.2x closer; twice the rows for these layers), and
+# 0.05 decayed over the last 20 % from depth 0.4 on (demo_net relu4-relu5, lite0 blocks.8: there the larger steps
+# left the error 1.2-2.4x higher).
 DEFAULTS_BY_DEPTH: tuple[tuple[float, InversionDefaults], ...] = (
-    (0.0, InversionDefaults(lambda_alpha=1e-3, lambda_tv=3e-2, jitter=0, lambda_tv_end=1e-4, lr=0.2, lr_decay=0.7)),
+    (0.0, InversionDefaults(lambda_alpha=1e-3, lambda_tv=3e-2, jitter=0, lambda_tv_end=1e-4, lr=(0.2, 0.3),
+                            lr_decay=0.7)),
     (0.4, InversionDefaults(lambda_alpha=1e-3, lambda_tv=3e-2, jitter=0, lambda_tv_end=1e-4, lr=0.05,
                             lr_decay=0.2)),
 )
@@ -142,8 +150,8 @@ def default_hyperparameters(depth: float, size: int = 224) -> InversionDefaults:
     """The measured defaults for a layer at relative depth ``depth`` of a model seeing ``size``-pixel images
     (:data:`DEFAULTS_BY_DEPTH`, :data:`TV_END_BY_SIZE`): no jitter, ``lambda_alpha = 1e-3``, ``lambda_TV`` annealed
     geometrically from 3e-2 (a smooth start) to 1e-4 at 224 px, 3e-5 at 112 px (the features matched closely at the
-    end; :func:`final_tv_weight`), and Adam's step decayed to 0 by a half cosine at the end: 0.2 over the last 70 % of
-    the steps below depth 0.4, 0.05 over the last 20 % from there."""
+    end; :func:`final_tv_weight`), and Adam's step decayed to 0 by a half cosine at the end: below depth 0.4 both 0.2
+    and 0.3 over the last 70 % of the steps (the lower feature error kept), 0.05 over the last 20 % from there."""
     d = min(max(float(depth), 0.0), 1.0)
     chosen = DEFAULTS_BY_DEPTH[0][1]
     for start, h in DEFAULTS_BY_DEPTH:
@@ -190,7 +198,9 @@ class InversionResult:
     ``i`` from layer ``layers[l * N + i]``; ``x``: the same in the model's input space; ``error``: the normalized
     feature reconstruction error ``||Phi(x*) - Phi0||^2 / ||Phi0||^2`` of each row (against the target features
     used, perturbed ones included); ``layers``: the layer of each row; ``image_index``: the input image of each row;
-    ``history``: the normalized error at each step (``steps x R``, on the jittered image), None for one-pass methods.
+    ``history``: the normalized error at each step (``steps x R``, on the jittered image), None for one-pass methods;
+    ``lr``: the step size of each row's reconstruction (the lowest-error one where several were tried), None for
+    one-pass methods.
     """
 
     images: torch.Tensor
@@ -199,6 +209,7 @@ class InversionResult:
     layers: list[str]
     image_index: torch.Tensor
     history: torch.Tensor | None = None
+    lr: torch.Tensor | None = None
 
     def for_layer(self, layer: str) -> torch.Tensor:
         """The ``N x 3 x H x W`` reconstructions from ``layer``."""
@@ -211,7 +222,8 @@ class InversionResult:
 def invert(
     model: nn.Module, x: torch.Tensor, layers: str | Sequence[str], *, steps: int = 200,
     lambda_alpha: float | None = None, lambda_tv: float | tuple[float, float] | None = None, alpha: float = 6.0,
-    beta: float = 2.0, jitter: int | None = None, lr: float | None = None, lr_decay: float | None = None,
+    beta: float = 2.0, jitter: int | None = None, lr: float | Sequence[float] | None = None,
+    lr_decay: float | None = None,
     B: float = B_PIXELS, V: float | None = None,
     target_features: Mapping[str, torch.Tensor] | None = None, init: str | torch.Tensor = "noise",
     seed: int | Sequence[int] = 0, progress: bool | None = None, preprocess: Preprocess | None = None,
@@ -227,7 +239,10 @@ def invert(
         x: ``N x 3 x H x W`` images in the model's input space (``cs.load_images(paths, model)``).
         layers: a layer name, a comma-separated string or a list (``convscope layers MODEL``).
         steps: Adam steps; ``lr``: their size in the model's input units (None: the measured default by depth;
-            layers of different step sizes still share one batch: each row's update is scaled to its step).
+            layers of different step sizes still share one batch: each row's update is scaled to its step). Several
+            sizes, e.g. ``lr=(0.2, 0.3)``: each image is inverted with each (more rows of the same batch, so that
+            much more work) and keeps the reconstruction of lowest feature error (the objective picks, not the
+            image; ``InversionResult.lr`` says which). The default does so below depth 0.4.
         lambda_alpha, lambda_tv: weights of the normalized alpha-norm and TV_beta priors; None picks them from the
             layer's depth and the image size (:func:`default_hyperparameters`, measured). A single value applies to
             every layer; a pair ``lambda_tv=(first, last)`` anneals the TV weight geometrically from ``first`` at
@@ -301,17 +316,20 @@ def invert(
             out.append(TotalVariation(first, beta, v_in))
         return out
 
-    # rows of one layer share its hyperparameters; each block of rows gets its own priors and jitter
-    blocks = [penalties(k) for k in names]
-    amplitudes = [int(pick(k, jitter, "jitter")) for k in names]
+    # one block of rows per run, a layer with one of its step sizes: its priors, jitter, step size and decay
+    def step_sizes(k: str) -> tuple[float, ...]:
+        return _step_sizes(lr if lr is not None else cast(InversionDefaults, hyper[k]).lr)
+
+    runs = [(k, s) for k in names for s in step_sizes(k)]
+    run_layers = [k for k, _ in runs]
+    blocks = [penalties(k) for k in run_layers]
+    amplitudes = [int(pick(k, jitter, "jitter")) for k in run_layers]
     if any(a < 0 for a in amplitudes):
         raise ConvscopeError(f"invert: jitter={jitter!r} must be >= 0 pixels")
-    if lr is not None and not lr > 0:
-        raise ConvscopeError(f"invert: lr={lr!r} must be > 0")
-    # one step size and decay per layer: the same for every layer (a plain schedule), or per row (a tensor)
-    lrs = [float(pick(k, lr, "lr")) for k in names]
-    decays = [float(pick(k, lr_decay, "lr_decay")) for k in names]
-    rows = len(names) * n
+    # the same step size and decay for every run (a plain schedule), or per row (a tensor)
+    lrs = [s for _, s in runs]
+    decays = [float(pick(k, lr_decay, "lr_decay")) for k in run_layers]
+    r = len(runs)
     if isinstance(seed, int) and not isinstance(seed, bool):
         seeds = [seed + i for i in range(n)]
     else:
@@ -320,33 +338,58 @@ def invert(
             raise ConvscopeError(f"seed: give an int or {n} ints (one per image), got {seed!r}")
     like = torch.zeros((), dtype=dtype, device=x.device)
     per_image = isinstance(init, torch.Tensor) and init.dim() == 4 and init.shape[0] == n
-    step = max(1, resolve_batch_size(batch_size, model, x, "invert", grad=True, limit=rows) // len(names))
+    step = max(1, resolve_batch_size(batch_size, model, x, "invert", grad=True, limit=r * n) // r)
     parts = []
-    for i0 in range(0, n, step):  # images i0 .. i1 - 1 with all their layers: rows (l, i), layer-major
+    for i0 in range(0, n, step):  # images i0 .. i1 - 1 with all their runs: rows (run, i), run-major
         i1 = min(n, i0 + step)
         m = i1 - i0
-        gens = make_generators([s for _ in names for s in seeds[i0:i1]], len(names) * m)
+        gens = make_generators([s for _ in runs for s in seeds[i0:i1]], r * m)
         start = init
         if per_image and isinstance(init, torch.Tensor):
-            start = init[i0:i1].repeat(len(names), 1, 1, 1)
-        param = make_param("pixel", start, len(names) * m, (int(x.shape[-2]), int(x.shape[-1])), pre, gens, like)
-        objective = per_rows([feature_match(k, targets[k][i0:i1]) for k in names], [m] * len(names))
+            start = init[i0:i1].repeat(r, 1, 1, 1)
+        param = make_param("pixel", start, r * m, (int(x.shape[-2]), int(x.shape[-1])), pre, gens, like)
+        objective = per_rows([feature_match(k, targets[k][i0:i1]) for k in run_layers], [m] * r)
         transforms = [_RowJitter(amplitudes, m)] if any(amplitudes) else []
         parts.append(optimize_images(model, objective, param, steps=steps, lr=max(lrs),
                                      lr_schedule=_layer_schedule(lrs, decays, steps, m),
                                      transforms=transforms, regularizers=[_BlockPenalty(blocks, m)],
                                      generators=gens, progress=progress, desc="invert"))
 
-    def layer_major(ts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
-        """Per-chunk rows (l, i in chunk) -> rows (l, i) over all images."""
-        split = [t.unflatten(dim, (len(names), -1)) for t in ts]
+    def run_major(ts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+        """Per-chunk rows (run, i in chunk) -> rows (run, i) over all images."""
+        split = [t.unflatten(dim, (r, -1)) for t in ts]
         return torch.cat(split, dim + 1).flatten(dim, dim + 1)
 
-    err = -layer_major([r.values for r in parts]).cpu()  # the data term alone, on the final (unjittered) images
-    return InversionResult(images=layer_major([r.images for r in parts]), x=layer_major([r.x for r in parts]),
-                           error=err, layers=[k for k in names for _ in range(n)],
+    err = -run_major([p.values for p in parts]).cpu()  # the data term alone, on the final (unjittered) images
+    keep = lowest_error_rows(err, run_layers, names)  # each (layer, image): its run of lowest error
+    at = keep.to(parts[0].images.device) if parts else keep
+    return InversionResult(images=run_major([p.images for p in parts])[at], x=run_major([p.x for p in parts])[at],
+                           error=err[keep], layers=[k for k in names for _ in range(n)],
                            image_index=torch.arange(n).repeat(len(names)),
-                           history=-layer_major([r.history for r in parts], 1).cpu())
+                           history=-run_major([p.history for p in parts], 1).cpu()[:, keep],
+                           lr=torch.tensor(lrs, dtype=torch.float64).repeat_interleave(n)[keep])
+
+
+def lowest_error_rows(error: torch.Tensor, run_layers: Sequence[str], layers: Sequence[str]) -> torch.Tensor:
+    """Rows ``(run, i)`` (run-major, ``N`` per run) of ``error`` keeping, for each layer of ``layers`` and image
+    ``i``, the run of that layer with the lowest error (the first on a tie; NaN loses): ``len(layers) * N`` row
+    indices, layer-major. Selection by the objective itself, which does not need the image."""
+    n = error.shape[0] // max(len(run_layers), 1)
+    keep = []
+    for k in layers:
+        idx = torch.tensor([j for j, name in enumerate(run_layers) if name == k])
+        e = error.view(len(run_layers), n)[idx].nan_to_num(nan=math.inf, posinf=math.inf)
+        keep.append(idx[e.argmin(0)] * n + torch.arange(n))
+    return torch.cat(keep) if keep else torch.zeros(0, dtype=torch.long)
+
+
+def _step_sizes(lr: float | Sequence[float]) -> tuple[float, ...]:
+    """``lr`` as a tuple of distinct step sizes > 0 (checked)."""
+    vals = tuple(lr) if isinstance(lr, (tuple, list)) else (lr,)
+    if not vals or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and float(v) > 0 for v in vals):
+        raise ConvscopeError(f"invert: lr={lr!r}; give a step size > 0, or several to keep each image's best of, "
+                             "e.g. lr=(0.2, 0.3)")
+    return tuple(dict.fromkeys(float(v) for v in vals))
 
 
 def _layer_schedule(lrs: Sequence[float], decays: Sequence[float], steps: int, m: int,
