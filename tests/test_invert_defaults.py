@@ -109,7 +109,7 @@ def test_several_step_sizes_keep_each_images_lowest_error():
     err = torch.tensor([3.0, 1.0, 3.0, nan, nan, 1.0, 9.0, 0.5])
     assert lowest_error_rows(err, ["a", "a", "b", "b"], ["a", "b"]).tolist() == [0, 1, 6, 7]
     assert lowest_error_rows(err, ["a", "b", "a", "b"], ["b"]).tolist() == [2, 7]
-    for bad in ((), (0.1, -1.0), 0.0, (True,)):
+    for bad in ((), (0.1, -1.0), 0.0, (True,), (0.1, float("inf")), float("nan")):
         with pytest.raises(cs.ConvscopeError, match="step size"):
             invert(model, x, "3", steps=1, lr=bad, progress=False)
 

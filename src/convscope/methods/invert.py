@@ -384,19 +384,20 @@ def lowest_error_rows(error: torch.Tensor, run_layers: Sequence[str], layers: Se
 
 
 def _step_sizes(lr: float | Sequence[float]) -> tuple[float, ...]:
-    """``lr`` as a tuple of distinct step sizes > 0 (checked)."""
+    """``lr`` as a tuple of distinct finite step sizes > 0 (checked)."""
     vals = tuple(lr) if isinstance(lr, (tuple, list)) else (lr,)
-    if not vals or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and float(v) > 0 for v in vals):
-        raise ConvscopeError(f"invert: lr={lr!r}; give a step size > 0, or several to keep each image's best of, "
-                             "e.g. lr=(0.2, 0.3)")
+    if not vals or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
+                           and float(v) > 0 for v in vals):
+        raise ConvscopeError(f"invert: lr={lr!r}; give a finite step size > 0, or several to keep each image's "
+                             "best of, e.g. lr=(0.2, 0.3)")
     return tuple(dict.fromkeys(float(v) for v in vals))
 
 
 def _layer_schedule(lrs: Sequence[float], decays: Sequence[float], steps: int, m: int,
                     ) -> Callable[[int], float | torch.Tensor] | None:
-    """The loop's step-size schedule (factors of ``max(lrs)``) for rows (l, i), ``m`` rows per layer: layer ``l``
-    steps ``lrs[l]``, cosine-decayed over the last ``decays[l]`` of the steps; a plain schedule when all layers
-    agree, one factor per row otherwise."""
+    """The loop's step-size schedule (factors of ``max(lrs)``) for rows (run, i), ``m`` rows per run (a layer with
+    one of its step sizes): run ``j`` steps ``lrs[j]``, cosine-decayed over the last ``decays[j]`` of the steps; a
+    plain schedule when all runs agree, one factor per row otherwise."""
     if len(set(zip(lrs, decays))) == 1:
         return cosine_decay(steps, decays[0]) if decays[0] else None
     base = max(lrs)
@@ -408,7 +409,7 @@ def _layer_schedule(lrs: Sequence[float], decays: Sequence[float], steps: int, m
 
 
 class _BlockPenalty(Regularizer):
-    """Block ``b`` of ``n`` rows (one layer) gets the penalties ``blocks[b]``."""
+    """Block ``b`` of ``n`` rows (one run: a layer with one of its step sizes) gets the penalties ``blocks[b]``."""
 
     def __init__(self, blocks: Sequence[Sequence[Regularizer]], n: int) -> None:
         self.regs = [list(b) for b in blocks]
